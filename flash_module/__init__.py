@@ -1,0 +1,30 @@
+"""flash_module: FlashAttention in Python + Triton, as torch.library custom ops.
+
+Public entry points:
+
+* :func:`flash_attn_func` (and the qkv/kv-packed variants): flash-attn 2.x's API on (B, S, H, D).
+* :func:`scaled_dot_product_attention`: torch's SDPA signature on (B, H, S, D).
+* ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd``: the ops themselves (:mod:`.ops`).
+* :mod:`.reference`: the float64 oracle and the seed's algorithms in PyTorch.
+"""
+
+from . import ops, reference
+from .api import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    scaled_dot_product_attention,
+)
+from .ops import MODES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MODES",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "ops",
+    "reference",
+    "scaled_dot_product_attention",
+]

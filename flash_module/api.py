@@ -1,0 +1,217 @@
+"""Public attention functions: flash-attn 2.x's family on (B, S, H, D) and torch SDPA's on (B, H, S, D).
+
+Both layouts reach the same op without copies: SDPA-style inputs are transposed views
+(B, S, H, D) of the caller's (B, H, S, D) tensors, and the kernels take any strides whose last
+dim is contiguous.  Validation looks only at metadata (shapes, dtypes, devices): it never reads
+tensor values, so it costs no device sync and is traced away by torch.compile.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import ops, reference
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = 256
+
+
+def _check_tensor(name: str, t: object, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in _DTYPES:
+        raise TypeError(
+            f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype} (shape {tuple(t.shape)})"
+        )
+
+
+def _check_qkv_bshd(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], layout: str) -> None:
+    """Validate (B, S, H, D) views of the three inputs; names/layout are the caller's words."""
+    nq, nk, nv = names
+    shapes = f"{nq}: {tuple(q.shape)}, {nk}: {tuple(k.shape)}, {nv}: {tuple(v.shape)} ({layout})"
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"{nq}, {nk}, {nv} must be on the same device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: {shapes}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{nk} and {nv} must have the same sequence length: {shapes}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{nk} and {nv} must have the same number of heads: {shapes}")
+    if not (q.shape[3] == k.shape[3] == v.shape[3]):
+        raise ValueError(f"head dims differ (all of {nq}, {nk}, {nv} must share one head dim): {shapes}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported: {shapes}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(
+            f"number of query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}): {shapes}"
+        )
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ops.MODES:
+        raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
+
+
+def _attention(
+    q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
+    mode: str,
+) -> tuple[Tensor, Tensor, float]:
+    """Run the op on validated bshd views. Returns (out, lse, scale)."""
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode)
+    return out, lse, scale
+
+
+def _unsupported(**features: bool) -> None:
+    for name, used in features.items():
+        if used:
+            raise NotImplementedError(f"flash_module: {name} is not supported yet")
+
+
+def flash_attn_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    mode: str = "fa2",
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """flash-attn 2.x's ``flash_attn_func``: softmax(q k^T * scale) v on (B, S, H, D) tensors.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim), float16/bfloat16/float32/float64.
+        k, v: (batch, seqlen_k, nheads_k, headdim); ``nheads % nheads_k == 0`` (GQA/MQA).
+            Any strides with a contiguous last dim (e.g. slices of a packed QKV) run without copies.
+        softmax_scale: default ``1 / sqrt(headdim)``.
+        causal: causal mask aligned to the bottom-right corner of the (Sq, Sk) score matrix,
+            as in flash-attn >= 2.1: query ``i`` attends keys ``j <= i + Sk - Sq``.  When
+            Sq > Sk the first ``Sq - Sk`` query rows see no key: their output is 0 and their
+            LSE is -inf.
+        deterministic: accepted for compatibility; the backward is always deterministic.
+        return_attn_probs: also return ``softmax_lse`` (batch, nheads, seqlen_q) float32 and
+            the attention probabilities (batch, nheads, seqlen_q, seqlen_k), recomputed from the
+            LSE (O(Sq*Sk) memory, for testing; not differentiable).
+        mode: algorithm (``"fa2"`` default; ``"reference"``: the PyTorch path on any device).
+        dropout_p, window_size, softcap, alibi_slopes: not implemented yet (must be left at
+            their defaults; anything else raises NotImplementedError).
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, "(batch, seqlen, nheads, headdim)")
+    _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
+    _check_mode(mode)
+    _unsupported(
+        dropout_p=dropout_p != 0.0,
+        window_size=tuple(window_size) != (-1, -1),
+        softcap=softcap != 0.0,
+        alibi_slopes=alibi_slopes is not None,
+    )
+    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode)
+    if not return_attn_probs:
+        return out
+    with torch.no_grad():
+        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True)
+    return out, lse, probs.to(q.dtype)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    mode: str = "fa2",
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """``flash_attn_func`` on a packed (batch, seqlen, 3, nheads, headdim) tensor (no copies)."""
+    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+        raise ValueError(f"qkv must be (batch, seqlen, 3, nheads, headdim), got {shape}")
+    q, k, v = qkv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs, mode=mode)
+
+
+def flash_attn_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    mode: str = "fa2",
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """``flash_attn_func`` with a packed (batch, seqlen_k, 2, nheads_k, headdim) K/V (no copies)."""
+    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
+        shape = tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__
+        raise ValueError(f"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {shape}")
+    k, v = kv.unbind(dim=2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs, mode=mode)
+
+
+def scaled_dot_product_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    mode: str = "fa2",
+) -> Tensor:
+    """torch's ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
+
+    Args:
+        query: (batch, nheads, seqlen_q, headdim); key, value: (batch, nheads_kv, seqlen_k, headdim).
+        is_causal: causal mask aligned to the top-left corner, as torch does: query ``i``
+            attends keys ``j <= i`` (whatever Sq and Sk are).
+        scale: default ``1 / sqrt(headdim)``.
+        enable_gqa: allow ``nheads_kv < nheads`` (``nheads % nheads_kv == 0``), as in torch.
+        mode: algorithm (``"fa2"`` default, ``"reference"``).
+        attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
+
+    Returns:
+        (batch, nheads, seqlen_q, headdim) in query's dtype: a transposed view of a contiguous
+        (batch, seqlen_q, nheads, headdim) buffer, like torch's flash backend returns.
+    """
+    layout = "(batch, nheads, seqlen, headdim)"
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(name, t, layout)
+    _check_mode(mode)
+    _unsupported(attn_mask=attn_mask is not None, dropout_p=dropout_p != 0.0)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout)
+    if q.shape[2] != k.shape[2] and not enable_gqa:
+        raise ValueError(
+            f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
+        )
+    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode)
+    return out.transpose(1, 2)

@@ -1,0 +1,107 @@
+"""Kernel launch configurations (block sizes, warps, pipeline stages).
+
+Configs are chosen by a fixed table keyed on (pass, dtype, head-dim bucket, causal), measured on
+an H200 (see ``docs/performance.md`` and ``benchmarks/tune.py``).  Choosing from a table rather
+than autotuning at call time keeps the first call deterministic and cheap, and means nothing is
+ever benchmarked during CUDA-graph capture or torch.compile tracing.
+
+Under the Triton interpreter (CPU) large blocks are fastest (NumPy is vectorised over a block),
+so the interpreter uses 64x64 tiles (32 for float64 at large head dims).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One launch configuration of an attention kernel."""
+
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __str__(self) -> str:
+        return f"M{self.block_m}_N{self.block_n}_w{self.num_warps}_s{self.num_stages}"
+
+
+_OVERRIDES: dict[str, KernelConfig] = {}
+
+
+@contextlib.contextmanager
+def override(**cfgs: KernelConfig) -> Iterator[None]:
+    """Force configs for passes ``fwd``, ``dkdv`` and/or ``dq`` (for tuning and tests)."""
+    old = dict(_OVERRIDES)
+    _OVERRIDES.update(cfgs)
+    try:
+        yield
+    finally:
+        _OVERRIDES.clear()
+        _OVERRIDES.update(old)
+
+
+def _d_bucket(head_dim: int) -> int:
+    for b in (32, 64, 128):
+        if head_dim <= b:
+            return b
+    return 256
+
+
+def _interpret_cfg(dtype: torch.dtype, head_dim: int) -> KernelConfig:
+    big = dtype == torch.float64 and head_dim > 64
+    return KernelConfig(32, 32) if big else KernelConfig(64, 64)
+
+
+# (head-dim bucket, causal) -> config, for fp16/bf16 on sm90.  fp32/fp64 use smaller tiles.
+_FWD_16 = {
+    (32, False): KernelConfig(128, 64, 4, 3), (32, True): KernelConfig(128, 64, 4, 3),
+    (64, False): KernelConfig(128, 64, 4, 3), (64, True): KernelConfig(128, 64, 4, 3),
+    (128, False): KernelConfig(128, 64, 8, 3), (128, True): KernelConfig(128, 64, 8, 3),
+    (256, False): KernelConfig(64, 64, 4, 2), (256, True): KernelConfig(64, 64, 4, 2),
+}
+_DKDV_16 = {
+    32: KernelConfig(64, 128, 8, 3), 64: KernelConfig(64, 128, 8, 3),
+    128: KernelConfig(64, 128, 8, 2), 256: KernelConfig(32, 64, 4, 2),
+}
+_DQ_16 = {
+    32: KernelConfig(128, 64, 8, 3), 64: KernelConfig(128, 64, 8, 3),
+    128: KernelConfig(128, 64, 8, 2), 256: KernelConfig(64, 32, 4, 2),
+}
+
+
+def _wide_cfg(dtype: torch.dtype, head_dim: int) -> KernelConfig:
+    """fp32 (ieee) and fp64 tiles: registers and shared memory are 2-4x the fp16 footprint."""
+    if dtype == torch.float64:
+        return KernelConfig(32, 32, 4, 1) if head_dim <= 64 else KernelConfig(16, 16, 4, 1)
+    return KernelConfig(64, 32, 4, 2) if head_dim <= 128 else KernelConfig(32, 32, 4, 1)
+
+
+def fwd_config(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.device,
+               interpret: bool) -> KernelConfig:
+    """Forward-kernel config for these inputs."""
+    if "fwd" in _OVERRIDES:
+        return _OVERRIDES["fwd"]
+    if interpret or device.type != "cuda":
+        return _interpret_cfg(dtype, head_dim)
+    if dtype in (torch.float16, torch.bfloat16):
+        return _FWD_16[(_d_bucket(head_dim), causal)]
+    return _wide_cfg(dtype, head_dim)
+
+
+def bwd_configs(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.device,
+                interpret: bool) -> tuple[KernelConfig, KernelConfig]:
+    """(dK/dV-kernel config, dQ-kernel config) for these inputs."""
+    if interpret or device.type != "cuda":
+        cfg = _interpret_cfg(dtype, head_dim)
+        dkdv = dq = cfg
+    elif dtype in (torch.float16, torch.bfloat16):
+        dkdv, dq = _DKDV_16[_d_bucket(head_dim)], _DQ_16[_d_bucket(head_dim)]
+    else:
+        dkdv = dq = _wide_cfg(dtype, head_dim)
+    return _OVERRIDES.get("dkdv", dkdv), _OVERRIDES.get("dq", dq)

@@ -1,0 +1,1 @@
+"""Triton kernels, one file per algorithm; shared ``@triton.jit`` helpers in ``_common``."""

@@ -1,0 +1,362 @@
+"""Pure-PyTorch attention: the float64 oracle, the seed's algorithms, and the CPU path.
+
+Everything here works on the *bshd* layout used by the ops:
+
+* ``q``: (B, Sq, H, D), ``k``/``v``: (B, Sk, H_kv, D) with ``H % H_kv == 0`` (GQA/MQA:
+  query head ``h`` reads key/value head ``h // (H // H_kv)``),
+* ``out``: (B, Sq, H, D) in the input dtype, ``lse``: (B, H, Sq) natural-log log-sum-exp of the
+  scaled scores, float32 (float64 for float64 inputs).
+
+Causal masking has two alignments.  With ``bottom_right=True`` (flash-attn) query ``i`` sees
+keys ``j <= i + Sk - Sq``; with ``bottom_right=False`` (torch SDPA) it sees ``j <= i``.  A query
+row that sees no key at all gets output 0 and LSE ``-inf`` (and zero gradients).
+
+The blocked algorithms (:func:`fa1_forward`, :func:`fa2_forward`, :func:`fa2_backward`) follow
+the papers' loops literally, but every loop that the GPU runs *in parallel* (the Q blocks of FA2,
+the K/V blocks of FA2's dK/dV pass) is vectorised here as a tensor dimension, so only the
+sequential loop remains a Python loop.  That makes them fast enough to be the CPU path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "visible_mask",
+    "attention_ref",
+    "online_softmax",
+    "tiling_softmax",
+    "fa1_forward",
+    "fa2_forward",
+    "fa2_backward",
+    "attention_probs",
+]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / statistics dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def visible_mask(
+    sq: int,
+    sk: int,
+    causal: bool,
+    bottom_right: bool = True,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
+    """Boolean (sq, sk) mask, True where query ``i`` may attend key ``j``; None if not causal."""
+    if not causal:
+        return None
+    offset = (sk - sq) if bottom_right else 0
+    i = torch.arange(sq, device=device)[:, None]
+    j = torch.arange(sk, device=device)[None, :]
+    return j <= i + offset
+
+
+def _expand_kv(x: torch.Tensor, h: int) -> torch.Tensor:
+    """(B, S, H_kv, D) -> (B, S, H, D) by repeating each K/V head for its query-head group."""
+    h_kv = x.shape[2]
+    return x if h_kv == h else x.repeat_interleave(h // h_kv, dim=2)
+
+
+def _reduce_kv(dx: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """(B, S, H, D) -> (B, S, H_kv, D): sum the gradients of each K/V head's query-head group."""
+    b, s, h, d = dx.shape
+    return dx if h == h_kv else dx.view(b, s, h_kv, h // h_kv, d).sum(dim=3)
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    bottom_right: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
+
+    Computes in the inputs' dtype (matmuls as PyTorch does them in that dtype), so
+    ``attention_ref(q.double(), ...)`` is the float64 oracle and ``attention_ref(q_bf16, ...)``
+    shows the error PyTorch itself makes in bf16.  Differentiable by autograd.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    h = q.shape[2]
+    k, v = _expand_kv(k, h), _expand_kv(v, h)
+    # (B, H, Sq, Sk)
+    # Scores come out of the matmul in the input dtype (rounded as PyTorch rounds them), then the
+    # softmax runs in the accumulator dtype.
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k).to(_acc_dtype(q.dtype)) * scale
+    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq); -inf for rows that see nothing
+    p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
+    return out.to(q.dtype), lse.to(_acc_dtype(q.dtype))
+
+
+def attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float,
+    causal: bool,
+    bottom_right: bool,
+) -> torch.Tensor:
+    """Recompute the softmax probabilities P = exp(S - lse), (B, H, Sq, Sk), from a saved LSE.
+
+    This is what ``return_attn_probs=True`` returns: O(Sq·Sk) memory, for testing and inspection.
+    """
+    h = q.shape[2]
+    acc = _acc_dtype(q.dtype)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
+    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    safe_lse = lse.to(acc).masked_fill(torch.isinf(lse), float("inf"))
+    return torch.exp(s - safe_lse[..., None])
+
+
+# ---------------------------------------------------------------------------------------------
+# Section 1 of the seed: softmax in one streaming pass (online) and split in parallel (tiling)
+# ---------------------------------------------------------------------------------------------
+
+
+def online_softmax(x: torch.Tensor, block: int = 1) -> torch.Tensor:
+    """Softmax over the last dim with the online (streaming) algorithm.
+
+    Pass 1 walks the row once, ``block`` elements at a time, keeping a running max ``m`` and a
+    running sum ``s`` of ``exp(x - m)``; when a larger max arrives the old sum is rescaled by
+    ``exp(m_old - m_new)``.  Pass 2 writes ``exp(x - m) / s``.  ``block=1`` is the element-by-
+    element loop of the seed; rows are processed in parallel.
+    """
+    acc = _acc_dtype(x.dtype)
+    xf = x.to(acc)
+    m = torch.full(x.shape[:-1], float("-inf"), dtype=acc, device=x.device)
+    s = torch.zeros(x.shape[:-1], dtype=acc, device=x.device)
+    for start in range(0, x.shape[-1], block):
+        chunk = xf[..., start : start + block]
+        m_new = torch.maximum(m, chunk.amax(dim=-1))
+        # exp(-inf - -inf) would be NaN: a row that has seen only -inf keeps s = 0.
+        m_safe = m_new.masked_fill(torch.isinf(m_new) & (m_new < 0), 0.0)
+        s = s * torch.exp(m - m_safe) + torch.exp(chunk - m_safe[..., None]).sum(dim=-1)
+        m = m_new
+    m_safe = m.masked_fill(torch.isinf(m) & (m < 0), 0.0)
+    return (torch.exp(xf - m_safe[..., None]) / s[..., None]).to(x.dtype)
+
+
+def tiling_softmax(x: torch.Tensor, num_splits: int = 4) -> torch.Tensor:
+    """Softmax over the last dim with the tiling (split) algorithm.
+
+    The row is cut into ``num_splits`` chunks; each chunk independently computes its local max
+    ``m_c`` and local sum ``s_c = sum(exp(x - m_c))`` (in parallel: here a tensor dimension).
+    The merge takes the global max ``M = max_c m_c`` and the global sum
+    ``S = sum_c s_c * exp(m_c - M)``; each chunk's values are rescaled by ``exp(m_c - M) / S``.
+    """
+    n = x.shape[-1]
+    num_splits = max(1, min(num_splits, n))
+    chunk = math.ceil(n / num_splits)
+    pad = chunk * num_splits - n
+    acc = _acc_dtype(x.dtype)
+    xf = torch.nn.functional.pad(x.to(acc), (0, pad), value=float("-inf"))
+    xs = xf.unflatten(-1, (num_splits, chunk))  # (..., splits, chunk)
+    m_c = xs.amax(dim=-1)  # local max per chunk
+    m_c_safe = m_c.masked_fill(torch.isinf(m_c) & (m_c < 0), 0.0)
+    e = torch.exp(xs - m_c_safe[..., None])  # local exp
+    s_c = e.sum(dim=-1)  # local sum
+    big_m = m_c.amax(dim=-1, keepdim=True)  # merge: global max
+    big_m = big_m.masked_fill(torch.isinf(big_m) & (big_m < 0), 0.0)
+    w = torch.exp(m_c_safe - big_m) * (s_c > 0)  # rescale factor of each chunk
+    total = (s_c * w).sum(dim=-1, keepdim=True)
+    out = e * (w / total)[..., None]
+    return out.flatten(-2)[..., :n].to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections 3 and 4 of the seed: FlashAttention v1 and v2 tiled loops
+# ---------------------------------------------------------------------------------------------
+
+
+def _blocks(x: torch.Tensor, block: int, value: float = 0.0) -> torch.Tensor:
+    """(B, S, H, D) -> (B, H, nblocks, block, D), padding S up to a multiple of ``block``."""
+    b, s, h, d = x.shape
+    n = math.ceil(s / block)
+    x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * block - s), value=value)
+    return x.view(b, n, block, h, d).permute(0, 3, 1, 2, 4)
+
+
+def _block_scores(
+    qb: torch.Tensor, kj: torch.Tensor, scale: float, sq: int, sk: int, k_start: int,
+    block_m: int, causal: bool, bottom_right: bool,
+) -> torch.Tensor:
+    """Scores of every query block against one key block, masked. (B, H, nQ, Br, Bc)."""
+    s = torch.einsum("bhnqd,bhkd->bhnqk", qb, kj) * scale
+    i = torch.arange(qb.shape[2] * block_m, device=qb.device).view(qb.shape[2], block_m, 1)
+    j = torch.arange(k_start, k_start + kj.shape[2], device=qb.device).view(1, 1, -1)
+    keep = j < sk  # padded keys
+    if causal:
+        keep = keep & (j <= i + ((sk - sq) if bottom_right else 0))
+    return s.masked_fill(~keep, float("-inf"))
+
+
+def _neg_inf_to_zero(m: torch.Tensor) -> torch.Tensor:
+    return m.masked_fill(torch.isinf(m) & (m < 0), 0.0)
+
+
+def fa1_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    bottom_right: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention v1 (Algorithm 1 of the FA1 paper). Returns ``(out, lse)``.
+
+    Outer loop over K/V blocks ``j`` (size Bc = ``block_n``); inner loop over Q blocks ``i``
+    (size Br = ``block_m``, vectorised here).  O, l and m live in "HBM" (full-size tensors):
+    each time a K/V block streams past, every query block reads its O_i, l_i, m_i, merges the
+    block's contribution and writes back a *normalised* O_i:
+
+        m_ij = rowmax(S_ij),  P_ij = exp(S_ij - m_ij),  l_ij = rowsum(P_ij)
+        m_new = max(m_i, m_ij),  l_new = exp(m_i - m_new) l_i + exp(m_ij - m_new) l_ij
+        O_i  = (l_i exp(m_i - m_new) O_i + exp(m_ij - m_new) P_ij V_j) / l_new
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    acc = _acc_dtype(q.dtype)
+    qb = _blocks(q.to(acc), block_m)  # (B, H, nQ, Br, D)
+    kb = _blocks(_expand_kv(k, h).to(acc), block_n)  # (B, H, nK, Bc, D)
+    vb = _blocks(_expand_kv(v, h).to(acc), block_n)
+    o = torch.zeros_like(qb)  # O in HBM
+    l = torch.zeros(qb.shape[:-1], dtype=acc, device=q.device)  # l in HBM, (B, H, nQ, Br)
+    m = torch.full_like(l, float("-inf"))  # m in HBM
+    for j in range(kb.shape[2]):  # outer loop: K/V blocks
+        s = _block_scores(qb, kb[:, :, j], scale, sq, sk, j * block_n, block_m, causal, bottom_right)
+        m_ij = s.amax(dim=-1)
+        p = torch.exp(s - _neg_inf_to_zero(m_ij)[..., None])
+        l_ij = p.sum(dim=-1)
+        m_new = torch.maximum(m, m_ij)
+        m_new_safe = _neg_inf_to_zero(m_new)
+        alpha = torch.exp(m - m_new_safe)  # rescale of the old state
+        beta = torch.exp(m_ij - m_new_safe)  # rescale of the new block
+        l_new = alpha * l + beta * l_ij
+        pv = torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
+        l_div = torch.where(l_new > 0, l_new, torch.ones_like(l_new))
+        o = ((alpha * l)[..., None] * o + beta[..., None] * pv) / l_div[..., None]
+        l, m = l_new, m_new
+    lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))),
+                      torch.full_like(l, float("-inf")))
+    out = o.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
+    return out.to(q.dtype), lse.flatten(2)[..., :sq].contiguous()
+
+
+def fa2_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    bottom_right: bool = True,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
+
+    Outer loop over Q blocks (parallel: vectorised here), inner loop over K/V blocks.  Each
+    query block keeps an *unnormalised* accumulator and its running max/sum on chip:
+
+        m_new = max(m, rowmax(S_j)),  P_j = exp(S_j - m_new)
+        l = exp(m - m_new) l + rowsum(P_j),  acc = exp(m - m_new) acc + P_j V_j
+
+    and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    acc_t = _acc_dtype(q.dtype)
+    qb = _blocks(q.to(acc_t), block_m)  # (B, H, nQ, Br, D): all query blocks at once
+    kb = _blocks(_expand_kv(k, h).to(acc_t), block_n)
+    vb = _blocks(_expand_kv(v, h).to(acc_t), block_n)
+    acc = torch.zeros_like(qb)
+    l = torch.zeros(qb.shape[:-1], dtype=acc_t, device=q.device)
+    m = torch.full_like(l, float("-inf"))
+    for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
+        s = _block_scores(qb, kb[:, :, j], scale, sq, sk, j * block_n, block_m, causal, bottom_right)
+        m_new = torch.maximum(m, s.amax(dim=-1))
+        m_new_safe = _neg_inf_to_zero(m_new)
+        p = torch.exp(s - m_new_safe[..., None])
+        alpha = torch.exp(m - m_new_safe)
+        l = alpha * l + p.sum(dim=-1)
+        acc = alpha[..., None] * acc + torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
+        m = m_new
+    seen = l > 0
+    out = acc / torch.where(seen, l, torch.ones_like(l))[..., None]
+    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))),
+                      torch.full_like(l, float("-inf")))
+    out = out.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
+    return out.to(q.dtype), lse.flatten(2)[..., :sq].contiguous()
+
+
+def fa2_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    bottom_right: bool = True,
+    dlse: torch.Tensor | None = None,
+    block_n: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``.
+
+    Never stores P: each K/V block recomputes ``P = exp(S - lse)`` for all queries, then
+
+        dV_j = P^T dO,  dP = dO V_j^T,  dS = P * (dP - delta),  dQ += scale dS K_j,
+        dK_j = scale dS^T Q,   with  delta = rowsum(dO * O) - dlse.
+
+    (A gradient ``dlse`` flowing into the LSE adds ``dlse * P`` to dS, which is the same as
+    subtracting it from ``delta``.)  The loop over K/V blocks is the dK/dV kernel's grid.
+    Memory is O(Sq · block_n).  GQA: dK/dV are summed over each K/V head's query group.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    acc = _acc_dtype(q.dtype)
+    qf = q.to(acc).transpose(1, 2)  # (B, H, Sq, D)
+    dof = dout.to(acc).transpose(1, 2)
+    kf = _expand_kv(k, h).to(acc).transpose(1, 2)  # (B, H, Sk, D)
+    vf = _expand_kv(v, h).to(acc).transpose(1, 2)
+    delta = (dof * out.to(acc).transpose(1, 2)).sum(-1)  # (B, H, Sq)
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    lse_safe = lse.to(acc).masked_fill(torch.isinf(lse), float("inf"))  # empty rows: P = 0
+    dq = torch.zeros_like(qf)
+    dk = torch.empty_like(kf)
+    dv = torch.empty_like(vf)
+    mask_all = visible_mask(sq, sk, causal, bottom_right, q.device)
+    for start in range(0, sk, block_n):
+        end = min(start + block_n, sk)
+        kj, vj = kf[:, :, start:end], vf[:, :, start:end]
+        s = torch.einsum("bhqd,bhkd->bhqk", qf, kj) * scale
+        if mask_all is not None:
+            s = s.masked_fill(~mask_all[:, start:end], float("-inf"))
+        p = torch.exp(s - lse_safe[..., None])  # (B, H, Sq, Bc)
+        dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
+        dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
+        ds = p * (dp - delta[..., None])
+        dq += torch.einsum("bhqk,bhkd->bhqd", ds, kj) * scale
+        dk[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", ds, qf) * scale
+    dq = dq.transpose(1, 2).to(q.dtype)
+    dk = _reduce_kv(dk.transpose(1, 2), h_kv).to(k.dtype)
+    dv = _reduce_kv(dv.transpose(1, 2), h_kv).to(v.dtype)
+    return dq, dk, dv
