@@ -37,7 +37,9 @@ def _check_qkv_bshd(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str]
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"{nq}, {nk}, {nv} must be on the same device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"{nq}, {nk}, {nv} must be on the same device, got {q.device}, {k.device}, {v.device}"
+        )
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(f"batch sizes differ: {shapes}")
     if k.shape[1] != v.shape[1]:
@@ -50,7 +52,8 @@ def _check_qkv_bshd(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str]
         raise ValueError(f"head dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported: {shapes}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
         raise ValueError(
-            f"number of query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]}): {shapes}"
+            f"number of query heads ({q.shape[2]}) must be a multiple of key/value heads "
+            f"({k.shape[2]}): {shapes}"
         )
 
 
