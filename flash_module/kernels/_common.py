@@ -13,8 +13,10 @@ Conventions used by every kernel in this package:
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # log2(e)
-LN2 = 0.6931471805599453  # ln(2)
+LOG2E = 1.4426950408889634  # log2(e), for host code (qk_scale = softmax_scale * LOG2E)
+# Globals read inside @triton.jit functions must be constexpr.
+LOG2E_C = tl.constexpr(LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
 
 
 @triton.jit

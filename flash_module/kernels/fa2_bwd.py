@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..configs import KernelConfig, bwd_configs
-from ._common import LOG2E, kv_range, mma, q_range, to_dtype
+from ._common import LOG2E, LOG2E_C, kv_range, mma, q_range, to_dtype
 from .fa2_fwd import block_d, kernel_flags
 
 
@@ -53,7 +53,7 @@ def _bwd_preprocess(
         # d lse_i / d s_ij = P_ij, so a gradient into LSE adds dlse_i * P_ij to dS_ij.
         delta -= tl.load(DLse + row_base + offs_m, mask=offs_m < Sq, other=0.0).to(ACC_DTYPE)
     lse = tl.load(Lse + row_base + offs_m, mask=offs_m < Sq, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
     tl.store(Delta + row_base + offs_m, delta, mask=offs_m < Sq)
     tl.store(Lse2 + row_base + offs_m, lse2, mask=offs_m < Sq)
 

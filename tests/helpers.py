@@ -1,0 +1,50 @@
+"""Shared test helpers: random inputs and the flash-attn error rule."""
+
+from __future__ import annotations
+
+import torch
+
+from flash_module.reference import attention_ref
+
+# Extra absolute tolerance on top of "2x PyTorch's own error", per dtype.
+ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def make_qkv(b, sq, sk, h, h_kv, d, dtype, device, layout="bshd", requires_grad=True):
+    """Random normal q, k, v (never zeros). ``layout="bhsd"`` returns transposed-storage views.
+
+    Always returns (B, S, H, D)-shaped tensors; with "bhsd" their storage is (B, H, S, D), i.e.
+    what an SDPA caller passes after ``.transpose(1, 2)``.
+    """
+    def one(s, heads):
+        if layout == "bshd":
+            t = torch.randn(b, s, heads, d, dtype=dtype, device=device)
+        else:
+            t = torch.randn(b, heads, s, d, dtype=dtype, device=device).transpose(1, 2)
+        return t.requires_grad_(requires_grad)
+
+    return one(sq, h), one(sk, h_kv), one(sk, h_kv)
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    fin = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), fin), "non-finite values differ from the reference"
+    return (a[fin] - b[fin]).abs().max().item() if fin.any() else 0.0
+
+
+def assert_flash_rule(name, ours, oracle, pytorch_lowp, dtype, factor=2.0):
+    """flash-attn's rule: |ours - oracle| <= factor * |pytorch(dtype) - oracle| + atol."""
+    err = max_err(ours, oracle)
+    ref_err = max_err(pytorch_lowp, oracle)
+    bound = factor * ref_err + ATOL[dtype]
+    assert err <= bound, f"{name}: max error {err:.3g} > {factor} x pytorch's {ref_err:.3g} + {ATOL[dtype]:g}"
+
+
+def reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale=None, dtype=None):
+    """(out, lse, dq, dk, dv) of the naive reference, computed in ``dtype`` (default: the inputs')."""
+    dtype = dtype or q.dtype
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = attention_ref(qr, kr, vr, softmax_scale, causal, bottom_right)
+    dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), dout.to(dtype))
+    return out, lse, dq, dk, dv

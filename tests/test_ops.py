@@ -1,0 +1,118 @@
+"""The op contract: opcheck, gradcheck on the real kernels, the LSE gradient, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_module as fm
+from flash_module import ops
+
+from .helpers import make_qkv, max_err, reference_grads
+
+OPCHECK_CASES = [
+    pytest.param(torch.float32, "bshd", False, id="fp32-bshd-full"),
+    pytest.param(torch.bfloat16, "bhsd", True, id="bf16-bhsd-causal"),
+    pytest.param(torch.float16, "bshd", True, id="fp16-bshd-causal"),
+    pytest.param(torch.float64, "bhsd", False, id="fp64-bhsd-full"),
+]
+
+
+@pytest.mark.parametrize("dtype,layout,causal", OPCHECK_CASES)
+def test_opcheck_attention_fwd(dtype, layout, causal, device):
+    q, k, v = make_qkv(1, 19, 33, 4, 2, 32, dtype, device, layout)
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, 0.2, causal, True, "fa2"))
+
+
+@pytest.mark.parametrize("with_dlse", [False, True], ids=["no-dlse", "dlse"])
+@pytest.mark.parametrize("dtype,layout,causal", OPCHECK_CASES)
+def test_opcheck_attention_bwd(dtype, layout, causal, with_dlse, device):
+    q, k, v = make_qkv(1, 19, 33, 4, 2, 32, dtype, device, layout, requires_grad=False)
+    out, lse = ops.attention_fwd(q, k, v, 0.2, causal, False, "fa2")
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse) if with_dlse else None
+    torch.library.opcheck(ops.attention_bwd, (dout, q, k, v, out, lse, dlse, 0.2, causal, False, "fa2"))
+
+
+GRADCHECK_CASES = [
+    pytest.param(9, 13, 2, 2, 8, False, id="9x13-full"),
+    pytest.param(13, 9, 4, 2, 16, True, id="13x9-causal-gqa"),
+    pytest.param(11, 11, 2, 1, 12, True, id="11x11-causal-mqa"),
+]
+
+
+@pytest.mark.parametrize("sq,sk,h,h_kv,d,causal", GRADCHECK_CASES)
+def test_gradcheck_fp64(sq, sk, h, h_kv, d, causal, device):
+    """Finite differences vs the Triton backward, in float64 (fp64 accumulators in the kernels)."""
+    q, k, v = make_qkv(1, sq, sk, h, h_kv, d, torch.float64, device)
+    fn = lambda q, k, v: fm.flash_attn_func(q, k, v, causal=causal)
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_gradcheck_through_lse(device):
+    """Gradients flowing into both outputs: the LSE term enters the backward through delta."""
+    q, k, v = make_qkv(1, 10, 14, 2, 2, 8, torch.float64, device)
+
+    def fn(q, k, v):
+        out, lse = ops.attention_fwd(q, k, v, 0.4, True, True, "fa2")
+        return out, lse
+
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+
+
+def test_lse_gradient_matches_oracle(device):
+    q, k, v = make_qkv(2, 37, 29, 4, 2, 32, torch.float32, device)
+    w = torch.randn(2, 37, 4, 32, device=device)
+    u = torch.randn(2, 4, 37, device=device)
+    out, lse = ops.attention_fwd(q, k, v, 32**-0.5, True, True, "fa2")
+    grads = torch.autograd.grad((out * w).sum() + (lse * u).sum(), (q, k, v))
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ro, rl = fm.reference.attention_ref(qd, kd, vd, causal=True, bottom_right=True)
+    ref = torch.autograd.grad((ro * w.double()).sum() + (rl * u.double()).sum(), (qd, kd, vd))
+    for g, r in zip(grads, ref):
+        assert max_err(g, r) < 1e-4
+
+
+def test_double_backward_raises(device):
+    q, k, v = make_qkv(1, 9, 9, 2, 2, 16, torch.float64, device)
+    out = fm.flash_attn_func(q, k, v)
+    (dq,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        dq.sum().backward()
+
+
+def _block(q, k, v, w):
+    """A small attention block around the op: projections, both layouts, a residual."""
+    x = fm.flash_attn_func(q * 1.5, k, v, causal=True)
+    y = fm.scaled_dot_product_attention(x.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                        is_causal=True)
+    return (y.transpose(1, 2) @ w).relu() + q
+
+
+def test_compile_fullgraph_matches_eager(device):
+    torch._dynamo.reset()
+    q, k, v = make_qkv(2, 45, 45, 4, 4, 32, torch.float32, device)
+    w = torch.randn(32, 32, device=device, requires_grad=True)
+    explain = torch._dynamo.explain(_block)(q, k, v, w)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+    compiled = torch.compile(_block, fullgraph=True)
+    out_c = compiled(q, k, v, w)
+    out_e = _block(q, k, v, w)
+    assert max_err(out_c, out_e) < 1e-5
+    g = torch.randn_like(out_e)
+    grads_c = torch.autograd.grad(out_c, (q, k, v, w), g)
+    grads_e = torch.autograd.grad(out_e, (q, k, v, w), g)
+    for a, b in zip(grads_c, grads_e):
+        assert max_err(a, b) < 1e-5
+
+
+def test_compile_dynamic_seqlen(device):
+    """A second sequence length recompiles at most once (dynamic), results stay right."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q, k, v: fm.flash_attn_func(q, k, v, causal=True), fullgraph=True)
+    for s in (33, 47, 61):
+        q, k, v = make_qkv(1, s, s, 2, 2, 16, torch.float32, device, requires_grad=False)
+        ref = reference_grads(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+                              torch.randn(1, s, 2, 16, device=device), True, True, dtype=torch.float64)[0]
+        assert max_err(fn(q, k, v), ref) < 1e-5
