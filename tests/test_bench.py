@@ -1,0 +1,111 @@
+"""Tests of the benchmark harness (flash_module.bench).
+
+CPU: smoke tests of ``run_benchmark`` and the CLI on tiny shapes (fast, also under TRITON_INTERPRET=1).
+GPU: pytest-benchmark timings of ``flash_attn_func`` forward + backward; these use the ``benchmark`` fixture,
+so the default ``--benchmark-skip`` skips them; run them with ``pytest -m gpu --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flash_module.bench import BenchConfig, attention_flops, main, run_benchmark
+
+
+def test_attention_flops() -> None:
+    fwd = attention_flops(2, 16, 1024, 1024, 128, causal=False)
+    assert fwd == 4 * 2 * 16 * 1024 * 1024 * 128
+    assert attention_flops(2, 16, 1024, 1024, 128, causal=True) == fwd / 2
+    assert attention_flops(2, 16, 1024, 1024, 128, causal=False, pass_="bwd") == 2.5 * fwd
+    with pytest.raises(ValueError):
+        attention_flops(1, 1, 1, 1, 1, causal=False, pass_="both")
+
+
+def test_run_benchmark_cpu_smoke() -> None:
+    config = BenchConfig(
+        device="cpu",
+        head_dims=(64,),
+        seqlens=(128,),
+        batch=1,
+        heads=2,
+        causal=(True,),
+        dtypes=("fp32",),
+        passes=("fwd", "bwd"),
+        impls=("ours", "math"),
+        cpu_reps=2,
+        progress=False,
+    )
+    rows = run_benchmark(config)
+    assert {(r["impl"], r["pass"]) for r in rows} == {
+        ("ours", "fwd"),
+        ("ours", "bwd"),
+        ("math", "fwd"),
+        ("math", "bwd"),
+    }
+    for r in rows:
+        assert r["error"] is None, r
+        assert (r["D"], r["N"], r["B"], r["H"], r["H_kv"], r["causal"]) == (64, 128, 1, 2, 2, True)
+        assert r["ms"] is not None and math.isfinite(r["ms"]) and r["ms"] > 0, r
+        assert r["tflops"] is not None and math.isfinite(r["tflops"]) and r["tflops"] > 0, r
+        assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
+
+
+def test_main_cpu_table_json_and_na(tmp_path, capsys) -> None:
+    """The CLI prints a header and a table, writes JSON, and shows an unavailable backend as n/a."""
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--impls", "math,cudnn", "-d", "32", "-n", "64", "--causal", "no"]
+    argv += ["--passes", "fwd", "--cpu-reps", "1", "--quiet", "--plain", "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "CPU RUN" in text and "torch" in text
+    assert "n/a reasons:" in text  # cuDNN has no CPU kernel
+    payload = json.loads(out.read_text())
+    assert payload["environment"]["torch"] == torch.__version__
+    by_impl = {r["impl"]: r for r in payload["results"]}
+    assert by_impl["math"]["tflops"] > 0 and by_impl["math"]["error"] is None
+    assert by_impl["cudnn"]["tflops"] is None and by_impl["cudnn"]["error"]
+
+
+GPU_SHAPES = [
+    # (batch, seqlen, heads, head_dim, causal)
+    (16, 1024, 32, 64, False),
+    (4, 4096, 16, 128, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "batch,seqlen,heads,head_dim,causal",
+    GPU_SHAPES,
+    ids=[f"B{b}-N{n}-H{h}-D{d}-{'causal' if c else 'full'}" for b, n, h, d, c in GPU_SHAPES],
+)
+def test_bench_fa2_fwd_bwd(
+    benchmark, batch: int, seqlen: int, heads: int, head_dim: int, causal: bool
+) -> None:
+    import flash_module
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (batch, seqlen, heads, head_dim)
+    q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def step() -> torch.Tensor:
+        out = flash_module.flash_attn_func(q, k, v, causal=causal)
+        torch.autograd.grad(out, (q, k, v), dout)
+        torch.cuda.synchronize()
+        return out
+
+    out = step()  # compile / autotune outside the timing
+    assert torch.isfinite(out).all()
+    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
+
+    flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "fwd")
+    flops += attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "bwd")
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is not None and stats.median > 0:
+        benchmark.extra_info["tflops_fwd_bwd"] = flops / stats.median / 1e12
