@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
+# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench]   (default: tests bench)
+set -o pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+steps=${*:-tests bench}
+{
+  nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cudnn', torch.backends.cudnn.version())"
+} 2>&1 | tee "$OUT/env.txt"
+
+for step in $steps; do
+  start=$(date +%s)
+  case $step in
+    tune)
+      for d in 64 128 256; do
+        python3 benchmarks/tune.py --dims $d --out "$OUT/tune_$d.jsonl" --lock /tmp/tune.lock \
+          --budget "${TUNE_BUDGET:-300}" > "$OUT/tune_$d.log" 2>&1 &
+      done
+      wait
+      grep -h BEST "$OUT"/tune_*.log | tee "$OUT/tune_best.txt"
+      ;;
+    tests)
+      python3 -m pytest tests -q -n 8 -p no:cacheprovider -m "gpu or not gpu" --timeout 900 \
+        2>&1 | tee "$OUT/tests.log" | tail -30
+      ;;
+    bench)
+      python3 -m flash_module.bench --json "$OUT/bench.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+      ;;
+  esac
+  echo "== $step took $(( $(date +%s) - start ))s"
+done
