@@ -30,12 +30,22 @@ def _check_tensor(name: str, t: object, layout: str) -> None:
         )
 
 
-def _check_qkv_bshd(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], layout: str) -> None:
-    """Validate (B, S, H, D) views of the three inputs; names/layout are the caller's words."""
+def _check_qkv_bshd(
+    q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], layout: str,
+    shown: tuple[Tensor, Tensor, Tensor] | None = None,
+) -> None:
+    """Validate (B, S, H, D) views of the three inputs.
+
+    ``names``/``layout`` are the caller's words and ``shown`` the caller's own tensors (for
+    SDPA, the (B, H, S, D) originals), so messages show the shapes the caller passed.
+    """
     nq, nk, nv = names
-    shapes = f"{nq}: {tuple(q.shape)}, {nk}: {tuple(k.shape)}, {nv}: {tuple(v.shape)} ({layout})"
+    sq_, sk_, sv_ = (tuple(t.shape) for t in (shown or (q, k, v)))
+    shapes = f"{nq}: {sq_}, {nk}: {sk_}, {nv}: {sv_} ({layout})"
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(
+            f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}: {shapes}"
+        )
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"{nq}, {nk}, {nv} must be on the same device, got {q.device}, {k.device}, {v.device}"
@@ -147,8 +157,10 @@ def flash_attn_qkvpacked_func(
     mode: str = "fa2",
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` on a packed (batch, seqlen, 3, nheads, headdim) tensor (no copies)."""
-    if not isinstance(qkv, Tensor) or qkv.dim() != 5 or qkv.shape[2] != 3:
-        shape = tuple(qkv.shape) if isinstance(qkv, Tensor) else type(qkv).__name__
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        shape = tuple(qkv.shape)
         raise ValueError(f"qkv must be (batch, seqlen, 3, nheads, headdim), got {shape}")
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
@@ -170,8 +182,10 @@ def flash_attn_kvpacked_func(
     mode: str = "fa2",
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` with a packed (batch, seqlen_k, 2, nheads_k, headdim) K/V (no copies)."""
-    if not isinstance(kv, Tensor) or kv.dim() != 5 or kv.shape[2] != 2:
-        shape = tuple(kv.shape) if isinstance(kv, Tensor) else type(kv).__name__
+    if not isinstance(kv, Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        shape = tuple(kv.shape)
         raise ValueError(f"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {shape}")
     k, v = kv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
@@ -211,7 +225,7 @@ def scaled_dot_product_attention(
     _check_mode(mode)
     _unsupported(attn_mask=attn_mask is not None, dropout_p=dropout_p != 0.0)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout)
+    _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout, shown=(query, key, value))
     if q.shape[2] != k.shape[2] and not enable_gqa:
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"

@@ -146,12 +146,6 @@ def test_flash_attn_func_rejects_bad_input(no_launch, q, k, v, kwargs, exc, matc
 # Validation: scaled_dot_product_attention, (B, H, S, D)
 # ---------------------------------------------------------------------------------------------
 
-_SDPA_SHAPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="api.py:214 validates the transposed (B, S, H, D) views, so api.py:36 prints shapes "
-    "with S and H swapped under the label '(batch, nheads, seqlen, headdim)'",
-)
-
 _QS, _KVS = (1, 2, 4, 8), (1, 2, 6, 8)
 
 SDPA_BAD_INPUTS = [
@@ -161,18 +155,18 @@ SDPA_BAD_INPUTS = [
                  [(1, 2, 6, 8, 1)], id="value-5d"),
     pytest.param(_t(*_QS), _t(2, 2, 6, 8), _t(2, 2, 6, 8), {}, ValueError,
                  r"batch sizes differ.*\bquery\b.*\bkey\b", [_QS, (2, 2, 6, 8)],
-                 id="batch-mismatch", marks=_SDPA_SHAPE_BUG),
+                 id="batch-mismatch"),
     pytest.param(_t(*_QS), _t(*_KVS), _t(1, 2, 7, 8), {}, ValueError, r"\bkey and value\b.*sequence length",
-                 [_KVS, (1, 2, 7, 8)], id="kv-seqlen-mismatch", marks=_SDPA_SHAPE_BUG),
+                 [_KVS, (1, 2, 7, 8)], id="kv-seqlen-mismatch"),
     pytest.param(_t(*_QS), _t(*_KVS), _t(1, 1, 6, 8), {"enable_gqa": True}, ValueError,
                  r"\bkey and value\b.*number of heads", [_KVS, (1, 1, 6, 8)],
-                 id="kv-heads-mismatch", marks=_SDPA_SHAPE_BUG),
+                 id="kv-heads-mismatch"),
     pytest.param(_t(*_QS), _t(1, 2, 6, 16), _t(1, 2, 6, 16), {}, ValueError, r"head dim",
-                 [_QS, (1, 2, 6, 16)], id="headdim-mismatch", marks=_SDPA_SHAPE_BUG),
+                 [_QS, (1, 2, 6, 16)], id="headdim-mismatch"),
     pytest.param(_t(1, 2, 4, 264), _t(1, 2, 6, 264), _t(1, 2, 6, 264), {}, ValueError, r"264.*256",
-                 [(1, 2, 4, 264)], id="headdim-264", marks=_SDPA_SHAPE_BUG),
+                 [(1, 2, 4, 264)], id="headdim-264"),
     pytest.param(_t(1, 3, 4, 8), _t(*_KVS), _t(*_KVS), {"enable_gqa": True}, ValueError, r"multiple",
-                 [(1, 3, 4, 8), _KVS], id="heads-not-multiple", marks=_SDPA_SHAPE_BUG),
+                 [(1, 3, 4, 8), _KVS], id="heads-not-multiple"),
     pytest.param(_t(1, 4, 4, 8), _t(*_KVS), _t(*_KVS), {}, ValueError, r"enable_gqa",
                  [], id="gqa-without-enable_gqa"),
     pytest.param(_t(*_QS, dtype=torch.int64), _t(*_KVS), _t(*_KVS), {}, TypeError,
@@ -188,12 +182,7 @@ SDPA_BAD_INPUTS = [
 ]
 
 
-def _drop_marks(params):
-    """The same cases without their xfail marks (for the checks that do not involve shapes)."""
-    return [pytest.param(*p.values, id=p.id) for p in params]
-
-
-@pytest.mark.parametrize("query, key, value, kwargs, exc, match, shapes", _drop_marks(SDPA_BAD_INPUTS))
+@pytest.mark.parametrize("query, key, value, kwargs, exc, match, shapes", SDPA_BAD_INPUTS)
 def test_sdpa_rejects_bad_input(no_launch, query, key, value, kwargs, exc, match, shapes):
     with pytest.raises(exc, match=match):
         scaled_dot_product_attention(query, key, value, **kwargs)
@@ -453,17 +442,21 @@ def test_kvpacked_matches_unpacked(h, h_kv, causal):
     torch.testing.assert_close(kv.grad, torch.stack([k.grad, v.grad], dim=2), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("fn, args, match", [
-    pytest.param("qkv", (_t(1, 4, 2, 2, 8),), r"qkv must be .*\(1, 4, 2, 2, 8\)", id="qkv-2-not-3"),
-    pytest.param("qkv", (_t(1, 4, 6, 8),), r"qkv must be .*\(1, 4, 6, 8\)", id="qkv-4d"),
-    pytest.param("qkv", ([1, 2, 3],), r"qkv must be .*list", id="qkv-not-a-tensor"),
-    pytest.param("kv", (_t(1, 4, 2, 8), _t(1, 4, 3, 2, 8)), r"kv must be .*\(1, 4, 3, 2, 8\)",
+@pytest.mark.parametrize("fn, args, exc, match", [
+    pytest.param("qkv", (_t(1, 4, 2, 2, 8),), ValueError, r"qkv must be .*\(1, 4, 2, 2, 8\)",
+                 id="qkv-2-not-3"),
+    pytest.param("qkv", (_t(1, 4, 6, 8),), ValueError, r"qkv must be .*\(1, 4, 6, 8\)", id="qkv-4d"),
+    pytest.param("qkv", ([1, 2, 3],), TypeError, r"qkv must be a torch\.Tensor.*list", id="qkv-not-a-tensor"),
+    pytest.param("kv", (_t(1, 4, 2, 8), _t(1, 4, 3, 2, 8)), ValueError, r"kv must be .*\(1, 4, 3, 2, 8\)",
                  id="kv-3-not-2"),
-    pytest.param("kv", (_t(1, 4, 2, 8), _t(1, 4, 4, 8)), r"kv must be .*\(1, 4, 4, 8\)", id="kv-4d"),
+    pytest.param("kv", (_t(1, 4, 2, 8), _t(1, 4, 4, 8)), ValueError, r"kv must be .*\(1, 4, 4, 8\)",
+                 id="kv-4d"),
+    pytest.param("kv", (_t(1, 4, 2, 8), "kv"), TypeError, r"kv must be a torch\.Tensor.*str",
+                 id="kv-not-a-tensor"),
 ])
-def test_packed_bad_shapes(no_launch, fn, args, match):
+def test_packed_bad_input(no_launch, fn, args, exc, match):
     func = flash_module.flash_attn_qkvpacked_func if fn == "qkv" else flash_module.flash_attn_kvpacked_func
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(exc, match=match):
         func(*args)
 
 
