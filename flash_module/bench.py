@@ -37,6 +37,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -381,16 +382,22 @@ def make_runner(name: str, shape: Shape, device: torch.device) -> Runner:
 
 
 def _short_error(exc: BaseException, caught: Sequence[warnings.WarningMessage] = ()) -> str:
-    """One-line reason for an ``n/a``: exception type and first line, plus the first relevant warning."""
+    """One-line reason for an ``n/a``: exception type and first line, plus relevant warnings."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return "CUDA out of memory"
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     msg = f"{type(exc).__name__}: {lines[0] if lines else ''}"
-    hints = [str(w.message).strip().splitlines()[0] for w in caught if str(w.message).strip()]
-    hints = [h for h in hints if "sdp" in h.lower() or "attention" in h.lower() or "kernel" in h.lower()]
+    hints: list[str] = []
+    for w in caught:  # SDPA explains why a backend was refused through warnings
+        text = re.sub(r"\s*\(Triggered internally at [^)]*\)\.?", "", str(w.message)).strip()
+        text = " ".join(text.split())
+        if text.endswith(":"):  # "... kernel not used because:" -- the reason follows in the next warning
+            continue
+        if text and text not in hints and any(s in text.lower() for s in ("sdp", "attention", "kernel")):
+            hints.append(text)
     if hints:
-        msg += f" ({hints[0]})"
-    return msg[:300]
+        msg += " (" + "; ".join(hints[:3]) + ")"
+    return msg[:500]
 
 
 def _free_memory() -> None:
@@ -783,6 +790,10 @@ def write_plot(path: str | Path, records: list[dict[str, Any]], title: str = "")
         heads = f"H={h}" if h == hkv else f"H={h}/{hkv}"
         ax.set_title(f"{dtype} D={d} {heads} {'causal' if causal else 'non-causal'} {pass_}", fontsize=9)
         ax.set_xscale("log", base=2)
+        seqlens = sorted({r["N"] for r in rs})
+        ax.set_xticks(seqlens)
+        ax.set_xticklabels([str(n) for n in seqlens])
+        ax.minorticks_off()
         ax.set_xlabel("N")
         ax.set_ylabel("TFLOP/s")
         ax.set_ylim(bottom=0)
