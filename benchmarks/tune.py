@@ -131,7 +131,7 @@ def main() -> None:
             for kind, (ms, cfg) in best.items():
                 line = f"BEST {kind:5s} d={d:3d} causal={int(causal)}: {cfg}  {ms:.3f} ms"
                 summary.append(line)
-        del q, k, v, dout
+        q = k = v = dout = None  # free this head dim's inputs before the next
         torch.cuda.empty_cache()
     print("\n".join(summary))
 

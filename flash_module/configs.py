@@ -58,20 +58,20 @@ def _interpret_cfg(dtype: torch.dtype, head_dim: int) -> KernelConfig:
     return KernelConfig(32, 32) if big else KernelConfig(64, 64)
 
 
-# (head-dim bucket, causal) -> config, for fp16/bf16 on sm90.  fp32/fp64 use smaller tiles.
+# (head-dim bucket, causal) -> config, for fp16/bf16 on sm90, measured with benchmarks/tune.py
+# on an H200 at B*N = 64k tokens, N = 4096, bf16 (2026-11-23; docs/performance.md has the sweep).
 _FWD_16 = {
-    (32, False): KernelConfig(128, 64, 4, 3), (32, True): KernelConfig(128, 64, 4, 3),
-    (64, False): KernelConfig(128, 64, 4, 3), (64, True): KernelConfig(128, 64, 4, 3),
+    (32, False): KernelConfig(64, 64, 4, 3), (32, True): KernelConfig(128, 64, 8, 3),
+    (64, False): KernelConfig(64, 64, 4, 3), (64, True): KernelConfig(128, 64, 8, 3),
     (128, False): KernelConfig(128, 64, 8, 3), (128, True): KernelConfig(128, 64, 8, 3),
-    (256, False): KernelConfig(64, 64, 4, 2), (256, True): KernelConfig(64, 64, 4, 2),
+    (256, False): KernelConfig(128, 64, 8, 2), (256, True): KernelConfig(128, 64, 8, 2),
 }
-_DKDV_16 = {
-    32: KernelConfig(64, 128, 8, 3), 64: KernelConfig(64, 128, 8, 3),
-    128: KernelConfig(64, 128, 8, 2), 256: KernelConfig(32, 64, 4, 2),
-}
-_DQ_16 = {
-    32: KernelConfig(128, 64, 8, 3), 64: KernelConfig(128, 64, 8, 3),
-    128: KernelConfig(128, 64, 8, 2), 256: KernelConfig(64, 32, 4, 2),
+# (head-dim bucket) -> (dK/dV config, dQ config); the same choice won causal and not.
+_BWD_16 = {
+    32: (KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
+    64: (KernelConfig(64, 64, 4, 3), KernelConfig(64, 64, 4, 3)),
+    128: (KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 3)),
+    256: (KernelConfig(64, 64, 8, 2), KernelConfig(128, 32, 8, 2)),
 }
 
 
@@ -101,7 +101,7 @@ def bwd_configs(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.d
         cfg = _interpret_cfg(dtype, head_dim)
         dkdv = dq = cfg
     elif dtype in (torch.float16, torch.bfloat16):
-        dkdv, dq = _DKDV_16[_d_bucket(head_dim)], _DQ_16[_d_bucket(head_dim)]
+        dkdv, dq = _BWD_16[_d_bucket(head_dim)]
     else:
         dkdv = dq = _wide_cfg(dtype, head_dim)
     return _OVERRIDES.get("dkdv", dkdv), _OVERRIDES.get("dq", dq)

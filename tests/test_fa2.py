@@ -96,8 +96,9 @@ def test_large_logits_stable(device):
     q, k = (q * 30).detach(), (k * 30).detach()
     out = fm.flash_attn_func(q, k, v)
     ref, _ = fm.reference.attention_ref(q.double(), k.double(), v.double())
+    lowp, _ = fm.reference.attention_ref(q, k, v)  # PyTorch's own fp32 error at these logits
     assert torch.isfinite(out).all()
-    assert max_err(out, ref) < 1e-4
+    assert_flash_rule("out", out, ref, lowp, torch.float32)
 
 
 def test_reference_mode_matches_fa2(device):

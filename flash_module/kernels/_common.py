@@ -29,7 +29,8 @@ def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        return tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+        # out_dtype must name the accumulator's dtype (fp64 for fp64 inputs; triton 3.6 checks).
+        return tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
 
 
 @triton.jit
