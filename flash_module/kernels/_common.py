@@ -10,13 +10,34 @@ Conventions used by every kernel in this package:
   ``causal_offset = Sk - Sq`` (bottom-right, flash-attn) or ``0`` (top-left, torch SDPA).
 """
 
+import struct
+
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634  # log2(e), for host code (qk_scale = softmax_scale * LOG2E)
-# Globals read inside @triton.jit functions must be constexpr.
+# Globals read inside @triton.jit functions must be constexpr.  A float constexpr used in
+# arithmetic becomes an fp32 constant, so fp64 kernels build them with tl.full(.., ACC_DTYPE).
 LOG2E_C = tl.constexpr(LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+
+
+def split_scale(x: float) -> tuple[float, float]:
+    """Split a float into fp32 halves hi + lo (Triton passes float arguments as fp32).
+
+    fp32 kernels use ``hi`` alone; fp64 kernels use ``hi + lo``, exact to ~1e-15 relative.
+    """
+    hi = struct.unpack("f", struct.pack("f", x))[0]
+    return hi, x - hi
+
+
+@triton.jit
+def scaled(x, hi, lo, EXACT: tl.constexpr):
+    """``x * (hi + lo)``; with ``EXACT`` (fp64) both halves, else ``hi`` alone."""
+    if EXACT:
+        return x * hi + x * lo
+    else:
+        return x * hi
 
 
 @triton.jit

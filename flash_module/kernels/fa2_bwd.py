@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..configs import KernelConfig, bwd_configs
-from ._common import LOG2E, LOG2E_C, kv_range, mma, q_range, to_dtype
+from ._common import LOG2E, LOG2E_C, kv_range, mma, q_range, scaled, split_scale, to_dtype
 from .fa2_fwd import block_d, kernel_flags
 
 
@@ -53,7 +53,7 @@ def _bwd_preprocess(
         # d lse_i / d s_ij = P_ij, so a gradient into LSE adds dlse_i * P_ij to dS_ij.
         delta -= tl.load(DLse + row_base + offs_m, mask=offs_m < Sq, other=0.0).to(ACC_DTYPE)
     lse = tl.load(Lse + row_base + offs_m, mask=offs_m < Sq, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_C)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * tl.full([], LOG2E_C, ACC_DTYPE))
     tl.store(Delta + row_base + offs_m, delta, mask=offs_m < Sq)
     tl.store(Lse2 + row_base + offs_m, lse2, mask=offs_m < Sq)
 
@@ -62,10 +62,10 @@ def _bwd_preprocess(
 def _dkdv_inner(
     dk, dv, k, v,
     Q_head, DO_head, Lse2_head, Delta_head, stride_qs, stride_dos,
-    m_start, m_end, offs_n, Sq, causal_offset, qk_scale,
+    m_start, m_end, offs_n, Sq, causal_offset, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXACT: tl.constexpr,
 ):
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -91,7 +91,7 @@ def _dkdv_inner(
             lse2 = tl.load(Lse2_head + rows)
             delta = tl.load(Delta_head + rows)
         s_t = mma(k, tl.trans(q), tl.zeros([k.shape[0], BLOCK_M], dk.dtype), DOT_PRECISION, UPCAST)
-        p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M) = P^T
+        p_t = tl.math.exp2(scaled(s_t, qk_scale, qk_scale_lo, EXACT) - lse2[None, :])  # (BLOCK_N, BLOCK_M) = P^T
         if MASKED:
             if IS_CAUSAL:
                 p_t = tl.where(offs_n[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
@@ -113,10 +113,10 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
-    H, H_KV, GROUP, Sq, Sk, causal_offset, qk_scale, sm_scale,
+    H, H_KV, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, EXACT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -145,16 +145,16 @@ def _bwd_dkdv_kernel(
         row_base = (off_b * H + off_h) * Sq
         # Diagonal tiles (causal mask), full tiles (no mask), then the ragged last tile.
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse2 + row_base, Delta + row_base,
-                             stride_qs, stride_dos, lo, diag_end, offs_n, Sq, causal_offset, qk_scale,
-                             HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, EVEN_D, DOT_PRECISION, UPCAST)
+                             stride_qs, stride_dos, lo, diag_end, offs_n, Sq, causal_offset, qk_scale, qk_scale_lo,
+                             HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, EVEN_D, DOT_PRECISION, UPCAST, EXACT)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse2 + row_base, Delta + row_base,
-                             stride_qs, stride_dos, m_full, even_end, offs_n, Sq, causal_offset, qk_scale,
-                             HEAD_DIM, BLOCK_M, BLOCK_D, False, IS_CAUSAL, EVEN_D, DOT_PRECISION, UPCAST)
+                             stride_qs, stride_dos, m_full, even_end, offs_n, Sq, causal_offset, qk_scale, qk_scale_lo,
+                             HEAD_DIM, BLOCK_M, BLOCK_D, False, IS_CAUSAL, EVEN_D, DOT_PRECISION, UPCAST, EXACT)
         dk, dv = _dkdv_inner(dk, dv, k, v, Q_head, DO_head, Lse2 + row_base, Delta + row_base,
-                             stride_qs, stride_dos, tail_start, Sq, offs_n, Sq, causal_offset, qk_scale,
-                             HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, EVEN_D, DOT_PRECISION, UPCAST)
+                             stride_qs, stride_dos, tail_start, Sq, offs_n, Sq, causal_offset, qk_scale, qk_scale_lo,
+                             HEAD_DIM, BLOCK_M, BLOCK_D, True, IS_CAUSAL, EVEN_D, DOT_PRECISION, UPCAST, EXACT)
 
-    dk = dk * sm_scale  # dS was taken w.r.t. the scaled scores
+    dk = scaled(dk, sm_scale, sm_scale_lo, EXACT)  # dS was taken w.r.t. the scaled scores
     dk_ptrs = (DK + off_b * stride_dkb + off_hkv * stride_dkh + row0 * stride_dks
                + offs_c[:, None] * stride_dks + offs_d[None, :])
     dv_ptrs = (DV + off_b * stride_dvb + off_hkv * stride_dvh + row0 * stride_dvs
@@ -167,10 +167,10 @@ def _bwd_dkdv_kernel(
 def _dq_inner(
     dq, q, do, lse2, delta,
     K_head, V_head, stride_ks, stride_vs,
-    n_start, n_end, offs_m, Sk, causal_offset, qk_scale,
+    n_start, n_end, offs_m, Sk, causal_offset, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXACT: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -190,7 +190,7 @@ def _dq_inner(
             k = tl.load(k_ptrs, mask=d_ok, other=0.0)
             v = tl.load(v_ptrs, mask=d_ok, other=0.0)
         s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], dq.dtype), DOT_PRECISION, UPCAST)
-        p = tl.math.exp2(s * qk_scale - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+        p = tl.math.exp2(scaled(s, qk_scale, qk_scale_lo, EXACT) - lse2[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
             ok = cols[None, :] < Sk
             if IS_CAUSAL:
@@ -212,10 +212,10 @@ def _bwd_dq_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale, sm_scale,
+    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, EXACT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -241,12 +241,12 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, 0, n_full, offs_m, Sk,
-                   causal_offset, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_D,
-                   DOT_PRECISION, UPCAST)
+                   causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL,
+                   EVEN_D, DOT_PRECISION, UPCAST, EXACT)
     dq = _dq_inner(dq, q, do, lse2, delta, K_head, V_head, stride_ks, stride_vs, n_full, hi, offs_m, Sk,
-                   causal_offset, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_D,
-                   DOT_PRECISION, UPCAST)
-    dq = dq * sm_scale
+                   causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL,
+                   EVEN_D, DOT_PRECISION, UPCAST, EXACT)
+    dq = scaled(dq, sm_scale, sm_scale_lo, EXACT)
     dq_ptrs = (DQ + off_b * stride_dqb + off_h * stride_dqh + row0 * stride_dqs
                + offs_r[:, None] * stride_dqs + offs_d[None, :])
     tl.store(dq_ptrs, to_dtype(dq, DQ.dtype.element_ty, ROUND_BF16), mask=ok)
@@ -290,7 +290,7 @@ def fa2_backward(
         h, sq,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=pre_m, HAS_DLSE=dlse is not None, ACC_DTYPE=flags["ACC_DTYPE"],
     )
-    qk_scale = softmax_scale * LOG2E
+    scales = (*split_scale(softmax_scale * LOG2E), *split_scale(softmax_scale))
     common = dict(HEAD_DIM=d, BLOCK_D=bd, IS_CAUSAL=causal, EVEN_D=(d == bd), **flags)
     _bwd_dkdv_kernel[(triton.cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
         q, k, v, dout, lse2, delta, dk, dv,
@@ -300,7 +300,7 @@ def fa2_backward(
         dout.stride(0), dout.stride(1), dout.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        h, h_kv, h // h_kv, sq, sk, causal_offset, qk_scale, softmax_scale,
+        h, h_kv, h // h_kv, sq, sk, causal_offset, *scales,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
     )
@@ -311,7 +311,7 @@ def fa2_backward(
         v.stride(0), v.stride(1), v.stride(2),
         dout.stride(0), dout.stride(1), dout.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        h, h // h_kv, sq, sk, causal_offset, qk_scale, softmax_scale,
+        h, h // h_kv, sq, sk, causal_offset, *scales,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )

@@ -15,17 +15,17 @@ import triton
 import triton.language as tl
 
 from ..configs import KernelConfig, fwd_config
-from ._common import LN2, LOG2E, kv_range, mma, to_dtype
+from ._common import LN2, LOG2E, kv_range, mma, scaled, split_scale, to_dtype
 
 
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     K_head, V_head, stride_ks, stride_vs,
-    n_start, n_end, offs_m, Sk, causal_offset, qk_scale,
+    n_start, n_end, offs_m, Sk, causal_offset, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, EXACT: tl.constexpr,
 ):
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -44,7 +44,7 @@ def _fwd_inner(
         else:
             k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
         s = mma(q, tl.trans(k), tl.zeros([q.shape[0], BLOCK_N], acc.dtype), DOT_PRECISION, UPCAST)
-        s = s * qk_scale  # (BLOCK_M, BLOCK_N), log2 domain
+        s = scaled(s, qk_scale, qk_scale_lo, EXACT)  # (BLOCK_M, BLOCK_N), log2 domain
         if MASKED:
             ok = cols[None, :] < Sk
             if IS_CAUSAL:
@@ -78,10 +78,10 @@ def _fa2_fwd_kernel(
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale,
+    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, EXACT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -108,18 +108,18 @@ def _fa2_fwd_kernel(
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, 0, n_full, offs_m, Sk,
-        causal_offset, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_D,
-        DOT_PRECISION, UPCAST)
+        causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_D,
+        DOT_PRECISION, UPCAST, EXACT)
     acc, l_i, m_i = _fwd_inner(
         acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, n_full, hi, offs_m, Sk,
-        causal_offset, qk_scale, HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_D,
-        DOT_PRECISION, UPCAST)
+        causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_D,
+        DOT_PRECISION, UPCAST, EXACT)
 
     # Epilogue: O = acc / l; rows that saw no key get O = 0 and LSE = -inf.
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, ACC_DTYPE), float("-inf"))
     o_ptrs = (Out + off_b * stride_ob + off_h * stride_oh + start_m.to(tl.int64) * stride_os
               + offs_r[:, None] * stride_os + offs_d[None, :])
     tl.store(o_ptrs, to_dtype(out, Out.dtype.element_ty, ROUND_BF16), mask=row_ok & d_ok)
@@ -135,6 +135,7 @@ def kernel_flags(q: torch.Tensor, interpret: bool) -> dict:
         DOT_PRECISION="ieee" if not low else "tf32",
         UPCAST=bool(interpret and low),
         ROUND_BF16=bool(interpret and q.dtype == torch.bfloat16),
+        EXACT=fp64,
     )
 
 
@@ -171,7 +172,7 @@ def fa2_forward(
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        h, h // h_kv, sq, sk, causal_offset, softmax_scale * LOG2E,
+        h, h // h_kv, sq, sk, causal_offset, *split_scale(softmax_scale * LOG2E),
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         IS_CAUSAL=causal, EVEN_D=(d == block_d(d)),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
