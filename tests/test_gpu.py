@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_module import ops
+from flash_module import ops, reference
 
 from .helpers import assert_flash_rule, make_qkv, reference_grads
 
@@ -50,3 +50,25 @@ def test_table_configs_on_ragged_shapes(d, causal):
     """The config the table picks for each head-dim bucket, on partial tiles in every dim."""
     _check(1, 203, 317, 2, 1, d, torch.bfloat16, "bshd", causal)
     _check(1, 317, 203, 2, 1, d, torch.float16, "bhsd", causal, bottom_right=False)
+
+
+def test_int64_offsets():
+    """K/V with more than 2**31 elements: every offset product must be computed in int64."""
+    sk = 2**24 + 77  # (1, sk, 1, 128) bf16 = 2.1e9 elements, 4.3 GB per tensor
+    q = torch.randn(1, 16, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(1, sk, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, sk, 1, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    assert k.numel() > 2**31
+    out, lse = ops.attention_fwd(q, k, v, 128**-0.5, True, True, "fa2")
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    with torch.no_grad():
+        qf, kf, vf = q.float(), k.float(), v.float()
+        ref_out, ref_lse = reference.attention_ref(qf, kf, vf, 128**-0.5, True, True)
+    assert (out.float() - ref_out).abs().max().item() < 2e-2
+    assert (lse - ref_lse).abs().max().item() < 1e-3
+    # The tail of dV (offsets past 2**31 elements) must be the softmax-weighted dout.
+    p_last = torch.exp(torch.einsum("bqhd,bkhd->bhqk", qf, kf[:, -64:]) * 128**-0.5 - ref_lse[..., None])
+    dv_tail = torch.einsum("bhqk,bqhd->bkhd", p_last, dout.float())
+    assert (dv[:, -64:].float() - dv_tail).abs().max().item() < 2e-2
+    assert torch.isfinite(dk[:, -64:]).all() and torch.isfinite(dq).all()
