@@ -72,12 +72,22 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
 
 
+def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Behave like SDPA under autocast: floating inputs go to the autocast dtype of their device."""
+    device_type = q.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = (t.to(dtype) if t.dtype != torch.float64 else t for t in (q, k, v))
+    return q, k, v
+
+
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
     mode: str,
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _autocast(q, k, v)
     out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode)
     return out, lse, scale
 

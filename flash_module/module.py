@@ -1,0 +1,172 @@
+"""nn.Module layers: the attention core and a multi-head block with fused QKV, GQA and RoPE.
+
+The modules hold configuration and parameters only; the computation is the public functions in
+:mod:`flash_module.api`, so everything those support (torch.compile, CUDA graphs, export,
+autocast, both layouts) holds for the layers too.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from . import ops
+from .api import flash_attn_func, scaled_dot_product_attention
+
+LAYOUTS = ("bshd", "bhsd")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ops.MODES:
+        raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
+
+
+def _check_dropout(dropout: float) -> None:
+    if dropout != 0.0:
+        raise NotImplementedError("flash_module: dropout is not supported yet (dropout must be 0.0)")
+
+
+class FlashAttention(nn.Module):
+    """softmax(q k^T * scale) v over pre-projected heads.
+
+    Args:
+        causal: causal masking.  With ``layout="bshd"`` it is flash-attn's bottom-right
+            alignment (query i sees keys j <= i + Sk - Sq); with ``"bhsd"`` torch SDPA's
+            top-left one (j <= i).  They agree when Sq == Sk.
+        softmax_scale: default 1/sqrt(head_dim).
+        dropout: attention dropout probability (must be 0.0 until dropout lands).
+        mode: algorithm, one of ``flash_module.MODES``.
+        layout: ``"bshd"`` for (batch, seq, heads, head_dim) inputs, ``"bhsd"`` for
+            (batch, heads, seq, head_dim).  K/V may have fewer heads (GQA/MQA).
+
+    Shapes: q (B, Sq, H, D) and k, v (B, Sk, H_kv, D) in "bshd" (transpose 1 and 2 for
+    "bhsd"); returns the same layout as q.
+    """
+
+    def __init__(
+        self,
+        causal: bool = False,
+        softmax_scale: float | None = None,
+        dropout: float = 0.0,
+        mode: str = "fa2",
+        layout: str = "bshd",
+    ) -> None:
+        super().__init__()
+        _check_mode(mode)
+        _check_dropout(dropout)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.causal = causal
+        self.softmax_scale = softmax_scale
+        self.dropout = dropout
+        self.mode = mode
+        self.layout = layout
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.layout == "bshd":
+            return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
+                                   mode=self.mode)
+        return scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
+                                            enable_gqa=True, mode=self.mode)
+
+    def extra_repr(self) -> str:
+        return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, dropout={self.dropout}, "
+                f"mode={self.mode!r}, layout={self.layout!r}")
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE), "rotate-half" convention, applied to (B, S, H, D).
+
+    Pairs dimension ``i`` with ``i + D/2`` and rotates them by ``pos * base**(-2i/D)``.
+    ``offset`` shifts the positions (decoding with a KV cache).
+    """
+
+    def __init__(self, head_dim: int, base: float = 10000.0, device=None) -> None:
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embedding needs an even head_dim, got {head_dim}")
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim = head_dim
+        self.base = base
+
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        seq = x.shape[1]
+        pos = torch.arange(offset, offset + seq, device=x.device, dtype=torch.float32)
+        angles = torch.outer(pos, self.inv_freq)  # (S, D/2)
+        cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[None, :, None, :]  # (1, S, 1, D)
+        sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[None, :, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        return (x.float() * cos + rotated * sin).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"head_dim={self.head_dim}, base={self.base}"
+
+
+class MultiheadFlashAttention(nn.Module):
+    """Multi-head self-attention on (B, S, E) with a fused QKV projection, GQA/MQA and RoPE.
+
+    ``batch_first`` by design, no ``need_weights``: ``forward(x) -> (B, S, E)``.
+
+    Args:
+        embed_dim: model width E; must be divisible by ``num_heads``.
+        num_heads: query heads H (head_dim = E / H).
+        num_kv_heads: key/value heads (default H; H % num_kv_heads == 0 for GQA/MQA).
+        bias: biases in the projections.
+        causal: causal self-attention.
+        dropout: attention dropout (must be 0.0 until dropout lands).
+        mode: attention algorithm, one of ``flash_module.MODES``.
+        rotary: apply rotary position embeddings to q and k.
+        rope_base: RoPE frequency base.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        bias: bool = True,
+        causal: bool = False,
+        dropout: float = 0.0,
+        mode: str = "fa2",
+        rotary: bool = False,
+        rope_base: float = 10000.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = embed_dim // num_heads
+        factory = dict(device=device, dtype=dtype)
+        self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias,
+                                  **factory)
+        self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
+        self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, layout="bshd")
+        self.rotary = RotaryEmbedding(self.head_dim, rope_base, device=device) if rotary else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be (batch, seq, {self.embed_dim}), got {tuple(x.shape)}")
+        qkv = self.qkv_proj(x)  # (B, S, (H + 2 H_kv) D)
+        hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Splitting the last dim gives strided views: the kernels read them without copies.
+        q = rearrange(qkv[..., :hd], "b s (h d) -> b s h d", d=self.head_dim)
+        k = rearrange(qkv[..., hd:hd + kvd], "b s (h d) -> b s h d", d=self.head_dim)
+        v = rearrange(qkv[..., hd + kvd:], "b s (h d) -> b s h d", d=self.head_dim)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        out = self.attn(q, k, v)  # (B, S, H, D)
+        return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}")
