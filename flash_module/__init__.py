@@ -14,6 +14,7 @@ from .api import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+    merge_attention_states,
     scaled_dot_product_attention,
 )
 from .module import FlashAttention, MultiheadFlashAttention, RotaryEmbedding
@@ -29,6 +30,7 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "merge_attention_states",
     "ops",
     "reference",
     "scaled_dot_product_attention",

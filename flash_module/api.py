@@ -81,14 +81,20 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+def _check_num_splits(num_splits: int) -> None:
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+
+
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
-    mode: str,
+    mode: str, num_splits: int = 0,
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
+    _check_num_splits(num_splits)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _autocast(q, k, v)
-    out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode)
+    out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode, num_splits)
     return out, lse, scale
 
 
@@ -112,6 +118,7 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     mode: str = "fa2",
+    num_splits: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """flash-attn 2.x's ``flash_attn_func``: softmax(q k^T * scale) v on (B, S, H, D) tensors.
 
@@ -128,7 +135,10 @@ def flash_attn_func(
         return_attn_probs: also return ``softmax_lse`` (batch, nheads, seqlen_q) float32 and
             the attention probabilities (batch, nheads, seqlen_q, seqlen_k), recomputed from the
             LSE (O(Sq*Sk) memory, for testing; not differentiable).
-        mode: algorithm (``"fa2"`` default; ``"reference"``: the PyTorch path on any device).
+        mode: algorithm: ``"fa2"`` (default), ``"fa1"`` (FA1's loop order), ``"tiling"``
+            (split-KV: key chunks in parallel, merged like the tiling softmax; fast for decode),
+            ``"reference"`` (the PyTorch path on any device).  All return the same result.
+        num_splits: key chunks for ``mode="tiling"`` (0 = chosen from the GPU and the shapes).
         dropout_p, window_size, softcap, alibi_slopes: not implemented yet (must be left at
             their defaults; anything else raises NotImplementedError).
 
@@ -145,7 +155,7 @@ def flash_attn_func(
         softcap=softcap != 0.0,
         alibi_slopes=alibi_slopes is not None,
     )
-    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode)
+    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits)
     if not return_attn_probs:
         return out
     with torch.no_grad():
@@ -165,6 +175,7 @@ def flash_attn_qkvpacked_func(
     return_attn_probs: bool = False,
     *,
     mode: str = "fa2",
+    num_splits: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` on a packed (batch, seqlen, 3, nheads, headdim) tensor (no copies)."""
     if not isinstance(qkv, Tensor):
@@ -174,7 +185,7 @@ def flash_attn_qkvpacked_func(
         raise ValueError(f"qkv must be (batch, seqlen, 3, nheads, headdim), got {shape}")
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs, mode=mode)
+                           alibi_slopes, deterministic, return_attn_probs, mode=mode, num_splits=num_splits)
 
 
 def flash_attn_kvpacked_func(
@@ -190,6 +201,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs: bool = False,
     *,
     mode: str = "fa2",
+    num_splits: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` with a packed (batch, seqlen_k, 2, nheads_k, headdim) K/V (no copies)."""
     if not isinstance(kv, Tensor):
@@ -199,7 +211,7 @@ def flash_attn_kvpacked_func(
         raise ValueError(f"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {shape}")
     k, v = kv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs, mode=mode)
+                           alibi_slopes, deterministic, return_attn_probs, mode=mode, num_splits=num_splits)
 
 
 def scaled_dot_product_attention(
@@ -213,6 +225,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     mode: str = "fa2",
+    num_splits: int = 0,
 ) -> Tensor:
     """torch's ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
 
@@ -222,7 +235,8 @@ def scaled_dot_product_attention(
             attends keys ``j <= i`` (whatever Sq and Sk are).
         scale: default ``1 / sqrt(headdim)``.
         enable_gqa: allow ``nheads_kv < nheads`` (``nheads % nheads_kv == 0``), as in torch.
-        mode: algorithm (``"fa2"`` default, ``"reference"``).
+        mode: algorithm, one of ``flash_module.MODES`` (see :func:`flash_attn_func`).
+        num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
 
     Returns:
@@ -240,5 +254,37 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
         )
-    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode)
+    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits)
     return out.transpose(1, 2)
+
+
+def merge_attention_states(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Combine two attention results over disjoint key sets (cascade / ring attention).
+
+    Args:
+        out_a, out_b: (batch, seqlen_q, nheads, headdim) outputs, each normalised over its own
+            keys (as returned by ``flash_attn_func``).
+        lse_a, lse_b: (batch, nheads, seqlen_q) their log-sum-exps (``return_attn_probs=True``
+            gives them), -inf for rows that saw no key.
+
+    Returns:
+        ``(out, lse)``: the attention over the union of the two key sets, exactly (up to
+        rounding) what one call over all keys returns.  Differentiable in all four inputs.
+    """
+    for name, t, rank in (("out_a", out_a, 4), ("lse_a", lse_a, 3), ("out_b", out_b, 4), ("lse_b", lse_b, 3)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != rank or not t.is_floating_point():
+            raise ValueError(f"{name} must be a {rank}-D floating tensor, got {t.dtype} {tuple(t.shape)}")
+    shapes = f"out_a: {tuple(out_a.shape)}, lse_a: {tuple(lse_a.shape)}, out_b: {tuple(out_b.shape)}, " \
+             f"lse_b: {tuple(lse_b.shape)}"
+    b, s, h, _ = out_a.shape
+    if out_b.shape != out_a.shape or lse_a.shape != (b, h, s) or lse_b.shape != (b, h, s):
+        raise ValueError(f"expected out_* (B, S, H, D) and lse_* (B, H, S) of matching sizes: {shapes}")
+    if out_a.dtype != out_b.dtype or lse_a.dtype != lse_b.dtype:
+        raise TypeError(f"out_a/out_b and lse_a/lse_b must share dtypes: {shapes}")
+    if len({t.device for t in (out_a, lse_a, out_b, lse_b)}) != 1:
+        raise ValueError(f"all inputs must be on one device: {shapes}")
+    return ops.merge_attention_states(out_a, lse_a, out_b, lse_b)

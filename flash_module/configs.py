@@ -105,3 +105,49 @@ def bwd_configs(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.d
     else:
         dkdv = dq = _wide_cfg(dtype, head_dim)
     return _OVERRIDES.get("dkdv", dkdv), _OVERRIDES.get("dq", dq)
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+def fa1_blocks(dtype: torch.dtype, head_dim: int, device: torch.device, interpret: bool) -> tuple[int, int]:
+    """FA1's block sizes (Br, Bc) from on-chip memory, as in the FA1 paper.
+
+    With M the shared memory of one SM in fp32 words: Bc = ceil(M / 4d), Br = min(Bc, d);
+    both rounded down to powers of two (tl.dot needs them) and clamped to [16, 128]
+    ([16, 32] for float64, whose tiles are twice as large).  Override with
+    ``override(fa1=KernelConfig(br, bc))``.
+    """
+    if "fa1" in _OVERRIDES:
+        return _OVERRIDES["fa1"].block_m, _OVERRIDES["fa1"].block_n
+    d = max(16, 1 << (max(head_dim, 1) - 1).bit_length())  # padded head dim
+    if interpret or device.type != "cuda":
+        smem_bytes = 64 * 1024
+    else:
+        props = torch.cuda.get_device_properties(device)
+        smem_bytes = getattr(props, "shared_memory_per_block_optin", 48 * 1024)
+    m_words = smem_bytes // 4
+    bc = -(-m_words // (4 * d))
+    br = min(bc, d)
+    hi = 32 if dtype == torch.float64 else 128
+    clamp = lambda x: max(16, min(hi, _pow2_floor(x)))
+    return clamp(br), clamp(bc)
+
+
+def split_kv_config(dtype: torch.dtype, head_dim: int, seqlen_q: int, device: torch.device,
+                    interpret: bool) -> KernelConfig:
+    """Config of the split-KV partial kernel: 16-row query tiles for decode (Sq <= 16)."""
+    if "split_kv" in _OVERRIDES:
+        return _OVERRIDES["split_kv"]
+    decode = seqlen_q <= 16
+    if interpret or device.type != "cuda":
+        if dtype == torch.float64 and head_dim > 64:
+            return KernelConfig(16 if decode else 32, 32)
+        return KernelConfig(16 if decode else 64, 64)
+    if dtype not in (torch.float16, torch.bfloat16):
+        cfg = _wide_cfg(dtype, head_dim)
+        return KernelConfig(16, cfg.block_n, 4, cfg.num_stages) if decode else cfg
+    if decode:
+        return KernelConfig(16, 64 if head_dim > 128 else 128, 4, 3)
+    return fwd_config(dtype, head_dim, False, device, interpret)

@@ -37,6 +37,7 @@ class FlashAttention(nn.Module):
         softmax_scale: default 1/sqrt(head_dim).
         dropout: attention dropout probability (must be 0.0 until dropout lands).
         mode: algorithm, one of ``flash_module.MODES``.
+        num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         layout: ``"bshd"`` for (batch, seq, heads, head_dim) inputs, ``"bhsd"`` for
             (batch, heads, seq, head_dim).  K/V may have fewer heads (GQA/MQA).
 
@@ -51,6 +52,7 @@ class FlashAttention(nn.Module):
         dropout: float = 0.0,
         mode: str = "fa2",
         layout: str = "bshd",
+        num_splits: int = 0,
     ) -> None:
         super().__init__()
         _check_mode(mode)
@@ -62,17 +64,19 @@ class FlashAttention(nn.Module):
         self.dropout = dropout
         self.mode = mode
         self.layout = layout
+        self.num_splits = num_splits
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.layout == "bshd":
             return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
-                                   mode=self.mode)
+                                   mode=self.mode, num_splits=self.num_splits)
         return scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
-                                            enable_gqa=True, mode=self.mode)
+                                            enable_gqa=True, mode=self.mode, num_splits=self.num_splits)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, dropout={self.dropout}, "
-                f"mode={self.mode!r}, layout={self.layout!r}")
+                f"mode={self.mode!r}, layout={self.layout!r}"
+                + (f", num_splits={self.num_splits}" if self.mode == "tiling" else ""))
 
 
 class RotaryEmbedding(nn.Module):

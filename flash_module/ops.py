@@ -29,8 +29,9 @@ from torch import Tensor
 
 from . import reference
 
-#: Modes of the attention ops.  ``fa2`` is the default Triton path; ``reference`` the PyTorch one.
-MODES: tuple[str, ...] = ("fa2", "reference")
+#: Modes of the attention ops: ``fa2`` (default), ``fa1`` (FA1's loop order, O/l/m in HBM),
+#: ``tiling`` (split-KV: the seed's tiling softmax over key chunks), ``reference`` (PyTorch).
+MODES: tuple[str, ...] = ("fa2", "fa1", "tiling", "reference")
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -74,6 +75,7 @@ def attention_fwd(
     causal: bool,
     bottom_right: bool,
     mode: str,
+    num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
     _check_mode(mode)
     b, sq, h, d = q.shape
@@ -83,16 +85,29 @@ def attention_fwd(
         return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if _use_triton(q, mode):
+        offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
+        if mode == "fa1":
+            from .kernels.fa1 import fa1_forward
+
+            return fa1_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
+        if mode == "tiling":
+            from .kernels.split_kv import split_kv_forward
+
+            return split_kv_forward(q, k, v, softmax_scale, causal, offset, num_splits, interpret=interpret)
         from .kernels.fa2_fwd import fa2_forward
 
-        return fa2_forward(q, k, v, softmax_scale, causal, _causal_offset(q, k, bottom_right),
-                           interpret=q.device.type == "cpu")
-    out, lse = reference.fa2_forward(q, k, v, softmax_scale, causal, bottom_right)
+        return fa2_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
+    if mode == "fa1":
+        out, lse = reference.fa1_forward(q, k, v, softmax_scale, causal, bottom_right)
+    elif mode == "tiling":
+        out, lse = reference.split_kv_forward(q, k, v, softmax_scale, causal, bottom_right, num_splits or 4)
+    else:
+        out, lse = reference.fa2_forward(q, k, v, softmax_scale, causal, bottom_right)
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode):
+def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=_acc_dtype(q.dtype))
@@ -122,10 +137,17 @@ def attention_bwd(
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     if _use_triton(q, mode):
+        offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
+        if mode == "fa1":
+            from .kernels.fa1 import fa1_backward
+
+            return fa1_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
+                                interpret=interpret)
+        # fa2 and tiling share FA2's backward (tiling's merged LSE is the full row's LSE).
         from .kernels.fa2_bwd import fa2_backward
 
-        return fa2_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal,
-                            _causal_offset(q, k, bottom_right), interpret=q.device.type == "cpu")
+        return fa2_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
+                            interpret=interpret)
     dq, dk, dv = reference.fa2_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right,
                                         dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
@@ -137,7 +159,7 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bo
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, causal, bottom_right, mode = inputs
+    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.args = (softmax_scale, causal, bottom_right, mode)
@@ -149,7 +171,7 @@ def _fwd_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -167,3 +189,64 @@ torch.library.register_autograd("flash_module::attention_fwd", _fwd_backward,
                                 setup_context=_fwd_setup_context)
 torch.library.register_autograd("flash_module::attention_bwd", _no_double_backward,
                                 setup_context=_bwd_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_attention_states: the combine step of split-KV / cascade / ring attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _merge_weights(lse_a: Tensor, lse_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(w_a, w_b, lse) with w = exp(lse_x - lse) in the LSE dtype; rows with no keys -> 0, -inf."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse) & (lse < 0), torch.zeros_like(lse), lse)
+    return torch.exp(lse_a - safe), torch.exp(lse_b - safe), lse
+
+
+def _bshd_weight(w: Tensor) -> Tensor:
+    return w.transpose(1, 2).unsqueeze(-1)  # (B, H, S) -> (B, S, H, 1)
+
+
+@torch.library.custom_op("flash_module::merge_attention_states", mutates_args=())
+def merge_attention_states(
+    out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Merge two partial attentions over disjoint key sets into the attention over their union.
+
+    ``out_*``: (B, S, H, D) normalised partial outputs; ``lse_*``: (B, H, S) their log-sum-exps
+    (-inf where a part saw no key).  Returns ``(out, lse)``:
+    ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
+    """
+    w_a, w_b, lse = _merge_weights(lse_a, lse_b)
+    out = _bshd_weight(w_a) * out_a.to(w_a.dtype) + _bshd_weight(w_b) * out_b.to(w_b.dtype)
+    return out.to(out_a.dtype).contiguous(), lse.contiguous()
+
+
+@merge_attention_states.register_fake
+def _merge_fake(out_a, lse_a, out_b, lse_b):
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape)
+
+
+def _merge_setup_context(ctx, inputs, output) -> None:
+    out_a, lse_a, out_b, lse_b = inputs
+    out, _ = output
+    ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out)
+
+
+def _merge_backward(ctx, dout, dlse):
+    out_a, lse_a, out_b, lse_b, out = ctx.saved_tensors
+    w_a, w_b, _ = _merge_weights(lse_a, lse_b)
+    acc = w_a.dtype
+    dout = torch.zeros_like(out, dtype=acc) if dout is None else dout.to(acc)
+    dlse = torch.zeros_like(w_a) if dlse is None else dlse.to(acc)
+    # d out / d out_x = w_x;  d out / d lse_x = w_x (out_x - out);  d lse / d lse_x = w_x.
+    rows = lambda o: (dout * (o.to(acc) - out.to(acc))).sum(-1).transpose(1, 2)  # (B, H, S)
+    d_lse_a = w_a * (dlse + rows(out_a))
+    d_lse_b = w_b * (dlse + rows(out_b))
+    d_out_a = (_bshd_weight(w_a) * dout).to(out_a.dtype)
+    d_out_b = (_bshd_weight(w_b) * dout).to(out_b.dtype)
+    return d_out_a, d_lse_a.to(lse_a.dtype), d_out_b, d_lse_b.to(lse_b.dtype)
+
+
+torch.library.register_autograd("flash_module::merge_attention_states", _merge_backward,
+                                setup_context=_merge_setup_context)

@@ -32,6 +32,8 @@ __all__ = [
     "fa2_forward",
     "fa2_backward",
     "attention_probs",
+    "merge_states",
+    "split_kv_forward",
 ]
 
 
@@ -360,3 +362,56 @@ def fa2_backward(
     dk = _reduce_kv(dk.transpose(1, 2), h_kv).to(k.dtype)
     dv = _reduce_kv(dv.transpose(1, 2), h_kv).to(v.dtype)
     return dq, dk, dv
+
+
+def merge_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiling softmax's merge, on attention states: (B, S, H, D) outputs, (B, H, S) LSEs.
+
+    Global max M = max(lse_a, lse_b); each part is rescaled by exp(lse_x - M); the sums add.
+    """
+    big_m = _neg_inf_to_zero(torch.maximum(lse_a, lse_b))
+    w_a, w_b = torch.exp(lse_a - big_m), torch.exp(lse_b - big_m)
+    total = w_a + w_b
+    seen = total > 0
+    t = torch.where(seen, total, torch.ones_like(total))
+    wa, wb = (w_a / t).transpose(1, 2)[..., None], (w_b / t).transpose(1, 2)[..., None]
+    out = wa * out_a.to(w_a.dtype) + wb * out_b.to(w_b.dtype)
+    lse = torch.where(seen, big_m + torch.log(t), torch.full_like(t, float("-inf")))
+    return out.to(out_a.dtype), lse
+
+
+def split_kv_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    bottom_right: bool = True,
+    num_splits: int = 4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
+
+    The chunks are independent (in parallel on a GPU); the merge is :func:`merge_states`,
+    applied left to right.  Returns ``(out, lse)``.
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    sq, sk = q.shape[1], k.shape[1]
+    chunk = math.ceil(sk / max(1, min(num_splits, sk)))
+    acc = _acc_dtype(q.dtype)
+    out, lse = None, None
+    for start in range(0, sk, chunk):
+        kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]
+        # Causal offset of the chunk: query i sees global key start + j iff start + j <= i + off.
+        s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(kc, q.shape[2]).to(acc)) * scale
+        if causal:
+            off = (sk - sq) if bottom_right else 0
+            i = torch.arange(sq, device=q.device)[:, None]
+            j = torch.arange(start, start + kc.shape[1], device=q.device)[None, :]
+            s = s.masked_fill(~(j <= i + off), float("-inf"))
+        lse_c = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - _neg_inf_to_zero(lse_c)[..., None])
+        out_c = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(vc, q.shape[2]).to(acc))
+        out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
+    return out.to(q.dtype), lse

@@ -18,10 +18,11 @@ OPCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
 @pytest.mark.parametrize("dtype,layout,causal", OPCHECK_CASES)
-def test_opcheck_attention_fwd(dtype, layout, causal, device):
+def test_opcheck_attention_fwd(dtype, layout, causal, mode, device):
     q, k, v = make_qkv(1, 19, 33, 4, 2, 32, dtype, device, layout)
-    torch.library.opcheck(ops.attention_fwd, (q, k, v, 0.2, causal, True, "fa2"))
+    torch.library.opcheck(ops.attention_fwd, (q, k, v, 0.2, causal, True, mode, 2))
 
 
 @pytest.mark.parametrize("with_dlse", [False, True], ids=["no-dlse", "dlse"])
@@ -41,11 +42,12 @@ GRADCHECK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
 @pytest.mark.parametrize("sq,sk,h,h_kv,d,causal", GRADCHECK_CASES)
-def test_gradcheck_fp64(sq, sk, h, h_kv, d, causal, device):
+def test_gradcheck_fp64(sq, sk, h, h_kv, d, causal, mode, device):
     """Finite differences vs the Triton backward, in float64 (fp64 accumulators in the kernels)."""
     q, k, v = make_qkv(1, sq, sk, h, h_kv, d, torch.float64, device)
-    fn = lambda q, k, v: fm.flash_attn_func(q, k, v, causal=causal)
+    fn = lambda q, k, v: fm.flash_attn_func(q, k, v, causal=causal, mode=mode, num_splits=2)
     assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
