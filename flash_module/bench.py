@@ -64,7 +64,9 @@ __all__ = [
 ]
 
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-ALL_IMPLS: tuple[str, ...] = ("ours", "ours_sdpa", "flash", "cudnn", "efficient", "flex", "math", "sdpa")
+ALL_IMPLS: tuple[str, ...] = (
+    "ours", "ours_fa1", "ours_tiling", "ours_sdpa", "flash", "cudnn", "efficient", "flex", "math", "sdpa"
+)
 GPU_DEFAULT_IMPLS: tuple[str, ...] = ("ours", "flash", "cudnn", "efficient", "flex")
 CPU_DEFAULT_IMPLS: tuple[str, ...] = ("ours", "math", "sdpa")
 PASSES: tuple[str, ...] = ("fwd", "bwd")
@@ -332,11 +334,12 @@ def make_runner(name: str, shape: Shape, device: torch.device) -> Runner:
     gqa = shape.kv_heads != shape.heads
     gqa_kwargs: dict[str, Any] = {"enable_gqa": True} if gqa else {}
 
-    if name == "ours":
+    if name in ("ours", "ours_fa1", "ours_tiling"):
         import flash_module
 
         flash_attn_func = flash_module.flash_attn_func
-        return Runner(lambda q, k, v: flash_attn_func(q, k, v, causal=causal), "bshd")
+        mode = {"ours": "fa2", "ours_fa1": "fa1", "ours_tiling": "tiling"}[name]
+        return Runner(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, mode=mode), "bshd")
 
     if name == "ours_sdpa":
         import flash_module
@@ -478,7 +481,7 @@ def _make_inputs(
     return out
 
 
-_LAYOUT_OF: dict[str, str] = {"ours": "bshd"}  # everything else is bhsd
+_LAYOUT_OF: dict[str, str] = {"ours": "bshd", "ours_fa1": "bshd", "ours_tiling": "bshd"}  # others: bhsd
 
 
 def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:

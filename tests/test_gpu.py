@@ -24,11 +24,11 @@ BIG = [
 ]
 
 
-def _check(b, sq, sk, h, h_kv, d, dtype, layout, causal, bottom_right=True):
+def _check(b, sq, sk, h, h_kv, d, dtype, layout, causal, bottom_right=True, mode="fa2"):
     q, k, v = make_qkv(b, sq, sk, h, h_kv, d, dtype, "cuda", layout)
     dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
     scale = d**-0.5
-    out, lse = ops.attention_fwd(q, k, v, scale, causal, bottom_right, "fa2")
+    out, lse = ops.attention_fwd(q, k, v, scale, causal, bottom_right, mode)
     ours = (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
     # float32 is the oracle at these sizes (float64 only for float64 inputs).
     hi = torch.float64 if dtype in (torch.float64, torch.float32) else torch.float32
@@ -40,8 +40,16 @@ def _check(b, sq, sk, h, h_kv, d, dtype, layout, causal, bottom_right=True):
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype,layout", BIG)
-def test_fa2_large(b, sq, sk, h, h_kv, d, dtype, layout, causal):
-    _check(b, sq, sk, h, h_kv, d, dtype, layout, causal)
+@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
+def test_large(mode, b, sq, sk, h, h_kv, d, dtype, layout, causal):
+    _check(b, sq, sk, h, h_kv, d, dtype, layout, causal, mode=mode)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,sk", [(1, 65536), (32, 8192)], ids=["1x64k", "32x8k"])
+def test_tiling_decode(b, sk, causal):
+    """One query token against a long KV cache (GQA 32/8), the case split-KV exists for."""
+    _check(b, 1, sk, 32, 8, 128, torch.bfloat16, "bshd", causal, mode="tiling")
 
 
 @pytest.mark.parametrize("d", [16, 24, 40, 64, 96, 128, 160, 200, 256])
