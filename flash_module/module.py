@@ -96,14 +96,17 @@ class RotaryEmbedding(nn.Module):
         self.base = base
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        # fp32 math for fp16/bf16/fp32 inputs; fp64 stays fp64 (gradcheck needs it exact).
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
         seq = x.shape[1]
-        pos = torch.arange(offset, offset + seq, device=x.device, dtype=torch.float32)
-        angles = torch.outer(pos, self.inv_freq)  # (S, D/2)
+        pos = torch.arange(offset, offset + seq, device=x.device, dtype=work)
+        angles = torch.outer(pos, self.inv_freq.to(work))  # (S, D/2)
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[None, :, None, :]  # (1, S, 1, D)
         sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[None, :, None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
+        xw = x.to(work)
+        x1, x2 = xw.chunk(2, dim=-1)
         rotated = torch.cat((-x2, x1), dim=-1)
-        return (x.float() * cos + rotated * sin).to(x.dtype)
+        return (xw * cos + rotated * sin).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base}"
