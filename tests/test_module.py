@@ -292,6 +292,7 @@ def test_reduce_overhead_uses_cuda_graphs():
     x = torch.randn(4, 128, 64, device="cuda")
     for _ in range(4):
         torch.compiler.cudagraph_mark_step_begin()  # a new training step: earlier outputs may be reused
+        model.zero_grad(set_to_none=True)  # .grad buffers of the last step belong to its graph
         out = compiled(x)
         out.sum().backward()
         out = out.detach().clone()  # keep it past the next replay
