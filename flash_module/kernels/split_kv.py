@@ -11,7 +11,9 @@ M = max_c lse_c:
     w_c = exp(lse_c - M),   O = sum_c w_c O_c / sum_c w_c,   lse = M + log(sum_c w_c)
 
 With one query row and 64k keys, this spreads the keys over the whole GPU instead of one
-program per (batch, head).  The backward is FA2's, driven by the merged LSE.
+program per (batch, head).  For decode with GQA (Sq x group <= 64 rows) one tile holds all the
+query heads that share a K/V head, so each K/V block is read once per group, not once per
+query head.  The backward is FA2's, driven by the merged LSE.
 """
 
 import torch
@@ -31,30 +33,47 @@ def _split_kv_fwd_kernel(
     stride_vb, stride_vs, stride_vh,
     H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, chunk, part_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROUND_BF16: tl.constexpr, EXACT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
-    off_b = (pid_bh // H).to(tl.int64)
-    off_h = (pid_bh % H).to(tl.int64)
-    off_hkv = off_h // GROUP
-    start_m = pid_m * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    row_ok = offs_m[:, None] < Sq
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qs
-                + offs_r[:, None] * stride_qs + offs_d[None, :], mask=row_ok & d_ok, other=0.0)
+    if PACK_GQA:
+        # Decode: the tile's rows are (query head of the group, query position) pairs, so the
+        # GROUP query heads sharing a K/V head read each K/V block once, together.
+        off_b = (pid_bh // (H // GROUP)).to(tl.int64)
+        off_hkv = (pid_bh % (H // GROUP)).to(tl.int64)
+        g = offs_r // Sq
+        offs_m = offs_r % Sq  # query positions, for the causal mask
+        row_ok = g < GROUP
+        heads = off_hkv * GROUP + g.to(tl.int64)
+        start_m = 0
+        q_ptrs = Q + off_b * stride_qb + heads[:, None] * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
+        out_rows = (off_b * H + heads) * Sq + offs_m  # row index into (B*H*Sq)
+    else:
+        off_b = (pid_bh // H).to(tl.int64)
+        off_h = (pid_bh % H).to(tl.int64)
+        off_hkv = off_h // GROUP
+        start_m = pid_m * BLOCK_M
+        offs_m = start_m + offs_r
+        row_ok = offs_m < Sq
+        q_ptrs = (Q + off_b * stride_qb + off_h * stride_qh + start_m.to(tl.int64) * stride_qs
+                  + offs_r[:, None] * stride_qs + offs_d[None, :])
+        out_rows = pid_bh.to(tl.int64) * Sq + offs_m
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
     K_head = K + off_b * stride_kb + off_hkv * stride_kh
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
-    # The row block's key ranges (as in FA2), intersected with this split's chunk.
+    # The row block's key ranges (as in FA2), intersected with this split's chunk.  (Packed
+    # rows span positions [0, Sq) <= BLOCK_M, so kv_range's bounds still cover them; the
+    # masked loop applies the exact per-row mask.)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     c_lo = split * chunk
     c_hi = c_lo + chunk
@@ -72,11 +91,10 @@ def _split_kv_fwd_kernel(
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, ACC_DTYPE), float("-inf"))
-    row_base = pid_bh.to(tl.int64) * Sq
     part = split.to(tl.int64) * part_stride
-    o_ptrs = OPart + (part + row_base + offs_m[:, None]) * BLOCK_D + offs_d[None, :]
-    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok)
-    tl.store(LsePart + part + row_base + offs_m, lse, mask=offs_m < Sq)
+    o_ptrs = OPart + (part + out_rows[:, None]) * BLOCK_D + offs_d[None, :]
+    tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None])
+    tl.store(LsePart + part + out_rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -125,12 +143,13 @@ def _combine_kernel(
 
 
 def auto_num_splits(programs: int, sk: int, block_n: int, device: torch.device, interpret: bool) -> int:
-    """Splits so that ~2 programs run per SM, each chunk at least 2 key blocks long.
+    """Splits so that ~4 programs run per SM (memory-bound: many loads in flight), each chunk at
+    least 2 key blocks long.
 
     Uses only shapes and the device's SM count: no tensor values, no host sync.
     """
     sms = 4 if (interpret or device.type != "cuda") else torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(programs, 1))
+    want = triton.cdiv(4 * sms, max(programs, 1))
     return max(1, min(want, triton.cdiv(sk, 2 * block_n), 256))
 
 
@@ -147,10 +166,14 @@ def split_kv_forward(
     bd = block_d(d)
     flags = kernel_flags(q, interpret)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = h // h_kv
     cfg = split_kv_config(q.dtype, d, sq, q.device, interpret)
-    m_blocks = triton.cdiv(sq, cfg.block_m)
+    pack = group > 1 and sq * group <= 64  # decode with GQA: one tile per K/V head
+    block_m = max(16, triton.next_power_of_2(sq * group)) if pack else cfg.block_m
+    m_blocks = 1 if pack else triton.cdiv(sq, block_m)
+    heads = h_kv if pack else h
     if num_splits <= 0:
-        num_splits = auto_num_splits(m_blocks * b * h, sk, cfg.block_n, q.device, interpret)
+        num_splits = auto_num_splits(m_blocks * b * heads, sk, cfg.block_n, q.device, interpret)
     # Chunks are whole key blocks, so the unmasked/masked split of each chunk stays aligned.
     chunk = triton.cdiv(triton.cdiv(sk, num_splits), cfg.block_n) * cfg.block_n
     num_splits = triton.cdiv(sk, chunk)
@@ -158,14 +181,14 @@ def split_kv_forward(
     lse_part = torch.empty((num_splits, b * h, sq), dtype=acc, device=q.device)
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=acc, device=q.device)
-    _split_kv_fwd_kernel[(m_blocks, b * h, num_splits)](
+    _split_kv_fwd_kernel[(m_blocks, b * heads, num_splits)](
         q, k, v, o_part, lse_part,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        h, h // h_kv, sq, sk, causal_offset, *split_scale(softmax_scale * LOG2E), chunk, b * h * sq,
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        EVEN_D=(d == bd), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        h, group, sq, sk, causal_offset, *split_scale(softmax_scale * LOG2E), chunk, b * h * sq,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
+        EVEN_D=(d == bd), PACK_GQA=pack, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )
     comb_m = 16 if sq <= 16 else 64
     _combine_kernel[(triton.cdiv(sq, comb_m), b * h)](
