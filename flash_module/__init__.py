@@ -7,9 +7,10 @@ Public entry points:
 * :class:`FlashAttention`, :class:`MultiheadFlashAttention`: nn.Module layers.
 * ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd``: the ops themselves (:mod:`.ops`).
 * :mod:`.reference`: the float64 oracle and the seed's algorithms in PyTorch.
+* :func:`softmax.softmax`: the seed's online / tiling softmax as Triton ops.
 """
 
-from . import ops, reference
+from . import ops, reference, softmax
 from .api import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -34,4 +35,5 @@ __all__ = [
     "ops",
     "reference",
     "scaled_dot_product_attention",
+    "softmax",
 ]
