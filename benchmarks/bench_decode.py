@@ -19,7 +19,8 @@ import flash_module as fm
 IMPLS = ("fa2", "tiling", "sdpa-flash", "sdpa-cudnn")
 
 
-def measure_shape(b: int, nk: int, sq: int, h: int = 32, h_kv: int = 8, d: int = 128) -> list[dict]:
+def measure_shape(b: int, nk: int, sq: int, h: int = 32, h_kv: int = 8, d: int = 128,
+                  splits: tuple[int, ...] = ()) -> list[dict]:
     """Time every implementation on one decode shape; one record each."""
     dev, dt = "cuda", torch.bfloat16
     q = torch.randn(b, sq, h, d, device=dev, dtype=dt)
@@ -40,6 +41,8 @@ def measure_shape(b: int, nk: int, sq: int, h: int = 32, h_kv: int = 8, d: int =
         "sdpa-flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa-cudnn": lambda: sdpa(SDPBackend.CUDNN_ATTENTION),
     }
+    for n in splits:  # tuning: fixed split counts
+        fns[f"tiling/{n}"] = lambda n=n: fm.flash_attn_func(q, k, v, mode="tiling", num_splits=n)
     rows = []
     for name, fn in fns.items():
         rec = dict(impl=name, B=b, Nk=nk, Sq=sq)
@@ -57,12 +60,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json", default=None)
     ap.add_argument("--sq", type=int, default=1)
+    ap.add_argument("--splits", default="", help="also time these fixed num_splits, e.g. 16,32,64")
     args = ap.parse_args()
+    splits = tuple(int(x) for x in args.splits.split(",") if x)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
-    print(f"{'B':>3} {'Nk':>6} {'Sq':>3} " + " ".join(f"{n:>12}" for n in IMPLS) + "   (TB/s of K+V)")
+    names = IMPLS + tuple(f"tiling/{n}" for n in splits)
+    print(f"{'B':>3} {'Nk':>6} {'Sq':>3} " + " ".join(f"{n:>12}" for n in names) + "   (TB/s of K+V)")
     all_rows = []
     for b, nk in ((1, 65536), (32, 8192), (8, 32768)):
-        rows = measure_shape(b, nk, args.sq)
+        rows = measure_shape(b, nk, args.sq, splits=splits)
         all_rows += rows
         cells = [f"{r['tbps']:12.2f}" if "tbps" in r else f"{'n/a':>12}" for r in rows]
         print(f"{b:>3} {nk:>6} {args.sq:>3} " + " ".join(cells))
