@@ -118,3 +118,25 @@ def test_compile_dynamic_seqlen(device):
         ref = reference_grads(q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
                               torch.randn(1, s, 2, 16, device=device), True, True, dtype=torch.float64)[0]
         assert max_err(fn(q, k, v), ref) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["fa1", "tiling"])
+def test_compile_modes_and_merge(mode, device):
+    """Each mode's op and merge_attention_states trace into one graph and match eager, fwd + bwd."""
+    torch._dynamo.reset()
+
+    def fn(q, k, v):  # attention over keys [0, 20) and [20, 45), merged
+        a, lse_a = ops.attention_fwd(q, k[:, :20], v[:, :20], 16**-0.5, False, True, mode, 0)
+        b, lse_b = ops.attention_fwd(q, k[:, 20:], v[:, 20:], 16**-0.5, False, True, mode, 0)
+        return fm.merge_attention_states(a, lse_a, b, lse_b)[0]
+
+    q, k, v = make_qkv(1, 17, 45, 2, 1, 16, torch.float32, device)
+    explain = torch._dynamo.explain(fn)(q, k, v)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    out_c, out_e = compiled(q, k, v), fn(q, k, v)
+    assert max_err(out_c, out_e) < 1e-5
+    assert max_err(out_e, fm.flash_attn_func(q, k, v)) < 1e-5  # the merge is the full attention
+    g = torch.randn_like(out_e)
+    for a, b in zip(torch.autograd.grad(out_c, (q, k, v), g), torch.autograd.grad(out_e, (q, k, v), g)):
+        assert max_err(a, b) < 1e-5
