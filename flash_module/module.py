@@ -38,6 +38,10 @@ class FlashAttention(nn.Module):
         dropout: attention dropout probability (must be 0.0 until dropout lands).
         mode: algorithm, one of ``flash_module.MODES``.
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
+        context_parallel_group: a ``torch.distributed`` process group: the inputs are this
+            rank's shards of a sequence split across the group, and attention runs as ring
+            attention (:func:`flash_module.distributed.ring_attention`; causal is global).
+        context_parallel_layout: ``"contiguous"`` or ``"zigzag"`` sharding.
         layout: ``"bshd"`` for (batch, seq, heads, head_dim) inputs, ``"bhsd"`` for
             (batch, heads, seq, head_dim).  K/V may have fewer heads (GQA/MQA).
 
@@ -53,6 +57,8 @@ class FlashAttention(nn.Module):
         mode: str = "fa2",
         layout: str = "bshd",
         num_splits: int = 0,
+        context_parallel_group=None,
+        context_parallel_layout: str = "contiguous",
     ) -> None:
         super().__init__()
         _check_mode(mode)
@@ -65,8 +71,17 @@ class FlashAttention(nn.Module):
         self.mode = mode
         self.layout = layout
         self.num_splits = num_splits
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.context_parallel_group is not None:
+            from .distributed import ring_attention
+
+            to_bshd = (lambda t: t) if self.layout == "bshd" else (lambda t: t.transpose(1, 2))
+            out = ring_attention(to_bshd(q), to_bshd(k), to_bshd(v), self.context_parallel_group,
+                                 self.causal, self.softmax_scale, self.context_parallel_layout, self.mode)
+            return to_bshd(out)
         if self.layout == "bshd":
             return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
                                    mode=self.mode, num_splits=self.num_splits)
@@ -76,14 +91,17 @@ class FlashAttention(nn.Module):
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, dropout={self.dropout}, "
                 f"mode={self.mode!r}, layout={self.layout!r}"
-                + (f", num_splits={self.num_splits}" if self.mode == "tiling" else ""))
+                + (f", num_splits={self.num_splits}" if self.mode == "tiling" else "")
+                + (f", context_parallel={self.context_parallel_layout}"
+                   if self.context_parallel_group is not None else ""))
 
 
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding (RoPE), "rotate-half" convention, applied to (B, S, H, D).
 
     Pairs dimension ``i`` with ``i + D/2`` and rotates them by ``pos * base**(-2i/D)``.
-    ``offset`` shifts the positions (decoding with a KV cache).
+    ``offset`` shifts the positions (decoding with a KV cache); ``positions`` gives them
+    explicitly (a context-parallel shard's global positions).
     """
 
     def __init__(self, head_dim: int, base: float = 10000.0, device=None) -> None:
@@ -95,11 +113,15 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.base = base
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Rotate (B, S, H, D) ``x``; positions ``offset + arange(S)``, or ``positions`` (S,)."""
         # fp32 math for fp16/bf16/fp32 inputs; fp64 stays fp64 (gradcheck needs it exact).
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
         seq = x.shape[1]
-        pos = torch.arange(offset, offset + seq, device=x.device, dtype=work)
+        if positions is not None:
+            pos = positions.to(device=x.device, dtype=work)
+        else:
+            pos = torch.arange(offset, offset + seq, device=x.device, dtype=work)
         angles = torch.outer(pos, self.inv_freq.to(work))  # (S, D/2)
         cos = torch.cat((angles.cos(), angles.cos()), dim=-1)[None, :, None, :]  # (1, S, 1, D)
         sin = torch.cat((angles.sin(), angles.sin()), dim=-1)[None, :, None, :]
@@ -127,6 +149,9 @@ class MultiheadFlashAttention(nn.Module):
         mode: attention algorithm, one of ``flash_module.MODES``.
         rotary: apply rotary position embeddings to q and k.
         rope_base: RoPE frequency base.
+        context_parallel_group, context_parallel_layout: run attention as ring attention over
+            a sequence sharded across this process group (see :class:`FlashAttention`); the
+            input ``x`` is then this rank's (B, S_local, E) shard.
     """
 
     def __init__(
@@ -140,6 +165,8 @@ class MultiheadFlashAttention(nn.Module):
         mode: str = "fa2",
         rotary: bool = False,
         rope_base: float = 10000.0,
+        context_parallel_group=None,
+        context_parallel_layout: str = "contiguous",
         device=None,
         dtype=None,
     ) -> None:
@@ -157,7 +184,9 @@ class MultiheadFlashAttention(nn.Module):
         self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias,
                                   **factory)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
-        self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, layout="bshd")
+        self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, layout="bshd",
+                                   context_parallel_group=context_parallel_group,
+                                   context_parallel_layout=context_parallel_layout)
         self.rotary = RotaryEmbedding(self.head_dim, rope_base, device=device) if rotary else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -170,7 +199,15 @@ class MultiheadFlashAttention(nn.Module):
         k = rearrange(qkv[..., hd:hd + kvd], "b s (h d) -> b s h d", d=self.head_dim)
         v = rearrange(qkv[..., hd + kvd:], "b s (h d) -> b s h d", d=self.head_dim)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            positions = None
+            group = self.attn.context_parallel_group
+            if group is not None:  # this rank holds a shard: rotate by its global positions
+                from .distributed import shard_positions
+
+                positions = shard_positions(x.shape[1], torch.distributed.get_rank(group),
+                                            torch.distributed.get_world_size(group),
+                                            self.attn.context_parallel_layout, x.device)
+            q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         out = self.attn(q, k, v)  # (B, S, H, D)
         return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
 

@@ -1,0 +1,204 @@
+"""Context parallelism: ring attention over ``torch.distributed`` (NCCL on GPUs, gloo on CPU).
+
+Each rank of ``group`` holds a shard of the sequence for q, k and v (bshd: (B, S_local, H, D)).
+K/V shards travel around the ring, one hop per step, with ``torch.distributed`` point-to-point
+ops that run while the current step computes.  Every step produces a partial attention of the
+local queries over one K/V shard, ``(out_c, lse_c)``.  Those are merged with
+:func:`flash_module.merge_attention_states`, the tiling softmax's merge, so after W steps each
+rank holds exactly the attention of its queries over the whole sequence.
+
+The backward rotates K/V again, together with dK/dV accumulators.  Each step adds the local
+queries' contribution to the visiting shard's dK/dV with the FA2 backward op, driven by the
+*final* (merged) ``out`` and ``lse``: ``P = exp(S - lse)`` with the global LSE is the true
+probability of every visiting key.  After W steps the accumulators hop once more, home to the
+rank that owns the shard.
+
+Sharding layouts (``layout=``):
+
+* ``"contiguous"``: rank r holds positions [r·S_local, (r+1)·S_local).
+* ``"zigzag"`` (for causal load balance): the sequence is cut into 2W chunks and rank r holds
+  chunks r and 2W-1-r, so every rank has the same amount of causal work.
+
+Causal masking is decided per (query chunk, key chunk) pair: a key chunk before the query
+chunk is fully visible, the same chunk is the causal diagonal, a later chunk is skipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import ops
+from .api import _check_qkv_bshd, _check_tensor
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def _chunk_ids(rank: int, world: int, layout: str) -> list[int]:
+    """Global chunk indices held by ``rank`` (chunks of equal size, in local order)."""
+    return [rank] if layout == "contiguous" else [rank, 2 * world - 1 - rank]
+
+
+def shard_positions(seq_local: int, rank: int, world: int, layout: str = "contiguous",
+                    device=None) -> Tensor:
+    """Global token positions of a rank's local shard (e.g. for RoPE), shape (seq_local,)."""
+    ids = _chunk_ids(rank, world, layout)
+    chunk = seq_local // len(ids)
+    return torch.cat([torch.arange(c * chunk, (c + 1) * chunk, device=device) for c in ids])
+
+
+def shard_sequence(x: Tensor, rank: int, world: int, layout: str = "contiguous", dim: int = 1) -> Tensor:
+    """This rank's shard of a full sequence tensor (along ``dim``), for tests and data loaders."""
+    n_chunks = world if layout == "contiguous" else 2 * world
+    chunks = x.chunk(n_chunks, dim=dim)
+    return torch.cat([chunks[c] for c in _chunk_ids(rank, world, layout)], dim=dim)
+
+
+def _pairs(q_ids: list[int], k_ids: list[int], causal: bool):
+    """(qi, ki, causal_flag) for every pair of local query chunk i and visiting key chunk k that
+    contributes: all pairs without causal; with causal, key chunks before (full) or equal to
+    (diagonal, causal) the query chunk."""
+    for i, qc in enumerate(q_ids):
+        for j, kc in enumerate(k_ids):
+            if not causal or kc < qc:
+                yield i, j, False
+            elif kc == qc:
+                yield i, j, True
+
+
+def _ring_exchange(tensors: list[Tensor], group, rank: int, world: int):
+    """Start sending ``tensors`` to the next rank and receiving the previous rank's; returns
+    (received buffers, requests)."""
+    nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
+    prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
+    recv = [torch.empty_like(t) for t in tensors]
+    p2p = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
+    p2p += [dist.P2POp(dist.irecv, r, prv, group) for r in recv]
+    return recv, dist.batch_isend_irecv(p2p)
+
+
+def _wait(reqs) -> None:
+    for r in reqs:
+        r.wait()
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, layout, mode, group):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        q_ids = _chunk_ids(rank, world, layout)
+        n = len(q_ids)
+        qs, sq = q.chunk(n, dim=1), q.shape[1] // n
+        outs: list[Tensor | None] = [None] * n
+        lses: list[Tensor | None] = [None] * n
+        kv = [k.contiguous(), v.contiguous()]
+        for step in range(world):
+            if step + 1 < world:  # the next shard travels while this one computes
+                nxt, reqs = _ring_exchange(kv, group, rank, world)
+            src = (rank - step) % world
+            k_ids = _chunk_ids(src, world, layout)
+            ks, vs = kv[0].chunk(n, dim=1), kv[1].chunk(n, dim=1)
+            for i, j, diag in _pairs(q_ids, k_ids, causal):
+                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0)
+                if outs[i] is None:
+                    outs[i], lses[i] = o, lse
+                else:
+                    outs[i], lses[i] = ops.merge_attention_states(outs[i], lses[i], o, lse)
+            if step + 1 < world:
+                _wait(reqs)
+                kv = nxt
+        for i in range(n):  # only possible with causal and no visible chunk: not with these layouts
+            if outs[i] is None:
+                outs[i] = torch.zeros_like(qs[i])
+                lses[i] = torch.full((q.shape[0], q.shape[2], sq), float("-inf"), device=q.device,
+                                     dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+        out = torch.cat(outs, dim=1)
+        lse = torch.cat(lses, dim=2)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, causal, layout, mode, group)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, causal, layout, mode, group = ctx.args
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        q_ids = _chunk_ids(rank, world, layout)
+        n = len(q_ids)
+        bwd_mode = "fa2" if mode == "tiling" else mode  # tiling's backward is FA2's
+        qs, dos = q.chunk(n, dim=1), dout.contiguous().chunk(n, dim=1)
+        os_, lses = out.chunk(n, dim=1), lse.chunk(n, dim=2)
+        dq = torch.zeros_like(q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+        dqs = dq.chunk(n, dim=1)
+        acc = dq.dtype
+        # Travelling state: this shard's K, V and the dK, dV accumulated for it so far.
+        state = [k.contiguous(), v.contiguous(),
+                 torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)]
+        for step in range(world):
+            src = (rank - step) % world
+            k_ids = _chunk_ids(src, world, layout)
+            if step + 1 < world:  # K/V of the next step can travel now; dK/dV after this step
+                nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
+            ks, vs = state[0].chunk(n, dim=1), state[1].chunk(n, dim=1)
+            dks, dvs = state[2].chunk(n, dim=1), state[3].chunk(n, dim=1)
+            for i, j, diag in _pairs(q_ids, k_ids, causal):
+                dqi, dkj, dvj = ops.attention_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
+                                                  None, scale, diag, True, bwd_mode)
+                dqs[i].add_(dqi)
+                dks[j].add_(dkj)
+                dvs[j].add_(dvj)
+            # dK/dV go to the next rank (with the K/V that rank receives); after the last step
+            # this hop brings each accumulator home to the shard's owner.
+            nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
+            if step + 1 < world:
+                _wait(reqs_kv)
+            _wait(reqs_d)
+            state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
+        return dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), None, None, None, None, None
+
+
+def ring_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "contiguous",
+    mode: str = "fa2",
+) -> Tensor:
+    """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
+
+    Args:
+        q: (batch, seqlen_local, nheads, headdim), this rank's query shard.
+        k, v: (batch, seqlen_local, nheads_kv, headdim), this rank's key/value shards
+            (GQA/MQA: nheads % nheads_kv == 0).  Every rank holds the same shard length.
+        group: the process group (default: the world).
+        causal: causal attention over the *global* sequence (queries and keys share positions).
+        softmax_scale: default 1/sqrt(headdim).
+        layout: ``"contiguous"`` or ``"zigzag"`` (see the module docstring; with zigzag the
+            shard length must be even).  Use :func:`shard_sequence` to cut full tensors.
+        mode: the attention kernels used per step (``"fa2"``, ``"fa1"``, ``"tiling"``, ``"reference"``).
+
+    Returns:
+        (batch, seqlen_local, nheads, headdim): this rank's rows of the full attention output.
+        Differentiable in q, k and v.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, "(batch, seqlen_local, nheads, headdim)")
+    _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen_local, nheads, headdim)")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if mode not in ops.MODES:
+        raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"q and k must hold the same shard length, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if layout == "zigzag" and q.shape[1] % 2:
+        raise ValueError(f"zigzag layout needs an even shard length, got {q.shape[1]}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, group)
