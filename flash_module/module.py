@@ -187,6 +187,9 @@ class MultiheadFlashAttention(nn.Module):
         self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, layout="bshd",
                                    context_parallel_group=context_parallel_group,
                                    context_parallel_layout=context_parallel_layout)
+        # Kept here too: RoPE needs the shard's positions even if ``attn`` is swapped out.
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_layout = context_parallel_layout
         self.rotary = RotaryEmbedding(self.head_dim, rope_base, device=device) if rotary else None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -200,13 +203,13 @@ class MultiheadFlashAttention(nn.Module):
         v = rearrange(qkv[..., hd + kvd:], "b s (h d) -> b s h d", d=self.head_dim)
         if self.rotary is not None:
             positions = None
-            group = self.attn.context_parallel_group
+            group = self.context_parallel_group
             if group is not None:  # this rank holds a shard: rotate by its global positions
                 from .distributed import shard_positions
 
                 positions = shard_positions(x.shape[1], torch.distributed.get_rank(group),
                                             torch.distributed.get_world_size(group),
-                                            self.attn.context_parallel_layout, x.device)
+                                            self.context_parallel_layout, x.device)
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
         out = self.attn(q, k, v)  # (B, S, H, D)
         return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
