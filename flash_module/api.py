@@ -67,11 +67,6 @@ def _check_qkv_bshd(
         )
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ops.MODES:
-        raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
-
-
 def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Behave like SDPA under autocast: floating inputs go to the autocast dtype of their device."""
     device_type = q.device.type
@@ -148,7 +143,7 @@ def flash_attn_func(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, "(batch, seqlen, nheads, headdim)")
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
-    _check_mode(mode)
+    ops.check_mode(mode)
     _unsupported(
         dropout_p=dropout_p != 0.0,
         window_size=tuple(window_size) != (-1, -1),
@@ -246,7 +241,7 @@ def scaled_dot_product_attention(
     layout = "(batch, nheads, seqlen, headdim)"
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, layout)
-    _check_mode(mode)
+    ops.check_mode(mode)
     _unsupported(attn_mask=attn_mask is not None, dropout_p=dropout_p != 0.0)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout, shown=(query, key, value))

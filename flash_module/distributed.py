@@ -190,8 +190,7 @@ def ring_attention(
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen_local, nheads, headdim)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    if mode not in ops.MODES:
-        raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
+    ops.check_mode(mode)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"q and k must hold the same shard length, got {tuple(q.shape)} and {tuple(k.shape)}"

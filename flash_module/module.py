@@ -17,11 +17,6 @@ from .api import flash_attn_func, scaled_dot_product_attention
 LAYOUTS = ("bshd", "bhsd")
 
 
-def _check_mode(mode: str) -> None:
-    if mode not in ops.MODES:
-        raise ValueError(f"mode must be one of {ops.MODES}, got {mode!r}")
-
-
 def _check_dropout(dropout: float) -> None:
     if dropout != 0.0:
         raise NotImplementedError("flash_module: dropout is not supported yet (dropout must be 0.0)")
@@ -61,7 +56,7 @@ class FlashAttention(nn.Module):
         context_parallel_layout: str = "contiguous",
     ) -> None:
         super().__init__()
-        _check_mode(mode)
+        ops.check_mode(mode)
         _check_dropout(dropout)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")

@@ -22,6 +22,7 @@ v, out and lse, never P); the backward op itself is not differentiable (double b
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -49,13 +50,15 @@ def _use_triton(t: Tensor, mode: str) -> bool:
     return _INTERPRET and t.device.type == "cpu"
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _check_mode(mode: str) -> None:
+def check_mode(mode: str) -> None:
+    """ValueError naming the valid modes unless ``mode`` is one of :data:`MODES`."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensor's (e.g. cuda:1 inputs)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _causal_offset(q: Tensor, k: Tensor, bottom_right: bool) -> int:
@@ -77,26 +80,16 @@ def attention_fwd(
     mode: str,
     num_splits: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    _check_mode(mode)
+    check_mode(mode)
     b, sq, h, d = q.shape
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to attend: O = 0, LSE = -inf
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
-        lse = torch.full((b, h, sq), float("-inf"), dtype=_acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=reference.acc_dtype(q.dtype), device=q.device)
         return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     if _use_triton(q, mode):
-        offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
-        if mode == "fa1":
-            from .kernels.fa1 import fa1_forward
-
-            return fa1_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
-        if mode == "tiling":
-            from .kernels.split_kv import split_kv_forward
-
-            return split_kv_forward(q, k, v, softmax_scale, causal, offset, num_splits, interpret=interpret)
-        from .kernels.fa2_fwd import fa2_forward
-
-        return fa2_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
+        with _on_device(q):
+            return _triton_forward(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits)
     if mode == "fa1":
         out, lse = reference.fa1_forward(q, k, v, softmax_scale, causal, bottom_right)
     elif mode == "tiling":
@@ -106,11 +99,27 @@ def attention_fwd(
     return out.contiguous(), lse.contiguous()
 
 
+def _triton_forward(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits):
+    """The Triton kernels of ``mode`` (compiled on CUDA, interpreted on CPU)."""
+    offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
+    if mode == "fa1":
+        from .kernels.fa1 import fa1_forward
+
+        return fa1_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
+    if mode == "tiling":
+        from .kernels.split_kv import split_kv_forward
+
+        return split_kv_forward(q, k, v, softmax_scale, causal, offset, num_splits, interpret=interpret)
+    from .kernels.fa2_fwd import fa2_forward
+
+    return fa2_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
+
+
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
-    lse = q.new_empty((b, h, sq), dtype=_acc_dtype(q.dtype))
+    lse = q.new_empty((b, h, sq), dtype=reference.acc_dtype(q.dtype))
     return out, lse
 
 
@@ -128,7 +137,7 @@ def attention_bwd(
     bottom_right: bool,
     mode: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    _check_mode(mode)
+    check_mode(mode)
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros_like(q, memory_format=torch.contiguous_format), \
             torch.zeros_like(k, memory_format=torch.contiguous_format), \
@@ -137,17 +146,18 @@ def attention_bwd(
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     if _use_triton(q, mode):
-        offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
-        if mode == "fa1":
-            from .kernels.fa1 import fa1_backward
+        with _on_device(q):
+            offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
+            if mode == "fa1":
+                from .kernels.fa1 import fa1_backward
 
-            return fa1_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
+                return fa1_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
+                                    interpret=interpret)
+            # fa2 and tiling share FA2's backward (tiling's merged LSE is the full row's LSE).
+            from .kernels.fa2_bwd import fa2_backward
+
+            return fa2_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
                                 interpret=interpret)
-        # fa2 and tiling share FA2's backward (tiling's merged LSE is the full row's LSE).
-        from .kernels.fa2_bwd import fa2_backward
-
-        return fa2_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
-                            interpret=interpret)
     dq, dk, dv = reference.fa2_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right,
                                         dlse=dlse)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()

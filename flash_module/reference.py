@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator / statistics dtype: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -90,14 +90,14 @@ def attention_ref(
     # (B, H, Sq, Sk)
     # Scores come out of the matmul in the input dtype (rounded as PyTorch rounds them), then the
     # softmax runs in the accumulator dtype.
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k).to(_acc_dtype(q.dtype)) * scale
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc_dtype(q.dtype)) * scale
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq); -inf for rows that see nothing
     p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
-    return out.to(q.dtype), lse.to(_acc_dtype(q.dtype))
+    return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
 
 
 def attention_probs(
@@ -113,7 +113,7 @@ def attention_probs(
     This is what ``return_attn_probs=True`` returns: O(Sq·Sk) memory, for testing and inspection.
     """
     h = q.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
@@ -135,7 +135,7 @@ def online_softmax(x: torch.Tensor, block: int = 1) -> torch.Tensor:
     ``exp(m_old - m_new)``.  Pass 2 writes ``exp(x - m) / s``.  ``block=1`` is the element-by-
     element loop of the seed; rows are processed in parallel.
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     m = torch.full(x.shape[:-1], float("-inf"), dtype=acc, device=x.device)
     s = torch.zeros(x.shape[:-1], dtype=acc, device=x.device)
@@ -162,7 +162,7 @@ def tiling_softmax(x: torch.Tensor, num_splits: int = 4) -> torch.Tensor:
     num_splits = max(1, min(num_splits, n))
     chunk = math.ceil(n / num_splits)
     pad = chunk * num_splits - n
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = torch.nn.functional.pad(x.to(acc), (0, pad), value=float("-inf"))
     xs = xf.unflatten(-1, (num_splits, chunk))  # (..., splits, chunk)
     m_c = xs.amax(dim=-1)  # local max per chunk
@@ -232,7 +232,7 @@ def fa1_forward(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qb = _blocks(q.to(acc), block_m)  # (B, H, nQ, Br, D)
     kb = _blocks(_expand_kv(k, h).to(acc), block_n)  # (B, H, nK, Bc, D)
     vb = _blocks(_expand_kv(v, h).to(acc), block_n)
@@ -282,7 +282,7 @@ def fa2_forward(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    acc_t = _acc_dtype(q.dtype)
+    acc_t = acc_dtype(q.dtype)
     qb = _blocks(q.to(acc_t), block_m)  # (B, H, nQ, Br, D): all query blocks at once
     kb = _blocks(_expand_kv(k, h).to(acc_t), block_n)
     vb = _blocks(_expand_kv(v, h).to(acc_t), block_n)
@@ -333,7 +333,7 @@ def fa2_backward(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qf = q.to(acc).transpose(1, 2)  # (B, H, Sq, D)
     dof = dout.to(acc).transpose(1, 2)
     kf = _expand_kv(k, h).to(acc).transpose(1, 2)  # (B, H, Sk, D)
@@ -399,7 +399,7 @@ def split_kv_forward(
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     sq, sk = q.shape[1], k.shape[1]
     chunk = math.ceil(sk / max(1, min(num_splits, sk)))
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     out, lse = None, None
     for start in range(0, sk, chunk):
         kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]

@@ -56,10 +56,6 @@ def _use_triton(t: Tensor) -> bool:
     return interpreting() and t.device.type == "cpu"
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
     """Launch on the tensor's GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
@@ -136,7 +132,7 @@ def softmax_bwd(y: Tensor, dy: Tensor) -> Tensor:
 
         with _device_guard(y):
             return softmax_backward(y, dy, interpret=y.device.type == "cpu")
-    acc = _acc_dtype(y.dtype)
+    acc = reference.acc_dtype(y.dtype)
     yf, dyf = y.to(acc), dy.to(acc)
     return (yf * (dyf - (yf * dyf).sum(-1, keepdim=True))).to(y.dtype).contiguous()
 
@@ -167,7 +163,7 @@ def _bwd_backward(ctx, g):
     d/d dy = y * (g - <g, y>), the backward op again; d/dy = g * (dy - <y, dy>) - dy * <g, y>.
     """
     y, dy = ctx.saved_tensors
-    acc = _acc_dtype(y.dtype)
+    acc = reference.acc_dtype(y.dtype)
     yf, dyf, gf = y.to(acc), dy.to(acc), g.to(acc)
     dot_y_dy = (yf * dyf).sum(-1, keepdim=True)
     dot_g_y = (gf * yf).sum(-1, keepdim=True)
