@@ -208,6 +208,29 @@ def _neg_inf_to_zero(m: torch.Tensor) -> torch.Tensor:
     return m.masked_fill(torch.isinf(m) & (m < 0), 0.0)
 
 
+def _tiled_start(q, k, v, softmax_scale, block_m, block_n):
+    """Common set-up of the tiled loops: the scale, blocked Q/K/V in the accumulator dtype, and
+    the running state O = 0, l = 0, m = -inf for every query row.  Returns
+    (scale, qb (B, H, nQ, Br, D), kb, vb (B, H, nK, Bc, D), o, l, m)."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    h, acc = q.shape[2], acc_dtype(q.dtype)
+    qb = _blocks(q.to(acc), block_m)
+    kb = _blocks(_expand_kv(k, h).to(acc), block_n)
+    vb = _blocks(_expand_kv(v, h).to(acc), block_n)
+    l = torch.zeros(qb.shape[:-1], dtype=acc, device=q.device)  # (B, H, nQ, Br)
+    return scale, qb, kb, vb, torch.zeros_like(qb), l, torch.full_like(l, float("-inf"))
+
+
+def _tiled_finish(o, l, m, q):
+    """(out (B, Sq, H, D) in q's dtype, lse (B, H, Sq)) from blocked state; l = 0 rows: -inf."""
+    b, sq, h, d = q.shape
+    seen = l > 0
+    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))),
+                      torch.full_like(l, float("-inf")))
+    out = o.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
+    return out.to(q.dtype), lse.flatten(2)[..., :sq].contiguous()
+
+
 def fa1_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -229,16 +252,9 @@ def fa1_forward(
         m_new = max(m_i, m_ij),  l_new = exp(m_i - m_new) l_i + exp(m_ij - m_new) l_ij
         O_i  = (l_i exp(m_i - m_new) O_i + exp(m_ij - m_new) P_ij V_j) / l_new
     """
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    acc = acc_dtype(q.dtype)
-    qb = _blocks(q.to(acc), block_m)  # (B, H, nQ, Br, D)
-    kb = _blocks(_expand_kv(k, h).to(acc), block_n)  # (B, H, nK, Bc, D)
-    vb = _blocks(_expand_kv(v, h).to(acc), block_n)
-    o = torch.zeros_like(qb)  # O in HBM
-    l = torch.zeros(qb.shape[:-1], dtype=acc, device=q.device)  # l in HBM, (B, H, nQ, Br)
-    m = torch.full_like(l, float("-inf"))  # m in HBM
+    sq, sk = q.shape[1], k.shape[1]
+    # O, l, m: full-size tensors, i.e. "in HBM", read and written back for every K/V block.
+    scale, qb, kb, vb, o, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # outer loop: K/V blocks
         s = _block_scores(qb, kb[:, :, j], scale, sq, sk, j * block_n, block_m, causal, bottom_right)
         m_ij = s.amax(dim=-1)
@@ -253,10 +269,7 @@ def fa1_forward(
         l_div = torch.where(l_new > 0, l_new, torch.ones_like(l_new))
         o = ((alpha * l)[..., None] * o + beta[..., None] * pv) / l_div[..., None]
         l, m = l_new, m_new
-    lse = torch.where(l > 0, m + torch.log(torch.where(l > 0, l, torch.ones_like(l))),
-                      torch.full_like(l, float("-inf")))
-    out = o.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
-    return out.to(q.dtype), lse.flatten(2)[..., :sq].contiguous()
+    return _tiled_finish(o, l, m, q)
 
 
 def fa2_forward(
@@ -279,16 +292,9 @@ def fa2_forward(
 
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
     """
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    b, sq, h, d = q.shape
-    sk = k.shape[1]
-    acc_t = acc_dtype(q.dtype)
-    qb = _blocks(q.to(acc_t), block_m)  # (B, H, nQ, Br, D): all query blocks at once
-    kb = _blocks(_expand_kv(k, h).to(acc_t), block_n)
-    vb = _blocks(_expand_kv(v, h).to(acc_t), block_n)
-    acc = torch.zeros_like(qb)
-    l = torch.zeros(qb.shape[:-1], dtype=acc_t, device=q.device)
-    m = torch.full_like(l, float("-inf"))
+    sq, sk = q.shape[1], k.shape[1]
+    # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
+    scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
         s = _block_scores(qb, kb[:, :, j], scale, sq, sk, j * block_n, block_m, causal, bottom_right)
         m_new = torch.maximum(m, s.amax(dim=-1))
@@ -298,12 +304,8 @@ def fa2_forward(
         l = alpha * l + p.sum(dim=-1)
         acc = alpha[..., None] * acc + torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
         m = m_new
-    seen = l > 0
-    out = acc / torch.where(seen, l, torch.ones_like(l))[..., None]
-    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))),
-                      torch.full_like(l, float("-inf")))
-    out = out.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
-    return out.to(q.dtype), lse.flatten(2)[..., :sq].contiguous()
+    out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]  # the single final division
+    return _tiled_finish(out, l, m, q)
 
 
 def fa2_backward(
