@@ -10,6 +10,7 @@ too (TRITON_INTERPRET=1 set by conftest).
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 from pathlib import Path
@@ -55,25 +56,32 @@ def _loss(model, x, target) -> torch.Tensor:
     return (model(x) - target).pow(2).mean()
 
 
+def _ddp_step(rank: int, world_size: int, rotary: bool, out_path: str) -> None:
+    model = torch.nn.parallel.DistributedDataParallel(_make_model(rotary))
+    x, target = _make_batch()
+    shard = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    loss = _loss(model, x[shard], target[shard])
+    loss.backward()  # DDP averages the gradients over the ranks here
+    losses = [torch.zeros(()) for _ in range(world_size)]
+    dist.all_gather(losses, loss.detach())
+    if rank == 0:
+        torch.save({
+            "grads": {name: p.grad.clone() for name, p in model.module.named_parameters()},
+            "losses": torch.stack(losses),
+            "interpreting": flash_module.ops.interpreting(),
+        }, out_path)
+
+
 def _worker(rank: int, world_size: int, port: int, rotary: bool, out_path: str) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=120))
     try:
-        model = torch.nn.parallel.DistributedDataParallel(_make_model(rotary))
-        x, target = _make_batch()
-        shard = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
-        loss = _loss(model, x[shard], target[shard])
-        loss.backward()  # DDP averages the gradients over the ranks here
-        losses = [torch.zeros(()) for _ in range(world_size)]
-        dist.all_gather(losses, loss.detach())
-        if rank == 0:
-            torch.save({
-                "grads": {name: p.grad.clone() for name, p in model.module.named_parameters()},
-                "losses": torch.stack(losses),
-                "interpreting": flash_module.ops.interpreting(),
-            }, out_path)
+        _ddp_step(rank, world_size, rotary, out_path)
+        # DDP's reducer holds the process group and sits in reference cycles; collect it while the
+        # group is alive, or gloo's threads may be torn down at interpreter exit (SIGABRT).
+        gc.collect()
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -9,6 +9,7 @@ each step runs the real Triton kernels through the interpreter.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 
@@ -60,6 +61,7 @@ def _worker(rank, world, port, case, errors):
         errs += [(g - shard(r)).abs().max().item() for g, r in zip(grads, ref_grads)]
         errors[rank] = max(errs)
     finally:
+        gc.collect()  # free pending gloo work while the group is alive (see test_distributed)
         dist.destroy_process_group()
 
 
@@ -122,6 +124,7 @@ def _module_worker(rank, world, port, layout, errors):
             errs.append((g - pf.grad).abs().max().item())
         errors[rank] = max(errs)
     finally:
+        gc.collect()  # free pending gloo work while the group is alive (see test_distributed)
         dist.destroy_process_group()
 
 
