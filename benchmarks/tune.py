@@ -2,8 +2,9 @@
 
 Usage (on a CUDA machine):  python benchmarks/tune.py --out tune.jsonl [--seqlen 4096] [--budget 400]
 
-Each candidate is compiled, checked against the current table config's output (a config that
-computes garbage is reported, not chosen) and timed with triton.testing.do_bench (median).
+The candidates are ``flash_module.configs.TUNING_SPACE``. Each one is compiled, checked against
+the current table config's output (a config that computes garbage is reported, not chosen) and
+timed with triton.testing.do_bench (median).
 Results go to the JSONL file as they come, so a run cut short still leaves data.  The chosen
 configs are copied by hand into flash_module/configs.py (with the numbers in docs/).
 """
@@ -20,33 +21,10 @@ import torch
 import triton
 
 from flash_module import configs
-from flash_module.configs import KernelConfig as C
 from flash_module.kernels.fa2_bwd import fa2_backward
 from flash_module.kernels.fa2_fwd import fa2_forward
 
-FWD = {
-    64: [C(128, 64, 4, 3), C(128, 64, 4, 4), C(128, 128, 8, 3), C(128, 64, 8, 3), C(64, 64, 4, 3),
-         C(128, 128, 4, 3), C(128, 32, 4, 4), C(64, 128, 4, 3)],
-    128: [C(128, 64, 8, 3), C(128, 128, 8, 3), C(128, 64, 4, 3), C(128, 32, 4, 3), C(64, 64, 4, 3),
-          C(128, 64, 8, 2), C(128, 128, 8, 2), C(64, 128, 4, 3), C(128, 64, 4, 4)],
-    256: [C(64, 64, 4, 2), C(128, 64, 8, 2), C(64, 32, 4, 2), C(128, 32, 8, 2), C(64, 64, 4, 3),
-          C(128, 64, 8, 3), C(64, 128, 8, 2)],
-}
-DKDV = {
-    64: [C(64, 128, 8, 3), C(64, 128, 8, 2), C(32, 128, 4, 3), C(64, 64, 4, 3), C(128, 128, 8, 2),
-         C(32, 64, 4, 3), C(64, 128, 4, 3)],
-    128: [C(64, 128, 8, 2), C(64, 128, 8, 3), C(32, 128, 4, 3), C(64, 64, 4, 3), C(32, 128, 8, 2),
-          C(64, 64, 8, 2), C(128, 128, 8, 2)],
-    256: [C(32, 64, 4, 2), C(64, 64, 8, 2), C(32, 128, 8, 2), C(32, 64, 8, 2), C(16, 64, 4, 2),
-          C(64, 32, 4, 2)],
-}
-DQ = {
-    64: [C(128, 64, 8, 3), C(128, 64, 8, 2), C(64, 64, 4, 3), C(128, 32, 4, 3), C(64, 128, 8, 2),
-         C(128, 128, 8, 2)],
-    128: [C(128, 64, 8, 2), C(128, 64, 8, 3), C(64, 64, 4, 3), C(128, 32, 4, 3), C(64, 128, 8, 2),
-          C(128, 128, 8, 2), C(64, 64, 4, 2)],
-    256: [C(64, 32, 4, 2), C(64, 64, 8, 2), C(128, 32, 8, 2), C(32, 64, 4, 2), C(64, 64, 4, 2)],
-}
+FWD, DKDV, DQ = (configs.TUNING_SPACE[k] for k in ("fwd", "dkdv", "dq"))
 
 
 LOCK: str | None = None
@@ -70,7 +48,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--dims", default="64,128,256")
-    ap.add_argument("--passes", default="fwd,bwd")
+    ap.add_argument("--passes", default="fwd,bwd", help="among fwd, bwd (= dkdv and dq), dkdv, dq")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; stop starting new work after")
     ap.add_argument("--lock", default=None, help="file lock shared by parallel tuning processes")
     args = ap.parse_args()
@@ -96,9 +74,11 @@ def main() -> None:
             jobs = []
             if "fwd" in args.passes:
                 jobs += [("fwd", c) for c in FWD[d]]
-            if "bwd" in args.passes:
-                jobs += [("dkdv", c) for c in DKDV[d]] + [("dq", c) for c in DQ[d]]
-            best: dict[str, tuple[float, C]] = {}
+            if "bwd" in args.passes or "dkdv" in args.passes:
+                jobs += [("dkdv", c) for c in DKDV[d]]
+            if "bwd" in args.passes or "dq" in args.passes:
+                jobs += [("dq", c) for c in DQ[d]]
+            best: dict[str, tuple[float, configs.KernelConfig]] = {}
             for kind, cfg in jobs:
                 if time.time() - t0 > args.budget:
                     break

@@ -75,6 +75,40 @@ _BWD_16 = {
 }
 
 
+# The pruned tuning space for fp16/bf16 on sm90: (pass, head-dim bucket) -> candidates.
+# benchmarks/tune.py times every entry; tests/test_gpu.py runs every entry on ragged shapes, so
+# whatever the sweep puts into the tables above has already been checked for correctness.
+# Pruned by hand (tiles whose accumulators cannot fit 255 registers per thread are left out)
+# and with benchmarks/regs.py, which reads each candidate's registers and spills offline.
+_C = KernelConfig
+TUNING_SPACE: dict[str, dict[int, tuple[KernelConfig, ...]]] = {
+    "fwd": {
+        64: (_C(128, 64, 4, 3), _C(128, 64, 4, 4), _C(128, 128, 8, 3), _C(128, 64, 8, 3), _C(64, 64, 4, 3),
+             _C(128, 128, 4, 3), _C(128, 32, 4, 4), _C(64, 128, 4, 3)),
+        128: (_C(128, 64, 8, 3), _C(128, 128, 8, 3), _C(128, 64, 4, 3), _C(128, 32, 4, 3), _C(64, 64, 4, 3),
+              _C(128, 64, 8, 2), _C(128, 128, 8, 2), _C(64, 128, 4, 3), _C(128, 64, 4, 4)),
+        256: (_C(64, 64, 4, 2), _C(128, 64, 8, 2), _C(64, 32, 4, 2), _C(128, 32, 8, 2), _C(64, 64, 4, 3),
+              _C(128, 64, 8, 3), _C(64, 128, 8, 2)),
+    },
+    "dkdv": {
+        64: (_C(64, 128, 8, 3), _C(64, 128, 8, 2), _C(32, 128, 4, 3), _C(64, 64, 4, 3), _C(128, 128, 8, 2),
+             _C(32, 64, 4, 3), _C(64, 128, 4, 3)),
+        128: (_C(64, 128, 8, 2), _C(64, 128, 8, 3), _C(32, 128, 4, 3), _C(64, 64, 4, 3), _C(32, 128, 8, 2),
+              _C(64, 64, 8, 2), _C(128, 128, 8, 2), _C(64, 128, 8, 1)),
+        256: (_C(32, 64, 4, 2), _C(64, 64, 8, 2), _C(32, 128, 8, 2), _C(32, 64, 8, 2), _C(16, 64, 4, 2),
+              _C(64, 32, 4, 2), _C(64, 32, 8, 2), _C(64, 32, 8, 1), _C(32, 32, 8, 2), _C(32, 32, 4, 2)),
+    },
+    "dq": {
+        64: (_C(128, 64, 8, 3), _C(128, 64, 8, 2), _C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(64, 128, 8, 2),
+             _C(128, 128, 8, 2)),
+        128: (_C(128, 64, 8, 2), _C(128, 64, 8, 3), _C(64, 64, 4, 3), _C(128, 32, 4, 3), _C(64, 128, 8, 2),
+              _C(128, 128, 8, 2), _C(64, 64, 4, 2)),
+        256: (_C(64, 32, 4, 2), _C(64, 64, 8, 2), _C(128, 32, 8, 2), _C(32, 64, 4, 2), _C(64, 64, 4, 2),
+              _C(128, 32, 8, 1)),
+    },
+}
+
+
 def _wide_cfg(dtype: torch.dtype, head_dim: int) -> KernelConfig:
     """fp32 (ieee) and fp64 tiles: registers and shared memory are 2-4x the fp16 footprint."""
     if dtype == torch.float64:
