@@ -20,6 +20,11 @@ Timing uses ``triton.testing.do_bench`` (median, L2 flushed between runs). The f
 
 FLOPs: forward = 4 * B * H * Sq * Sk * D (halved when causal), backward = 2.5 x forward.
 
+``--seqlen-k`` sets a key length different from the query length.  Causal masking with Sq != Sk is
+aligned top-left for every implementation (SDPA's ``is_causal`` semantics: query i sees keys j <= i);
+``ours`` then goes through ``flash_module.scaled_dot_product_attention`` on (B, S, H, D) storage, and
+the FLOPs count exactly the visible (query, key) pairs.
+
 Without CUDA it runs small float32 shapes on the CPU (timed with ``time.perf_counter``); those numbers only
 show that everything runs, they say nothing about GPU performance.
 
@@ -103,7 +108,8 @@ class BenchConfig:
 
     Attributes:
         head_dims: head dimensions D.
-        seqlens: sequence lengths N (query and key length are equal).
+        seqlens: sequence lengths N (the query length; also the key length unless ``seqlen_k`` is set).
+        seqlen_k: key/value length for every shape (default: N).
         tokens: B * N; the batch is ``tokens // N`` unless ``batch`` is given.
         batch: fixed batch size (overrides ``tokens``).
         heads: number of query heads H (default ``2048 // D`` on GPU, 4 on CPU).
@@ -118,11 +124,12 @@ class BenchConfig:
         cpu_reps: maximum number of timed calls per measurement on CPU.
         cpu_budget_s: stop timing a CPU measurement after this many seconds (at least one call is timed).
         seed: seed of the random inputs.
-        progress: print one progress line per shape to stderr.
+        progress: show progress on stderr (a rich progress bar on a terminal, else one line per step).
     """
 
     head_dims: tuple[int, ...] | None = None
     seqlens: tuple[int, ...] | None = None
+    seqlen_k: int | None = None
     tokens: int | None = None
     batch: int | None = None
     heads: int | None = None
@@ -151,14 +158,23 @@ class Shape:
     heads: int
     kv_heads: int
     causal: bool
+    seqlen_k: int | None = None  # None: same as seqlen
+
+    @property
+    def kv_len(self) -> int:
+        return self.seqlen if self.seqlen_k is None else self.seqlen_k
 
     def label(self) -> str:
         """A short human-readable description."""
         heads = f"{self.heads}" if self.kv_heads == self.heads else f"{self.heads}/{self.kv_heads}"
         return (
-            f"{self.dtype} D={self.head_dim} N={self.seqlen} B={self.batch} H={heads} "
+            f"{self.dtype} D={self.head_dim} N={_fmt_n(self.seqlen, self.kv_len)} B={self.batch} H={heads} "
             f"causal={'yes' if self.causal else 'no'}"
         )
+
+
+def _fmt_n(n: int, n_k: int) -> str:
+    return str(n) if n == n_k else f"{n}x{n_k}"
 
 
 def resolve_config(config: BenchConfig) -> BenchConfig:
@@ -204,11 +220,17 @@ def attention_flops(
     """FLOPs of one attention call: fwd = 4*B*H*Sq*Sk*D (two matmuls), halved if causal; bwd = 2.5 x fwd.
 
     ``heads`` is the number of query heads (GQA does not change the count). Halving for causal is the usual
-    convention (exact for Sq == Sk up to the diagonal).
+    convention (exact for Sq == Sk up to the diagonal); with Sq != Sk the causal count is exact for the
+    top-left alignment the benchmark uses (query i sees keys 0..i).
     """
-    flops = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
-    if causal:
-        flops /= 2.0
+    if causal and seqlen_q != seqlen_k:
+        m = min(seqlen_q, seqlen_k)
+        pairs = m * (m + 1) / 2 + (seqlen_q - m) * seqlen_k  # rows past Sk see every key
+        flops = 4.0 * batch * heads * pairs * head_dim
+    else:
+        flops = 4.0 * batch * heads * seqlen_q * seqlen_k * head_dim
+        if causal:
+            flops /= 2.0
     if pass_ == "bwd":
         flops *= BWD_FLOP_FACTOR
     elif pass_ != "fwd":
@@ -337,8 +359,17 @@ def make_runner(name: str, shape: Shape, device: torch.device) -> Runner:
     if name in ("ours", "ours_fa1", "ours_tiling"):
         import flash_module
 
-        flash_attn_func = flash_module.flash_attn_func
         mode = {"ours": "fa2", "ours_fa1": "fa1", "ours_tiling": "tiling"}[name]
+        if causal and shape.kv_len != shape.seqlen:
+            # Top-left causal like the peers: the SDPA-style API on (B, S, H, D) storage, no copies.
+            sdpa_ours = flash_module.scaled_dot_product_attention
+
+            def top_left(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+                t = (x.transpose(1, 2) for x in (q, k, v))
+                return sdpa_ours(*t, is_causal=True, enable_gqa=gqa, mode=mode).transpose(1, 2)
+
+            return Runner(top_left, "bshd")
+        flash_attn_func = flash_module.flash_attn_func
         return Runner(lambda q, k, v: flash_attn_func(q, k, v, causal=causal, mode=mode), "bshd")
 
     if name == "ours_sdpa":
@@ -372,7 +403,7 @@ def make_runner(name: str, shape: Shape, device: torch.device) -> Runner:
         block_mask = None
         if causal:  # created once per shape
             block_mask = create_block_mask(
-                _causal_mask_mod, B=None, H=None, Q_LEN=shape.seqlen, KV_LEN=shape.seqlen, device=device
+                _causal_mask_mod, B=None, H=None, Q_LEN=shape.seqlen, KV_LEN=shape.kv_len, device=device
             )
         return Runner(lambda q, k, v: flex(q, k, v, block_mask=block_mask, **gqa_kwargs), "bhsd")
 
@@ -463,15 +494,17 @@ def _make_inputs(
     device: torch.device,
     seed: int,
     layouts: set[str],
+    seqlen_k: int | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Random normal (q, k, v, dout), contiguous in each requested layout ("bshd" and/or "bhsd")."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    n_k = seqlen if seqlen_k is None else seqlen_k
 
-    def randn(h: int) -> torch.Tensor:
-        return torch.randn(batch, seqlen, h, head_dim, generator=gen, device=device, dtype=dtype)
+    def randn(s: int, h: int) -> torch.Tensor:
+        return torch.randn(batch, s, h, head_dim, generator=gen, device=device, dtype=dtype)
 
-    bshd = (randn(heads), randn(kv_heads), randn(kv_heads), randn(heads))
+    bshd = (randn(seqlen, heads), randn(n_k, kv_heads), randn(n_k, kv_heads), randn(seqlen, heads))
     out: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     if "bhsd" in layouts:
         q, k, v, do = (t.transpose(1, 2).contiguous() for t in bshd)
@@ -482,6 +515,37 @@ def _make_inputs(
 
 
 _LAYOUT_OF: dict[str, str] = {"ours": "bshd", "ours_fa1": "bshd", "ours_tiling": "bshd"}  # others: bhsd
+
+
+class _Progress:
+    """Progress on stderr: a rich progress bar on a terminal, one plain line per step otherwise (logs, CI)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.bar, self.task = total, enabled, None, None
+        if not enabled or not sys.stderr.isatty():
+            return
+        try:
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        except ImportError:
+            return
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=Console(stderr=True))
+        self.task = self.bar.add_task("benchmark", total=total)
+        self.bar.start()
+
+    def step(self, step: int, line: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.console.print(line, highlight=False)
+            self.bar.update(self.task, advance=1)
+        else:
+            print(f"[{step}/{self.total}] {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:
@@ -498,20 +562,23 @@ def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:
     total = len(shapes) * len(cfg.causal) * len(cfg.passes)
     records: list[dict[str, Any]] = []
     step = 0
+    progress = _Progress(total, cfg.progress)
     layouts = {_LAYOUT_OF.get(i, "bhsd") for i in cfg.impls}
 
     for dtype_name, d, n, b, h, hkv in shapes:
         inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         input_error: str | None = None
         try:
-            inputs = _make_inputs(b, h, hkv, n, d, DTYPES[dtype_name], device, cfg.seed, layouts)
+            inputs = _make_inputs(
+                b, h, hkv, n, d, DTYPES[dtype_name], device, cfg.seed, layouts, cfg.seqlen_k
+            )
         except Exception as exc:  # typically CUDA OOM: the whole shape is n/a
             input_error = "inputs: " + _short_error(exc)
             inputs = {}
             _free_memory()
 
         for causal in cfg.causal:
-            shape = Shape(dtype_name, d, n, b, h, hkv, causal)
+            shape = Shape(dtype_name, d, n, b, h, hkv, causal, cfg.seqlen_k)
             runners: dict[str, Runner | str] = {}
             for impl in cfg.impls:
                 if input_error is not None:
@@ -526,7 +593,7 @@ def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:
 
             for pass_ in cfg.passes:
                 step += 1
-                flops = attention_flops(b, h, n, n, d, causal, pass_)
+                flops = attention_flops(b, h, n, shape.kv_len, d, causal, pass_)
                 summary: list[str] = []
                 for impl in cfg.impls:
                     runner = runners[impl]
@@ -549,6 +616,7 @@ def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:
                             "dtype": dtype_name,
                             "D": d,
                             "N": n,
+                            "N_k": shape.kv_len,
                             "B": b,
                             "H": h,
                             "H_kv": hkv,
@@ -561,15 +629,11 @@ def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:
                         }
                     )
                     summary.append(f"{impl} {_fmt_tflops(tflops)}")
-                if cfg.progress:
-                    print(
-                        f"[{step}/{total}] {shape.label()} {pass_}: " + "  ".join(summary),
-                        file=sys.stderr,
-                        flush=True,
-                    )
+                progress.step(step, f"{shape.label()} {pass_}: " + "  ".join(summary))
             del runners
         del inputs
         _free_memory()
+    progress.close()
     return records
 
 
@@ -686,7 +750,8 @@ def _table_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     dtypes = {r["dtype"] for r in records}
     keys: dict[tuple[Any, ...], dict[str, float | None]] = {}
     for r in records:
-        key = (r["dtype"], r["D"], r["N"], r["B"], r["H"], r["H_kv"], r["causal"], r["pass"])
+        n_label = _fmt_n(r["N"], r.get("N_k", r["N"]))
+        key = (r["dtype"], r["D"], n_label, r["B"], r["H"], r["H_kv"], r["causal"], r["pass"])
         keys.setdefault(key, {})[r["impl"]] = r["tflops"]
     peers = _ratio_peers(impls)
     header = (["dtype"] if len(dtypes) > 1 else []) + ["D", "N", "B", "H", "causal", "pass"]
@@ -780,24 +845,27 @@ def write_plot(path: str | Path, records: list[dict[str, Any]], title: str = "")
         return False
     panels: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for r in records:
-        panels.setdefault((r["dtype"], r["D"], r["causal"], r["pass"], r["H"], r["H_kv"]), []).append(r)
+        panels.setdefault((r["dtype"], r["D"], r["causal"], r["pass"], r["H"], r["H_kv"], r.get("N_k")
+                           if r.get("N_k") != r["N"] else None), []).append(r)
     ncols = min(4, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.6 * nrows), squeeze=False)
-    for ax, ((dtype, d, causal, pass_, h, hkv), rs) in zip(axes.flat, panels.items()):
+    for ax, ((dtype, d, causal, pass_, h, hkv, n_k), rs) in zip(axes.flat, panels.items()):
         impls = list(dict.fromkeys(r["impl"] for r in rs))
         for impl in impls:
             pts = sorted((r["N"], r["tflops"]) for r in rs if r["impl"] == impl and r["tflops"] is not None)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
         heads = f"H={h}" if h == hkv else f"H={h}/{hkv}"
-        ax.set_title(f"{dtype} D={d} {heads} {'causal' if causal else 'non-causal'} {pass_}", fontsize=9)
+        keys = f" Sk={n_k}" if n_k else ""
+        mask = "causal" if causal else "non-causal"
+        ax.set_title(f"{dtype} D={d} {heads}{keys} {mask} {pass_}", fontsize=9)
         ax.set_xscale("log", base=2)
         seqlens = sorted({r["N"] for r in rs})
         ax.set_xticks(seqlens)
         ax.set_xticklabels([str(n) for n in seqlens])
         ax.minorticks_off()
-        ax.set_xlabel("N")
+        ax.set_xlabel("N (query length)")
         ax.set_ylabel("TFLOP/s")
         ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
@@ -847,6 +915,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="sequence lengths N [GPU: 1024,4096,16384; CPU: 128,256]",
     )
+    p.add_argument("--seqlen-k", type=int, default=None, help="key/value length for every shape [N]")
     p.add_argument("--tokens", type=int, default=None, help="B*N; batch = tokens // N [GPU: 65536]")
     p.add_argument(
         "--batch", "-b", type=int, default=None, help="fixed batch size (overrides --tokens) [CPU: 1]"
@@ -890,6 +959,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return BenchConfig(
         head_dims=args.head_dims,
         seqlens=args.seqlens,
+        seqlen_k=args.seqlen_k,
         tokens=args.tokens,
         batch=args.batch,
         heads=args.heads,

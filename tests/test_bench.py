@@ -54,6 +54,29 @@ def test_run_benchmark_cpu_smoke() -> None:
         assert r["tflops"] == pytest.approx(r["flops"] / (r["ms"] * 1e-3) / 1e12)
 
 
+def test_attention_flops_causal_sq_ne_sk() -> None:
+    """Sq != Sk causal counts the visible pairs of the top-left mask exactly."""
+    # Sq=3, Sk=5: rows see 1, 2, 3 keys.  Sq=5, Sk=3: rows see 1, 2, 3, 3, 3 keys.
+    assert attention_flops(1, 1, 3, 5, 1, causal=True) == 4 * 6
+    assert attention_flops(1, 1, 5, 3, 1, causal=True) == 4 * 12
+
+
+def test_run_benchmark_cpu_sq_ne_sk(capsys) -> None:
+    """--seqlen-k: ours (top-left causal through the SDPA-style API) next to SDPA math, same FLOPs."""
+    argv = ["--device", "cpu", "--impls", "ours,math", "-d", "32", "-n", "48", "--seqlen-k", "80",
+            "--passes", "fwd,bwd", "--cpu-reps", "1", "--plain"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "48x80" in out.out
+    cfg = BenchConfig(device="cpu", head_dims=(32,), seqlens=(48,), seqlen_k=80, batch=1, heads=2,
+                      causal=(True,), dtypes=("fp32",), impls=("ours", "math"), cpu_reps=1, progress=False)
+    rows = run_benchmark(cfg)
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["N_k"] == 80
+        assert r["flops"] == attention_flops(1, 2, 48, 80, 32, True, r["pass"])
+
+
 def test_main_cpu_table_json_and_na(tmp_path, capsys) -> None:
     """The CLI prints a header and a table, writes JSON, and shows an unavailable backend as n/a."""
     out = tmp_path / "bench.json"
