@@ -1,8 +1,7 @@
 """Tests of the benchmark harness (flash_module.bench).
 
-CPU: smoke tests of ``run_benchmark`` and the CLI on tiny shapes (fast, also under TRITON_INTERPRET=1).
-GPU: pytest-benchmark timings of ``flash_attn_func`` forward + backward; these use the ``benchmark`` fixture,
-so the default ``--benchmark-skip`` skips them; run them with ``pytest -m gpu --benchmark-only``.
+CPU smoke tests of ``run_benchmark`` and the CLI on tiny shapes (fast, also under TRITON_INTERPRET=1).
+The timed pytest-benchmark suite lives apart from the tests, in ``benchmarks/test_speed.py``.
 """
 
 from __future__ import annotations
@@ -91,44 +90,3 @@ def test_main_cpu_table_json_and_na(tmp_path, capsys) -> None:
     by_impl = {r["impl"]: r for r in payload["results"]}
     assert by_impl["math"]["tflops"] > 0 and by_impl["math"]["error"] is None
     assert by_impl["cudnn"]["tflops"] is None and by_impl["cudnn"]["error"]
-
-
-GPU_SHAPES = [
-    # (batch, seqlen, heads, head_dim, causal)
-    (16, 1024, 32, 64, False),
-    (4, 4096, 16, 128, True),
-]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize(
-    "batch,seqlen,heads,head_dim,causal",
-    GPU_SHAPES,
-    ids=[f"B{b}-N{n}-H{h}-D{d}-{'causal' if c else 'full'}" for b, n, h, d, c in GPU_SHAPES],
-)
-def test_bench_fa2_fwd_bwd(
-    benchmark, batch: int, seqlen: int, heads: int, head_dim: int, causal: bool
-) -> None:
-    import flash_module
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (batch, seqlen, heads, head_dim)
-    q, k, v, dout = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
-    q, k, v = (t.requires_grad_() for t in (q, k, v))
-
-    def step() -> torch.Tensor:
-        out = flash_module.flash_attn_func(q, k, v, causal=causal)
-        torch.autograd.grad(out, (q, k, v), dout)
-        torch.cuda.synchronize()
-        return out
-
-    out = step()  # compile / autotune outside the timing
-    assert torch.isfinite(out).all()
-    benchmark.pedantic(step, rounds=20, warmup_rounds=3, iterations=1)
-
-    flops = attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "fwd")
-    flops += attention_flops(batch, heads, seqlen, seqlen, head_dim, causal, "bwd")
-    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
-    if stats is not None and stats.median > 0:
-        benchmark.extra_info["tflops_fwd_bwd"] = flops / stats.median / 1e12
