@@ -51,6 +51,7 @@ def main() -> None:
     ap.add_argument("--passes", default="fwd,bwd", help="among fwd, bwd (= dkdv and dq), dkdv, dq")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; stop starting new work after")
     ap.add_argument("--lock", default=None, help="file lock shared by parallel tuning processes")
+    ap.add_argument("--configs", default=None, help="only these candidates, e.g. M64_N32_w8_s2,M32_N32_w8_s2")
     args = ap.parse_args()
     global LOCK
     LOCK = args.lock
@@ -78,6 +79,9 @@ def main() -> None:
                 jobs += [("dkdv", c) for c in DKDV[d]]
             if "bwd" in args.passes or "dq" in args.passes:
                 jobs += [("dq", c) for c in DQ[d]]
+            if args.configs:
+                wanted = set(args.configs.split(","))
+                jobs = [(kind, c) for kind, c in jobs if str(c) in wanted]
             best: dict[str, tuple[float, configs.KernelConfig]] = {}
             for kind, cfg in jobs:
                 if time.time() - t0 > args.budget:

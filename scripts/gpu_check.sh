@@ -2,7 +2,7 @@
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed]   (default: tests bench)
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
-# TUNE_BUDGET (s), PYTEST_ARGS (extra pytest args, e.g. a -k filter), BENCH_ARGS (CLI args),
+# TUNE_CONFIGS (only these candidates), TUNE_BUDGET (s), PYTEST_ARGS (extra pytest args, e.g. a -k filter), BENCH_ARGS (CLI args),
 # SPEED_ARGS (pytest-benchmark args, e.g. -k "d128-n16k").
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
@@ -20,7 +20,7 @@ for step in $steps; do
     tune)
       for d in ${TUNE_DIMS:-64 128 256}; do
         for pass in ${TUNE_PASSES:-fwd,bwd}; do
-          python3 benchmarks/tune.py --dims $d --passes $pass --out "$OUT/tune_${d}_$pass.jsonl" \
+          python3 benchmarks/tune.py --dims $d --passes $pass ${TUNE_CONFIGS:+--configs $TUNE_CONFIGS} --out "$OUT/tune_${d}_$pass.jsonl" \
             --lock /tmp/tune.lock --budget "${TUNE_BUDGET:-300}" > "$OUT/tune_${d}_$pass.log" 2>&1 &
         done
       done
