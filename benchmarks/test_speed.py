@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_module.bench import DTYPES, Shape, _make_inputs, attention_flops, make_runner
+from flash_module.bench import DTYPES, Shape, attention_flops, make_inputs, make_runner
 
 pytestmark = [
     pytest.mark.gpu,
@@ -48,7 +48,7 @@ def _inputs(cache: dict, key: str, shape: Shape) -> dict:
         cache.clear()  # one shape's tensors at a time
         torch.cuda.empty_cache()
         dtype, dev = DTYPES[shape.dtype], torch.device("cuda")
-        cache[key] = _make_inputs(shape.batch, shape.heads, shape.kv_heads, shape.seqlen, shape.head_dim,
+        cache[key] = make_inputs(shape.batch, shape.heads, shape.kv_heads, shape.seqlen, shape.head_dim,
                                   dtype, dev, 0, {"bshd", "bhsd"}, shape.seqlen_k)
     return cache[key]
 

@@ -64,6 +64,8 @@ __all__ = [
     "format_header",
     "format_table",
     "main",
+    "make_inputs",
+    "make_runner",
     "resolve_config",
     "run_benchmark",
 ]
@@ -484,7 +486,7 @@ def _measure_ms(
         )
 
 
-def _make_inputs(
+def make_inputs(
     batch: int,
     heads: int,
     kv_heads: int,
@@ -569,7 +571,7 @@ def run_benchmark(config: BenchConfig) -> list[dict[str, Any]]:
         inputs: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         input_error: str | None = None
         try:
-            inputs = _make_inputs(
+            inputs = make_inputs(
                 b, h, hkv, n, d, DTYPES[dtype_name], device, cfg.seed, layouts, cfg.seqlen_k
             )
         except Exception as exc:  # typically CUDA OOM: the whole shape is n/a
