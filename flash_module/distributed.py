@@ -149,8 +149,12 @@ class _RingAttention(torch.autograd.Function):
                 dks[j].add_(dkj)
                 dvs[j].add_(dvj)
             # dK/dV go to the next rank (with the K/V that rank receives); after the last step
-            # this hop brings each accumulator home to the shard's owner.
-            nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
+            # this hop brings each accumulator home to the shard's owner.  A group of one rank
+            # is already home (and gloo cannot send to itself).
+            if world > 1:
+                nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
+            else:
+                nxt_d, reqs_d = list(state[2:]), []
             if step + 1 < world:
                 _wait(reqs_kv)
             _wait(reqs_d)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
-# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed]   (default: tests bench)
+# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring]   (default: tests bench)
+# ring (a machine with several GPUs): the NCCL ring-attention tests and the 1->2->4->8 GPU
+# weak-scaling benchmark (RING_ARGS, default: causal zigzag, 16k tokens per GPU).
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
 # TUNE_CONFIGS (only these candidates), TUNE_BUDGET (s), PYTEST_ARGS (extra pytest args, e.g. a -k filter), BENCH_ARGS (CLI args),
 # SPEED_ARGS (pytest-benchmark args, e.g. -k "d128-n16k").
@@ -34,6 +36,13 @@ for step in $steps; do
     bench)
       python3 -m flash_module.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log"
+      ;;
+    ring)
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
+      python3 -m pytest tests/test_ring_attention.py -q -m gpu -p no:cacheprovider -k nccl \
+        2>&1 | tee "$OUT/ring_tests.log" | tail -15
+      python3 benchmarks/bench_ring.py --json "$OUT/ring.json" ${RING_ARGS:---causal --layout zigzag} \
+        2>&1 | tee "$OUT/ring.log"
       ;;
     speed)
       python3 -m pytest benchmarks/test_speed.py -q -m gpu --benchmark-only -p no:cacheprovider \

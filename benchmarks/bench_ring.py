@@ -1,0 +1,211 @@
+"""Weak scaling of ring attention: the sequence length per GPU is fixed, 1 -> 2 -> 4 -> 8 GPUs.
+
+    python benchmarks/bench_ring.py --seq-per-rank 16384 --worlds 1,2,4,8 --causal --layout zigzag \
+        --json ring.json
+
+For each world size W (at most the number of GPUs present) it spawns W processes, one GPU each,
+joined by NCCL (or gloo with ``--device cpu``, for a smoke run), and each rank times three things
+on its shard, a barrier before each iteration and the slowest rank's time kept:
+
+* ``ring``: ``ring_attention`` forward + backward (global length W * S_local);
+* ``compute``: the same kernel calls with the ring exchange replaced by a local no-op (every step
+  attends to the rank's own K/V shard, so the work per step is identical, with no communication);
+* ``comm``: the same exchanges with no compute (K/V forward; K/V and the fp32 dK/dV backward).
+
+It reports global tokens/s (forward + backward), TFLOP/s per GPU (FLOPs of the global attention,
+3.5 x the forward's 4 * B * H * N^2 * D, halved when causal, divided by W) and the fraction of the
+communication hidden behind compute, ``(compute + comm - ring) / comm`` clamped to [0, 1].
+Medians over ``--iters`` iterations (CUDA events on GPU, perf_counter on CPU).
+
+NCCL's NVLink multicast is kept off (NCCL_NVLS_ENABLE=0 and friends) as the device notes ask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flash_module import distributed as fmd  # noqa: E402
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ring_flops(batch: int, heads: int, seq_total: int, head_dim: int, causal: bool) -> float:
+    """Forward + backward FLOPs of attention over the whole (global) sequence."""
+    fwd = 4.0 * batch * heads * seq_total * seq_total * head_dim / (2.0 if causal else 1.0)
+    return 3.5 * fwd
+
+
+class _Timer:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def __call__(self, fn, iters: int, group) -> float:
+        """Median over iterations of the slowest rank's time, in ms."""
+        fn()  # warm-up: compiles, allocations, NCCL connections
+        times = []
+        for _ in range(iters):
+            dist.barrier(group)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(self.device)
+                ms = start.elapsed_time(end)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ms = (time.perf_counter() - t0) * 1e3
+            slowest = torch.tensor([ms], dtype=torch.float64, device=self.device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+            times.append(float(slowest.item()))
+        return statistics.median(times)
+
+
+def _local_exchange(tensors, group, rank, world):
+    """Stand-in for the ring exchange: 'receive' the tensors just sent (no communication)."""
+    return list(tensors), []
+
+
+def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
+    os.environ.update(SAFE_ENV)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        device, backend = torch.device("cuda", rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=600))
+    try:
+        dtype = DTYPES[args.dtype]
+        gen = torch.Generator(device=device).manual_seed(1234 + rank)
+        shape_q = (args.batch, args.seq_per_rank, args.heads, args.head_dim)
+        shape_kv = (args.batch, args.seq_per_rank, args.kv_heads or args.heads, args.head_dim)
+        q, dout = (torch.randn(shape_q, generator=gen, device=device, dtype=dtype) for _ in range(2))
+        k, v = (torch.randn(shape_kv, generator=gen, device=device, dtype=dtype) for _ in range(2))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        group = dist.group.WORLD
+        timer = _Timer(device)
+
+        def step() -> None:
+            out = fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode)
+            torch.autograd.grad(out, (q, k, v), dout)
+
+        ring_ms = timer(step, args.iters, group)
+        real_exchange = fmd._ring_exchange
+        fmd._ring_exchange = _local_exchange
+        try:
+            compute_ms = timer(step, args.iters, group)
+        finally:
+            fmd._ring_exchange = real_exchange
+
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
+        kd, vd = k.detach(), v.detach()
+
+        def comm_only() -> None:
+            # forward K/V hops, backward K/V hops, backward dK/dV hops (one more: the way home)
+            hops = [([kd, vd], world - 1), ([kd, vd], world - 1), ([dk, dv], world)]
+            for tensors, n in hops:
+                for _ in range(n):
+                    _, reqs = real_exchange(tensors, group, rank, world)
+                    for r in reqs:
+                        r.wait()
+
+        comm_ms = timer(comm_only, args.iters, group) if world > 1 else 0.0
+        if rank == 0:
+            seq_total = world * args.seq_per_rank
+            flops = ring_flops(args.batch, args.heads, seq_total, args.head_dim, args.causal)
+            hidden = None
+            if comm_ms > 0:
+                hidden = min(1.0, max(0.0, (compute_ms + comm_ms - ring_ms) / comm_ms))
+            results.append(dict(
+                world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
+                heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
+                causal=args.causal, layout=args.layout, mode=args.mode, dtype=args.dtype,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms,
+                tokens_per_s=args.batch * seq_total / (ring_ms * 1e-3),
+                tflops_per_gpu=flops / world / (ring_ms * 1e-3) / 1e12,
+                comm_hidden=hidden,
+            ))
+        dist.barrier(group)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Spawn each world size in turn; one result row per world size."""
+    os.environ.update(SAFE_ENV)  # inherited by the spawned ranks
+    available = torch.cuda.device_count() if args.device == "cuda" else max(args.worlds)
+    rows: list[dict] = []
+    with mp.get_context("spawn").Manager() as manager:
+        for world in args.worlds:
+            if world > available:
+                print(f"world {world}: skipped, {available} GPU(s) present", file=sys.stderr)
+                continue
+            results = manager.list()
+            mp.spawn(_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
+            rows.extend(dict(r) for r in results)
+            r = rows[-1]
+            hidden = "n/a" if r["comm_hidden"] is None else f"{100 * r['comm_hidden']:.0f}%"
+            print(f"W={world} N={r['seq_total']}: ring {r['ring_ms']:.2f} ms, compute {r['compute_ms']:.2f}, "
+                  f"comm {r['comm_ms']:.2f} | {r['tokens_per_s']:.3g} tok/s, "
+                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {hidden}", flush=True)
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Weak scaling of flash_module's ring attention.")
+    p.add_argument("--worlds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
+    p.add_argument("--seq-per-rank", type=int, default=16384)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--causal", action="store_true")
+    p.add_argument("--layout", choices=fmd.LAYOUTS, default="zigzag")
+    p.add_argument("--mode", default="fa2")
+    p.add_argument("--iters", type=int, default=10)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", choices=("cuda", "cpu"), default=default_device)
+    p.add_argument("--json", dest="json_path", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cpu" and args.dtype != "fp32":
+        args.dtype = "fp32"  # CPU kernels: keep it simple and exact
+    rows = run(args)
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
