@@ -48,3 +48,12 @@ def reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale=None, dty
     out, lse = attention_ref(qr, kr, vr, softmax_scale, causal, bottom_right)
     dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), dout.to(dtype))
     return out, lse, dq, dk, dv
+
+
+def assert_matches_reference(ours, q, k, v, dout, causal, bottom_right, dtype, oracle_dtype=torch.float64):
+    """``ours`` = (out, lse, dq, dk, dv), or a prefix of it: each within flash-attn's rule of the
+    oracle computed in ``oracle_dtype``, against PyTorch's own error in ``dtype``."""
+    oracle = reference_grads(q, k, v, dout, causal, bottom_right, dtype=oracle_dtype)
+    lowp = reference_grads(q, k, v, dout, causal, bottom_right)
+    for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv"], ours, oracle, lowp):
+        assert_flash_rule(name, a, o, p, dtype)
