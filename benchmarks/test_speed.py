@@ -5,9 +5,9 @@ Run on a GPU machine (skipped without CUDA; not part of ``pytest tests``):
     pytest benchmarks/test_speed.py --benchmark-only -m gpu --benchmark-group-by=param:shape
 
 Each case times one pass (``fwd`` or ``bwd``) of one implementation on one shape, with the runners
-of ``flash_module.bench`` (the CLI) so both report the same thing; the pytest-benchmark table
+of ``benchmarks/bench.py`` (the CLI) so both report the same thing; the pytest-benchmark table
 groups implementations of a shape together and ``extra_info["tflops"]`` holds TFLOP/s (FLOPs as in
-:func:`flash_module.bench.attention_flops`).  Timing is pytest-benchmark's own (wall clock around a
+:func:`benchmarks.bench.attention_flops`).  Timing is pytest-benchmark's own (wall clock around a
 synchronised call); for the medians quoted in docs/performance.md use the CLI, which uses
 ``triton.testing.do_bench``.
 """
@@ -17,14 +17,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flash_module.bench import DTYPES, Shape, attention_flops, make_inputs, make_runner
+from benchmarks.bench import DTYPES, OURS_IMPLS, Shape, attention_flops, make_inputs, make_runner
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 
-IMPLS = ["ours", "ours_fa1", "ours_tiling", "flash", "cudnn", "efficient", "flex"]
+# Every library mode (ours, ours_fa1, ...) next to the peers; not ours_torch, the PyTorch path.
+IMPLS = [i for i in OURS_IMPLS if i != "ours_torch"] + ["flash", "cudnn", "efficient", "flex"]
 # (dtype, D, N, B, H, H_kv, causal, Sk): issue #5's grid corners, GQA, Sq != Sk, odd head dims.
 SHAPES = {
     "bf16-d64-n1k": ("bf16", 64, 1024, 64, 32, 32, False, None),

@@ -1,4 +1,4 @@
-"""Tests of the benchmark harness (flash_module.bench).
+"""Tests of the benchmark harness (benchmarks/bench.py, and the ``python -m flash_module.bench`` shim).
 
 CPU smoke tests of ``run_benchmark`` and the CLI on tiny shapes (fast, also under TRITON_INTERPRET=1).
 The timed pytest-benchmark suite lives apart from the tests, in ``benchmarks/test_speed.py``.
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from flash_module.bench import BenchConfig, attention_flops, main, run_benchmark
+from benchmarks.bench import ALL_IMPLS, OURS_IMPLS, BenchConfig, attention_flops, main, run_benchmark
+from flash_module.ops import MODES
 
 
 def test_attention_flops() -> None:
@@ -90,3 +94,24 @@ def test_main_cpu_table_json_and_na(tmp_path, capsys) -> None:
     by_impl = {r["impl"]: r for r in payload["results"]}
     assert by_impl["math"]["tflops"] > 0 and by_impl["math"]["error"] is None
     assert by_impl["cudnn"]["tflops"] is None and by_impl["cudnn"]["error"]
+
+
+def test_ours_impls_follow_library_modes() -> None:
+    """ours = fa2, ours_<mode> for every other library mode, ours_torch for the PyTorch path."""
+    assert (OURS_IMPLS["ours"], OURS_IMPLS["ours_fa1"], OURS_IMPLS["ours_tiling"]) == ("fa2", "fa1", "tiling")
+    assert OURS_IMPLS["ours_torch"] == "torch" and "ours_reference" not in OURS_IMPLS
+    assert set(OURS_IMPLS.values()) == {m for m in MODES if m != "reference"} | {"torch"}
+    assert {"ours", "ours_fa1", "ours_tiling", "ours_torch"} <= set(ALL_IMPLS)
+    cfg = BenchConfig(device="cpu", head_dims=(16,), seqlens=(32,), batch=1, heads=2, causal=(True,),
+                      dtypes=("fp32",), passes=("fwd",), impls=("ours_torch",), cpu_reps=1, progress=False)
+    [row] = run_benchmark(cfg)
+    assert row["error"] is None and row["tflops"] > 0, row
+
+
+def test_module_shim_help() -> None:
+    """``python -m flash_module.bench`` still runs the CLI (found in benchmarks/ of the checkout)."""
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "flash_module.bench", "--help"], cwd=root,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    assert "usage: python benchmarks/bench.py" in res.stdout and "--impls" in res.stdout
