@@ -28,7 +28,7 @@ def measure_shape(b: int, nk: int, sq: int, h: int = 32, h_kv: int = 8, d: int =
     v = torch.randn(b, nk, h_kv, d, device=dev, dtype=dt)
     qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
     nbytes = 2 * k.numel() * k.element_size()
-    ref = fm.flash_attn_func(q, k, v, mode="reference").float()
+    ref = fm.flash_attn_func(q, k, v, impl="torch").float()
 
     def sdpa(backend):
         with sdpa_kernel(backend):

@@ -39,6 +39,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flash_module import distributed as fmd  # noqa: E402
+from flash_module._runtime import acc_dtype  # noqa: E402
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -110,7 +111,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         timer = _Timer(device)
 
         def step() -> None:
-            out = fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode)
+            out = fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode,
+                                     impl=args.impl)
             torch.autograd.grad(out, (q, k, v), dout)
 
         ring_ms = timer(step, args.iters, group)
@@ -121,7 +123,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         finally:
             fmd._ring_exchange = real_exchange
 
-        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        acc = acc_dtype(dtype)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         kd, vd = k.detach(), v.detach()
 
@@ -144,7 +146,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
             results.append(dict(
                 world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
-                causal=args.causal, layout=args.layout, mode=args.mode, dtype=args.dtype,
+                causal=args.causal, layout=args.layout, mode=args.mode, impl=args.impl, dtype=args.dtype,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms,
                 tokens_per_s=args.batch * seq_total / (ring_ms * 1e-3),
@@ -188,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--causal", action="store_true")
     p.add_argument("--layout", choices=fmd.LAYOUTS, default="zigzag")
-    p.add_argument("--mode", default="fa2")
+    p.add_argument("--mode", default="fa2", help="attention algorithm (flash_module.MODES)")
+    p.add_argument("--impl", default="auto", help="implementation (flash_module.IMPLS): auto, triton, torch")
     p.add_argument("--iters", type=int, default=10)
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=("cuda", "cpu"), default=default_device)

@@ -31,7 +31,7 @@ from triton.compiler import ASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flash_module.configs import KernelConfig  # noqa: E402
-from flash_module.kernels import fa2_bwd, fa2_fwd  # noqa: E402
+from flash_module.kernels import _common, fa2_bwd, fa2_fwd  # noqa: E402
 
 KERNELS = {
     "fwd": fa2_fwd._fa2_fwd_kernel,
@@ -39,7 +39,7 @@ KERNELS = {
     "dq": fa2_bwd._bwd_dq_kernel,
 }
 _INT_NAMES = {"H", "H_KV", "GROUP", "Sq", "Sk", "causal_offset"}
-_FP32_POINTERS = {"Lse", "Lse2", "Delta", "DLse"}
+_FP32_POINTERS = {"Lse", "Lse2", "Delta", "DLse", "Stats"}
 
 
 def parse_config(text: str) -> KernelConfig:
@@ -70,7 +70,7 @@ def _signature(fn, constexprs: dict, elem: str) -> tuple[dict, dict]:
 def ptxas_report(kernel: str, head_dim: int, cfg: KernelConfig, causal: bool, elem: str = "bf16") -> dict:
     """Compile one kernel for sm_90a; return registers, spill bytes and shared memory per program."""
     fn = KERNELS[kernel]
-    bd = fa2_fwd.block_d(head_dim)
+    bd = _common.block_d(head_dim)
     constexprs = dict(
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
         EVEN_D=head_dim == bd, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", UPCAST=False,
@@ -94,6 +94,7 @@ def ptxas_report(kernel: str, head_dim: int, cfg: KernelConfig, causal: bool, el
         registers=int(usage.get("REG", 0)),
         stack=int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
         shared=compiled.metadata.shared,
+        ptx_lines=compiled.asm["ptx"].count("\n"),
     )
 
 

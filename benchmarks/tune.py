@@ -96,7 +96,7 @@ def main() -> None:
                         rec["tflops"] = flops / ms / 1e9
                     else:
                         # Time the whole backward with one kernel's config swapped in.
-                        other = configs.bwd_configs(dt, d, causal, q.device, False)
+                        other = configs.bwd_configs(dt, d, q.device)
                         pair = (cfg, other[1]) if kind == "dkdv" else (other[0], cfg)
                         fn = lambda: fa2_backward(dout, q, k, v, out_ref, lse_ref, None, scale,  # noqa: B023
                                                   causal, 0, configs=pair)  # noqa: B023

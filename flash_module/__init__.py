@@ -5,12 +5,16 @@ Public entry points:
 * :func:`flash_attn_func` (and the qkv/kv-packed variants): flash-attn 2.x's API on (B, S, H, D).
 * :func:`scaled_dot_product_attention`: torch's SDPA signature on (B, H, S, D).
 * :class:`FlashAttention`, :class:`MultiheadFlashAttention`: nn.Module layers.
+* :func:`ring_attention`: context parallelism over ``torch.distributed`` (:mod:`.distributed`).
+* :func:`softmax`: the seed's online / tiling softmax as Triton ops (:mod:`.softmax` holds the ops).
 * ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd``: the ops themselves (:mod:`.ops`).
 * :mod:`.reference`: the float64 oracle and the seed's algorithms in PyTorch.
-* :func:`softmax.softmax`: the seed's online / tiling softmax as Triton ops.
+
+``mode=`` picks the algorithm (:data:`MODES`: ``fa2``, ``fa1``, ``tiling``) and ``impl=`` the
+implementation (:data:`IMPLS`: ``auto``, ``triton``, ``torch``) in every entry point.
 """
 
-from . import ops, reference, softmax
+from . import ops, reference
 from .api import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -18,12 +22,18 @@ from .api import (
     merge_attention_states,
     scaled_dot_product_attention,
 )
+from .distributed import ring_attention
 from .module import FlashAttention, MultiheadFlashAttention, RotaryEmbedding
-from .ops import MODES
+from .ops import IMPLS, MODES
+
+# The function shadows its module's name on the package: ``flash_module.softmax(x)`` is the call;
+# ``from flash_module.softmax import ALGORITHMS`` still reaches the module.
+from .softmax import softmax  # noqa: E402  (after the submodules it depends on)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "IMPLS",
     "MODES",
     "FlashAttention",
     "MultiheadFlashAttention",
@@ -34,6 +44,7 @@ __all__ = [
     "merge_attention_states",
     "ops",
     "reference",
+    "ring_attention",
     "scaled_dot_product_attention",
     "softmax",
 ]

@@ -83,13 +83,15 @@ def _check_num_splits(num_splits: int) -> None:
 
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
-    mode: str, num_splits: int = 0,
+    mode: str, num_splits: int = 0, impl: str = "auto",
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
+    mode, impl = ops.check_mode(mode, impl)
     _check_num_splits(num_splits)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _autocast(q, k, v)
-    out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode, num_splits)
+    ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
+    out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl)
     return out, lse, scale
 
 
@@ -113,6 +115,7 @@ def flash_attn_func(
     return_attn_probs: bool = False,
     *,
     mode: str = "fa2",
+    impl: str = "auto",
     num_splits: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """flash-attn 2.x's ``flash_attn_func``: softmax(q k^T * scale) v on (B, S, H, D) tensors.
@@ -131,8 +134,11 @@ def flash_attn_func(
             the attention probabilities (batch, nheads, seqlen_q, seqlen_k), recomputed from the
             LSE (O(Sq*Sk) memory, for testing; not differentiable).
         mode: algorithm: ``"fa2"`` (default), ``"fa1"`` (FA1's loop order), ``"tiling"``
-            (split-KV: key chunks in parallel, merged like the tiling softmax; fast for decode),
-            ``"reference"`` (the PyTorch path on any device).  All return the same result.
+            (split-KV: key chunks in parallel, merged like the tiling softmax; fast for decode).
+            All return the same result.
+        impl: implementation: ``"auto"`` (the Triton kernels on CUDA, or on CPU under
+            ``TRITON_INTERPRET=1``; the PyTorch path otherwise), ``"triton"`` (the kernels or a
+            ValueError), ``"torch"`` (the PyTorch path on any device).
         num_splits: key chunks for ``mode="tiling"`` (0 = chosen from the GPU and the shapes).
         dropout_p, window_size, softcap, alibi_slopes: not implemented yet (must be left at
             their defaults; anything else raises NotImplementedError).
@@ -143,14 +149,13 @@ def flash_attn_func(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, "(batch, seqlen, nheads, headdim)")
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
-    ops.check_mode(mode)
     _unsupported(
         dropout_p=dropout_p != 0.0,
         window_size=tuple(window_size) != (-1, -1),
         softcap=softcap != 0.0,
         alibi_slopes=alibi_slopes is not None,
     )
-    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits)
+    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl)
     if not return_attn_probs:
         return out
     with torch.no_grad():
@@ -170,6 +175,7 @@ def flash_attn_qkvpacked_func(
     return_attn_probs: bool = False,
     *,
     mode: str = "fa2",
+    impl: str = "auto",
     num_splits: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` on a packed (batch, seqlen, 3, nheads, headdim) tensor (no copies)."""
@@ -180,7 +186,8 @@ def flash_attn_qkvpacked_func(
         raise ValueError(f"qkv must be (batch, seqlen, 3, nheads, headdim), got {shape}")
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs, mode=mode, num_splits=num_splits)
+                           alibi_slopes, deterministic, return_attn_probs, mode=mode, impl=impl,
+                           num_splits=num_splits)
 
 
 def flash_attn_kvpacked_func(
@@ -196,6 +203,7 @@ def flash_attn_kvpacked_func(
     return_attn_probs: bool = False,
     *,
     mode: str = "fa2",
+    impl: str = "auto",
     num_splits: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` with a packed (batch, seqlen_k, 2, nheads_k, headdim) K/V (no copies)."""
@@ -206,7 +214,8 @@ def flash_attn_kvpacked_func(
         raise ValueError(f"kv must be (batch, seqlen_k, 2, nheads_k, headdim), got {shape}")
     k, v = kv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs, mode=mode, num_splits=num_splits)
+                           alibi_slopes, deterministic, return_attn_probs, mode=mode, impl=impl,
+                           num_splits=num_splits)
 
 
 def scaled_dot_product_attention(
@@ -220,6 +229,7 @@ def scaled_dot_product_attention(
     enable_gqa: bool = False,
     *,
     mode: str = "fa2",
+    impl: str = "auto",
     num_splits: int = 0,
 ) -> Tensor:
     """torch's ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
@@ -230,7 +240,8 @@ def scaled_dot_product_attention(
             attends keys ``j <= i`` (whatever Sq and Sk are).
         scale: default ``1 / sqrt(headdim)``.
         enable_gqa: allow ``nheads_kv < nheads`` (``nheads % nheads_kv == 0``), as in torch.
-        mode: algorithm, one of ``flash_module.MODES`` (see :func:`flash_attn_func`).
+        mode, impl: algorithm (``flash_module.MODES``) and implementation
+            (``flash_module.IMPLS``), as in :func:`flash_attn_func`.
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
 
@@ -241,7 +252,6 @@ def scaled_dot_product_attention(
     layout = "(batch, nheads, seqlen, headdim)"
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, layout)
-    ops.check_mode(mode)
     _unsupported(attn_mask=attn_mask is not None, dropout_p=dropout_p != 0.0)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout, shown=(query, key, value))
@@ -249,7 +259,7 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
         )
-    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits)
+    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl)
     return out.transpose(1, 2)
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._runtime import INTERPRET
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -32,11 +34,20 @@ class KernelConfig:
 
 
 _OVERRIDES: dict[str, KernelConfig] = {}
+#: The kernels whose config :func:`override` can force.
+PASSES: tuple[str, ...] = ("fwd", "dkdv", "dq", "split_kv", "fa1")
 
 
 @contextlib.contextmanager
 def override(**cfgs: KernelConfig) -> Iterator[None]:
-    """Force configs for passes ``fwd``, ``dkdv`` and/or ``dq`` (for tuning and tests)."""
+    """Force launch configs while the block runs (for tuning and tests).
+
+    Keys: ``fwd`` (FA2 forward), ``dkdv`` and ``dq`` (FA2 backward), ``split_kv`` (the split-KV
+    partial kernel) and ``fa1`` (FA1's (Br, Bc) = (block_m, block_n); warps/stages unused).
+    """
+    unknown = set(cfgs) - set(PASSES)
+    if unknown:
+        raise ValueError(f"override: unknown passes {sorted(unknown)}; choose from {PASSES}")
     old = dict(_OVERRIDES)
     _OVERRIDES.update(cfgs)
     try:
@@ -116,22 +127,24 @@ def _wide_cfg(dtype: torch.dtype, head_dim: int) -> KernelConfig:
     return KernelConfig(64, 32, 4, 2) if head_dim <= 128 else KernelConfig(32, 32, 4, 1)
 
 
-def fwd_config(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.device,
-               interpret: bool) -> KernelConfig:
+def _interpreted(device: torch.device) -> bool:
+    return INTERPRET or device.type != "cuda"
+
+
+def fwd_config(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.device) -> KernelConfig:
     """Forward-kernel config for these inputs."""
     if "fwd" in _OVERRIDES:
         return _OVERRIDES["fwd"]
-    if interpret or device.type != "cuda":
+    if _interpreted(device):
         return _interpret_cfg(dtype, head_dim)
     if dtype in (torch.float16, torch.bfloat16):
         return _FWD_16[(_d_bucket(head_dim), causal)]
     return _wide_cfg(dtype, head_dim)
 
 
-def bwd_configs(dtype: torch.dtype, head_dim: int, causal: bool, device: torch.device,
-                interpret: bool) -> tuple[KernelConfig, KernelConfig]:
-    """(dK/dV-kernel config, dQ-kernel config) for these inputs."""
-    if interpret or device.type != "cuda":
+def bwd_configs(dtype: torch.dtype, head_dim: int, device: torch.device) -> tuple[KernelConfig, KernelConfig]:
+    """(dK/dV-kernel config, dQ-kernel config) for these inputs (one choice won causal and not)."""
+    if _interpreted(device):
         cfg = _interpret_cfg(dtype, head_dim)
         dkdv = dq = cfg
     elif dtype in (torch.float16, torch.bfloat16):
@@ -145,7 +158,7 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(int(x), 1).bit_length() - 1)
 
 
-def fa1_blocks(dtype: torch.dtype, head_dim: int, device: torch.device, interpret: bool) -> tuple[int, int]:
+def fa1_blocks(dtype: torch.dtype, head_dim: int, device: torch.device) -> tuple[int, int]:
     """FA1's block sizes (Br, Bc) from on-chip memory, as in the FA1 paper.
 
     With M the shared memory of one SM in fp32 words: Bc = ceil(M / 4d), Br = min(Bc, d);
@@ -156,7 +169,7 @@ def fa1_blocks(dtype: torch.dtype, head_dim: int, device: torch.device, interpre
     if "fa1" in _OVERRIDES:
         return _OVERRIDES["fa1"].block_m, _OVERRIDES["fa1"].block_n
     d = max(16, 1 << (max(head_dim, 1) - 1).bit_length())  # padded head dim
-    if interpret or device.type != "cuda":
+    if _interpreted(device):
         smem_bytes = 64 * 1024
     else:
         props = torch.cuda.get_device_properties(device)
@@ -169,13 +182,12 @@ def fa1_blocks(dtype: torch.dtype, head_dim: int, device: torch.device, interpre
     return clamp(br), clamp(bc)
 
 
-def split_kv_config(dtype: torch.dtype, head_dim: int, seqlen_q: int, device: torch.device,
-                    interpret: bool) -> KernelConfig:
+def split_kv_config(dtype: torch.dtype, head_dim: int, seqlen_q: int, device: torch.device) -> KernelConfig:
     """Config of the split-KV partial kernel: 16-row query tiles for decode (Sq <= 16)."""
     if "split_kv" in _OVERRIDES:
         return _OVERRIDES["split_kv"]
     decode = seqlen_q <= 16
-    if interpret or device.type != "cuda":
+    if _interpreted(device):
         if dtype == torch.float64 and head_dim > 64:
             return KernelConfig(16 if decode else 32, 32)
         return KernelConfig(16 if decode else 64, 64)
@@ -184,4 +196,4 @@ def split_kv_config(dtype: torch.dtype, head_dim: int, seqlen_q: int, device: to
         return KernelConfig(16, cfg.block_n, 4, cfg.num_stages) if decode else cfg
     if decode:
         return KernelConfig(16, 64 if head_dim > 128 else 128, 4, 3)
-    return fwd_config(dtype, head_dim, False, device, interpret)
+    return fwd_config(dtype, head_dim, False, device)

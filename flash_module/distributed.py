@@ -30,6 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
+from ._runtime import acc_dtype
 from .api import _check_qkv_bshd, _check_tensor
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -85,7 +86,7 @@ def _wait(reqs) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, mode, group):
+    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
         n = len(q_ids)
@@ -100,7 +101,7 @@ class _RingAttention(torch.autograd.Function):
             k_ids = _chunk_ids(src, world, layout)
             ks, vs = kv[0].chunk(n, dim=1), kv[1].chunk(n, dim=1)
             for i, j, diag in _pairs(q_ids, k_ids, causal):
-                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0)
+                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0, impl)
                 if outs[i] is None:
                     outs[i], lses[i] = o, lse
                 else:
@@ -112,24 +113,23 @@ class _RingAttention(torch.autograd.Function):
             if outs[i] is None:
                 outs[i] = torch.zeros_like(qs[i])
                 lses[i] = torch.full((q.shape[0], q.shape[2], sq), float("-inf"), device=q.device,
-                                     dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+                                     dtype=acc_dtype(q.dtype))
         out = torch.cat(outs, dim=1)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, layout, mode, group)
+        ctx.args = (scale, causal, layout, mode, impl, group)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, layout, mode, group = ctx.args
+        scale, causal, layout, mode, impl, group = ctx.args
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
         n = len(q_ids)
-        bwd_mode = "fa2" if mode == "tiling" else mode  # tiling's backward is FA2's
         qs, dos = q.chunk(n, dim=1), dout.contiguous().chunk(n, dim=1)
         os_, lses = out.chunk(n, dim=1), lse.chunk(n, dim=2)
-        dq = torch.zeros_like(q, dtype=torch.float32 if q.dtype != torch.float64 else q.dtype)
+        dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
         dqs = dq.chunk(n, dim=1)
         acc = dq.dtype
         # Travelling state: this shard's K, V and the dK, dV accumulated for it so far.
@@ -144,7 +144,7 @@ class _RingAttention(torch.autograd.Function):
             dks, dvs = state[2].chunk(n, dim=1), state[3].chunk(n, dim=1)
             for i, j, diag in _pairs(q_ids, k_ids, causal):
                 dqi, dkj, dvj = ops.attention_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
-                                                  None, scale, diag, True, bwd_mode)
+                                                  None, scale, diag, True, mode, impl)
                 dqs[i].add_(dqi)
                 dks[j].add_(dkj)
                 dvs[j].add_(dvj)
@@ -159,7 +159,7 @@ class _RingAttention(torch.autograd.Function):
                 _wait(reqs_kv)
             _wait(reqs_d)
             state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
-        return dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), None, None, None, None, None
+        return dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), None, None, None, None, None, None
 
 
 def ring_attention(
@@ -171,6 +171,8 @@ def ring_attention(
     softmax_scale: float | None = None,
     layout: str = "contiguous",
     mode: str = "fa2",
+    *,
+    impl: str = "auto",
 ) -> Tensor:
     """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
 
@@ -183,7 +185,8 @@ def ring_attention(
         softmax_scale: default 1/sqrt(headdim).
         layout: ``"contiguous"`` or ``"zigzag"`` (see the module docstring; with zigzag the
             shard length must be even).  Use :func:`shard_sequence` to cut full tensors.
-        mode: the attention kernels used per step (``"fa2"``, ``"fa1"``, ``"tiling"``, ``"reference"``).
+        mode: the attention algorithm of every step (``flash_module.MODES``).
+        impl: its implementation (``flash_module.IMPLS``; ``"torch"`` forces the PyTorch path).
 
     Returns:
         (batch, seqlen_local, nheads, headdim): this rank's rows of the full attention output.
@@ -194,7 +197,7 @@ def ring_attention(
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen_local, nheads, headdim)")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    ops.check_mode(mode)
+    mode, impl = ops.check_mode(mode, impl)
     if q.shape[1] != k.shape[1]:
         raise ValueError(
             f"q and k must hold the same shard length, got {tuple(q.shape)} and {tuple(k.shape)}"
@@ -204,4 +207,4 @@ def ring_attention(
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, group)
+    return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group)

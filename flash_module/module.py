@@ -32,6 +32,7 @@ class FlashAttention(nn.Module):
         softmax_scale: default 1/sqrt(head_dim).
         dropout: attention dropout probability (must be 0.0 until dropout lands).
         mode: algorithm, one of ``flash_module.MODES``.
+        impl: implementation, one of ``flash_module.IMPLS`` (``"torch"`` forces the PyTorch path).
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         context_parallel_group: a ``torch.distributed`` process group: the inputs are this
             rank's shards of a sequence split across the group, and attention runs as ring
@@ -54,9 +55,10 @@ class FlashAttention(nn.Module):
         num_splits: int = 0,
         context_parallel_group=None,
         context_parallel_layout: str = "contiguous",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
-        ops.check_mode(mode)
+        mode, impl = ops.check_mode(mode, impl)
         _check_dropout(dropout)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
@@ -64,6 +66,7 @@ class FlashAttention(nn.Module):
         self.softmax_scale = softmax_scale
         self.dropout = dropout
         self.mode = mode
+        self.impl = impl
         self.layout = layout
         self.num_splits = num_splits
         self.context_parallel_group = context_parallel_group
@@ -75,18 +78,20 @@ class FlashAttention(nn.Module):
 
             to_bshd = (lambda t: t) if self.layout == "bshd" else (lambda t: t.transpose(1, 2))
             out = ring_attention(to_bshd(q), to_bshd(k), to_bshd(v), self.context_parallel_group,
-                                 self.causal, self.softmax_scale, self.context_parallel_layout, self.mode)
+                                 self.causal, self.softmax_scale, self.context_parallel_layout, self.mode,
+                                 impl=self.impl)
             return to_bshd(out)
         if self.layout == "bshd":
             return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
-                                   mode=self.mode, num_splits=self.num_splits)
+                                   mode=self.mode, impl=self.impl, num_splits=self.num_splits)
         return scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
-                                            enable_gqa=True, mode=self.mode, num_splits=self.num_splits)
+                                            enable_gqa=True, mode=self.mode, impl=self.impl,
+                                            num_splits=self.num_splits)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, dropout={self.dropout}, "
-                f"mode={self.mode!r}, layout={self.layout!r}"
-                + (f", num_splits={self.num_splits}" if self.mode == "tiling" else "")
+                f"mode={self.mode!r}, impl={self.impl!r}, layout={self.layout!r}"
+                + (f", num_splits={self.num_splits}" if self.num_splits else "")
                 + (f", context_parallel={self.context_parallel_layout}"
                    if self.context_parallel_group is not None else ""))
 
@@ -142,6 +147,7 @@ class MultiheadFlashAttention(nn.Module):
         causal: causal self-attention.
         dropout: attention dropout (must be 0.0 until dropout lands).
         mode: attention algorithm, one of ``flash_module.MODES``.
+        impl: implementation, one of ``flash_module.IMPLS``.
         rotary: apply rotary position embeddings to q and k.
         rope_base: RoPE frequency base.
         context_parallel_group, context_parallel_layout: run attention as ring attention over
@@ -164,6 +170,7 @@ class MultiheadFlashAttention(nn.Module):
         context_parallel_layout: str = "contiguous",
         device=None,
         dtype=None,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -179,7 +186,7 @@ class MultiheadFlashAttention(nn.Module):
         self.qkv_proj = nn.Linear(embed_dim, (num_heads + 2 * num_kv_heads) * self.head_dim, bias=bias,
                                   **factory)
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
-        self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, layout="bshd",
+        self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, impl=impl, layout="bshd",
                                    context_parallel_group=context_parallel_group,
                                    context_parallel_layout=context_parallel_layout)
         # Kept here too: RoPE needs the shard's positions even if ``attn`` is swapped out.

@@ -1,68 +1,203 @@
-"""The torch.library contract: ``flash_module::attention_fwd`` and ``flash_module::attention_bwd``.
+"""The torch.library contract and the one table from algorithm to implementation.
 
-Both ops work on the *bshd* layout with any strides whose last dim is contiguous:
+Both attention ops work on the *bshd* layout with any strides whose last dim is contiguous:
 
-``attention_fwd(q, k, v, softmax_scale, causal, bottom_right, mode) -> (out, lse)``
+``attention_fwd(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto")
+-> (out, lse)``
     q (B, Sq, H, D); k, v (B, Sk, H_kv, D), H % H_kv == 0.  ``out`` is a new contiguous
     (B, Sq, H, D) tensor in q's dtype; ``lse`` a contiguous (B, H, Sq) float32 tensor (float64
     for float64 inputs), natural log.  ``causal`` with ``bottom_right`` masks keys
-    ``j > i + Sk - Sq`` (flash-attn); without it, keys ``j > i`` (torch SDPA).
+    ``j > i + Sk - Sq`` (flash-attn); without it, keys ``j > i`` (torch SDPA).  A query row that
+    sees no key gets out = 0 and lse = -inf.  ``num_splits`` is the key-chunk count of
+    ``mode="tiling"`` (0 = automatic; ignored by the other modes).
 
-``attention_bwd(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode)
--> (dq, dk, dv)``
-    Recomputes P from ``lse``; ``dlse`` (optional) is a gradient flowing into ``lse``.  Returns
-    new contiguous tensors shaped like q, k, v.
+``attention_bwd(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
+impl="auto") -> (dq, dk, dv)``
+    Recomputes P from ``lse`` (the saved tensors of every mode are the same: q, k, v, out,
+    lse); ``dlse`` (optional) is a gradient flowing into ``lse``.  Returns new contiguous tensors
+    shaped like q, k, v.
 
-Which implementation runs: CUDA tensors run the compiled Triton kernels; CPU tensors run the
-same kernels under the Triton interpreter when ``TRITON_INTERPRET=1`` was set before import,
-and the vectorised PyTorch path (:mod:`flash_module.reference`) otherwise.  ``mode="reference"``
-forces the PyTorch path on any device.  Autograd is registered on the forward (it saves q, k,
-v, out and lse, never P); the backward op itself is not differentiable (double backward raises).
+``mode`` names the algorithm (:data:`MODES`): ``fa2`` (default), ``fa1`` (FA1's loop order,
+O/l/m in HBM) or ``tiling`` (split-KV: key chunks in parallel, merged like the tiling softmax).
+``impl`` names the implementation (:data:`IMPLS`): ``auto`` runs the Triton kernels where they
+can run (CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before import) and
+the PyTorch path (:mod:`flash_module.reference`) elsewhere; ``triton`` insists on the kernels;
+``torch`` forces the PyTorch path on any device.  :data:`ALGORITHMS` maps each (mode, impl) to
+its forward and backward; nothing else in the package branches on modes.
+
+Autograd is registered on the forward (it saves q, k, v, out and lse, never P); the backward
+op itself is not differentiable (double backward raises).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from . import reference
+from ._runtime import acc_dtype, device_guard, interpreting, use_triton
 
-#: Modes of the attention ops: ``fa2`` (default), ``fa1`` (FA1's loop order, O/l/m in HBM),
-#: ``tiling`` (split-KV: the seed's tiling softmax over key chunks), ``reference`` (PyTorch).
-MODES: tuple[str, ...] = ("fa2", "fa1", "tiling", "reference")
-
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+__all__ = ["ALGORITHMS", "IMPLS", "MODES", "AttentionArgs", "Implementation", "attention_bwd",
+           "attention_fwd", "check_mode", "interpreting", "merge_attention_states", "resolve_impl"]
 
 
-def interpreting() -> bool:
-    """True when this process runs Triton kernels under the interpreter (CPU tensors)."""
-    return _INTERPRET
+@dataclass(frozen=True)
+class AttentionArgs:
+    """The non-tensor arguments of one attention call, as every implementation receives them.
+
+    This is where new variants add their parameters (window, softcap, ALiBi, ...): the table's
+    functions all take the same object, so no call site changes when one is added.
+    """
+
+    softmax_scale: float
+    causal: bool
+    causal_offset: int  # query i sees key j <= i + causal_offset (Sk - Sq bottom-right, 0 top-left)
+    num_splits: int = 0  # tiling: key chunks (0 = automatic)
+
+    @property
+    def bottom_right(self) -> bool:
+        """The PyTorch path's flag: its offset is Sk - Sq when set, else 0 (equal when Sq == Sk)."""
+        return self.causal_offset != 0
 
 
-def _use_triton(t: Tensor, mode: str) -> bool:
+@dataclass(frozen=True)
+class Implementation:
+    """One implementation of an algorithm: ``forward(q, k, v, args) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, dlse, args) -> (dq, dk, dv)``."""
+
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+# -- Triton (compiled on CUDA, interpreted on CPU); imported on first use ----------------------
+
+
+def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
+    from .kernels.fa2_fwd import fa2_forward
+
+    return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset)
+
+
+def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
+    from .kernels.fa2_bwd import fa2_backward
+
+    return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset)
+
+
+def _fa1_fwd_triton(q, k, v, a: AttentionArgs):
+    from .kernels.fa1 import fa1_forward
+
+    return fa1_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset)
+
+
+def _fa1_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
+    from .kernels.fa1 import fa1_backward
+
+    return fa1_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset)
+
+
+def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
+    from .kernels.split_kv import split_kv_forward
+
+    return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits)
+
+
+# -- PyTorch (any device) -----------------------------------------------------------------------
+
+
+def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
+    return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right)
+
+
+def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
+    return reference.fa1_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right)
+
+
+def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
+    return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4)
+
+
+def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
+    return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
+                                  dlse=dlse)
+
+
+#: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
+#: full row's LSE, so ``tiling`` shares FA2's backward; so does FA1 on the PyTorch path.
+ALGORITHMS: dict[str, dict[str, Implementation]] = {
+    "fa2": {
+        "triton": Implementation(_fa2_fwd_triton, _fa2_bwd_triton),
+        "torch": Implementation(_fa2_fwd_torch, _fa2_bwd_torch),
+    },
+    "fa1": {
+        "triton": Implementation(_fa1_fwd_triton, _fa1_bwd_triton),
+        "torch": Implementation(_fa1_fwd_torch, _fa2_bwd_torch),
+    },
+    "tiling": {
+        "triton": Implementation(_tiling_fwd_triton, _fa2_bwd_triton),
+        "torch": Implementation(_tiling_fwd_torch, _fa2_bwd_torch),
+    },
+}
+
+#: Algorithms of the attention ops (the seed's names).
+MODES: tuple[str, ...] = tuple(ALGORITHMS)
+#: Implementations: ``auto`` (Triton where it can run, else PyTorch), ``triton``, ``torch``.
+IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
+
+
+def _first_frame_outside_package() -> int:
+    """The ``stacklevel`` of the caller's code: the first frame outside this package."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_mode(mode: str, impl: str = "auto") -> tuple[str, str]:
+    """Validate a (mode, impl) pair; returns it, with the deprecated ``mode="reference"``
+    translated to ``("fa2", "torch")``.  ValueError naming the valid values otherwise."""
     if mode == "reference":
-        return False
-    if t.device.type == "cuda":
-        return True
-    return _INTERPRET and t.device.type == "cpu"
-
-
-def check_mode(mode: str) -> None:
-    """ValueError naming the valid modes unless ``mode`` is one of :data:`MODES`."""
-    if mode not in MODES:
+        warnings.warn('mode="reference" is deprecated: the PyTorch path is an implementation, '
+                      'select it with impl="torch" (mode names the algorithm)', DeprecationWarning,
+                      stacklevel=_first_frame_outside_package())
+        mode, impl = "fa2", "torch"
+    if mode not in ALGORITHMS:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return mode, impl
 
 
-def _on_device(t: Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device: make it the tensor's (e.g. cuda:1 inputs)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def resolve_impl(t: Tensor, impl: str) -> str:
+    """The implementation that runs for tensors like ``t``: ``"triton"`` or ``"torch"``."""
+    if impl == "torch":
+        return "torch"
+    if use_triton(t):
+        return "triton"
+    if impl == "triton":
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set before "
+            f"import; got a {t.device.type} tensor (use impl='auto' or 'torch')"
+        )
+    return "torch"
 
 
-def _causal_offset(q: Tensor, k: Tensor, bottom_right: bool) -> int:
-    return k.shape[1] - q.shape[1] if bottom_right else 0
+def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
+    mode, impl = check_mode(mode, impl)
+    return ALGORITHMS[mode][resolve_impl(t, impl)]
+
+
+def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
+          num_splits: int = 0) -> AttentionArgs:
+    offset = k.shape[1] - q.shape[1] if bottom_right else 0
+    return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits))
 
 
 def _last_dim_contiguous(t: Tensor) -> Tensor:
@@ -79,47 +214,25 @@ def attention_fwd(
     bottom_right: bool,
     mode: str,
     num_splits: int = 0,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
-    check_mode(mode)
+    fn = _implementation(mode, impl, q).forward
     b, sq, h, d = q.shape
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to attend: O = 0, LSE = -inf
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
-        lse = torch.full((b, h, sq), float("-inf"), dtype=reference.acc_dtype(q.dtype), device=q.device)
+        lse = torch.full((b, h, sq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
         return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    if _use_triton(q, mode):
-        with _on_device(q):
-            return _triton_forward(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits)
-    if mode == "fa1":
-        out, lse = reference.fa1_forward(q, k, v, softmax_scale, causal, bottom_right)
-    elif mode == "tiling":
-        out, lse = reference.split_kv_forward(q, k, v, softmax_scale, causal, bottom_right, num_splits or 4)
-    else:
-        out, lse = reference.fa2_forward(q, k, v, softmax_scale, causal, bottom_right)
+    with device_guard(q):
+        out, lse = fn(q, k, v, _args(q, k, softmax_scale, causal, bottom_right, num_splits))
     return out.contiguous(), lse.contiguous()
 
 
-def _triton_forward(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits):
-    """The Triton kernels of ``mode`` (compiled on CUDA, interpreted on CPU)."""
-    offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
-    if mode == "fa1":
-        from .kernels.fa1 import fa1_forward
-
-        return fa1_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
-    if mode == "tiling":
-        from .kernels.split_kv import split_kv_forward
-
-        return split_kv_forward(q, k, v, softmax_scale, causal, offset, num_splits, interpret=interpret)
-    from .kernels.fa2_fwd import fa2_forward
-
-    return fa2_forward(q, k, v, softmax_scale, causal, offset, interpret=interpret)
-
-
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0):
+def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto"):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
-    lse = q.new_empty((b, h, sq), dtype=reference.acc_dtype(q.dtype))
+    lse = q.new_empty((b, h, sq), dtype=acc_dtype(q.dtype))
     return out, lse
 
 
@@ -136,43 +249,30 @@ def attention_bwd(
     causal: bool,
     bottom_right: bool,
     mode: str,
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:
-    check_mode(mode)
+    fn = _implementation(mode, impl, q).backward
     if q.numel() == 0 or k.numel() == 0:
-        return torch.zeros_like(q, memory_format=torch.contiguous_format), \
-            torch.zeros_like(k, memory_format=torch.contiguous_format), \
-            torch.zeros_like(v, memory_format=torch.contiguous_format)
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
-    if _use_triton(q, mode):
-        with _on_device(q):
-            offset, interpret = _causal_offset(q, k, bottom_right), q.device.type == "cpu"
-            if mode == "fa1":
-                from .kernels.fa1 import fa1_backward
-
-                return fa1_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
-                                    interpret=interpret)
-            # fa2 and tiling share FA2's backward (tiling's merged LSE is the full row's LSE).
-            from .kernels.fa2_bwd import fa2_backward
-
-            return fa2_backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, offset,
-                                interpret=interpret)
-    dq, dk, dv = reference.fa2_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right,
-                                        dlse=dlse)
+    with device_guard(q):
+        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode):
+def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
+                        impl="auto"):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits = inputs
+    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (softmax_scale, causal, bottom_right, mode)
+    ctx.args = (softmax_scale, causal, bottom_right, mode, impl)
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
 
 
@@ -181,7 +281,7 @@ def _fwd_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 def _no_double_backward(ctx, *grads):

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from ._runtime import acc_dtype
+
 __all__ = [
     "visible_mask",
     "attention_ref",
@@ -35,11 +37,6 @@ __all__ = [
     "merge_states",
     "split_kv_forward",
 ]
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulator / statistics dtype: float64 for float64 inputs, float32 otherwise."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def visible_mask(

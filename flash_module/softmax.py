@@ -28,7 +28,6 @@ PyTorch path.  Validation reads metadata only: no host syncs, no graph breaks.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import operator
 
@@ -36,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .ops import interpreting
+from ._runtime import acc_dtype, device_guard, use_triton
 
 __all__ = ["ALGORITHMS", "DTYPES", "softmax", "softmax_bwd", "softmax_fwd"]
 
@@ -48,17 +47,6 @@ DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32,
 #: Chunk of the PyTorch online path (CPU without the interpreter) and its default split count.
 _CPU_BLOCK = 1024
 _CPU_SPLITS = 4
-
-
-def _use_triton(t: Tensor) -> bool:
-    if t.device.type == "cuda":
-        return True
-    return interpreting() and t.device.type == "cpu"
-
-
-def _device_guard(t: Tensor) -> contextlib.AbstractContextManager:
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _check_algorithm(algorithm: str) -> None:
@@ -96,11 +84,11 @@ def softmax_fwd(x: Tensor, algorithm: str, num_splits: int | None) -> Tensor:
     if x.numel() == 0:
         return torch.empty(x.shape, dtype=x.dtype, device=x.device)
     x = x.contiguous()
-    if _use_triton(x):
+    if use_triton(x):
         from .kernels.softmax import softmax_forward
 
-        with _device_guard(x):
-            return softmax_forward(x, algorithm, num_splits, interpret=x.device.type == "cpu")
+        with device_guard(x):
+            return softmax_forward(x, algorithm, num_splits)
     if algorithm == "online":
         return reference.online_softmax(x, block=_CPU_BLOCK).contiguous()
     return reference.tiling_softmax(x, num_splits or _CPU_SPLITS).contiguous()
@@ -127,12 +115,12 @@ def softmax_bwd(y: Tensor, dy: Tensor) -> Tensor:
     if y.numel() == 0:
         return torch.empty(y.shape, dtype=y.dtype, device=y.device)
     y, dy = y.contiguous(), dy.contiguous()
-    if _use_triton(y):
+    if use_triton(y):
         from .kernels.softmax import softmax_backward
 
-        with _device_guard(y):
-            return softmax_backward(y, dy, interpret=y.device.type == "cpu")
-    acc = reference.acc_dtype(y.dtype)
+        with device_guard(y):
+            return softmax_backward(y, dy)
+    acc = acc_dtype(y.dtype)
     yf, dyf = y.to(acc), dy.to(acc)
     return (yf * (dyf - (yf * dyf).sum(-1, keepdim=True))).to(y.dtype).contiguous()
 
@@ -163,7 +151,7 @@ def _bwd_backward(ctx, g):
     d/d dy = y * (g - <g, y>), the backward op again; d/dy = g * (dy - <y, dy>) - dy * <g, y>.
     """
     y, dy = ctx.saved_tensors
-    acc = reference.acc_dtype(y.dtype)
+    acc = acc_dtype(y.dtype)
     yf, dyf, gf = y.to(acc), dy.to(acc), g.to(acc)
     dot_y_dy = (yf * dyf).sum(-1, keepdim=True)
     dot_g_y = (gf * yf).sum(-1, keepdim=True)
@@ -233,3 +221,12 @@ def softmax(x: Tensor, dim: int = -1, algorithm: str = "online", num_splits: int
     y2d = softmax_fwd(xt.reshape(math.prod(xt.shape[:-1]), n), algorithm, num_splits)
     y = y2d.view(xt.shape)
     return y if last else y.movedim(-1, dim)
+
+
+# ``flash_module.softmax`` (the package attribute) is this function, so ``fm.softmax(x)`` works.
+# Code written against 0.1 reached the module through that name (``flash_module.softmax.softmax(x)``,
+# ``import flash_module.softmax as fsm; fsm.ALGORITHMS``): the function carries the module's public
+# names, so that code keeps working.
+for _name in __all__:
+    setattr(softmax, _name, globals()[_name])
+del _name

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
-# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring]   (default: tests bench)
+# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab]   (default: tests bench)
 # ring (a machine with several GPUs): the NCCL ring-attention tests and the 1->2->4->8 GPU
 # weak-scaling benchmark (RING_ARGS, default: causal zigzag, 16k tokens per GPU).
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
 # TUNE_CONFIGS (only these candidates), TUNE_BUDGET (s), PYTEST_ARGS (extra pytest args, e.g. a -k filter), BENCH_ARGS (CLI args),
-# SPEED_ARGS (pytest-benchmark args, e.g. -k "d128-n16k").
+# SPEED_ARGS (pytest-benchmark args, e.g. -k "d128-n16k"), PYTEST_WORKERS (default: one per 20 GB of GPU memory, <= 8).
+# ab: the same benchmark of an older checkout (BASELINE, a directory holding one, e.g. from
+# `git archive <rev> | tar -x -C baseline`) and of this tree, alternated AB AB in one run
+# (AB_ARGS, default: fa2 at D 64/128, N 4k/16k, causal and not, fwd+bwd).
 set -o pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}
@@ -30,11 +33,14 @@ for step in $steps; do
       grep -h BEST "$OUT"/tune_*.log | tee "$OUT/tune_best.txt"
       ;;
     tests)
-      python3 -m pytest tests -q -n 8 -p no:cacheprovider -m "gpu or not gpu" --timeout 900 ${PYTEST_ARGS:-} \
+      mem_mb=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+      workers=${PYTEST_WORKERS:-$(( mem_mb / 20000 < 1 ? 1 : (mem_mb / 20000 > 8 ? 8 : mem_mb / 20000) ))}
+      echo "pytest workers: $workers (GPU memory ${mem_mb} MiB)" | tee -a "$OUT/env.txt"
+      python3 -m pytest tests -q -n "$workers" --dist loadgroup -p no:cacheprovider -m "gpu or not gpu" --timeout 900 ${PYTEST_ARGS:-} \
         2>&1 | tee "$OUT/tests.log" | tail -30
       ;;
     bench)
-      python3 -m flash_module.bench --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} \
+      python3 benchmarks/bench.py --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} \
         2>&1 | tee "$OUT/bench.log"
       ;;
     ring)
@@ -43,6 +49,18 @@ for step in $steps; do
         2>&1 | tee "$OUT/ring_tests.log" | tail -15
       python3 benchmarks/bench_ring.py --json "$OUT/ring.json" ${RING_ARGS:---causal --layout zigzag} \
         2>&1 | tee "$OUT/ring.log"
+      ;;
+    ab)
+      ab_args=${AB_ARGS:--d 64,128 -n 4096,16384 --causal both --passes fwd,bwd --impls ours --plain -q}
+      python3 benchmarks/kernel_times.py --label new > "$OUT/ab_kernels.txt" 2>&1
+      (cd "$BASELINE" && PYTHONPATH=$PWD python3 "$OLDPWD/benchmarks/kernel_times.py" --label old) \
+        >> "$OUT/ab_kernels.txt" 2>&1
+      grep " ms$" "$OUT/ab_kernels.txt" | sort -s -k2,4
+      for round in 1 2; do
+        (cd "${BASELINE:?set BASELINE to an older checkout}" && PYTHONPATH=$PWD python3 -m flash_module.bench $ab_args \
+          --json "$OUT/ab_old_$round.json") 2>&1 | tee "$OUT/ab_old_$round.log"
+        python3 benchmarks/bench.py $ab_args --json "$OUT/ab_new_$round.json" 2>&1 | tee "$OUT/ab_new_$round.log"
+      done
       ;;
     speed)
       python3 -m pytest benchmarks/test_speed.py -q -m gpu --benchmark-only -p no:cacheprovider \

@@ -33,3 +33,13 @@ def device() -> str:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _release_gpu_memory():
+    """Give cached CUDA memory back after each test: under pytest-xdist several workers share
+    one GPU, and memory one worker's allocator keeps cached is memory another cannot get (the
+    driver also needs room for the spill stacks of kernel launches)."""
+    yield
+    if HAS_CUDA:
+        torch.cuda.empty_cache()

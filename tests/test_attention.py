@@ -107,12 +107,13 @@ def test_large_logits_stable(device):
     assert_flash_rule("out", out, ref, lowp, torch.float32)
 
 
-@pytest.mark.parametrize("mode", ["fa1", "tiling", "reference"])
-def test_modes_agree_with_fa2(mode, device):
-    """Every mode computes the same function as the default one."""
+@pytest.mark.parametrize("impl", ["auto", "torch"])
+@pytest.mark.parametrize("mode", ["fa1", "tiling"])
+def test_modes_agree_with_fa2(mode, impl, device):
+    """Every mode, in either implementation, computes the same function as the default one."""
     q, k, v = make_qkv(1, 77, 91, 4, 2, 48, torch.float32, device)
     a = fm.flash_attn_func(q, k, v, causal=True)
-    b = fm.flash_attn_func(q, k, v, causal=True, mode=mode)
+    b = fm.flash_attn_func(q, k, v, causal=True, mode=mode, impl=impl)
     assert max_err(a, b) < 1e-5
 
 
@@ -140,11 +141,11 @@ def test_fa1_block_sizes_follow_the_paper():
 
     cpu = torch.device("cpu")
     # 64 KiB of SRAM: M = 16384 words; d = 64: Bc = 64, Br = min(64, 64) = 64.
-    assert fa1_blocks(torch.float16, 64, cpu, True) == (64, 64)
+    assert fa1_blocks(torch.float16, 64, cpu) == (64, 64)
     # d = 128: Bc = 32, Br = min(32, 128) = 32.
-    assert fa1_blocks(torch.float16, 128, cpu, True) == (32, 32)
+    assert fa1_blocks(torch.float16, 128, cpu) == (32, 32)
     with override(fa1=KernelConfig(16, 32)):
-        assert fa1_blocks(torch.float16, 64, cpu, True) == (16, 32)
+        assert fa1_blocks(torch.float16, 64, cpu) == (16, 32)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,9 @@ from flash_module import ops, reference
 
 from .helpers import assert_matches_reference, make_qkv
 
-pytestmark = pytest.mark.gpu
+# Large sizes: under pytest-xdist with --dist loadgroup these run one after another in one
+# worker, so that they never hold tens of GB at the same time (scripts/gpu_check.sh does that).
+pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_memory")]
 
 BIG = [
     pytest.param(1, 8192, 8192, 2, 2, 128, torch.bfloat16, "bshd", id="8k-d128-bf16"),

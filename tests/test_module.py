@@ -122,12 +122,12 @@ def test_flash_attention_layouts(layout, device):
     assert max_err(out, ref) < 1e-5
 
 
-def test_reference_mode_module(device):
+def test_torch_impl_module(device):
     torch.manual_seed(1)
     a = tiny_gpt(mode="fa2").to(device)
     b = copy.deepcopy(a)
     for blk in b:
-        blk.attn.attn.mode = "reference"
+        blk.attn.attn.impl = "torch"
     x = torch.randn(2, 17, 32, device=device)
     assert max_err(a(x), b(x)) < 1e-5
 

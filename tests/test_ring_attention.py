@@ -71,7 +71,7 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
 
         def single_process(ref_dtype):  # the full sequence on one device, PyTorch path
             qf, kf, vf = (t.to(ref_dtype).requires_grad_() for t in (q, k, v))
-            ref = fm.flash_attn_func(qf, kf, vf, causal=causal, mode="reference")
+            ref = fm.flash_attn_func(qf, kf, vf, causal=causal, impl="torch")
             return [ref, *torch.autograd.grad(ref, (qf, kf, vf), dout.to(ref_dtype))]
 
         def err(a, b):
@@ -85,7 +85,7 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
             errors[rank] = (max((a.double() - o.double()).abs().max().item() for a, o in zip(ours, oracle)),
                             max((a.double() - o.double()).abs().max().item() for a, o in zip(lowp, oracle)))
     finally:
-        gc.collect()  # free pending gloo work while the group is alive (see test_distributed)
+        gc.collect()  # free pending gloo work while the group is alive (see test_ddp)
         dist.destroy_process_group()
 
 
@@ -145,7 +145,7 @@ def test_bench_ring_cpu_smoke(tmp_path):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ring.py"
     out = tmp_path / "ring.json"
     argv = ["--device", "cpu", "--worlds", "1,2", "--seq-per-rank", "32", "--heads", "2", "--head-dim", "16",
-            "--iters", "2", "--mode", "reference", "--causal", "--json", str(out)]
+            "--iters", "2", "--impl", "torch", "--causal", "--json", str(out)]
     res = subprocess.run([sys.executable, str(path), *argv], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "W=2 N=64" in res.stdout
@@ -200,7 +200,7 @@ def _module_worker(rank, world, port, layout, errors):
             errs.append((g - pf.grad).abs().max().item())
         errors[rank] = max(errs)
     finally:
-        gc.collect()  # free pending gloo work while the group is alive (see test_distributed)
+        gc.collect()  # free pending gloo work while the group is alive (see test_ddp)
         dist.destroy_process_group()
 
 

@@ -7,14 +7,17 @@ sizes stay small; the tests marked ``gpu`` run real sizes on CUDA.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
-import flash_module.softmax as fsm
+from flash_module._runtime import interpreting
 from flash_module.kernels import softmax as ksm
-from flash_module.ops import interpreting
 
 from .helpers import assert_flash_rule, max_err
+
+fsm = importlib.import_module("flash_module.softmax")  # the module (the package attribute is the function)
 
 LOWP = [
     pytest.param(torch.float16, id="fp16"),
@@ -35,10 +38,6 @@ STREAM = ksm.SoftmaxConfig(block=64, rows=2, num_warps=2, single=False)
 # Tests that call the kernel launchers directly need the kernels: CUDA, or the interpreter on CPU.
 kernels = pytest.mark.skipif(not (torch.cuda.is_available() or interpreting()),
                              reason="CPU without TRITON_INTERPRET=1 runs the PyTorch path")
-
-
-def _interpret(device) -> bool:
-    return torch.device(device).type == "cpu"
 
 
 def _x(rows, n, dtype, device, scale=4.0):
@@ -81,7 +80,7 @@ def test_forward_lowp_flash_rule(dtype, n, algorithm, num_splits, device):
 def test_online_streaming_path(dtype, n, device):
     """Rows longer than the block: pass 1 keeps a running max/sum, pass 2 rewrites (odd row count)."""
     x = _x(5, n, dtype, device)
-    y = ksm.softmax_forward(x, "online", interpret=_interpret(device), config=STREAM)
+    y = ksm.softmax_forward(x, "online", config=STREAM)
     if dtype == torch.float64:
         assert max_err(y, torch.softmax(x, -1)) < 1e-14
     else:
@@ -159,7 +158,7 @@ INF_PATHS = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
 def test_neg_inf_entries(dtype, algorithm, num_splits, config, device):
     x = _with_inf(203, dtype, device)
-    y = ksm.softmax_forward(x, algorithm, num_splits, interpret=_interpret(device), config=config)
+    y = ksm.softmax_forward(x, algorithm, num_splits, config=config)
     ref = torch.softmax(x.double(), -1)
     assert torch.isnan(ref[2]).all()
     assert torch.equal(torch.isnan(y), torch.isnan(ref))  # only the all -inf row is NaN
@@ -204,13 +203,12 @@ def test_backward_kernel_paths(path, device):
     y = torch.softmax(_x(5, 203, torch.float64, device), -1)
     dy = torch.randn_like(y)
     ref = y * (dy - (y * dy).sum(-1, keepdim=True))
-    kw = dict(interpret=_interpret(device))
     if path == "fused":
-        dx = ksm.softmax_backward(y, dy, 1, **kw)
+        dx = ksm.softmax_backward(y, dy, 1)
     elif path == "streaming":
-        dx = ksm.softmax_backward(y, dy, 1, config=STREAM, **kw)
+        dx = ksm.softmax_backward(y, dy, 1, config=STREAM)
     else:
-        dx = ksm.softmax_backward(y, dy, int(path[-1]), **kw)
+        dx = ksm.softmax_backward(y, dy, int(path[-1]))
     assert max_err(dx, ref) < 1e-15
 
 

@@ -1,25 +1,57 @@
-"""Helpers shared by the attention kernels: mma with dtype handling, stores, loop bounds.
+"""The steps every attention kernel is built from, named once.
 
-Conventions used by every kernel in this package:
+Kernel steps (``@triton.jit``), in the order a kernel uses them:
 
-* scores are computed in the log2 domain: ``s2 = (q . k) * qk_scale`` with
-  ``qk_scale = softmax_scale * log2(e)``, so the softmax uses ``exp2`` (one MUFU op) and the
-  scale multiply is fused into the score tile;
-* the saved LSE is in natural-log units (flash-attn's convention); kernels convert with LN2;
-* causal masking: query row ``i`` sees key ``j`` iff ``j <= i + causal_offset``, where
-  ``causal_offset = Sk - Sq`` (bottom-right, flash-attn) or ``0`` (top-left, torch SDPA).
+* addressing: :func:`program_bh` (batch and head of this program), :func:`tile_ptrs` (a
+  (rows, BLOCK_D) pointer tile, int64 base), :func:`load_tile` / :func:`store_tile` (with only the
+  bound masks the tile needs);
+* :func:`visible` -- **which key a query may see** (key inside Sk, causal offset).  Variants that
+  restrict visibility (sliding window, sequence ends of packed batches, page bounds) go here;
+* :func:`score` -- **the score step**: ``s = q k^T * softmax_scale * log2(e)``.  Variants that
+  transform scores (softcap, ALiBi) go here;
+* :func:`softmax_update` -- **the online-softmax update** of the running max and sum;
+* :func:`lse_epilogue` -- **the normalisation epilogue**: ``1 / l`` and the natural-log LSE, with
+  rows that saw no key giving O = 0 and LSE = -inf;
+* :func:`kv_range` / :func:`q_range` -- the tile ranges of the loops: which tiles need masks,
+  which need none, which are skipped;
+* :func:`mma`, :func:`scaled`, :func:`to_dtype` -- dtype handling (fp64 exactness, interpreter
+  work-arounds).
+
+Launch helpers (host): :func:`kernel_flags`, :func:`block_d`, :func:`bsh_strides`,
+:func:`split_scale`, :func:`qk_scale`; and :func:`bwd_preprocess`, the row statistics every
+backward starts from.
+
+Conventions:
+
+* scores live in the log2 domain (``exp2`` is one MUFU op, the scale multiply is fused into the
+  score tile); the saved LSE is natural-log (flash-attn's convention);
+* causal: query row ``i`` sees key ``j`` iff ``j <= i + causal_offset``, where
+  ``causal_offset = Sk - Sq`` (bottom-right, flash-attn) or ``0`` (top-left, torch SDPA);
+* the accumulator dtype is float64 for float64 inputs, float32 otherwise; kernels derive
+  everything else (exact fp64 scaling, dot precision) from the operands' dtypes;
+* outputs the launchers allocate (O, dQ, dK, dV) are contiguous, so kernels compute their
+  strides instead of taking them; inputs come with (batch, seq, head) strides, last dim 1.
 """
 
 import struct
 
+import torch
 import triton
 import triton.language as tl
 
+from .._runtime import INTERPRET as _INTERPRET
+
 LOG2E = 1.4426950408889634  # log2(e), for host code (qk_scale = softmax_scale * LOG2E)
 # Globals read inside @triton.jit functions must be constexpr.  A float constexpr used in
-# arithmetic becomes an fp32 constant, so fp64 kernels build them with tl.full(.., ACC_DTYPE).
+# arithmetic becomes an fp32 constant, so fp64 kernels build them with tl.full(.., dtype).
 LOG2E_C = tl.constexpr(LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2)
+INTERPRET = tl.constexpr(_INTERPRET)  # the process runs kernels under the Triton interpreter
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers (host)
+# ---------------------------------------------------------------------------------------------
 
 
 def split_scale(x: float) -> tuple[float, float]:
@@ -31,40 +63,208 @@ def split_scale(x: float) -> tuple[float, float]:
     return hi, x - hi
 
 
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two (>= 16, the smallest tl.dot size)."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def kernel_flags(q: torch.Tensor) -> dict:
+    """Compile-time arguments every attention kernel takes: the accumulator dtype."""
+    return dict(ACC_DTYPE=tl.float64 if q.dtype == torch.float64 else tl.float32)
+
+
+def bsh_strides(*ts: torch.Tensor) -> tuple[int, ...]:
+    """(batch, seq, head) strides of each (B, S, H, D) tensor (last dim contiguous), flattened."""
+    return tuple(s for t in ts for s in t.stride()[:3])
+
+
+def qk_scale(softmax_scale: float) -> tuple[float, float]:
+    """The score scale of the log2 domain, ``softmax_scale * log2(e)``, split as :func:`split_scale`."""
+    return split_scale(softmax_scale * LOG2E)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype handling
+# ---------------------------------------------------------------------------------------------
+
+
 @triton.jit
-def scaled(x, hi, lo, EXACT: tl.constexpr):
-    """``x * (hi + lo)``; with ``EXACT`` (fp64) both halves, else ``hi`` alone."""
-    if EXACT:
+def scaled(x, hi, lo):
+    """``x * (hi + lo)``: both halves for fp64 tiles (exact scale), ``hi`` alone otherwise."""
+    if x.dtype == tl.float64:
         return x * hi + x * lo
     else:
         return x * hi
 
 
 @triton.jit
-def mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def mma(a, b, acc):
     """``acc + a @ b``.  ``a`` may be an fp32 tile (P or dS) and is cast to ``b``'s dtype.
 
-    With ``UPCAST`` (fp16/bf16 under the Triton interpreter, whose low-precision ``tl.dot`` is
-    wrong) both operands go to fp32 instead.
+    fp32/fp64 operands use IEEE products (no tf32).  Under the interpreter, fp16/bf16 operands go
+    to fp32 first (the interpreter's low-precision ``tl.dot`` is wrong).
     """
-    if UPCAST:
+    if INTERPRET and (b.dtype == tl.float16 or b.dtype == tl.bfloat16):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif b.dtype == tl.float16 or b.dtype == tl.bfloat16:
+        return tl.dot(a.to(b.dtype), b, acc, input_precision="tf32", out_dtype=acc.dtype)
     else:
         # out_dtype must name the accumulator's dtype (fp64 for fp64 inputs; triton 3.6 checks).
-        return tl.dot(a.to(b.dtype), b, acc, input_precision=DOT_PRECISION, out_dtype=acc.dtype)
+        return tl.dot(a.to(b.dtype), b, acc, input_precision="ieee", out_dtype=acc.dtype)
 
 
 @triton.jit
-def to_dtype(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """Cast an fp32 tile to ``dtype``; with ``ROUND_BF16`` round to nearest-even by hand.
+def to_dtype(x, dtype: tl.constexpr):
+    """Cast an fp32 tile to ``dtype``, rounding to nearest-even.
 
-    (The interpreter truncates fp32 -> bf16; this restores the GPU's rounding.)
+    (The interpreter truncates fp32 -> bf16; there the rounding is done by hand.)
     """
-    if ROUND_BF16:
+    if INTERPRET and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Addressing
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def program_bh(H):
+    """(batch, head) of this program from grid axis 1 (= B * H programs), as int64."""
+    pid_bh = tl.program_id(1)
+    return (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def tile_ptrs(base, start, stride, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointers to rows [start, start + BLOCK_R) x [0, BLOCK_D) of a (S, D) matrix at ``base``.
+
+    The int64 part (start * stride) goes into the base; the block-relative offsets stay int32.
+    """
+    return (base + tl.cast(start, tl.int64) * stride + tl.arange(0, BLOCK_R)[:, None] * stride
+            + tl.arange(0, BLOCK_D)[None, :])
+
+
+@triton.jit
+def _d_ok(BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr):
+    return tl.arange(0, BLOCK_D)[None, :] < HEAD_DIM
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (R, BLOCK_D) tile, zero-filled where out of bounds.
+
+    Masks only what can be out of bounds: rows >= ``n_rows`` when ``CHECK_ROWS``, and the
+    padded head dim when ``HEAD_DIM < BLOCK_D``.  A full tile of a power-of-two head dim loads
+    without any mask (the hot loops).
+    """
+    BLOCK_D: tl.constexpr = ptrs.shape[1]
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & _d_ok(BLOCK_D, HEAD_DIM), other=0.0)
+    elif HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=_d_ok(BLOCK_D, HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def store_tile(ptrs, x, rows, n_rows, HEAD_DIM: tl.constexpr):
+    """Store an accumulator tile into a (R, BLOCK_D) tile of ``ptrs``' dtype, rows < n_rows."""
+    BLOCK_D: tl.constexpr = ptrs.shape[1]
+    tl.store(ptrs, to_dtype(x, ptrs.dtype.element_ty), mask=(rows[:, None] < n_rows) & _d_ok(BLOCK_D, HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention steps
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def visible(rows, cols, Sk, causal_offset, IS_CAUSAL: tl.constexpr):
+    """True where query ``rows`` may see key ``cols``: the key lies inside Sk and, with causal,
+    ``col <= row + causal_offset``.
+
+    ``rows`` and ``cols`` come shaped to broadcast against each other: (M, 1) and (1, N) for a
+    score tile, (1, M) and (N, 1) for the transposed tile of the dK/dV pass.  ``Sk=None`` drops
+    the key bound (causal only), for a caller that never stores results of keys past the end.
+    """
+    if Sk is None:
+        tl.static_assert(IS_CAUSAL, "visible(): Sk=None leaves only the causal bound")
+        ok = cols <= rows + causal_offset
+    else:
+        ok = cols < Sk
+        if IS_CAUSAL:
+            ok = ok & (cols <= rows + causal_offset)
+    return ok
+
+
+@triton.jit
+def score(a, b_t, qk_scale, qk_scale_lo):
+    """The score tile ``a @ b_t * softmax_scale * log2(e)`` in the accumulator dtype.
+
+    ``q @ k^T`` gives S (rows = queries); ``k @ q^T`` gives S^T (the dK/dV pass).
+    """
+    acc_t: tl.constexpr = tl.float64 if a.dtype == tl.float64 else tl.float32
+    s = mma(a, b_t, tl.zeros([a.shape[0], b_t.shape[1]], acc_t))
+    return scaled(s, qk_scale, qk_scale_lo)
+
+
+@triton.jit
+def softmax_update(m_i, l_i, s, MASKED: tl.constexpr):
+    """One online-softmax step over a score tile ``s`` (log2 domain, masked entries -inf).
+
+    Returns ``(p, alpha, l_new, m_new)``: ``p = exp2(s - m_new)``, ``alpha = exp2(m_i - m_new)``
+    (the rescale of everything accumulated so far) and the new running sum and max.  A row that
+    has seen only masked keys keeps ``m = -inf`` and subtracts 0 instead (no NaN).
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_sub = m_new
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_new = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, l_new, m_new
+
+
+@triton.jit
+def lse_epilogue(l_i, m_i):
+    """``(l_safe, lse)``: the divisor of the output (1 where a row saw no key) and the
+    natural-log LSE ``(m + log2 l) ln 2`` (-inf where a row saw no key)."""
+    seen = l_i > 0
+    l_safe = tl.where(seen, l_i, 1.0)
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, l_i.dtype), float("-inf"))
+    return l_safe, lse
+
+
+@triton.jit
+def attend_kv(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """FA2's inner loop: fold key blocks [n_start, n_end) into the running (acc, l, m) of the
+    query rows ``rows``.  ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key
+    ``n_start``; ``MASKED`` loops apply the visibility mask, unmasked ones need none."""
+    BLOCK_N: tl.constexpr = k_ptrs.shape[0]
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(n_start, n_end, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)  # (BLOCK_N, BLOCK_D)
+        s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
+        if MASKED:
+            s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), s, float("-inf"))
+        p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
+        acc = acc * alpha[:, None]
+        v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
+        acc = mma(p, v, acc)  # (BLOCK_M, BLOCK_D)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -73,7 +273,7 @@ def kv_range(start_m, Sk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     """Key range of the query block [start_m, start_m + BLOCK_M): returns (n_full, hi).
 
     Keys in [0, n_full) are visible to every row of the block and lie inside Sk, so that loop
-    needs no mask; keys in [n_full, hi) need the causal/boundary mask; keys >= hi are invisible.
+    needs no mask; keys in [n_full, hi) need the visibility mask; keys >= hi are invisible.
     """
     even_end = (Sk // BLOCK_N) * BLOCK_N
     if IS_CAUSAL:
@@ -110,3 +310,51 @@ def q_range(start_n, Sq, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
         lo = 0
         m_full = 0
     return lo, m_full, even_end
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward preprocess (shared by every backward)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DOut, Lse, DLse, Stats, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H, Sq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    off_b, off_h = program_bh(H)
+    start_m = tl.program_id(0) * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    row_ok = rows < Sq
+    o_ptrs = tile_ptrs(Out + off_b * stride_ob + off_h * stride_oh, start_m, stride_os, BLOCK_M, BLOCK_D)
+    do_ptrs = tile_ptrs(DOut + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos, BLOCK_M, BLOCK_D)
+    o = load_tile(o_ptrs, rows, Sq, HEAD_DIM, True).to(ACC_DTYPE)
+    do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, True).to(ACC_DTYPE)
+    delta = tl.sum(o * do, 1)  # (BLOCK_M,)
+    lse_row = (off_b * H + off_h) * Sq
+    if HAS_DLSE:
+        # d lse_i / d s_ij = P_ij, so a gradient into LSE adds dlse_i * P_ij to dS_ij.
+        delta -= tl.load(DLse + lse_row + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
+    lse = tl.load(Lse + lse_row + rows, mask=row_ok, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * tl.full([], LOG2E_C, ACC_DTYPE))
+    tl.store(Stats + 2 * lse_row + rows, lse2, mask=row_ok)
+    tl.store(Stats + 2 * lse_row + Sq + rows, delta, mask=row_ok)
+
+
+def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                   dlse: torch.Tensor | None) -> torch.Tensor:
+    """The row statistics every backward reads: a (B, H, 2, Sq) tensor in the accumulator dtype
+    holding ``lse2 = lse * log2(e)`` (``+inf`` for rows that saw no key, so that
+    ``P = exp2(s - lse2)`` is 0 there, not NaN) and ``delta = rowsum(dO * O) - dlse``.
+
+    ``out`` (B, Sq, H, D) and ``dout`` like it, any strides with the last dim contiguous.
+    """
+    b, sq, h, d = out.shape
+    stats = torch.empty((b, h, 2, sq), dtype=lse.dtype, device=out.device)
+    block_m = 64 if _INTERPRET else 128
+    _bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * h)](
+        out, dout, lse, dlse if dlse is not None else lse, stats, *bsh_strides(out, dout), h, sq,
+        HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, HAS_DLSE=dlse is not None, **kernel_flags(out),
+    )
+    return stats

@@ -42,13 +42,13 @@ Offsets: the row base ``row * n`` is int64; offsets inside a row are int32 (rows
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .._runtime import acc_dtype, sm_count
 from ._common import LOG2E_C, to_dtype
 
 #: Longest row (elements) a forward/backward program loads in one piece (SINGLE path).
@@ -60,8 +60,6 @@ MIN_SPLIT = 4096
 MAX_SPLITS = 1024
 #: Target number of programs per SM when choosing num_splits automatically.
 PROGRAMS_PER_SM = 4
-#: Stand-in SM count for CPU tensors (interpreter): keeps the automatic choice deterministic.
-CPU_SM_COUNT = 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -98,9 +96,8 @@ def _load(ptrs, row_ok, cols, hi, other, MASK_ROWS: tl.constexpr, MASK_COLS: tl.
 
 
 @triton.jit
-def _store(ptrs, val, row_ok, cols, hi, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr,
-           ROUND_BF16: tl.constexpr):
-    val = to_dtype(val, ptrs.dtype.element_ty, ROUND_BF16)
+def _store(ptrs, val, row_ok, cols, hi, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    val = to_dtype(val, ptrs.dtype.element_ty)
     if MASK_COLS:
         if MASK_ROWS:
             tl.store(ptrs, val, mask=row_ok[:, None] & (cols[None, :] < hi))
@@ -152,7 +149,7 @@ def _row_stats(X, row_off, row_ok, start, length, offs, ROWS: tl.constexpr, BLOC
 
 @triton.jit
 def _row_normalise(X, Y, row_off, row_ok, start, length, m, inv_s, offs, BLOCK: tl.constexpr,
-                   MASK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+                   MASK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Write ``exp(x - m) * inv_s`` over ``[start, start + length)``, last chunk first."""
     log2e = tl.full([], LOG2E_C, ACC_DTYPE)
     x_ptrs = X + row_off + start
@@ -163,14 +160,14 @@ def _row_normalise(X, Y, row_off, row_ok, start, length, m, inv_s, offs, BLOCK: 
         x = _load(x_ptrs + cols[None, :], row_ok, cols, length, float("-inf"), MASK_ROWS, True,
                   ACC_DTYPE, "evict_first")
         y = tl.math.exp2((x - m[:, None]) * log2e) * inv_s[:, None]
-        _store(y_ptrs + cols[None, :], y, row_ok, cols, length, MASK_ROWS, True, ROUND_BF16)
+        _store(y_ptrs + cols[None, :], y, row_ok, cols, length, MASK_ROWS, True)
     n_chunks = n_even // BLOCK
     for i in range(0, n_chunks):
         cols = (n_chunks - 1 - i) * BLOCK + offs
         x = _load(x_ptrs + cols[None, :], row_ok, cols, length, float("-inf"), MASK_ROWS, False,
                   ACC_DTYPE, "evict_first")
         y = tl.math.exp2((x - m[:, None]) * log2e) * inv_s[:, None]
-        _store(y_ptrs + cols[None, :], y, row_ok, cols, length, MASK_ROWS, False, ROUND_BF16)
+        _store(y_ptrs + cols[None, :], y, row_ok, cols, length, MASK_ROWS, False)
 
 
 @triton.jit
@@ -200,7 +197,7 @@ def _row_dot(Y, DY, row_off, row_ok, start, length, offs, ROWS: tl.constexpr, BL
 
 @triton.jit
 def _row_grad(Y, DY, DX, row_off, row_ok, start, length, dot, offs, BLOCK: tl.constexpr,
-              MASK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr):
+              MASK_ROWS: tl.constexpr, ACC_DTYPE: tl.constexpr):
     """Write ``dx = y * (dy - dot)`` over ``[start, start + length)``, last chunk first."""
     y_ptrs = Y + row_off + start
     dy_ptrs = DY + row_off + start
@@ -213,7 +210,7 @@ def _row_grad(Y, DY, DX, row_off, row_ok, start, length, dot, offs, BLOCK: tl.co
         dy = _load(dy_ptrs + cols[None, :], row_ok, cols, length, 0.0, MASK_ROWS, True, ACC_DTYPE,
                    "evict_first")
         _store(dx_ptrs + cols[None, :], y * (dy - dot[:, None]), row_ok, cols, length, MASK_ROWS,
-               True, ROUND_BF16)
+               True)
     n_chunks = n_even // BLOCK
     for i in range(0, n_chunks):
         cols = (n_chunks - 1 - i) * BLOCK + offs
@@ -222,7 +219,7 @@ def _row_grad(Y, DY, DX, row_off, row_ok, start, length, dot, offs, BLOCK: tl.co
         dy = _load(dy_ptrs + cols[None, :], row_ok, cols, length, 0.0, MASK_ROWS, False, ACC_DTYPE,
                    "evict_first")
         _store(dx_ptrs + cols[None, :], y * (dy - dot[:, None]), row_ok, cols, length, MASK_ROWS,
-               False, ROUND_BF16)
+               False)
 
 
 @triton.jit
@@ -252,7 +249,7 @@ def _split_row(n, chunk):
 def _softmax_online_kernel(
     X, Y, n_rows, n,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, MASK_ROWS: tl.constexpr,
-    MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row_off, row_ok = _block_rows(n_rows, n, ROWS)
     offs = tl.arange(0, BLOCK)
@@ -264,12 +261,10 @@ def _softmax_online_kernel(
         m = tl.max(x, 1)
         e = tl.math.exp2((x - m[:, None]) * log2e)  # an all -inf row gives NaN, as torch does
         inv_s = 1.0 / tl.sum(e, 1)
-        _store(Y + row_off + offs[None, :], e * inv_s[:, None], row_ok, offs, n, MASK_ROWS, MASK_COLS,
-               ROUND_BF16)
+        _store(Y + row_off + offs[None, :], e * inv_s[:, None], row_ok, offs, n, MASK_ROWS, MASK_COLS)
     else:
         m, s = _row_stats(X, row_off, row_ok, 0, n, offs, ROWS, BLOCK, MASK_ROWS, ACC_DTYPE)
-        _row_normalise(X, Y, row_off, row_ok, 0, n, m, 1.0 / s, offs, BLOCK, MASK_ROWS, ACC_DTYPE,
-                       ROUND_BF16)
+        _row_normalise(X, Y, row_off, row_ok, 0, n, m, 1.0 / s, offs, BLOCK, MASK_ROWS, ACC_DTYPE)
 
 
 @triton.jit
@@ -304,7 +299,7 @@ def _merge_stats(M, S, row, num_splits, SPLITS_P2: tl.constexpr, ACC_DTYPE: tl.c
 @triton.jit
 def _softmax_split_apply_kernel(
     X, Y, M, S, n, chunk, num_splits,
-    SPLITS_P2: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLITS_P2: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row, split, row_off, start, length = _split_row(n, chunk)
     big_m, inv_s = _merge_stats(M, S, row, num_splits, SPLITS_P2, ACC_DTYPE)
@@ -313,7 +308,7 @@ def _softmax_split_apply_kernel(
     inv = tl.full([1], 0.0, ACC_DTYPE) + inv_s
     row_ok = tl.full([1], 1, tl.int1)
     _row_normalise(X, Y, row_off, row_ok, start, length, m, inv, tl.arange(0, BLOCK), BLOCK, False,
-                   ACC_DTYPE, ROUND_BF16)
+                   ACC_DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +320,7 @@ def _softmax_split_apply_kernel(
 def _softmax_bwd_kernel(
     Y, DY, DX, n_rows, n,
     ROWS: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr, MASK_ROWS: tl.constexpr,
-    MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    MASK_COLS: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row_off, row_ok = _block_rows(n_rows, n, ROWS)
     offs = tl.arange(0, BLOCK)
@@ -336,10 +331,10 @@ def _softmax_bwd_kernel(
                    "evict_first")
         dot = tl.sum(y * dy, 1)
         _store(DX + row_off + offs[None, :], y * (dy - dot[:, None]), row_ok, offs, n, MASK_ROWS,
-               MASK_COLS, ROUND_BF16)
+               MASK_COLS)
     else:
         dot = _row_dot(Y, DY, row_off, row_ok, 0, n, offs, ROWS, BLOCK, MASK_ROWS, ACC_DTYPE)
-        _row_grad(Y, DY, DX, row_off, row_ok, 0, n, dot, offs, BLOCK, MASK_ROWS, ACC_DTYPE, ROUND_BF16)
+        _row_grad(Y, DY, DX, row_off, row_ok, 0, n, dot, offs, BLOCK, MASK_ROWS, ACC_DTYPE)
 
 
 @triton.jit
@@ -357,7 +352,7 @@ def _softmax_bwd_split_dot_kernel(
 @triton.jit
 def _softmax_bwd_split_apply_kernel(
     Y, DY, DX, D, n, chunk, num_splits,
-    SPLITS_P2: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr, ROUND_BF16: tl.constexpr,
+    SPLITS_P2: tl.constexpr, BLOCK: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     row, split, row_off, start, length = _split_row(n, chunk)
     offs_s = tl.arange(0, SPLITS_P2)
@@ -365,7 +360,7 @@ def _softmax_bwd_split_apply_kernel(
     dot = tl.full([1], 0.0, ACC_DTYPE) + tl.sum(parts, 0)  # same order in every program
     row_ok = tl.full([1], 1, tl.int1)
     _row_grad(Y, DY, DX, row_off, row_ok, start, length, dot, tl.arange(0, BLOCK), BLOCK, False,
-              ACC_DTYPE, ROUND_BF16)
+              ACC_DTYPE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -415,18 +410,6 @@ def split_block(n: int, num_splits: int) -> int:
     return max(16, min(STREAM_BLOCK, triton.next_power_of_2(triton.cdiv(n, num_splits))))
 
 
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; :data:`CPU_SM_COUNT` elsewhere."""
-    if device.type == "cuda":
-        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return CPU_SM_COUNT
-
-
 def auto_num_splits(rows: int, n: int, sms: int) -> int:
     """Splits per row for ``PROGRAMS_PER_SM`` programs per SM, each owning >= MIN_SPLIT elements.
 
@@ -453,15 +436,8 @@ def _checked(cfg: SoftmaxConfig, n: int) -> SoftmaxConfig:
     return cfg
 
 
-def _flags(dtype: torch.dtype, interpret: bool) -> dict:
-    return dict(
-        ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32,
-        ROUND_BF16=bool(interpret and dtype == torch.bfloat16),
-    )
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _flags(dtype: torch.dtype) -> dict:
+    return dict(ACC_DTYPE=tl.float64 if dtype == torch.float64 else tl.float32)
 
 
 def _check_2d(*ts: torch.Tensor) -> None:
@@ -477,7 +453,6 @@ def softmax_forward(
     x: torch.Tensor,
     algorithm: str = "online",
     num_splits: int | None = None,
-    interpret: bool = False,
     config: SoftmaxConfig | None = None,
 ) -> torch.Tensor:
     """Softmax over the last dim of a contiguous (rows, n) tensor, n >= 1. Returns a new tensor.
@@ -494,7 +469,7 @@ def softmax_forward(
         _softmax_online_kernel[grid](
             x, y, rows, n,
             ROWS=cfg.rows, BLOCK=cfg.block, SINGLE=cfg.single, MASK_ROWS=rows % cfg.rows != 0,
-            MASK_COLS=n != cfg.block, num_warps=cfg.num_warps, **_flags(x.dtype, interpret),
+            MASK_COLS=n != cfg.block, num_warps=cfg.num_warps, **_flags(x.dtype),
         )
         return y
     if algorithm != "tiling":
@@ -503,9 +478,9 @@ def softmax_forward(
         num_splits = auto_num_splits(rows, n, sm_count(x.device))
     block, chunk, splits = _chunking(n, num_splits, config.block if config else None)
     warps = config.num_warps if config else _warps_for(block, 8)
-    ws_m = torch.empty((rows, splits), dtype=_acc(x.dtype), device=x.device)
+    ws_m = torch.empty((rows, splits), dtype=acc_dtype(x.dtype), device=x.device)
     ws_s = torch.empty_like(ws_m)
-    flags = _flags(x.dtype, interpret)
+    flags = _flags(x.dtype)
     _softmax_split_stats_kernel[(rows, splits)](
         x, ws_m, ws_s, n, chunk, splits, BLOCK=block, ACC_DTYPE=flags["ACC_DTYPE"], num_warps=warps)
     _softmax_split_apply_kernel[(rows, splits)](
@@ -518,7 +493,6 @@ def softmax_backward(
     y: torch.Tensor,
     dy: torch.Tensor,
     num_splits: int | None = None,
-    interpret: bool = False,
     config: SoftmaxConfig | None = None,
 ) -> torch.Tensor:
     """``dx = y * (dy - sum(y * dy))`` over the last dim of contiguous (rows, n) tensors.
@@ -531,7 +505,7 @@ def softmax_backward(
     dx = torch.empty_like(y)
     if num_splits is None:
         num_splits = auto_num_splits(rows, n, sm_count(y.device))
-    flags = _flags(y.dtype, interpret)
+    flags = _flags(y.dtype)
     if num_splits <= 1:
         cfg = _checked(config or row_config(n, y.dtype), n)
         _softmax_bwd_kernel[(triton.cdiv(rows, cfg.rows),)](
@@ -542,7 +516,7 @@ def softmax_backward(
         return dx
     block, chunk, splits = _chunking(n, num_splits, config.block if config else None)
     warps = config.num_warps if config else _warps_for(block, 8)
-    ws = torch.empty((rows, splits), dtype=_acc(y.dtype), device=y.device)
+    ws = torch.empty((rows, splits), dtype=acc_dtype(y.dtype), device=y.device)
     _softmax_bwd_split_dot_kernel[(rows, splits)](
         y, dy, ws, n, chunk, splits, BLOCK=block, ACC_DTYPE=flags["ACC_DTYPE"], num_warps=warps)
     _softmax_bwd_split_apply_kernel[(rows, splits)](

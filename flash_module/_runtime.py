@@ -1,0 +1,61 @@
+"""The runtime room: where code runs, decided in one place.
+
+* :data:`INTERPRET`: this process runs Triton kernels under the interpreter (``TRITON_INTERPRET=1``
+  set before import; a process is either interpreted or compiled, never both).
+* :func:`use_triton`: whether a tensor's device runs the Triton kernels (CUDA always; CPU only
+  under the interpreter) or the PyTorch path.
+* :func:`acc_dtype`: the accumulator / statistics dtype of an input dtype.
+* :func:`sm_count`: streaming multiprocessors of a device, with one stand-in for CPU tensors.
+* :func:`device_guard`: Triton launches on the *current* CUDA device; make it the tensor's.
+
+Nothing here reads tensor values, so nothing here syncs the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+
+#: True when this process runs Triton kernels under the interpreter (CPU tensors).
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: SM count assumed for CPU tensors (interpreter and PyTorch path): keeps every automatic choice
+#: that scales with the GPU (split counts, program groups) deterministic off a GPU.
+CPU_SM_COUNT = 8
+
+
+def interpreting() -> bool:
+    """True when this process runs Triton kernels under the interpreter (CPU tensors)."""
+    return INTERPRET
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether ``t``'s device runs the Triton kernels: CUDA, or CPU under the interpreter."""
+    if t.device.type == "cuda":
+        return True
+    return INTERPRET and t.device.type == "cpu"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator / statistics dtype: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; :data:`CPU_SM_COUNT` for any other device."""
+    if device.type == "cuda":
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return CPU_SM_COUNT
+
+
+def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device current while kernels launch (e.g. for cuda:1 inputs)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
