@@ -9,6 +9,7 @@ tensor values, so it costs no device sync and is traced away by torch.compile.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -60,7 +61,7 @@ def _check_qkv_bshd(
         raise ValueError(f"head dims differ (all of {nq}, {nk}, {nv} must share one head dim): {shapes}")
     if q.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"head dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported: {shapes}")
-    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+    if (k.shape[2] == 0 and q.shape[2] != 0) or (k.shape[2] != 0 and q.shape[2] % k.shape[2] != 0):
         raise ValueError(
             f"number of query heads ({q.shape[2]}) must be a multiple of key/value heads "
             f"({k.shape[2]}): {shapes}"
@@ -76,6 +77,69 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return q, k, v
 
 
+def _check_real(name: str, x: object, allow_none: bool = False) -> None:
+    """TypeError unless ``x`` is a real number (bool and str are not; torch.compile's symbolic
+    floats and ints are), or None where allowed."""
+    if x is None and allow_none:
+        return
+    if isinstance(x, (bool, str)) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
+        kind = "a real number or None" if allow_none else "a real number"
+        raise TypeError(f"{name} must be {kind}, got {type(x).__name__} {x!r}")
+
+
+def _check_scale(name: str, scale: object) -> None:
+    _check_real(name, scale, allow_none=True)
+    if scale is None or torch.compiler.is_compiling():  # a traced scale may be symbolic
+        return
+    if not math.isfinite(float(scale)):
+        raise ValueError(f"{name} must be finite, got {scale!r}")
+
+
+def _check_variants(dropout_p: object, window_size: object, softcap: object, alibi_slopes: object) -> None:
+    """Malformed values are ValueError/TypeError; well-formed values of features that are not
+    built yet are NotImplementedError."""
+    _check_real("dropout_p", dropout_p)
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
+            isinstance(w, int) and not isinstance(w, bool) for w in window_size):
+        raise TypeError(
+            f"window_size must be a pair (left, right) of ints (-1 = unbounded), got {window_size!r}"
+        )
+    if min(window_size) < -1:
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+    _check_real("softcap", softcap)
+    if not float(softcap) >= 0.0:
+        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+    if alibi_slopes is not None and not isinstance(alibi_slopes, Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    _unsupported(
+        dropout_p=float(dropout_p) != 0.0,
+        window_size=tuple(window_size) != (-1, -1),
+        softcap=float(softcap) != 0.0,
+        alibi_slopes=alibi_slopes is not None,
+    )
+
+
+def _check_no_functorch_grad() -> None:
+    """torch.func.grad / jvp (and jacrev, hessian, ...) cannot see through the custom ops' autograd:
+    say so instead of torch's internal error (torch.vmap works)."""
+    if torch.compiler.is_compiling():
+        return
+    try:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    except ImportError:  # pragma: no cover - older torch
+        return
+    from torch._C._functorch import TransformType
+
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError(
+            "flash_module: torch.func.grad / jvp / jacrev / hessian cannot differentiate through the "
+            "attention ops (torch custom ops do not support functorch autograd transforms); use "
+            "torch.autograd.grad or .backward() (torch.vmap works)"
+        )
+
+
 def _check_num_splits(num_splits: int) -> None:
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
@@ -88,7 +152,8 @@ def _attention(
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
     mode, impl = ops.check_mode(mode, impl)
     _check_num_splits(num_splits)
-    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    _check_no_functorch_grad()
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
     out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl)
@@ -149,12 +214,8 @@ def flash_attn_func(
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t, "(batch, seqlen, nheads, headdim)")
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
-    _unsupported(
-        dropout_p=dropout_p != 0.0,
-        window_size=tuple(window_size) != (-1, -1),
-        softcap=softcap != 0.0,
-        alibi_slopes=alibi_slopes is not None,
-    )
+    _check_scale("softmax_scale", softmax_scale)
+    _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl)
     if not return_attn_probs:
         return out
@@ -252,7 +313,13 @@ def scaled_dot_product_attention(
     layout = "(batch, nheads, seqlen, headdim)"
     for name, t in (("query", query), ("key", key), ("value", value)):
         _check_tensor(name, t, layout)
-    _unsupported(attn_mask=attn_mask is not None, dropout_p=dropout_p != 0.0)
+    _check_scale("scale", scale)
+    _check_real("dropout_p", dropout_p)
+    if not 0.0 <= float(dropout_p) <= 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    _unsupported(attn_mask=attn_mask is not None, dropout_p=float(dropout_p) != 0.0)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout, shown=(query, key, value))
     if q.shape[2] != k.shape[2] and not enable_gqa:

@@ -50,10 +50,47 @@ def shard_positions(seq_local: int, rank: int, world: int, layout: str = "contig
 
 
 def shard_sequence(x: Tensor, rank: int, world: int, layout: str = "contiguous", dim: int = 1) -> Tensor:
-    """This rank's shard of a full sequence tensor (along ``dim``), for tests and data loaders."""
+    """This rank's shard of a full sequence tensor (along ``dim``), for tests and data loaders.
+
+    The sequence length must divide into ``world`` chunks (``2 * world`` for zigzag): ring
+    attention needs equal shards on every rank.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world), got rank={rank}, world={world}")
     n_chunks = world if layout == "contiguous" else 2 * world
+    if x.shape[dim] % n_chunks:
+        raise ValueError(
+            f"sequence length {x.shape[dim]} (dim {dim} of {tuple(x.shape)}) does not split into {n_chunks} "
+            f"equal chunks ({layout} layout, world={world}); pad it to a multiple of {n_chunks}"
+        )
     chunks = x.chunk(n_chunks, dim=dim)
     return torch.cat([chunks[c] for c in _chunk_ids(rank, world, layout)], dim=dim)
+
+
+_DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _check_equal_shards(q: Tensor, k: Tensor, group) -> None:
+    """ValueError on every rank unless all ranks hold shards of one shape and dtype.
+
+    Unequal shards would make the ring's point-to-point transfers disagree on sizes, which the
+    communication backends answer by aborting the process.  One small all-gather settles it
+    first.  It reads the result on the host, so it is skipped while torch.compile traces or a
+    CUDA graph captures (shapes are fixed there by then).
+    """
+    if torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    world = dist.get_world_size(group)
+    meta = torch.tensor([*q.shape, *k.shape, _DTYPE_CODES[q.dtype]], dtype=torch.int64, device=q.device)
+    gathered = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(gathered, meta, group=group)
+    rows = torch.stack(gathered).cpu()
+    if bool((rows != rows[0]).any()):
+        shapes = ", ".join(f"rank {r}: q {tuple(row[:4].tolist())} k/v {tuple(row[4:8].tolist())}"
+                           for r, row in enumerate(rows))
+        raise ValueError(f"ring_attention needs shards of one shape and dtype on every rank; got {shapes}")
 
 
 def _pairs(q_ids: list[int], k_ids: list[int], causal: bool):
@@ -134,7 +171,8 @@ class _RingAttention(torch.autograd.Function):
         acc = dq.dtype
         # Travelling state: this shard's K, V and the dK, dV accumulated for it so far.
         state = [k.contiguous(), v.contiguous(),
-                 torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)]
+                 torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
+                 torch.zeros(v.shape, dtype=acc, device=v.device)]
         for step in range(world):
             src = (rank - step) % world
             k_ids = _chunk_ids(src, world, layout)
@@ -206,5 +244,6 @@ def ring_attention(
         raise ValueError(f"zigzag layout needs an even shard length, got {q.shape[1]}")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
+    _check_equal_shards(q, k, group)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group)

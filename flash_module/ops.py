@@ -200,6 +200,21 @@ def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits))
 
 
+def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool) -> Tensor:
+    """The (B, H, Sq) LSE when there is nothing to compute: -inf without keys; with head dim 0
+    every score is 0, so the LSE is log(number of visible keys) (shapes only, no sync)."""
+    b, sq, h, d = q.shape
+    sk = k.shape[1]
+    acc = acc_dtype(q.dtype)
+    if d != 0 or sk == 0:
+        return torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
+    seen = torch.full((sq,), float(sk), dtype=acc, device=q.device)
+    if causal:
+        offset = sk - sq if bottom_right else 0
+        seen = (torch.arange(sq, device=q.device, dtype=acc) + offset + 1).clamp(0, sk)
+    return seen.log().expand(b, h, sq).contiguous()
+
+
 def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -218,10 +233,9 @@ def attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     b, sq, h, d = q.shape
-    if q.numel() == 0 or k.shape[1] == 0:  # nothing to attend: O = 0, LSE = -inf
+    if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
-        lse = torch.full((b, h, sq), float("-inf"), dtype=acc_dtype(q.dtype), device=q.device)
-        return out, lse
+        return out, _lse_without_work(q, k, causal, bottom_right)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         out, lse = fn(q, k, v, _args(q, k, softmax_scale, causal, bottom_right, num_splits))

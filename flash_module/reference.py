@@ -187,18 +187,32 @@ def _blocks(x: torch.Tensor, block: int, value: float = 0.0) -> torch.Tensor:
     return x.view(b, n, block, h, d).permute(0, 3, 1, 2, 4)
 
 
+def _causal_offset(sq: int, sk: int, bottom_right: bool) -> int:
+    """Query ``i`` sees key ``j <= i + offset``: Sk - Sq bottom-right (flash-attn), 0 top-left."""
+    return (sk - sq) if bottom_right else 0
+
+
+def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: bool) -> torch.Tensor:
+    """Where query ``i`` may see key ``j`` (broadcasting): inside Sk and, if causal, ``j <= i + offset``.
+
+    The PyTorch twin of the kernels' ``visible`` step; the blocked loops call it per key block,
+    so no (Sq, Sk) mask is ever built.
+    """
+    keep = j < sk
+    if causal:
+        keep = keep & (j <= i + offset)
+    return keep
+
+
 def _block_scores(
-    qb: torch.Tensor, kj: torch.Tensor, scale: float, sq: int, sk: int, k_start: int,
-    block_m: int, causal: bool, bottom_right: bool,
+    qb: torch.Tensor, kj: torch.Tensor, scale: float, sk: int, k_start: int, block_m: int, causal: bool,
+    offset: int,
 ) -> torch.Tensor:
     """Scores of every query block against one key block, masked. (B, H, nQ, Br, Bc)."""
     s = torch.einsum("bhnqd,bhkd->bhnqk", qb, kj) * scale
     i = torch.arange(qb.shape[2] * block_m, device=qb.device).view(qb.shape[2], block_m, 1)
     j = torch.arange(k_start, k_start + kj.shape[2], device=qb.device).view(1, 1, -1)
-    keep = j < sk  # padded keys
-    if causal:
-        keep = keep & (j <= i + ((sk - sq) if bottom_right else 0))
-    return s.masked_fill(~keep, float("-inf"))
+    return s.masked_fill(~_visible(i, j, sk, offset, causal), float("-inf"))
 
 
 def _neg_inf_to_zero(m: torch.Tensor) -> torch.Tensor:
@@ -218,14 +232,15 @@ def _tiled_start(q, k, v, softmax_scale, block_m, block_n):
     return scale, qb, kb, vb, torch.zeros_like(qb), l, torch.full_like(l, float("-inf"))
 
 
-def _tiled_finish(o, l, m, q):
-    """(out (B, Sq, H, D) in q's dtype, lse (B, H, Sq)) from blocked state; l = 0 rows: -inf."""
+def _tiled_finish(o, l, m, q, out_dtype=None):
+    """(out (B, Sq, H, D) in q's dtype (or ``out_dtype``), lse (B, H, Sq)) from blocked state;
+    rows with l = 0 get LSE -inf."""
     b, sq, h, d = q.shape
     seen = l > 0
     lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))),
                       torch.full_like(l, float("-inf")))
     out = o.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
-    return out.to(q.dtype), lse.flatten(2)[..., :sq].contiguous()
+    return out.to(out_dtype or q.dtype), lse.flatten(2)[..., :sq].contiguous()
 
 
 def fa1_forward(
@@ -250,10 +265,11 @@ def fa1_forward(
         O_i  = (l_i exp(m_i - m_new) O_i + exp(m_ij - m_new) P_ij V_j) / l_new
     """
     sq, sk = q.shape[1], k.shape[1]
+    offset = _causal_offset(sq, sk, bottom_right)
     # O, l, m: full-size tensors, i.e. "in HBM", read and written back for every K/V block.
     scale, qb, kb, vb, o, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # outer loop: K/V blocks
-        s = _block_scores(qb, kb[:, :, j], scale, sq, sk, j * block_n, block_m, causal, bottom_right)
+        s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset)
         m_ij = s.amax(dim=-1)
         p = torch.exp(s - _neg_inf_to_zero(m_ij)[..., None])
         l_ij = p.sum(dim=-1)
@@ -289,11 +305,18 @@ def fa2_forward(
 
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
     """
-    sq, sk = q.shape[1], k.shape[1]
+    out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
+                         block_m, block_n)
+    return out.to(q.dtype), lse
+
+
+def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64):
+    """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype."""
+    sk = k.shape[1]
     # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
-        s = _block_scores(qb, kb[:, :, j], scale, sq, sk, j * block_n, block_m, causal, bottom_right)
+        s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset)
         m_new = torch.maximum(m, s.amax(dim=-1))
         m_new_safe = _neg_inf_to_zero(m_new)
         p = torch.exp(s - m_new_safe[..., None])
@@ -302,7 +325,7 @@ def fa2_forward(
         acc = alpha[..., None] * acc + torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]  # the single final division
-    return _tiled_finish(out, l, m, q)
+    return _tiled_finish(out, l, m, q, out_dtype=acc.dtype)
 
 
 def fa2_backward(
@@ -344,13 +367,15 @@ def fa2_backward(
     dq = torch.zeros_like(qf)
     dk = torch.empty_like(kf)
     dv = torch.empty_like(vf)
-    mask_all = visible_mask(sq, sk, causal, bottom_right, q.device)
+    offset = _causal_offset(sq, sk, bottom_right)
+    rows = torch.arange(sq, device=q.device)[:, None]
     for start in range(0, sk, block_n):
         end = min(start + block_n, sk)
         kj, vj = kf[:, :, start:end], vf[:, :, start:end]
         s = torch.einsum("bhqd,bhkd->bhqk", qf, kj) * scale
-        if mask_all is not None:
-            s = s.masked_fill(~mask_all[:, start:end], float("-inf"))
+        if causal:  # this block's (Sq, Bc) mask only: memory stays O(Sq * block_n)
+            cols = torch.arange(start, end, device=q.device)[None, :]
+            s = s.masked_fill(~_visible(rows, cols, sk, offset, causal), float("-inf"))
         p = torch.exp(s - lse_safe[..., None])  # (B, H, Sq, Bc)
         dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
@@ -395,22 +420,14 @@ def split_kv_forward(
     The chunks are independent (in parallel on a GPU); the merge is :func:`merge_states`,
     applied left to right.  Returns ``(out, lse)``.
     """
-    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     sq, sk = q.shape[1], k.shape[1]
     chunk = math.ceil(sk / max(1, min(num_splits, sk)))
-    acc = acc_dtype(q.dtype)
+    offset = _causal_offset(sq, sk, bottom_right)
     out, lse = None, None
     for start in range(0, sk, chunk):
         kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]
-        # Causal offset of the chunk: query i sees global key start + j iff start + j <= i + off.
-        s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(kc, q.shape[2]).to(acc)) * scale
-        if causal:
-            off = (sk - sq) if bottom_right else 0
-            i = torch.arange(sq, device=q.device)[:, None]
-            j = torch.arange(start, start + kc.shape[1], device=q.device)[None, :]
-            s = s.masked_fill(~(j <= i + off), float("-inf"))
-        lse_c = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - _neg_inf_to_zero(lse_c)[..., None])
-        out_c = torch.einsum("bhqk,bkhd->bqhd", p, _expand_kv(vc, q.shape[2]).to(acc))
+        # Global key start + j is visible to query i iff j <= i + offset - start.  Each chunk runs
+        # FA2's blocked loop, so memory stays O(Sq * block) however few the chunks.
+        out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
     return out.to(q.dtype), lse

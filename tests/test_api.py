@@ -584,3 +584,74 @@ def test_gradient_through_lse(sq, sk, h, h_kv, causal, dtype):
     # The lse term really contributes: without it the oracle's dq is clearly different.
     _, _, dq_no_lse, _, _ = reference_grads(q, k, v, w, causal, True, dtype=torch.float64)
     assert max_err(g64[0], dq_no_lse) > 0.1
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed argument values: ValueError / TypeError naming the argument (never a crash or a
+# NotImplementedError for a value that is wrong rather than unsupported)
+# ---------------------------------------------------------------------------------------------
+
+BAD_VALUES = [
+    pytest.param(dict(window_size=None), TypeError, r"window_size must be a pair", id="window-None"),
+    pytest.param(dict(window_size=(-1,)), TypeError, r"window_size must be a pair", id="window-one"),
+    pytest.param(dict(window_size=(-2, 0)), ValueError, r"window_size entries must be >= -1",
+                 id="window-neg"),
+    pytest.param(dict(dropout_p=1.5), ValueError, r"dropout_p must be in \[0, 1\]", id="dropout-1.5"),
+    pytest.param(dict(dropout_p="0.1"), TypeError, r"dropout_p must be a real number", id="dropout-str"),
+    pytest.param(dict(softcap=None), TypeError, r"softcap must be a real number", id="softcap-None"),
+    pytest.param(dict(softcap=-1.0), ValueError, r"softcap must be >= 0", id="softcap-neg"),
+    pytest.param(dict(softmax_scale="abc"), TypeError, r"softmax_scale must be a real number",
+                 id="scale-str"),
+    pytest.param(dict(softmax_scale="0.5"), TypeError, r"softmax_scale must be a real number",
+                 id="scale-numstr"),
+    pytest.param(dict(softmax_scale=float("nan")), ValueError, r"softmax_scale must be finite",
+                 id="scale-nan"),
+    pytest.param(dict(softmax_scale=float("inf")), ValueError, r"softmax_scale must be finite",
+                 id="scale-inf"),
+    pytest.param(dict(alibi_slopes=[0.5]), TypeError, r"alibi_slopes must be a torch.Tensor",
+                 id="alibi-list"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, match", BAD_VALUES)
+def test_flash_attn_func_rejects_malformed_values(no_launch, kwargs, exc, match):
+    q = _t(1, 4, 2, 8)
+    with pytest.raises(exc, match=match):
+        flash_attn_func(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    pytest.param(dict(scale="abc"), TypeError, r"scale must be a real number", id="scale-str"),
+    pytest.param(dict(scale=float("nan")), ValueError, r"scale must be finite", id="scale-nan"),
+    pytest.param(dict(dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\]", id="dropout-neg"),
+    pytest.param(dict(attn_mask="causal"), TypeError, r"attn_mask must be a torch.Tensor", id="mask-str"),
+])
+def test_sdpa_rejects_malformed_values(no_launch, kwargs, exc, match):
+    q = _t(1, 2, 4, 8)
+    with pytest.raises(exc, match=match):
+        scaled_dot_product_attention(q, q, q, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [pytest.param((1, 5, 2, 0), id="headdim-0"),
+                                   pytest.param((2, 3, 0, 8), id="heads-0")])
+def test_empty_head_dim_or_heads_like_torch(shape):
+    """D = 0 or H = H_kv = 0 give empty outputs, as torch's SDPA does (no ZeroDivisionError).
+
+    (torch's own CPU SDPA is not called here: torch 2.11 dies with SIGFPE on head dim 0.)"""
+    q = torch.randn(*shape)
+    k = torch.randn(shape[0], 7, shape[2], shape[3])
+    out = flash_attn_func(q, k, k, causal=True)
+    assert out.shape == shape
+    sdpa_out = scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), k.transpose(1, 2))
+    assert sdpa_out.shape == q.transpose(1, 2).shape
+    if shape[3] == 0 and shape[2] > 0:  # every score is 0: the LSE is log(#visible keys)
+        _, lse, _ = flash_attn_func(q, k, k, causal=True, return_attn_probs=True)
+        expect = torch.log(torch.arange(shape[1]) + 7.0 - shape[1] + 1).clamp(min=float("-inf"))
+        assert torch.allclose(lse[0, 0], expect)
+
+
+def test_functorch_grad_is_a_clear_error():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(NotImplementedError, match="torch.func.grad"):
+        torch.func.grad(lambda q: flash_attn_func(q, q, q).sum())(q)
+    assert torch.vmap(lambda x: flash_attn_func(x, x, x))(q[None]).shape == (1, *q.shape)  # vmap works

@@ -140,3 +140,12 @@ def test_compile_modes_and_merge(mode, device):
     g = torch.randn_like(out_e)
     for a, b in zip(torch.autograd.grad(out_c, (q, k, v), g), torch.autograd.grad(out_e, (q, k, v), g)):
         assert max_err(a, b) < 1e-5
+
+
+def test_compile_with_a_traced_scale(device):
+    """A scale that torch.compile traces as a symbolic float (dynamic=True) passes validation."""
+    q = torch.randn(1, 16, 2, 16, device=device)
+    f = torch.compile(lambda q, s: fm.flash_attn_func(q, q, q, softmax_scale=s, causal=True),
+                      fullgraph=True, dynamic=True)
+    for s in (0.3, 0.45):
+        torch.testing.assert_close(f(q, s), fm.flash_attn_func(q, q, q, softmax_scale=s, causal=True))

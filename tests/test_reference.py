@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 
+import flash_module as fm
 from flash_module.reference import (
     attention_ref,
     fa1_forward,
@@ -237,3 +238,31 @@ def test_cpu_path_speed():
     elapsed = time.perf_counter() - start
     assert all(torch.isfinite(t).all() for t in (out, lse, dq, dk, dv))
     assert elapsed < 20.0, f"fa2_forward + fa2_backward took {elapsed:.1f} s at B=2, H=4, N=1024, D=64"
+
+
+class _LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_pytorch_path_memory_is_linear(mode, causal):
+    """impl='torch' never builds an (Sq, Sk) tensor, forward or backward, in any mode (the
+    largest intermediate is a (Sq, block) score tile)."""
+    n = 2048
+    q, k, v = (torch.randn(1, n, 1, 16, requires_grad=True) for _ in range(3))
+    with _LargestTensor() as seen:
+        out = fm.flash_attn_func(q, k, v, causal=causal, mode=mode, impl="torch")
+        out.sum().backward()
+    assert seen.numel <= n * 256, f"largest tensor has {seen.numel} elements (Sq*Sk = {n * n})"

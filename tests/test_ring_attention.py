@@ -63,9 +63,14 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
     try:
         seq, h, h_kv, d, causal, layout, mode, *rest = case
         dtype = rest[0] if rest else torch.float32
+        storage = rest[1] if len(rest) > 1 else "bshd"  # "bhsd": non-contiguous (B, S, H, D) views
         q, k, v, dout = (t.to(device) for t in _full_inputs(seq, h, h_kv, d, dtype))
         shard = lambda t: shard_sequence(t, rank, world, layout)  # noqa: E731
-        ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
+        if storage == "bhsd":
+            ql, kl, vl = (shard(t).transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+                          for t in (q, k, v))
+        else:
+            ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
         out = ring_attention(ql, kl, vl, causal=causal, layout=layout, mode=mode)
         ours = [out, *torch.autograd.grad(out, (ql, kl, vl), shard(dout))]
 
@@ -98,6 +103,8 @@ CASES = [
     pytest.param(4, (32, 2, 1, 16, False, "contiguous", "tiling"), id="w4-full-contig-tiling"),
     pytest.param(2, (32, 2, 2, 16, True, "contiguous", "fa1"), id="w2-causal-fa1"),
     pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.bfloat16), id="w2-causal-zigzag-bf16"),
+    # (B, H, S, D) storage, i.e. non-contiguous K/V with H_kv > 1 (FlashAttention(layout="bhsd")).
+    pytest.param(2, (16, 2, 2, 16, True, "contiguous", "fa2", torch.float32, "bhsd"), id="w2-causal-bhsd"),
 ]
 
 
@@ -164,6 +171,37 @@ def test_shard_helpers():
     # zigzag with 2 ranks: 4 chunks of 4; rank 0 holds chunks 0 and 3, rank 1 chunks 1 and 2.
     assert shard_sequence(x, 0, 2, "zigzag").flatten().tolist() == [0, 1, 2, 3, 12, 13, 14, 15]
     assert shard_positions(8, 1, 2, "zigzag").tolist() == [4, 5, 6, 7, 8, 9, 10, 11]
+
+
+def _uneven_worker(rank, world, port, errors):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        q = torch.randn(1, 74 + 2 * rank, 2, 16, requires_grad=True)  # 74 and 76 tokens
+        try:
+            ring_attention(q, q, q, causal=True)
+            errors[rank] = "no error"
+        except ValueError as e:
+            errors[rank] = str(e)
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_uneven_shards_are_a_clear_error():
+    """Ranks with different shard lengths get a ValueError (not an abort inside gloo)."""
+    errors = mp.get_context("spawn").Manager().list(["not run"] * 2)
+    mp.spawn(_uneven_worker, args=(2, _free_port(), errors), nprocs=2, join=True)
+    assert all("shards of one shape" in e and "rank 1: q (1, 76, 2, 16)" in e for e in errors), list(errors)
+
+
+def test_shard_sequence_needs_equal_chunks():
+    x = torch.randn(1, 150, 2, 8)
+    with pytest.raises(ValueError, match=r"150 .* does not split into 4 equal chunks"):
+        shard_sequence(x, 0, 2, "zigzag")
+    with pytest.raises(ValueError, match="rank must be in"):
+        shard_sequence(x, 2, 2, "contiguous")
 
 
 def test_ring_attention_bad_input():
