@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
-# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab]   (default: tests bench)
+# Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
+#        (default: tests bench)
+# sanitize: compute-sanitizer memcheck, racecheck and initcheck over scripts/sanitize_cases.py (every
+# kernel and mode, fwd+bwd, ragged shapes); million: benchmarks/million_tokens.py (1M tokens, one GPU).
 # ring (a machine with several GPUs): the NCCL ring-attention tests and the 1->2->4->8 GPU
 # weak-scaling benchmark (RING_ARGS, default: causal zigzag, 16k tokens per GPU).
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
@@ -52,15 +55,31 @@ for step in $steps; do
       ;;
     ab)
       ab_args=${AB_ARGS:--d 64,128 -n 4096,16384 --causal both --passes fwd,bwd --impls ours --plain -q}
-      python3 benchmarks/kernel_times.py --label new > "$OUT/ab_kernels.txt" 2>&1
-      (cd "$BASELINE" && PYTHONPATH=$PWD python3 "$OLDPWD/benchmarks/kernel_times.py" --label old) \
-        >> "$OUT/ab_kernels.txt" 2>&1
-      grep " ms$" "$OUT/ab_kernels.txt" | sort -s -k2,4
+      if [ "${AB_KERNELS:-1}" = 1 ]; then  # per-kernel profiler times, new then old
+        python3 benchmarks/kernel_times.py --label new > "$OUT/ab_kernels.txt" 2>&1
+        (cd "$BASELINE" && PYTHONPATH=$PWD python3 "$OLDPWD/benchmarks/kernel_times.py" --label old) \
+          >> "$OUT/ab_kernels.txt" 2>&1
+        grep " ms$" "$OUT/ab_kernels.txt" | sort -s -k2,4
+      fi
       for round in 1 2; do
         (cd "${BASELINE:?set BASELINE to an older checkout}" && PYTHONPATH=$PWD python3 -m flash_module.bench $ab_args \
           --json "$OUT/ab_old_$round.json") 2>&1 | tee "$OUT/ab_old_$round.log"
         python3 benchmarks/bench.py $ab_args --json "$OUT/ab_new_$round.json" 2>&1 | tee "$OUT/ab_new_$round.log"
       done
+      ;;
+    sanitize)
+      python3 scripts/sanitize_cases.py > "$OUT/sanitize_warm.log" 2>&1  # compile once, outside the sanitizer
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
+          --target-processes application-only \
+          python3 scripts/sanitize_cases.py > "$OUT/sanitize_$tool.log" 2>&1
+        rc=$?
+        echo "$tool: exit $rc, $(grep -c '^ok' "$OUT/sanitize_$tool.log") cases," \
+          "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)" | tee -a "$OUT/sanitize.txt"
+      done
+      ;;
+    million)
+      python3 benchmarks/million_tokens.py --json "$OUT/million.json" 2>&1 | tail -40 | tee "$OUT/million.log"
       ;;
     speed)
       python3 -m pytest benchmarks/test_speed.py -q -m gpu --benchmark-only -p no:cacheprovider \

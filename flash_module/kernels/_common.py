@@ -232,13 +232,22 @@ def softmax_update(m_i, l_i, s, MASKED: tl.constexpr):
 
 
 @triton.jit
-def lse_epilogue(l_i, m_i):
+def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
     """``(l_safe, lse)``: the divisor of the output (1 where a row saw no key) and the
-    natural-log LSE ``(m + log2 l) ln 2`` (-inf where a row saw no key)."""
+    natural-log LSE ``(m + log2 l) ln 2`` (-inf where a row saw no key).
+
+    ``PRECISE`` (fp32 inputs) forms the LSE in fp64 and rounds it once: ``m`` is ~1.44x the
+    largest logit, so at logits ~1e3 two fp32 roundings there cost the backward's dQ/dK ~10x
+    accuracy.  fp16/bf16 keep the fp32 formula (their P is rounded to 8-11 bits anyway).
+    """
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, l_i.dtype), float("-inf"))
-    return l_safe, lse
+    if PRECISE:
+        lse = (m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64)) * tl.full([], LN2, tl.float64)
+        lse = lse.to(l_i.dtype)
+    else:
+        lse = (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, l_i.dtype)
+    return l_safe, tl.where(seen, lse, float("-inf"))
 
 
 @triton.jit
@@ -337,7 +346,11 @@ def _bwd_preprocess_kernel(
         # d lse_i / d s_ij = P_ij, so a gradient into LSE adds dlse_i * P_ij to dS_ij.
         delta -= tl.load(DLse + lse_row + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
     lse = tl.load(Lse + lse_row + rows, mask=row_ok, other=0.0)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * tl.full([], LOG2E_C, ACC_DTYPE))
+    if Out.dtype.element_ty == tl.float32:  # rounded once (see lse_epilogue)
+        lse2 = (lse.to(tl.float64) * tl.full([], LOG2E_C, tl.float64)).to(ACC_DTYPE)
+    else:
+        lse2 = lse * tl.full([], LOG2E_C, ACC_DTYPE)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
     tl.store(Stats + 2 * lse_row + rows, lse2, mask=row_ok)
     tl.store(Stats + 2 * lse_row + Sq + rows, delta, mask=row_ok)
 

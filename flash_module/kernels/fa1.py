@@ -113,7 +113,7 @@ def _fa1_fwd_kernel(
         o_i = tl.load(tile_ptrs(OAcc_head, start_m, BLOCK_D, BLOCK_M, BLOCK_D), mask=row_ok[:, None], other=0.0)
         l_i = tl.load(L + row_base + rows, mask=row_ok, other=0.0)
         m_i = tl.load(M + row_base + rows, mask=row_ok, other=0.0)
-        _, lse = lse_epilogue(l_i, m_i)
+        _, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
         o_ptrs = tile_ptrs(Out + (off_b * Sq * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
         store_tile(o_ptrs, o_i, rows, Sq, HEAD_DIM)
         tl.store(Lse + row_base + rows, lse, mask=row_ok)

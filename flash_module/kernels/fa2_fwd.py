@@ -55,7 +55,7 @@ def _fa2_fwd_kernel(
         tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
         rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
 
-    l_safe, lse = lse_epilogue(l_i, m_i)
+    l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     # Out is a new contiguous (B, Sq, H, D) tensor; Lse a contiguous (B, H, Sq) one.
     o_ptrs = tile_ptrs(Out + (off_b * Sq * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
     store_tile(o_ptrs, acc / l_safe[:, None], rows, Sq, HEAD_DIM)

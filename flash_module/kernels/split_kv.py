@@ -92,7 +92,7 @@ def _split_kv_fwd_kernel(
         tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
         rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
 
-    l_safe, lse = lse_epilogue(l_i, m_i)
+    l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     part = split.to(tl.int64) * part_stride
     o_ptrs = OPart + (part + out_rows[:, None]) * BLOCK_D + offs_d[None, :]
     tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None])
