@@ -16,12 +16,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import flash_module as fm
 
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
 
 def kernel_ms(d: int, n: int, causal: bool, tokens: int, hidden: int, mode: str,
-              iters: int) -> dict[str, float]:
-    """Mean CUDA time (ms) per fwd+bwd step of each kernel, bf16, B = tokens / n, H = hidden / d."""
+              iters: int, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Mean CUDA time (ms) per fwd+bwd step of each kernel, B = tokens / n, H = hidden / d."""
     b, h = max(1, tokens // n), max(1, hidden // d)
-    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
     dout = torch.randn_like(q)
 
@@ -53,12 +55,14 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=65536)
     p.add_argument("--hidden", type=int, default=2048)
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     args = p.parse_args()
     causals = {"both": (False, True), "yes": (True,), "no": (False,)}[args.causal]
     for d in map(int, args.head_dims.split(",")):
         for n in map(int, args.seqlens.split(",")):
             for causal in causals:
-                times = kernel_ms(d, n, causal, args.tokens, args.hidden, args.mode, args.iters)
+                times = kernel_ms(d, n, causal, args.tokens, args.hidden, args.mode, args.iters,
+                                  DTYPES[args.dtype])
                 for name, ms in sorted(times.items(), key=lambda x: -x[1])[:6]:
                     print(f"{args.label:5} D={d:<4} N={n:<6} causal={causal!s:5} {name[:40]:40} {ms:8.3f} ms")
 

@@ -44,6 +44,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the LSE the attention ops save for the backward: float32 for fp16/bf16 inputs,
+    float64 for fp32/fp64 inputs.
+
+    The backward recomputes ``P = exp(S - lse)``; an fp32 LSE of a row whose logits are ~1e3
+    is off by half an ulp (~3e-5), a relative error on every P of the row that torch's own fp32
+    math never makes (it keeps P).  With a float64 LSE, fp32 attention's dV stays within
+    torch's fp32 error at any logit size.  (The public functions still return float32 for fp32.)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
+
+
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from . import ops, reference
+from ._runtime import acc_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -221,7 +222,8 @@ def flash_attn_func(
         return out
     with torch.no_grad():
         probs = reference.attention_probs(q, k, lse, scale, bool(causal), True)
-    return out, lse, probs.to(q.dtype)
+    # The op's LSE is float64 for fp32 inputs (for the backward); flash-attn returns float32.
+    return out, lse.to(acc_dtype(q.dtype)), probs.to(q.dtype)
 
 
 def flash_attn_qkvpacked_func(

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import ops
-from ._runtime import acc_dtype
+from ._runtime import acc_dtype, lse_dtype
 from .api import _check_qkv_bshd, _check_tensor
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -150,7 +150,7 @@ class _RingAttention(torch.autograd.Function):
             if outs[i] is None:
                 outs[i] = torch.zeros_like(qs[i])
                 lses[i] = torch.full((q.shape[0], q.shape[2], sq), float("-inf"), device=q.device,
-                                     dtype=acc_dtype(q.dtype))
+                                     dtype=lse_dtype(q.dtype))
         out = torch.cat(outs, dim=1)
         lse = torch.cat(lses, dim=2)
         ctx.save_for_backward(q, k, v, out, lse)

@@ -5,11 +5,13 @@ Both attention ops work on the *bshd* layout with any strides whose last dim is 
 ``attention_fwd(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto")
 -> (out, lse)``
     q (B, Sq, H, D); k, v (B, Sk, H_kv, D), H % H_kv == 0.  ``out`` is a new contiguous
-    (B, Sq, H, D) tensor in q's dtype; ``lse`` a contiguous (B, H, Sq) float32 tensor (float64
-    for float64 inputs), natural log.  ``causal`` with ``bottom_right`` masks keys
-    ``j > i + Sk - Sq`` (flash-attn); without it, keys ``j > i`` (torch SDPA).  A query row that
-    sees no key gets out = 0 and lse = -inf.  ``num_splits`` is the key-chunk count of
-    ``mode="tiling"`` (0 = automatic; ignored by the other modes).
+    (B, Sq, H, D) tensor in q's dtype; ``lse`` a contiguous (B, H, Sq) tensor, natural log,
+    float32 for fp16/bf16 inputs and float64 for fp32/fp64 inputs (``_runtime.lse_dtype``: the
+    backward recomputes P from it, and an fp32 LSE would cost fp32 attention's dV precision at
+    large logits; the public functions return it as float32 for fp32 inputs).  ``causal`` with
+    ``bottom_right`` masks keys ``j > i + Sk - Sq`` (flash-attn); without it, keys ``j > i``
+    (torch SDPA).  A query row that sees no key gets out = 0 and lse = -inf.  ``num_splits``
+    is the key-chunk count of ``mode="tiling"`` (0 = automatic; ignored by the other modes).
 
 ``attention_bwd(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
 impl="auto") -> (dq, dk, dv)``
@@ -41,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._runtime import acc_dtype, device_guard, interpreting, use_triton
+from ._runtime import device_guard, interpreting, lse_dtype, use_triton
 
 __all__ = ["ALGORITHMS", "IMPLS", "MODES", "AttentionArgs", "Implementation", "attention_bwd",
            "attention_fwd", "check_mode", "interpreting", "merge_attention_states", "resolve_impl"]
@@ -145,7 +147,7 @@ ALGORITHMS: dict[str, dict[str, Implementation]] = {
     },
 }
 
-#: Algorithms of the attention ops (the seed's names).
+#: Algorithms of the attention ops (docs/algorithms.md).
 MODES: tuple[str, ...] = tuple(ALGORITHMS)
 #: Implementations: ``auto`` (Triton where it can run, else PyTorch), ``triton``, ``torch``.
 IMPLS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -189,6 +191,20 @@ def resolve_impl(t: Tensor, impl: str) -> str:
     return "torch"
 
 
+def which_implementation(t: Tensor, impl: str = "auto") -> str:
+    """In words, what an attention call on tensors like ``t`` runs with ``impl``: the Triton
+    kernels compiled for the GPU, the Triton kernels under the interpreter, or the PyTorch path.
+
+    >>> which_implementation(torch.zeros(1))  # a CPU tensor without TRITON_INTERPRET=1
+    'PyTorch path (flash_module/reference.py)'
+    """
+    if resolve_impl(t, check_mode("fa2", impl)[1]) == "torch":
+        return "PyTorch path (flash_module/reference.py)"
+    if t.device.type == "cuda":
+        return f"Triton kernels compiled for {torch.cuda.get_device_name(t.device)}"
+    return "Triton kernels under the interpreter (TRITON_INTERPRET=1: exact but slow, for testing)"
+
+
 def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
     mode, impl = check_mode(mode, impl)
     return ALGORITHMS[mode][resolve_impl(t, impl)]
@@ -205,7 +221,7 @@ def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool) ->
     every score is 0, so the LSE is log(number of visible keys) (shapes only, no sync)."""
     b, sq, h, d = q.shape
     sk = k.shape[1]
-    acc = acc_dtype(q.dtype)
+    acc = lse_dtype(q.dtype)
     if d != 0 or sk == 0:
         return torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
     seen = torch.full((sq,), float(sk), dtype=acc, device=q.device)
@@ -246,7 +262,7 @@ def attention_fwd(
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto"):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
-    lse = q.new_empty((b, h, sq), dtype=acc_dtype(q.dtype))
+    lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
     return out, lse
 
 

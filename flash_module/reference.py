@@ -1,11 +1,12 @@
-"""Pure-PyTorch attention: the float64 oracle, the seed's algorithms, and the CPU path.
+"""Pure-PyTorch attention: the float64 oracle, the blocked algorithms, and the CPU path.
 
 Everything here works on the *bshd* layout used by the ops:
 
 * ``q``: (B, Sq, H, D), ``k``/``v``: (B, Sk, H_kv, D) with ``H % H_kv == 0`` (GQA/MQA:
   query head ``h`` reads key/value head ``h // (H // H_kv)``),
 * ``out``: (B, Sq, H, D) in the input dtype, ``lse``: (B, H, Sq) natural-log log-sum-exp of the
-  scaled scores, float32 (float64 for float64 inputs).
+  scaled scores, float32 for fp16/bf16 inputs, float64 for fp32/fp64 inputs (the blocked
+  algorithms; :func:`attention_ref` returns it in the accumulator dtype).
 
 Causal masking has two alignments.  With ``bottom_right=True`` (flash-attn) query ``i`` sees
 keys ``j <= i + Sk - Sq``; with ``bottom_right=False`` (torch SDPA) it sees ``j <= i``.  A query
@@ -23,7 +24,7 @@ import math
 
 import torch
 
-from ._runtime import acc_dtype
+from ._runtime import acc_dtype, lse_dtype
 
 __all__ = [
     "visible_mask",
@@ -115,12 +116,12 @@ def attention_probs(
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    safe_lse = lse.to(acc).masked_fill(torch.isinf(lse), float("inf"))
-    return torch.exp(s - safe_lse[..., None])
+    safe_lse = lse.masked_fill(torch.isinf(lse), float("inf"))
+    return torch.exp((s - safe_lse[..., None]).to(acc))
 
 
 # ---------------------------------------------------------------------------------------------
-# Section 1 of the seed: softmax in one streaming pass (online) and split in parallel (tiling)
+# Softmax in one streaming pass (online; Milakov & Gimelshein 2018) and split in parallel (tiling)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -130,7 +131,7 @@ def online_softmax(x: torch.Tensor, block: int = 1) -> torch.Tensor:
     Pass 1 walks the row once, ``block`` elements at a time, keeping a running max ``m`` and a
     running sum ``s`` of ``exp(x - m)``; when a larger max arrives the old sum is rescaled by
     ``exp(m_old - m_new)``.  Pass 2 writes ``exp(x - m) / s``.  ``block=1`` is the element-by-
-    element loop of the seed; rows are processed in parallel.
+    element loop of the online softmax; rows are processed in parallel.
     """
     acc = acc_dtype(x.dtype)
     xf = x.to(acc)
@@ -175,7 +176,7 @@ def tiling_softmax(x: torch.Tensor, num_splits: int = 4) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sections 3 and 4 of the seed: FlashAttention v1 and v2 tiled loops
+# FlashAttention v1 (Dao et al. 2022) and v2 (Dao 2023) tiled loops
 # ---------------------------------------------------------------------------------------------
 
 
@@ -237,8 +238,10 @@ def _tiled_finish(o, l, m, q, out_dtype=None):
     rows with l = 0 get LSE -inf."""
     b, sq, h, d = q.shape
     seen = l > 0
-    lse = torch.where(seen, m + torch.log(torch.where(seen, l, torch.ones_like(l))),
-                      torch.full_like(l, float("-inf")))
+    # In lse_dtype (float64 for fp32 inputs): the backward recomputes P from it.
+    lse_t = lse_dtype(q.dtype)
+    lse = torch.where(seen, m.to(lse_t) + torch.log(torch.where(seen, l, torch.ones_like(l))).to(lse_t),
+                      torch.full_like(l, float("-inf"), dtype=lse_t))
     out = o.permute(0, 2, 3, 1, 4).reshape(b, -1, h, d)[:, :sq]
     return out.to(out_dtype or q.dtype), lse.flatten(2)[..., :sq].contiguous()
 
@@ -363,7 +366,7 @@ def fa2_backward(
     delta = (dof * out.to(acc).transpose(1, 2)).sum(-1)  # (B, H, Sq)
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    lse_safe = lse.to(acc).masked_fill(torch.isinf(lse), float("inf"))  # empty rows: P = 0
+    lse_safe = lse.masked_fill(torch.isinf(lse), float("inf"))  # empty rows: P = 0
     dq = torch.zeros_like(qf)
     dk = torch.empty_like(kf)
     dv = torch.empty_like(vf)
@@ -376,7 +379,7 @@ def fa2_backward(
         if causal:  # this block's (Sq, Bc) mask only: memory stays O(Sq * block_n)
             cols = torch.arange(start, end, device=q.device)[None, :]
             s = s.masked_fill(~_visible(rows, cols, sk, offset, causal), float("-inf"))
-        p = torch.exp(s - lse_safe[..., None])  # (B, H, Sq, Bc)
+        p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
         dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
         ds = p * (dp - delta[..., None])

@@ -69,13 +69,20 @@ for step in $steps; do
       ;;
     sanitize)
       python3 scripts/sanitize_cases.py > "$OUT/sanitize_warm.log" 2>&1  # compile once, outside the sanitizer
+      shards=${SANITIZE_SHARDS:-4}
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
-        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 1 \
-          --target-processes application-only \
-          python3 scripts/sanitize_cases.py > "$OUT/sanitize_$tool.log" 2>&1
-        rc=$?
-        echo "$tool: exit $rc, $(grep -c '^ok' "$OUT/sanitize_$tool.log") cases," \
-          "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)" | tee -a "$OUT/sanitize.txt"
+        for i in $(seq 0 $(( shards - 1 ))); do  # every tool and shard at once: one GPU, many CPUs
+          PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-500}" compute-sanitizer --tool "$tool" \
+            --error-exitcode 1 --target-processes application-only \
+            python3 scripts/sanitize_cases.py --shard "$i/$shards" > "/tmp/sanitize_${tool}_$i.log" 2>&1 &
+        done
+      done
+      wait
+      for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
+        cat /tmp/sanitize_"${tool}"_*.log > "$OUT/sanitize_$tool.log"
+        echo "$tool: $(grep -c '^ok' "$OUT/sanitize_$tool.log") cases ok;" \
+          "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitize_"${tool}"_*.log | sort | uniq -c | tr -s ' ')" \
+          | tee -a "$OUT/sanitize.txt"
       done
       ;;
     million)

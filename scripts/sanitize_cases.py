@@ -7,11 +7,13 @@ that every tensor is its own allocation and an out-of-bounds access cannot land 
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python scripts/sanitize_cases.py
 
-(``bash scripts/gpu_check.sh sanitize`` runs the three tools.)  Prints one line per case.
+(``bash scripts/gpu_check.sh sanitize`` runs the three tools, each over ``--shard i/n`` slices
+in parallel.)  Prints one line per case.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -24,29 +26,43 @@ CASES = [("fa2", torch.bfloat16), ("fa2", torch.float32), ("fa1", torch.bfloat16
          ("fa2", torch.float64)]
 
 
-def main() -> int:
-    torch.manual_seed(0)
-    n = 0
-    for mode, dtype in CASES:
-        shapes = SHAPES[:1] if dtype == torch.float64 else SHAPES
-        for b, sq, sk, h, h_kv, d in shapes:
-            for causal in (False, True):
-                q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, requires_grad=True)
-                k, v = (torch.randn(b, sk, h_kv, d, device="cuda", dtype=dtype, requires_grad=True)
-                        for _ in range(2))
-                splits = 3 if mode == "tiling" else 0
-                out = fm.flash_attn_func(q, k, v, causal=causal, mode=mode, num_splits=splits)
-                out.backward(torch.randn_like(out))
-                torch.cuda.synchronize()
-                n += 1
-                print(f"ok {mode} {str(dtype)[6:]} {(b, sq, sk, h, h_kv, d)} causal={causal}", flush=True)
-    for algorithm, splits in (("online", None), ("tiling", 3)):
+def _attention_case(mode, dtype, shape, causal):
+    def run():
+        b, sq, sk, h, h_kv, d = shape
+        q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(b, sk, h_kv, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        out = fm.flash_attn_func(q, k, v, causal=causal, mode=mode, num_splits=3 if mode == "tiling" else 0)
+        out.backward(torch.randn_like(out))
+    return f"{mode} {str(dtype)[6:]} {shape} causal={causal}", run
+
+
+def _softmax_case(algorithm, splits):
+    def run():
         x = torch.randn(37, 1001, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         fm.softmax(x, algorithm=algorithm, num_splits=splits).backward(torch.randn_like(x))
+    return f"softmax {algorithm}", run
+
+
+def cases() -> list:
+    """Every case as (name, run)."""
+    out = []
+    for mode, dtype in CASES:
+        for shape in SHAPES[:1] if dtype == torch.float64 else SHAPES:
+            out += [_attention_case(mode, dtype, shape, causal) for causal in (False, True)]
+    return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shard", default="0/1", help="i/n: run cases i, i+n, i+2n, ... (parallel runs)")
+    i, n = (int(x) for x in p.parse_args().shard.split("/"))
+    torch.manual_seed(0)
+    mine = cases()[i::n]
+    for name, run in mine:
+        run()
         torch.cuda.synchronize()
-        n += 1
-        print(f"ok softmax {algorithm}", flush=True)
-    print(f"{n} cases ran")
+        print(f"ok {name}", flush=True)
+    print(f"{len(mine)} cases ran")
     return 0
 
 

@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import INTERPRET as _INTERPRET
+from .._runtime import acc_dtype
 
 LOG2E = 1.4426950408889634  # log2(e), for host code (qk_scale = softmax_scale * LOG2E)
 # Globals read inside @triton.jit functions must be constexpr.  A float constexpr used in
@@ -209,7 +210,16 @@ def score(a, b_t, qk_scale, qk_scale_lo):
     """
     acc_t: tl.constexpr = tl.float64 if a.dtype == tl.float64 else tl.float32
     s = mma(a, b_t, tl.zeros([a.shape[0], b_t.shape[1]], acc_t))
-    return scaled(s, qk_scale, qk_scale_lo)
+    if a.dtype == tl.float32 and not INTERPRET:
+        # fp32 inputs: the scaled score must be rounded the same way in every pass.  Left to
+        # the compiler, ``s * scale`` fuses into an FMA with whatever subtracts from it next in
+        # some tiles (unmasked ones) and not in others, so the backward's P drifted from the
+        # forward's by up to half an ulp of the logit.  ``mul.rn`` is never fused.
+        scale = qk_scale + tl.zeros(s.shape, tl.float32)
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [s, scale],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return scaled(s, qk_scale, qk_scale_lo)
 
 
 @triton.jit
@@ -236,15 +246,16 @@ def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
     """``(l_safe, lse)``: the divisor of the output (1 where a row saw no key) and the
     natural-log LSE ``(m + log2 l) ln 2`` (-inf where a row saw no key).
 
-    ``PRECISE`` (fp32 inputs) forms the LSE in fp64 and rounds it once: ``m`` is ~1.44x the
-    largest logit, so at logits ~1e3 two fp32 roundings there cost the backward's dQ/dK ~10x
-    accuracy.  fp16/bf16 keep the fp32 formula (their P is rounded to 8-11 bits anyway).
+    ``PRECISE`` (fp32 inputs) returns an fp64 LSE, formed in fp64 from the fp32 ``m`` and
+    ``log2 l``, both exact enough: the fp32 sum of ``m`` (~1.44x the largest logit) and
+    ``log2 l`` would be off by half an ulp of ``m`` (3e-5 at logits ~1e3), a relative error on
+    every P the backward recomputes from it (see ``_runtime.lse_dtype``).  fp16/bf16 keep the
+    fp32 formula (their P is rounded to 8-11 bits anyway).
     """
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     if PRECISE:
         lse = (m_i.to(tl.float64) + tl.math.log2(l_safe).to(tl.float64)) * tl.full([], LN2, tl.float64)
-        lse = lse.to(l_i.dtype)
     else:
         lse = (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, l_i.dtype)
     return l_safe, tl.where(seen, lse, float("-inf"))
@@ -345,29 +356,75 @@ def _bwd_preprocess_kernel(
     if HAS_DLSE:
         # d lse_i / d s_ij = P_ij, so a gradient into LSE adds dlse_i * P_ij to dS_ij.
         delta -= tl.load(DLse + lse_row + rows, mask=row_ok, other=0.0).to(ACC_DTYPE)
-    lse = tl.load(Lse + lse_row + rows, mask=row_ok, other=0.0)
-    if Out.dtype.element_ty == tl.float32:  # rounded once (see lse_epilogue)
-        lse2 = (lse.to(tl.float64) * tl.full([], LOG2E_C, tl.float64)).to(ACC_DTYPE)
-    else:
-        lse2 = lse * tl.full([], LOG2E_C, ACC_DTYPE)
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse2)
-    tl.store(Stats + 2 * lse_row + rows, lse2, mask=row_ok)
-    tl.store(Stats + 2 * lse_row + Sq + rows, delta, mask=row_ok)
+    lse = tl.load(Lse + lse_row + rows, mask=row_ok, other=0.0)  # fp64 for fp32/fp64 inputs
+    seen = lse != float("-inf")
+    lse2 = tl.where(seen, lse, 0.0) * tl.full([], LOG2E_C, lse.dtype)
+    hi = lse2.to(ACC_DTYPE)
+    lo = (lse2 - hi).to(ACC_DTYPE)  # nonzero for fp32 inputs only
+    hi = tl.where(seen, hi, float("inf"))
+    tl.store(Stats + 3 * lse_row + rows, hi, mask=row_ok)
+    tl.store(Stats + 3 * lse_row + Sq + rows, delta, mask=row_ok)
+    tl.store(Stats + 3 * lse_row + 2 * Sq + rows, lo, mask=row_ok)
 
 
 def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
                    dlse: torch.Tensor | None) -> torch.Tensor:
-    """The row statistics every backward reads: a (B, H, 2, Sq) tensor in the accumulator dtype
-    holding ``lse2 = lse * log2(e)`` (``+inf`` for rows that saw no key, so that
-    ``P = exp2(s - lse2)`` is 0 there, not NaN) and ``delta = rowsum(dO * O) - dlse``.
+    """The row statistics every backward reads (with :func:`stats_head` and :func:`row_stats`):
+    a (B, H, 3, Sq) tensor in the accumulator dtype holding ``lse2 = lse * log2(e)`` (``+inf``
+    for rows that saw no key, so that ``P = exp2(s - lse2)`` is 0 there, not NaN),
+    ``delta = rowsum(dO * O) - dlse`` and ``lse2_lo``, the part of ``lse2`` that the first row
+    could not hold.  ``lse2_lo`` is nonzero only for fp32 inputs, whose LSE is float64
+    (``_runtime.lse_dtype``): the kernels then subtract ``lse2`` and ``lse2_lo`` in turn, which
+    keeps P as exact as an fp64 LSE would, with fp32 registers only.
 
     ``out`` (B, Sq, H, D) and ``dout`` like it, any strides with the last dim contiguous.
     """
     b, sq, h, d = out.shape
-    stats = torch.empty((b, h, 2, sq), dtype=lse.dtype, device=out.device)
+    stats = torch.empty((b, h, 3, sq), dtype=acc_dtype(out.dtype), device=out.device)
     block_m = 64 if _INTERPRET else 128
     _bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * h)](
         out, dout, lse, dlse if dlse is not None else lse, stats, *bsh_strides(out, dout), h, sq,
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, HAS_DLSE=dlse is not None, **kernel_flags(out),
     )
     return stats
+
+
+@triton.jit
+def stats_head(Stats, off_b, off_h, H, Sq):
+    """Where head ``(off_b, off_h)``'s (3, Sq) statistics start (see :func:`bwd_preprocess`)."""
+    return Stats + (off_b * H + off_h) * 3 * Sq
+
+
+@triton.jit
+def row_stats(Stats_head, rows, Sq, q, MASKED: tl.constexpr):
+    """``(lse2, lse2_lo, delta)`` of the query rows ``rows`` (``q``: their tile, for its dtype).
+
+    ``lse2_lo`` is read for fp32 inputs only (zeros otherwise); pass all three to :func:`probs`.
+    ``MASKED``: rows past Sq get ``lse2 = +inf`` (P = 0) and ``delta = 0``.
+    """
+    if MASKED:
+        lse2 = tl.load(Stats_head + rows, mask=rows < Sq, other=float("inf"))
+        delta = tl.load(Stats_head + Sq + rows, mask=rows < Sq, other=0.0)
+    else:
+        lse2 = tl.load(Stats_head + rows)
+        delta = tl.load(Stats_head + Sq + rows)
+    if q.dtype == tl.float32:
+        lse2_lo = tl.load(Stats_head + 2 * Sq + rows, mask=rows < Sq, other=0.0)
+    else:
+        lse2_lo = tl.zeros_like(lse2)
+    return lse2, lse2_lo, delta
+
+
+@triton.jit
+def probs(s, lse2, lse2_lo, q):
+    """The backward's ``P = exp2(s - lse2)`` from log2-domain scores ``s`` (a tile of ``q``'s
+    rows) and the broadcast row statistics.
+
+    For fp32 inputs the LSE is ``lse2 + lse2_lo``: ``s - lse2`` is exact for every entry that
+    matters (both ~1.44x the logit), then ``lse2_lo`` is taken off, so P carries only the
+    scores' own rounding (an fp32 LSE alone made dV 2-4x torch's fp32 error at logits ~1e3).
+    """
+    if q.dtype == tl.float32:
+        return tl.math.exp2(s - lse2 - lse2_lo)
+    else:
+        return tl.math.exp2(s - lse2)

@@ -28,17 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import acc_dtype, sm_count
+from .._runtime import acc_dtype, lse_dtype, sm_count
 from ..configs import fa1_blocks
 from . import _common
 from ._common import (
     load_tile,
     lse_epilogue,
     mma,
+    probs,
     program_bh,
+    row_stats,
     scaled,
     score,
     softmax_update,
+    stats_head,
     store_tile,
     tile_ptrs,
     visible,
@@ -153,15 +156,14 @@ def _fa1_bwd_kernel(
             off_h = off_hkv * GROUP + g
             Q_head = Q + off_b * stride_qb + off_h * stride_qh
             DO_head = DO + off_b * stride_dob + off_h * stride_doh
-            Stats_head = Stats + (off_b * H + off_h) * 2 * Sq
+            Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
             for start_m in range(i_lo, Sq, BLOCK_M):  # inner loop: query blocks
                 rows = start_m + offs_r
                 row_ok = rows < Sq
                 q = load_tile(tile_ptrs(Q_head, start_m, stride_qs, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
                 do = load_tile(tile_ptrs(DO_head, start_m, stride_dos, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
-                lse2 = tl.load(Stats_head + rows, mask=row_ok, other=float("inf"))
-                delta = tl.load(Stats_head + Sq + rows, mask=row_ok, other=0.0)
-                p = tl.math.exp2(score(q, tl.trans(k), qk_scale, qk_scale_lo) - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+                lse2, lse2_lo, delta = row_stats(Stats_head, rows, Sq, q, True)
+                p = probs(score(q, tl.trans(k), qk_scale, qk_scale_lo), lse2[:, None], lse2_lo[:, None], q)
                 p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
                 dv = mma(tl.trans(p), do, dv)
                 dp = mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE))
@@ -193,7 +195,7 @@ def fa1_forward(
     acc = acc_dtype(q.dtype)
     block_r, block_c = fa1_blocks(q.dtype, d, q.device)
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, sq), dtype=acc, device=q.device)
+    lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     o_acc = torch.empty((b * h, sq, bd), dtype=acc, device=q.device)  # O in HBM
     l_ws = torch.empty((b * h, sq), dtype=acc, device=q.device)  # l in HBM
     m_ws = torch.empty_like(l_ws)  # m in HBM

@@ -27,10 +27,13 @@ from ._common import (
     kv_range,
     load_tile,
     mma,
+    probs,
     program_bh,
     q_range,
+    row_stats,
     scaled,
     score,
+    stats_head,
     store_tile,
     tile_ptrs,
     visible,
@@ -45,21 +48,15 @@ def _dkdv_inner(
 ):
     """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
     ``q_ptrs``/``do_ptrs`` point at the (BLOCK_M, BLOCK_D) tile of row ``m_start``;
-    ``Stats_head`` at the head's (2, Sq) lse2/delta rows."""
+    ``Stats_head`` at the head's row statistics (:func:`._common.stats_head`)."""
     BLOCK_M: tl.constexpr = q_ptrs.shape[0]
     offs_r = tl.arange(0, BLOCK_M)
     for start_m in range(m_start, m_end, BLOCK_M):
         rows = start_m + offs_r
         q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, MASKED)  # (BLOCK_M, BLOCK_D)
         do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, MASKED)
-        if MASKED:
-            # Rows past Sq: lse2 = +inf makes their P exactly 0.
-            lse2 = tl.load(Stats_head + rows, mask=rows < Sq, other=float("inf"))
-            delta = tl.load(Stats_head + Sq + rows, mask=rows < Sq, other=0.0)
-        else:
-            lse2 = tl.load(Stats_head + rows)
-            delta = tl.load(Stats_head + Sq + rows)
-        p_t = tl.math.exp2(score(k, tl.trans(q), qk_scale, qk_scale_lo) - lse2[None, :])  # (BLOCK_N, BLOCK_M) = P^T
+        lse2, lse2_lo, delta = row_stats(Stats_head, rows, Sq, q, MASKED)  # rows past Sq: P = 0
+        p_t = probs(score(k, tl.trans(q), qk_scale, qk_scale_lo), lse2[None, :], lse2_lo[None, :], q)  # P^T
         if MASKED:
             if IS_CAUSAL:  # keys past Sk need no mask here: their dK/dV rows are never stored
                 p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, True), p_t, 0.0)
@@ -101,7 +98,7 @@ def _bwd_dkdv_kernel(
         off_h = off_hkv * GROUP + g
         Q_head = Q + off_b * stride_qb + off_h * stride_qh
         DO_head = DO + off_b * stride_dob + off_h * stride_doh
-        Stats_head = Stats + (off_b * H + off_h) * 2 * Sq
+        Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
         # Diagonal tiles (causal mask), full tiles (no mask), then the ragged last tile.
         dk, dv = _dkdv_inner(
             dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
@@ -125,7 +122,7 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_inner(
-    dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
+    dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
 ):
@@ -137,7 +134,7 @@ def _dq_inner(
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)
         v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
-        p = tl.math.exp2(score(q, tl.trans(k), qk_scale, qk_scale_lo) - lse2[:, None])  # (BLOCK_M, BLOCK_N)
+        p = probs(score(q, tl.trans(k), qk_scale, qk_scale_lo), lse2[:, None], lse2_lo[:, None], q)  # (M, N)
         if MASKED:
             p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
         dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
@@ -165,18 +162,17 @@ def _bwd_dq_kernel(
                   rows, Sq, HEAD_DIM, True)
     do = load_tile(tile_ptrs(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos, BLOCK_M, BLOCK_D),
                    rows, Sq, HEAD_DIM, True)
-    Stats_head = Stats + (off_b * H + off_h) * 2 * Sq
-    lse2 = tl.load(Stats_head + rows, mask=rows < Sq, other=float("inf"))
-    delta = tl.load(Stats_head + Sq + rows, mask=rows < Sq, other=0.0)
+    Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
+    lse2, lse2_lo, delta = row_stats(Stats_head, rows, Sq, q, True)
     K_head = K + off_b * stride_kb + off_hkv * stride_kh
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse2, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
+    dq = _dq_inner(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
                    tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                    rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse2, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
+    dq = _dq_inner(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
                    tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
     dq = scaled(dq, sm_scale, sm_scale_lo)

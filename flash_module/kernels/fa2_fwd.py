@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import acc_dtype
+from .._runtime import lse_dtype
 from ..configs import KernelConfig, fwd_config
 from . import _common
 from ._common import attend_kv, kv_range, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
@@ -73,13 +73,13 @@ def fa2_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1.
 
-    Returns ``out`` (B, Sq, H, D) contiguous in q's dtype and ``lse`` (B, H, Sq) float32
-    (float64 for float64 inputs).
+    Returns ``out`` (B, Sq, H, D) contiguous in q's dtype and ``lse`` (B, H, Sq) in
+    ``lse_dtype(q.dtype)`` (float32 for fp16/bf16, float64 for fp32/fp64).
     """
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, sq), dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     cfg = config or fwd_config(q.dtype, d, causal, q.device)
     _fa2_fwd_kernel[(triton.cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),

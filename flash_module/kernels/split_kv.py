@@ -1,4 +1,4 @@
-"""The seed's tiling softmax applied to attention: split-KV ("flash-decoding") forward.
+"""The tiling softmax applied to attention: split-KV ("flash-decoding") forward.
 
 The key sequence is cut into ``num_splits`` chunks processed by independent programs, grid
 (cdiv(Sq, BLOCK_M), B * H, num_splits).  Each program runs FA2's inner loop over its chunk only
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import acc_dtype, sm_count
+from .._runtime import acc_dtype, lse_dtype, sm_count
 from ..configs import split_kv_config
 from . import _common
 from ._common import (
@@ -110,9 +110,10 @@ def _combine_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     row_ok = rows < Sq
     row_base = (off_b * H + off_h) * Sq
-    log2e = tl.full([], LOG2E_C, ACC_DTYPE)
+    lse_t: tl.constexpr = Lse.dtype.element_ty  # fp64 for fp32 inputs (see lse_epilogue)
+    log2e = tl.full([], LOG2E_C, lse_t)
     # Pass 1: the global max over the chunks' LSEs.
-    big_m = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    big_m = tl.full([BLOCK_M], float("-inf"), lse_t)
     for c in range(num_splits):
         lse_c = tl.load(LsePart + tl.cast(c, tl.int64) * part_stride + row_base + rows, mask=row_ok,
                         other=float("-inf"))
@@ -124,14 +125,14 @@ def _combine_kernel(
     for c in range(num_splits):
         part = tl.cast(c, tl.int64) * part_stride + row_base
         lse_c = tl.load(LsePart + part + rows, mask=row_ok, other=float("-inf"))
-        w = tl.math.exp2((lse_c - m_sub) * log2e)  # 0 for chunks the row cannot see
+        w = tl.math.exp2(((lse_c - m_sub) * log2e).to(ACC_DTYPE))  # 0 for chunks the row cannot see
         o_c = tl.load(tile_ptrs(OPart + part * BLOCK_D, start_m, BLOCK_D, BLOCK_M, BLOCK_D), mask=row_ok[:, None],
                       other=0.0)
         acc += w[:, None] * o_c
         total += w
     seen = total > 0
     t_safe = tl.where(seen, total, 1.0)
-    lse = tl.where(seen, big_m + tl.math.log2(t_safe) * tl.full([], LN2, ACC_DTYPE), float("-inf"))
+    lse = tl.where(seen, big_m + tl.math.log2(t_safe).to(lse_t) * tl.full([], LN2, lse_t), float("-inf"))
     # Out is a new contiguous (B, Sq, H, D) tensor.
     o_ptrs = tile_ptrs(Out + (off_b * Sq * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
     store_tile(o_ptrs, acc / t_safe[:, None], rows, Sq, HEAD_DIM)
@@ -172,9 +173,9 @@ def split_kv_forward(
     chunk = triton.cdiv(triton.cdiv(sk, num_splits), cfg.block_n) * cfg.block_n
     num_splits = triton.cdiv(sk, chunk)
     o_part = torch.empty((num_splits, b * h, sq, bd), dtype=acc, device=q.device)
-    lse_part = torch.empty((num_splits, b * h, sq), dtype=acc, device=q.device)
+    lse_part = torch.empty((num_splits, b * h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((b, h, sq), dtype=acc, device=q.device)
+    lse = torch.empty_like(lse_part[0]).view(b, h, sq)
     _split_kv_fwd_kernel[(m_blocks, b * heads, num_splits)](
         q, k, v, o_part, lse_part, *_common.bsh_strides(q, k, v),
         h, group, sq, sk, causal_offset, *_common.qk_scale(softmax_scale), chunk, b * h * sq,
