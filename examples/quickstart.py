@@ -19,6 +19,7 @@ out = flash_module.flash_attn_func(q, k, v, causal=True)
 ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
 ref = ref.transpose(1, 2)
 print(f"device={device} dtype={dtype} out={tuple(out.shape)}")
+print(f"ran: {flash_module.which_implementation(q)}")
 print(f"forward  max |out - sdpa| = {(out - ref).abs().max().item():.3e}")
 
 dout = torch.randn_like(out)

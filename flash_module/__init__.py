@@ -6,9 +6,13 @@ Public entry points:
 * :func:`scaled_dot_product_attention`: torch's SDPA signature on (B, H, S, D).
 * :class:`FlashAttention`, :class:`MultiheadFlashAttention`: nn.Module layers.
 * :func:`ring_attention`: context parallelism over ``torch.distributed`` (:mod:`.distributed`).
-* :func:`softmax`: the seed's online / tiling softmax as Triton ops (:mod:`.softmax` holds the ops).
+* :func:`softmax`: the online softmax (one streaming pass) and the tiling softmax (row chunks in
+  parallel, then merged) as Triton ops (:mod:`.softmax` holds the ops).
 * ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd``: the ops themselves (:mod:`.ops`).
-* :mod:`.reference`: the float64 oracle and the seed's algorithms in PyTorch.
+* :mod:`.reference`: the float64 oracle and the blocked algorithms (online softmax, FA1, FA2) in
+  PyTorch, which are also the CPU path.
+* :func:`which_implementation`: what a call on given tensors runs (compiled Triton kernels, the
+  Triton interpreter, or the PyTorch path).
 
 ``mode=`` picks the algorithm (:data:`MODES`: ``fa2``, ``fa1``, ``tiling``) and ``impl=`` the
 implementation (:data:`IMPLS`: ``auto``, ``triton``, ``torch``) in every entry point.
@@ -24,7 +28,7 @@ from .api import (
 )
 from .distributed import ring_attention
 from .module import FlashAttention, MultiheadFlashAttention, RotaryEmbedding
-from .ops import IMPLS, MODES
+from .ops import IMPLS, MODES, which_implementation
 
 # The function shadows its module's name on the package: ``flash_module.softmax(x)`` is the call;
 # ``from flash_module.softmax import ALGORITHMS`` still reaches the module.
@@ -47,4 +51,5 @@ __all__ = [
     "ring_attention",
     "scaled_dot_product_attention",
     "softmax",
+    "which_implementation",
 ]

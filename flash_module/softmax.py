@@ -1,6 +1,6 @@
 """Softmax over one dim, backed by Triton kernels registered as ``torch.library`` custom ops.
 
-The seed's section 1 as a usable op: :func:`softmax` takes any tensor and any dim, like
+The online and tiling softmax as a usable op: :func:`softmax` takes any tensor and any dim, like
 ``torch.softmax``, with two algorithms (see :mod:`flash_module.kernels.softmax`):
 
 * ``"online"``: one program per row (or per block of short rows); a row that fits in one

@@ -87,7 +87,7 @@ def test_main_cpu_table_json_and_na(tmp_path, capsys) -> None:
     argv += ["--passes", "fwd", "--cpu-reps", "1", "--quiet", "--plain", "--json", str(out)]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    assert "CPU RUN" in text and "torch" in text
+    assert "CPU run: 'ours' is flash_module's PyTorch path" in text and "torch" in text
     assert "n/a reasons:" in text  # cuDNN has no CPU kernel
     payload = json.loads(out.read_text())
     assert payload["environment"]["torch"] == torch.__version__
@@ -115,3 +115,5 @@ def test_module_shim_help() -> None:
                          capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     assert "usage: python benchmarks/bench.py" in res.stdout and "--impls" in res.stdout
+    # Device-dependent defaults are spelled out ([GPU: ..; CPU: ..]), never "(default: None)".
+    assert "default: None" not in res.stdout and "512,1024]" in res.stdout

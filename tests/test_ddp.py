@@ -87,7 +87,8 @@ def _worker(rank: int, world_size: int, port: int, rotary: bool, out_path: str) 
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("rotary", [False, True], ids=["plain", "rotary"])
+@pytest.mark.parametrize("rotary", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["plain", "rotary"])
 def test_ddp_gloo_gradients_match_single_process(tmp_path, monkeypatch, rotary):
     mp = pytest.importorskip("torch.multiprocessing")
     # Spawned children import this module again: make sure they find flash_module and tests/.

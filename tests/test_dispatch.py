@@ -110,3 +110,14 @@ def test_deprecation_warning_points_at_the_caller():
         warnings.simplefilter("always")
         fm.flash_attn_func(q, q, q, mode="reference")
     assert caught and caught[0].filename == __file__
+
+
+def test_which_implementation_names_the_path(device):
+    """The path a call takes, in words: compiled kernels on CUDA, the interpreter on CPU under
+    TRITON_INTERPRET=1 (as in this suite), the PyTorch path when asked for."""
+    t = torch.zeros(1, device=device)
+    expected = "Triton kernels compiled for" if device == "cuda" else "Triton kernels under the interpreter"
+    assert fm.which_implementation(t).startswith(expected)
+    assert fm.which_implementation(t, impl="torch").startswith("PyTorch path")
+    with pytest.raises(ValueError, match="impl"):
+        fm.which_implementation(t, impl="cuda")

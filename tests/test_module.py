@@ -184,6 +184,7 @@ def test_autocast_like_sdpa(autocast_dtype, device):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_compiled_gpt_trains_like_eager(device):
     torch._dynamo.reset()
     torch.manual_seed(0)

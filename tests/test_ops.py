@@ -18,7 +18,8 @@ OPCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
+@pytest.mark.parametrize("mode", ["fa2", pytest.param("fa1", marks=pytest.mark.slow),
+                                  pytest.param("tiling", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("dtype,layout,causal", OPCHECK_CASES)
 def test_opcheck_attention_fwd(dtype, layout, causal, mode, device):
     q, k, v = make_qkv(1, 19, 33, 4, 2, 32, dtype, device, layout)
@@ -42,7 +43,8 @@ GRADCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
+@pytest.mark.parametrize("mode", ["fa2", pytest.param("fa1", marks=pytest.mark.slow),
+                                  pytest.param("tiling", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("sq,sk,h,h_kv,d,causal", GRADCHECK_CASES)
 def test_gradcheck_fp64(sq, sk, h, h_kv, d, causal, mode, device):
     """Finite differences vs the Triton backward, in float64 (fp64 accumulators in the kernels)."""

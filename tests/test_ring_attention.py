@@ -95,14 +95,18 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
 
 
 CASES = [
-    pytest.param(1, (16, 2, 2, 16, True, "contiguous", "fa2"), id="w1-causal"),
-    pytest.param(2, (32, 4, 2, 16, False, "contiguous", "fa2"), id="w2-full-contig-gqa"),
-    pytest.param(2, (32, 4, 4, 16, True, "contiguous", "fa2"), id="w2-causal-contig"),
+    # The default run keeps two cases (each spawns processes: ~7 s); the rest are `slow`.
+    pytest.param(1, (16, 2, 2, 16, True, "contiguous", "fa2"), id="w1-causal", marks=pytest.mark.slow),
+    pytest.param(2, (32, 4, 2, 16, False, "contiguous", "fa2"), id="w2-full-contig-gqa",
+                 marks=pytest.mark.slow),
+    pytest.param(2, (32, 4, 4, 16, True, "contiguous", "fa2"), id="w2-causal-contig", marks=pytest.mark.slow),
     pytest.param(2, (32, 4, 1, 16, True, "zigzag", "fa2"), id="w2-causal-zigzag-mqa"),
-    pytest.param(4, (64, 2, 2, 16, True, "zigzag", "fa2"), id="w4-causal-zigzag"),
-    pytest.param(4, (32, 2, 1, 16, False, "contiguous", "tiling"), id="w4-full-contig-tiling"),
-    pytest.param(2, (32, 2, 2, 16, True, "contiguous", "fa1"), id="w2-causal-fa1"),
-    pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.bfloat16), id="w2-causal-zigzag-bf16"),
+    pytest.param(4, (64, 2, 2, 16, True, "zigzag", "fa2"), id="w4-causal-zigzag", marks=pytest.mark.slow),
+    pytest.param(4, (32, 2, 1, 16, False, "contiguous", "tiling"), id="w4-full-contig-tiling",
+                 marks=pytest.mark.slow),
+    pytest.param(2, (32, 2, 2, 16, True, "contiguous", "fa1"), id="w2-causal-fa1", marks=pytest.mark.slow),
+    pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.bfloat16), id="w2-causal-zigzag-bf16",
+                 marks=pytest.mark.slow),
     # (B, H, S, D) storage, i.e. non-contiguous K/V with H_kv > 1 (FlashAttention(layout="bhsd")).
     pytest.param(2, (16, 2, 2, 16, True, "contiguous", "fa2", torch.float32, "bhsd"), id="w2-causal-bhsd"),
 ]
@@ -147,6 +151,7 @@ def test_ring_attention_nccl(world, case, monkeypatch):
     _spawn_and_check(world, case, "nccl", fp32_tol=1e-4)
 
 
+@pytest.mark.slow
 def test_bench_ring_cpu_smoke(tmp_path):
     """benchmarks/bench_ring.py (weak scaling) runs end to end with gloo on CPU: 1 and 2 ranks."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ring.py"
@@ -242,6 +247,7 @@ def _module_worker(rank, world, port, layout, errors):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_module_context_parallel(layout):
     """MultiheadFlashAttention(context_parallel_group=...) with RoPE on global positions."""

@@ -56,6 +56,7 @@ def test_five_steps_match_sdpa(train_gpt, extra):
     _assert_runs_agree(result)
 
 
+@pytest.mark.slow
 def test_loss_decreases_with_rotary_mqa(train_gpt):
     result = train_gpt.main([*TINY, "--steps", "20", "--seq-len", "32", "--batch-size", "4",
                              "--kv-heads", "1", "--rotary", "--lr", "1e-2"])

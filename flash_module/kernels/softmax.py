@@ -1,4 +1,4 @@
-"""Row softmax in Triton: the seed's section 1 (online and tiling softmax) and its backward.
+"""Row softmax in Triton: the online and tiling softmax, and their backward.
 
 Every kernel works on a contiguous (rows, n) matrix and reduces along the last dim.  Inputs are
 read in their own dtype and upcast to the accumulator dtype (fp64 for fp64, fp32 otherwise);
