@@ -1,0 +1,129 @@
+"""FlashAttention-2 forward over packed variable-length sequences ("varlen"), in Triton.
+
+Work in progress for issue #12 (see docs/varlen.md): the forward only, not yet behind a public
+function or an op.
+
+Layout (flash-attn's varlen layout): q (Tq, H, D), k and v (Tk, H_kv, D) hold B sequences back
+to back; sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and
+``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of k/v.  Causal masking is bottom-right per sequence
+(query ``i`` of sequence ``b`` sees keys ``j <= i + len_k[b] - len_q[b]``).
+
+No host synchronisation: the grid is a static bound, ``cdiv(Tq, BLOCK_M) + B`` programs per
+head, computed from shapes.  A device-side prefix sum of the per-sequence query-block counts
+(``cu_blocks``) is the work list; each program binary-searches it for its sequence and block,
+and programs past the last block return at once.  Offsets read from ``cu_seqlens`` are clamped
+to the tensors, so wrong values give wrong answers, never out-of-bounds accesses.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .._runtime import lse_dtype
+from ..configs import fwd_config
+from . import _common
+from ._common import attend_kv, kv_range, load_tile, lse_epilogue, store_tile, tile_ptrs
+
+
+@triton.jit
+def seq_of_block(CuBlocks, p, B, LOG_B: tl.constexpr):
+    """The sequence ``b`` whose query blocks include work item ``p``: the largest ``b`` in
+    [0, B] with ``cu_blocks[b] <= p`` (``B`` when ``p`` is past the last block).  Sequences with
+    no block (length 0) are skipped by construction.  ``2**LOG_B > B``."""
+    b = p * 0
+    for i in tl.static_range(LOG_B):
+        cand = b + (1 << (LOG_B - 1 - i))
+        start = tl.load(CuBlocks + cand, mask=cand <= B, other=2147483647)
+        b = tl.where(start <= p, cand, b)
+    return b
+
+
+@triton.jit
+def seq_bounds(Cu, b, T):
+    """(start, length) of sequence ``b`` from its cu_seqlens, clamped into [0, T]."""
+    start = tl.minimum(tl.maximum(tl.load(Cu + b), 0), T)
+    end = tl.minimum(tl.maximum(tl.load(Cu + b + 1), start), T)
+    return start.to(tl.int64), end - start
+
+
+@triton.jit
+def _varlen_fwd_kernel(
+    Q, K, V, Out, Lse, CuQ, CuK, CuBlocks,
+    stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+    B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    p = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_hkv = off_h // GROUP
+    b = seq_of_block(CuBlocks, p, B, LOG_B)
+    if b < B:  # programs past the last query block have nothing to do
+        q_start, len_q = seq_bounds(CuQ, b, Tq)
+        k_start, len_k = seq_bounds(CuK, b, Tk)
+        causal_offset = len_k - len_q  # bottom-right, per sequence
+        start_m = (p - tl.load(CuBlocks + b)) * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
+
+        q_ptrs = tile_ptrs(Q + q_start * stride_qs + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D)
+        q = load_tile(q_ptrs, rows, len_q, HEAD_DIM, True)  # (BLOCK_M, BLOCK_D)
+        K_head = K + k_start * stride_ks + off_hkv * stride_kh
+        V_head = V + k_start * stride_vs + off_hkv * stride_vh
+
+        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+        l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+        m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+        n_full, hi = kv_range(start_m, len_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        acc, l_i, m_i = attend_kv(
+            acc, l_i, m_i, q, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
+            tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+            rows, 0, n_full, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
+        acc, l_i, m_i = attend_kv(
+            acc, l_i, m_i, q, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
+            tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+            rows, n_full, hi, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+
+        l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
+        # Out is a new contiguous (Tq, H, D) tensor, Lse a contiguous (H, Tq) one.
+        o_ptrs = tile_ptrs(Out + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
+        store_tile(o_ptrs, acc / l_safe[:, None], rows, len_q, HEAD_DIM)
+        tl.store(Lse + off_h * Tq + q_start + rows, lse, mask=rows < len_q)
+
+
+def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
+    """``cu_blocks`` (B + 1,) int32: prefix sums of each sequence's block count, on the device
+    (torch ops, no host sync)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).clamp(min=0)
+    blocks = torch.div(lens + (block - 1), block, rounding_mode="floor")
+    return torch.cat([blocks.new_zeros(1), torch.cumsum(blocks, 0)]).to(torch.int32)
+
+
+def varlen_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Varlen FA2 forward.  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
+    cu_seqlens_q/k (B + 1,) int32 on q's device.
+
+    Returns ``out`` (Tq, H, D) in q's dtype and ``lse`` (H, Tq) in ``lse_dtype(q.dtype)``;
+    rows that belong to no sequence get out = 0 and lse = -inf.
+    """
+    tq, h, d = q.shape
+    tk, h_kv = k.shape[0], k.shape[1]
+    b = cu_seqlens_q.numel() - 1
+    cfg = fwd_config(q.dtype, d, causal, q.device)
+    cu_blocks = work_list(cu_seqlens_q, cfg.block_m)
+    out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
+    lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    programs = triton.cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
+    if programs == 0 or h == 0:
+        return out, lse
+    _varlen_fwd_kernel[(programs, h)](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_blocks,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        b, h, h // h_kv, tq, tk, *_common.qk_scale(softmax_scale),
+        HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
+        LOG_B=max(1, b.bit_length()), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_common.kernel_flags(q),
+    )
+    return out, lse
