@@ -1,12 +1,13 @@
-"""The varlen FA2 forward kernel (issue #12, work in progress: forward only, no public API yet)
-against the float64 oracle, sequence by sequence (flash-attn's 2x rule on the packed result)."""
+"""The varlen FA2 kernels (issue #12, work in progress: no op or public API yet), forward and
+backward, against the float64 oracle sequence by sequence (flash-attn's 2x rule on the packed
+result)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from flash_module.kernels.varlen import varlen_forward, work_list
+from flash_module.kernels.varlen import varlen_backward, varlen_forward, work_list
 from flash_module.reference import attention_ref
 
 from .helpers import assert_flash_rule
@@ -26,36 +27,42 @@ def _pack(lengths, h, d, dtype, device):
     return torch.randn(int(sum(lengths)), h, d, dtype=dtype, device=device), cu
 
 
-def _oracle(q, k, v, cu_q, cu_k, scale, causal, dtype):
-    """Packed (out, lse (H, Tq)) from attention_ref on each sequence, in ``dtype``."""
-    out = torch.zeros(q.shape, dtype=dtype, device=q.device)
+def _oracle(q, k, v, dout, cu_q, cu_k, scale, causal, dtype):
+    """Packed (out, lse (H, Tq), dq, dk, dv) from attention_ref on each sequence, in ``dtype``."""
+    out, dq, dk, dv = (torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, q, k, v))
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
     for b in range(cu_q.numel() - 1):
         qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
         if qe == qs:
             continue
-        seq = (t[None].to(dtype) for t in (q[qs:qe], k[ks:ke], v[ks:ke]))
+        seq = [t[None].detach().to(dtype).requires_grad_() for t in (q[qs:qe], k[ks:ke], v[ks:ke])]
         o, s = attention_ref(*seq, scale, causal, True)
-        out[qs:qe], lse[:, qs:qe] = o[0], s[0].double()
-    return out, lse
+        grads = torch.autograd.grad(o, seq, dout[qs:qe][None].to(dtype))
+        out[qs:qe], lse[:, qs:qe] = o[0].detach(), s[0].detach().double()
+        dq[qs:qe], dk[ks:ke], dv[ks:ke] = (g[0] for g in grads)
+    return out, lse, dq, dk, dv
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("lens_q,lens_k,h,h_kv,d", CASES)
-def test_varlen_forward_matches_oracle(lens_q, lens_k, h, h_kv, d, dtype, causal, device):
+def test_varlen_matches_oracle(lens_q, lens_k, h, h_kv, d, dtype, causal, device):
     q, cu_q = _pack(lens_q, h, d, dtype, device)
     k, cu_k = _pack(lens_k, h_kv, d, dtype, device)
-    v = torch.randn_like(k)
+    v, dout = torch.randn_like(k), torch.randn_like(q)
     scale = d**-0.5
     out, lse = varlen_forward(q, k, v, cu_q, cu_k, scale, causal)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (h, q.shape[0])
-    ref, ref_lse = _oracle(q, k, v, cu_q, cu_k, scale, causal, torch.float64)
-    lowp, _ = _oracle(q, k, v, cu_q, cu_k, scale, causal, dtype)
-    assert_flash_rule("out", out, ref, lowp, dtype)
-    finite = torch.isfinite(ref_lse)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
+    oracle = _oracle(q, k, v, dout, cu_q, cu_k, scale, causal, torch.float64)
+    lowp = _oracle(q, k, v, dout, cu_q, cu_k, scale, causal, dtype)
+    ours = (out, *grads)
+    for name, a, o, p in zip(["out", "dq", "dk", "dv"], ours, oracle[:1] + oracle[2:], lowp[:1] + lowp[2:]):
+        assert a.shape == o.shape and a.dtype == dtype, name
+        assert_flash_rule(name, a, o, p, dtype)
+    finite = torch.isfinite(oracle[1])
     assert torch.equal(torch.isfinite(lse), finite)  # -inf exactly where a row sees no key
-    assert torch.allclose(lse.double()[finite], ref_lse[finite], atol=1e-3, rtol=0)
+    assert torch.allclose(lse.double()[finite], oracle[1][finite], atol=1e-3, rtol=0)
 
 
 def test_work_list_skips_empty_sequences(device):

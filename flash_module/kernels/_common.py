@@ -396,20 +396,22 @@ def stats_head(Stats, off_b, off_h, H, Sq):
 
 
 @triton.jit
-def row_stats(Stats_head, rows, Sq, q, MASKED: tl.constexpr):
+def row_stats(Stats_head, stride, rows, Sq, q, MASKED: tl.constexpr):
     """``(lse2, lse2_lo, delta)`` of the query rows ``rows`` (``q``: their tile, for its dtype).
 
-    ``lse2_lo`` is read for fp32 inputs only (zeros otherwise); pass all three to :func:`probs`.
+    ``Stats_head`` points at row 0's ``lse2``; ``stride`` is the distance between the three
+    statistics rows (Sq for a dense head, the total token count for varlen).  ``lse2_lo`` is
+    read for fp32 inputs only (zeros otherwise); pass all three to :func:`probs`.
     ``MASKED``: rows past Sq get ``lse2 = +inf`` (P = 0) and ``delta = 0``.
     """
     if MASKED:
         lse2 = tl.load(Stats_head + rows, mask=rows < Sq, other=float("inf"))
-        delta = tl.load(Stats_head + Sq + rows, mask=rows < Sq, other=0.0)
+        delta = tl.load(Stats_head + stride + rows, mask=rows < Sq, other=0.0)
     else:
         lse2 = tl.load(Stats_head + rows)
-        delta = tl.load(Stats_head + Sq + rows)
+        delta = tl.load(Stats_head + stride + rows)
     if q.dtype == tl.float32:
-        lse2_lo = tl.load(Stats_head + 2 * Sq + rows, mask=rows < Sq, other=0.0)
+        lse2_lo = tl.load(Stats_head + 2 * stride + rows, mask=rows < Sq, other=0.0)
     else:
         lse2_lo = tl.zeros_like(lse2)
     return lse2, lse2_lo, delta
@@ -428,3 +430,62 @@ def probs(s, lse2, lse2_lo, q):
         return tl.math.exp2(s - lse2 - lse2_lo)
     else:
         return tl.math.exp2(s - lse2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward's two loops (FA2's dK/dV and dQ passes; dense and varlen kernels)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def dkdv_loop(
+    dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
+    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
+    ``q_ptrs``/``do_ptrs`` point at the (BLOCK_M, BLOCK_D) tile of row ``m_start``;
+    ``Stats_head``/``stats_stride`` locate the rows' statistics (:func:`row_stats`)."""
+    BLOCK_M: tl.constexpr = q_ptrs.shape[0]
+    offs_r = tl.arange(0, BLOCK_M)
+    for start_m in range(m_start, m_end, BLOCK_M):
+        rows = start_m + offs_r
+        q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, MASKED)  # (BLOCK_M, BLOCK_D)
+        do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, MASKED)
+        lse2, lse2_lo, delta = row_stats(Stats_head, stats_stride, rows, Sq, q, MASKED)  # rows past Sq: P = 0
+        p_t = probs(score(k, tl.trans(q), qk_scale, qk_scale_lo), lse2[None, :], lse2_lo[None, :], q)  # P^T
+        if MASKED:
+            if IS_CAUSAL:  # keys past Sk need no mask here: their dK/dV rows are never stored
+                p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, True), p_t, 0.0)
+        dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
+        dp_t = mma(v, tl.trans(do), tl.zeros(p_t.shape, dk.dtype))  # (BLOCK_N, BLOCK_M) = dP^T
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T
+        dk = mma(ds_t, q, dk)
+        q_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_dos
+    return dk, dv
+
+
+@triton.jit
+def dq_loop(
+    dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows``.
+    ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key ``n_start``."""
+    BLOCK_N: tl.constexpr = k_ptrs.shape[0]
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(n_start, n_end, BLOCK_N):
+        cols = start_n + offs_n
+        k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)
+        v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
+        p = probs(score(q, tl.trans(k), qk_scale, qk_scale_lo), lse2[:, None], lse2_lo[:, None], q)  # (M, N)
+        if MASKED:
+            p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
+        dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
+        ds = p * (dp - delta[:, None])
+        dq = mma(ds, k, dq)  # (BLOCK_M, BLOCK_D)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return dq

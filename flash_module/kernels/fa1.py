@@ -162,7 +162,7 @@ def _fa1_bwd_kernel(
                 row_ok = rows < Sq
                 q = load_tile(tile_ptrs(Q_head, start_m, stride_qs, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
                 do = load_tile(tile_ptrs(DO_head, start_m, stride_dos, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
-                lse2, lse2_lo, delta = row_stats(Stats_head, rows, Sq, q, True)
+                lse2, lse2_lo, delta = row_stats(Stats_head, Sq, rows, Sq, q, True)
                 p = probs(score(q, tl.trans(k), qk_scale, qk_scale_lo), lse2[:, None], lse2_lo[:, None], q)
                 p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
                 dv = mma(tl.trans(p), do, dv)

@@ -24,49 +24,18 @@ import triton.language as tl
 from ..configs import KernelConfig, bwd_configs
 from . import _common
 from ._common import (
+    dkdv_loop,
+    dq_loop,
     kv_range,
     load_tile,
-    mma,
-    probs,
     program_bh,
     q_range,
     row_stats,
     scaled,
-    score,
     stats_head,
     store_tile,
     tile_ptrs,
-    visible,
 )
-
-
-@triton.jit
-def _dkdv_inner(
-    dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head,
-    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-):
-    """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
-    ``q_ptrs``/``do_ptrs`` point at the (BLOCK_M, BLOCK_D) tile of row ``m_start``;
-    ``Stats_head`` at the head's row statistics (:func:`._common.stats_head`)."""
-    BLOCK_M: tl.constexpr = q_ptrs.shape[0]
-    offs_r = tl.arange(0, BLOCK_M)
-    for start_m in range(m_start, m_end, BLOCK_M):
-        rows = start_m + offs_r
-        q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, MASKED)  # (BLOCK_M, BLOCK_D)
-        do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, MASKED)
-        lse2, lse2_lo, delta = row_stats(Stats_head, rows, Sq, q, MASKED)  # rows past Sq: P = 0
-        p_t = probs(score(k, tl.trans(q), qk_scale, qk_scale_lo), lse2[None, :], lse2_lo[None, :], q)  # P^T
-        if MASKED:
-            if IS_CAUSAL:  # keys past Sk need no mask here: their dK/dV rows are never stored
-                p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, True), p_t, 0.0)
-        dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
-        dp_t = mma(v, tl.trans(do), tl.zeros(p_t.shape, dk.dtype))  # (BLOCK_N, BLOCK_M) = dP^T
-        ds_t = p_t * (dp_t - delta[None, :])  # dS^T
-        dk = mma(ds_t, q, dk)
-        q_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
-    return dk, dv
 
 
 @triton.jit
@@ -100,17 +69,17 @@ def _bwd_dkdv_kernel(
         DO_head = DO + off_b * stride_dob + off_h * stride_doh
         Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
         # Diagonal tiles (causal mask), full tiles (no mask), then the ragged last tile.
-        dk, dv = _dkdv_inner(
+        dk, dv = dkdv_loop(
             dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
-            tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
+            tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Sq,
             cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
-        dk, dv = _dkdv_inner(
+        dk, dv = dkdv_loop(
             dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
-            tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
+            tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Sq,
             cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-        dk, dv = _dkdv_inner(
+        dk, dv = dkdv_loop(
             dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
-            tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
+            tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Sq,
             cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
 
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
@@ -118,31 +87,6 @@ def _bwd_dkdv_kernel(
     kv_base = (off_b * Sk * H_KV + off_hkv) * HEAD_DIM
     store_tile(tile_ptrs(DK + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
     store_tile(tile_ptrs(DV + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
-
-
-@triton.jit
-def _dq_inner(
-    dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-):
-    """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows``.
-    ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key ``n_start``."""
-    BLOCK_N: tl.constexpr = k_ptrs.shape[0]
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(n_start, n_end, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)
-        v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
-        p = probs(score(q, tl.trans(k), qk_scale, qk_scale_lo), lse2[:, None], lse2_lo[:, None], q)  # (M, N)
-        if MASKED:
-            p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
-        dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
-        ds = p * (dp - delta[:, None])
-        dq = mma(ds, k, dq)  # (BLOCK_M, BLOCK_D)
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
-    return dq
 
 
 @triton.jit
@@ -163,16 +107,16 @@ def _bwd_dq_kernel(
     do = load_tile(tile_ptrs(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos, BLOCK_M, BLOCK_D),
                    rows, Sq, HEAD_DIM, True)
     Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
-    lse2, lse2_lo, delta = row_stats(Stats_head, rows, Sq, q, True)
+    lse2, lse2_lo, delta = row_stats(Stats_head, Sq, rows, Sq, q, True)
     K_head = K + off_b * stride_kb + off_hkv * stride_kh
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
+    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
                    tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                    rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-    dq = _dq_inner(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
+    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
                    tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
     dq = scaled(dq, sm_scale, sm_scale_lo)

@@ -1,7 +1,7 @@
 """FlashAttention-2 forward over packed variable-length sequences ("varlen"), in Triton.
 
-Work in progress for issue #12 (see docs/varlen.md): the forward only, not yet behind a public
-function or an op.
+Work in progress for issue #12 (see docs/varlen.md): forward and backward kernels, not yet
+behind an op or a public function.
 
 Layout (flash-attn's varlen layout): q (Tq, H, D), k and v (Tk, H_kv, D) hold B sequences back
 to back; sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and
@@ -20,9 +20,21 @@ import triton
 import triton.language as tl
 
 from .._runtime import lse_dtype
-from ..configs import fwd_config
+from ..configs import bwd_configs, fwd_config
 from . import _common
-from ._common import attend_kv, kv_range, load_tile, lse_epilogue, store_tile, tile_ptrs
+from ._common import (
+    attend_kv,
+    dkdv_loop,
+    dq_loop,
+    kv_range,
+    load_tile,
+    lse_epilogue,
+    q_range,
+    row_stats,
+    scaled,
+    store_tile,
+    tile_ptrs,
+)
 
 
 @triton.jit
@@ -47,6 +59,19 @@ def seq_bounds(Cu, b, T):
 
 
 @triton.jit
+def work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK: tl.constexpr, LOG_B: tl.constexpr):
+    """This program's work item (axis 0 walks the work list of ``CuBlocks``, in blocks of
+    ``BLOCK`` rows): ``(valid, q_start, len_q, k_start, len_k, start)``, where ``start`` is the
+    block's first row inside its sequence and ``valid`` is False past the last block (B >= 1)."""
+    p = tl.program_id(0)
+    b = seq_of_block(CuBlocks, p, B, LOG_B)
+    bc = tl.minimum(b, B - 1)  # in bounds even for the programs that have no work
+    q_start, len_q = seq_bounds(CuQ, bc, Tq)
+    k_start, len_k = seq_bounds(CuK, bc, Tk)
+    return b < B, q_start, len_q, k_start, len_k, (p - tl.load(CuBlocks + bc)) * BLOCK
+
+
+@triton.jit
 def _varlen_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, CuBlocks,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
@@ -54,15 +79,11 @@ def _varlen_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    p = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
-    b = seq_of_block(CuBlocks, p, B, LOG_B)
-    if b < B:  # programs past the last query block have nothing to do
-        q_start, len_q = seq_bounds(CuQ, b, Tq)
-        k_start, len_k = seq_bounds(CuK, b, Tk)
+    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK_M, LOG_B)
+    if valid:  # programs past the last query block have nothing to do
         causal_offset = len_k - len_q  # bottom-right, per sequence
-        start_m = (p - tl.load(CuBlocks + b)) * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
 
         q_ptrs = tile_ptrs(Q + q_start * stride_qs + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D)
@@ -88,6 +109,89 @@ def _varlen_fwd_kernel(
         o_ptrs = tile_ptrs(Out + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
         store_tile(o_ptrs, acc / l_safe[:, None], rows, len_q, HEAD_DIM)
         tl.store(Lse + off_h * Tq + q_start + rows, lse, mask=rows < len_q)
+
+
+@triton.jit
+def _varlen_bwd_dkdv_kernel(
+    Q, K, V, DO, Stats, DK, DV, CuQ, CuK, CuBlocks,
+    stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
+    B, H_KV, GROUP, Tq, Tk, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dK/dV of one key block of one sequence (work list over key blocks), every query head of
+    its group summed in registers; the loops are FA2's (:func:`._common.dkdv_loop`)."""
+    off_hkv = tl.program_id(1).to(tl.int64)
+    valid, q_start, len_q, k_start, len_k, start_n = work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK_N, LOG_B)
+    if valid:
+        causal_offset = len_k - len_q
+        cols = start_n + tl.arange(0, BLOCK_N)
+        k = load_tile(tile_ptrs(K + k_start * stride_ks + off_hkv * stride_kh, start_n, stride_ks, BLOCK_N, BLOCK_D),
+                      cols, len_k, HEAD_DIM, True)
+        v = load_tile(tile_ptrs(V + k_start * stride_vs + off_hkv * stride_vh, start_n, stride_vs, BLOCK_N, BLOCK_D),
+                      cols, len_k, HEAD_DIM, True)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+        lo, m_full, even_end = q_range(start_n, len_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        diag_end = tl.minimum(m_full, ((len_q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        tail_start = tl.maximum(m_full, even_end)
+        for g in range(GROUP):
+            off_h = off_hkv * GROUP + g
+            Q_head = Q + q_start * stride_qs + off_h * stride_qh
+            DO_head = DO + q_start * stride_dos + off_h * stride_doh
+            Stats_head = Stats + off_h * 3 * Tq + q_start  # (3, Tq) rows of this head, from the sequence
+            dk, dv = dkdv_loop(
+                dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
+                tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Tq,
+                cols, lo, diag_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+            dk, dv = dkdv_loop(
+                dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
+                tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Tq,
+                cols, m_full, even_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
+            dk, dv = dkdv_loop(
+                dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
+                tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Tq,
+                cols, tail_start, len_q, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+        dk = scaled(dk, sm_scale, sm_scale_lo)
+        # DK and DV are new contiguous (Tk, H_kv, D) tensors.
+        kv_base = (k_start * H_KV + off_hkv) * HEAD_DIM
+        store_tile(tile_ptrs(DK + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dk, cols, len_k, HEAD_DIM)
+        store_tile(tile_ptrs(DV + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dv, cols, len_k, HEAD_DIM)
+
+
+@triton.jit
+def _varlen_bwd_dq_kernel(
+    Q, K, V, DO, Stats, DQ, CuQ, CuK, CuBlocks,
+    stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
+    B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """dQ of one query block of one sequence (work list over query blocks, as the forward)."""
+    off_h = tl.program_id(1).to(tl.int64)
+    off_hkv = off_h // GROUP
+    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK_M, LOG_B)
+    if valid:
+        causal_offset = len_k - len_q
+        rows = start_m + tl.arange(0, BLOCK_M)
+        q = load_tile(tile_ptrs(Q + q_start * stride_qs + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D),
+                      rows, len_q, HEAD_DIM, True)
+        do = load_tile(tile_ptrs(DO + q_start * stride_dos + off_h * stride_doh, start_m, stride_dos, BLOCK_M,
+                                 BLOCK_D), rows, len_q, HEAD_DIM, True)
+        lse2, lse2_lo, delta = row_stats(Stats + off_h * 3 * Tq + q_start, Tq, rows, len_q, q, True)
+        K_head = K + k_start * stride_ks + off_hkv * stride_kh
+        V_head = V + k_start * stride_vs + off_hkv * stride_vh
+        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+        n_full, hi = kv_range(start_m, len_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
+                     tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                     rows, 0, n_full, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
+        dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
+                     tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                     rows, n_full, hi, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+        dq = scaled(dq, sm_scale, sm_scale_lo)
+        dq_ptrs = tile_ptrs(DQ + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
+        store_tile(dq_ptrs, dq, rows, len_q, HEAD_DIM)
 
 
 def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
@@ -127,3 +231,40 @@ def varlen_forward(
         **_common.kernel_flags(q),
     )
     return out, lse
+
+
+def varlen_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Varlen FA2 backward from :func:`varlen_forward`'s ``(out, lse)``; ``dout`` like ``out``.
+
+    Returns ``dq`` (Tq, H, D) and ``dk``/``dv`` (Tk, H_kv, D), contiguous; rows that belong to
+    no sequence get zero gradients.
+    """
+    tq, h, d = q.shape
+    tk, h_kv = k.shape[0], k.shape[1]
+    b = cu_seqlens_q.numel() - 1
+    dq, dk, dv = torch.zeros_like(q), torch.zeros((tk, h_kv, d), dtype=k.dtype, device=k.device), \
+        torch.zeros((tk, h_kv, d), dtype=v.dtype, device=v.device)
+    if b == 0 or h == 0:
+        return dq, dk, dv
+    # The preprocess sees the packed tensors as one batch of Tq rows: (1, H, 3, Tq) statistics.
+    stats = _common.bwd_preprocess(out[None], dout[None], lse[None], None)
+    dkdv_cfg, dq_cfg = bwd_configs(q.dtype, d, q.device)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+               dout.stride(0), dout.stride(1))
+    scales = (*_common.qk_scale(softmax_scale), *_common.split_scale(softmax_scale))
+    common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, LOG_B=max(1, b.bit_length()),
+                  **_common.kernel_flags(q))
+    _varlen_bwd_dkdv_kernel[(triton.cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
+        q, k, v, dout, stats, dk, dv, cu_seqlens_q, cu_seqlens_k, work_list(cu_seqlens_k, dkdv_cfg.block_n),
+        *strides, b, h_kv, h // h_kv, tq, tk, *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
+    )
+    _varlen_bwd_dq_kernel[(triton.cdiv(tq, dq_cfg.block_m) + b, h)](
+        q, k, v, dout, stats, dq, cu_seqlens_q, cu_seqlens_k, work_list(cu_seqlens_q, dq_cfg.block_m),
+        *strides, b, h, h // h_kv, tq, tk, *scales, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
+    )
+    return dq, dk, dv
