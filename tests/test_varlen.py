@@ -77,3 +77,23 @@ def test_varlen_forward_clamps_bad_offsets(device):
     cu = torch.tensor([0, 6, 40], dtype=torch.int32, device=device)  # claims 40 tokens, has 10
     out, lse = varlen_forward(q, q, q, cu, cu, 0.25, True)
     assert torch.isfinite(out).all() and out.shape == q.shape
+
+
+def test_varlen_strided_inputs_and_no_sequence(device):
+    """Views with a non-contiguous head axis (slices of a packed QKV) give the same gradients as
+    contiguous copies; cu_seqlens with no sequence (B = 0) launches nothing."""
+    qkv = torch.randn(30, 3, 2, 16, device=device)
+    q, k, v = qkv.unbind(1)  # (T, H, D) views, head stride 16, token stride 96
+    cu = torch.tensor([0, 7, 30], dtype=torch.int32, device=device)
+    dout = torch.randn(30, 2, 16, device=device)
+    out, lse = varlen_forward(q, k, v, cu, cu, 0.25, True)
+    grads = varlen_backward(dout, q, k, v, out, lse, cu, cu, 0.25, True)
+    dense = [t.contiguous() for t in (q, k, v)]
+    out_c, lse_c = varlen_forward(*dense, cu, cu, 0.25, True)
+    grads_c = varlen_backward(dout, *dense, out_c, lse_c, cu, cu, 0.25, True)
+    assert torch.equal(out, out_c)
+    for g, gc in zip(grads, grads_c):
+        assert g.is_contiguous() and torch.equal(g, gc)
+    none = torch.zeros(1, dtype=torch.int32, device=device)
+    out, lse = varlen_forward(q, k, v, none, none, 0.25, False)
+    assert torch.all(out == 0) and torch.all(lse == float("-inf"))

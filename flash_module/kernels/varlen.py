@@ -220,7 +220,7 @@ def varlen_forward(
     out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     programs = triton.cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
-    if programs == 0 or h == 0:
+    if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
     _varlen_fwd_kernel[(programs, h)](
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_blocks,
@@ -245,8 +245,10 @@ def varlen_backward(
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
     b = cu_seqlens_q.numel() - 1
-    dq, dk, dv = torch.zeros_like(q), torch.zeros((tk, h_kv, d), dtype=k.dtype, device=k.device), \
-        torch.zeros((tk, h_kv, d), dtype=v.dtype, device=v.device)
+    # New contiguous tensors (the kernels compute their strides), zero for rows in no sequence.
+    dq = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
+    dk = torch.zeros((tk, h_kv, d), dtype=k.dtype, device=k.device)
+    dv = torch.zeros((tk, h_kv, d), dtype=v.dtype, device=v.device)
     if b == 0 or h == 0:
         return dq, dk, dv
     # The preprocess sees the packed tensors as one batch of Tq rows: (1, H, 3, Tq) statistics.
