@@ -288,6 +288,31 @@ def attend_kv(
 
 
 @triton.jit
+def attend_rows(
+    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, the full key
+    blocks of :func:`kv_range` without masks, then the diagonal / ragged ones masked.
+    ``K_head``/``V_head`` point at the head's key 0."""
+    BLOCK_M: tl.constexpr = q.shape[0]
+    BLOCK_D: tl.constexpr = q.shape[1]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)  # unnormalised O
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)  # running sum of exp2(s - m)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max (log2 domain)
+    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = attend_kv(
+        acc, l_i, m_i, q, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
+        tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+        rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
+    acc, l_i, m_i = attend_kv(
+        acc, l_i, m_i, q, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
+        tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+        rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def kv_range(start_m, Sk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              IS_CAUSAL: tl.constexpr):
     """Key range of the query block [start_m, start_m + BLOCK_M): returns (n_full, hi).
@@ -488,4 +513,49 @@ def dq_loop(
         dq = mma(ds, k, dq)  # (BLOCK_M, BLOCK_D)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
+    return dq
+
+
+@triton.jit
+def dkdv_head(
+    dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
+    cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """One query head's part of a key block's dK/dV, over :func:`q_range`'s ranges: the
+    diagonal tiles (causal mask), the full tiles (no mask), then the ragged last tile.
+    ``Q_head``/``DO_head`` point at the head's row 0."""
+    BLOCK_D: tl.constexpr = k.shape[1]
+    diag_end = tl.minimum(m_full, ((Sq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+    tail_start = tl.maximum(m_full, even_end)
+    dk, dv = dkdv_loop(
+        dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
+        tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
+        cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    dk, dv = dkdv_loop(
+        dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
+        tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
+        cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
+    dk, dv = dkdv_loop(
+        dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
+        tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
+        stats_stride, cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    return dk, dv
+
+
+@triton.jit
+def dq_rows(
+    dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
+    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """A query block's dQ over :func:`kv_range`'s ranges: keys [0, n_full) without masks, then
+    [n_full, hi) masked.  ``K_head``/``V_head`` point at the head's key 0."""
+    BLOCK_D: tl.constexpr = q.shape[1]
+    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
+                 tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                 rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
+    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
+                 tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
     return dq

@@ -24,8 +24,8 @@ import triton.language as tl
 from ..configs import KernelConfig, bwd_configs
 from . import _common
 from ._common import (
-    dkdv_loop,
-    dq_loop,
+    dkdv_head,
+    dq_rows,
     kv_range,
     load_tile,
     program_bh,
@@ -61,26 +61,12 @@ def _bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
 
     lo, m_full, even_end = q_range(start_n, Sq, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    diag_end = tl.minimum(m_full, ((Sq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
-    tail_start = tl.maximum(m_full, even_end)
     for g in range(GROUP):  # the query heads that share this K/V head, summed in order
         off_h = off_hkv * GROUP + g
-        Q_head = Q + off_b * stride_qb + off_h * stride_qh
-        DO_head = DO + off_b * stride_dob + off_h * stride_doh
-        Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
-        # Diagonal tiles (causal mask), full tiles (no mask), then the ragged last tile.
-        dk, dv = dkdv_loop(
-            dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
-            tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Sq,
-            cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
-        dk, dv = dkdv_loop(
-            dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
-            tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Sq,
-            cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-        dk, dv = dkdv_loop(
-            dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
-            tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Sq,
-            cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+        dk, dv = dkdv_head(
+            dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
+            stride_qs, stride_dos, stats_head(Stats, off_b, off_h, H, Sq), Sq,
+            cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
 
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     # DK and DV are new contiguous (B, Sk, H_kv, D) tensors.
@@ -113,12 +99,8 @@ def _bwd_dq_kernel(
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
-                   tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                   rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
-                   tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                   rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL)
     dq = scaled(dq, sm_scale, sm_scale_lo)
     # DQ is a new contiguous (B, Sq, H, D) tensor.
     dq_ptrs = tile_ptrs(DQ + (off_b * Sq * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)

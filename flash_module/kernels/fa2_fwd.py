@@ -20,7 +20,7 @@ import triton.language as tl
 from .._runtime import lse_dtype
 from ..configs import KernelConfig, fwd_config
 from . import _common
-from ._common import attend_kv, kv_range, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
+from ._common import attend_rows, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
 
 
 @triton.jit
@@ -41,19 +41,8 @@ def _fa2_fwd_kernel(
     K_head = K + off_b * stride_kb + off_hkv * stride_kh
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)  # unnormalised O
-    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)  # running sum of exp2(s - m)
-    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max (log2 domain)
-
-    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = attend_kv(
-        acc, l_i, m_i, q, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
-        tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-        rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-    acc, l_i, m_i = attend_kv(
-        acc, l_i, m_i, q, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
-        tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-        rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset,
+                                qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     # Out is a new contiguous (B, Sq, H, D) tensor; Lse a contiguous (B, H, Sq) one.

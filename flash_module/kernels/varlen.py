@@ -23,9 +23,9 @@ from .._runtime import lse_dtype
 from ..configs import bwd_configs, fwd_config
 from . import _common
 from ._common import (
-    attend_kv,
-    dkdv_loop,
-    dq_loop,
+    attend_rows,
+    dkdv_head,
+    dq_rows,
     kv_range,
     load_tile,
     lse_epilogue,
@@ -91,18 +91,8 @@ def _varlen_fwd_kernel(
         K_head = K + k_start * stride_ks + off_hkv * stride_kh
         V_head = V + k_start * stride_vs + off_hkv * stride_vh
 
-        acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-        l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
-        m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
-        n_full, hi = kv_range(start_m, len_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        acc, l_i, m_i = attend_kv(
-            acc, l_i, m_i, q, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
-            tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-            rows, 0, n_full, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-        acc, l_i, m_i = attend_kv(
-            acc, l_i, m_i, q, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
-            tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-            rows, n_full, hi, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+        acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
+                                    qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE)
 
         l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
         # Out is a new contiguous (Tq, H, D) tensor, Lse a contiguous (H, Tq) one.
@@ -133,25 +123,12 @@ def _varlen_bwd_dkdv_kernel(
         dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
         dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
         lo, m_full, even_end = q_range(start_n, len_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        diag_end = tl.minimum(m_full, ((len_q + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
-        tail_start = tl.maximum(m_full, even_end)
         for g in range(GROUP):
             off_h = off_hkv * GROUP + g
-            Q_head = Q + q_start * stride_qs + off_h * stride_qh
-            DO_head = DO + q_start * stride_dos + off_h * stride_doh
-            Stats_head = Stats + off_h * 3 * Tq + q_start  # (3, Tq) rows of this head, from the sequence
-            dk, dv = dkdv_loop(
-                dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
-                tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Tq,
-                cols, lo, diag_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
-            dk, dv = dkdv_loop(
-                dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
-                tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Tq,
-                cols, m_full, even_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-            dk, dv = dkdv_loop(
-                dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
-                tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, Tq,
-                cols, tail_start, len_q, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+            dk, dv = dkdv_head(
+                dk, dv, k, v, Q + q_start * stride_qs + off_h * stride_qh, DO + q_start * stride_dos + off_h * stride_doh,
+                stride_qs, stride_dos, Stats + off_h * 3 * Tq + q_start, Tq,  # this head's (3, Tq) statistics
+                cols, lo, m_full, even_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
         dk = scaled(dk, sm_scale, sm_scale_lo)
         # DK and DV are new contiguous (Tk, H_kv, D) tensors.
         kv_base = (k_start * H_KV + off_hkv) * HEAD_DIM
@@ -183,12 +160,8 @@ def _varlen_bwd_dq_kernel(
         V_head = V + k_start * stride_vs + off_hkv * stride_vh
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
         n_full, hi = kv_range(start_m, len_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
-                     tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                     rows, 0, n_full, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-        dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
-                     tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                     rows, n_full, hi, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+        dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
+                     rows, n_full, hi, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL)
         dq = scaled(dq, sm_scale, sm_scale_lo)
         dq_ptrs = tile_ptrs(DQ + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
         store_tile(dq_ptrs, dq, rows, len_q, HEAD_DIM)
