@@ -36,6 +36,29 @@ def _attention_case(mode, dtype, shape, causal):
     return f"{mode} {str(dtype)[6:]} {shape} causal={causal}", run
 
 
+def _varlen_case(lens_q, lens_k, h, h_kv, d, causal, cu_q_bad=None):
+    """The varlen kernels (issue #12) on ragged sequences, zero lengths included; ``cu_q_bad``
+    replaces cu_seqlens_q with offsets past the tensor (the kernels clamp them)."""
+    from flash_module.kernels.varlen import varlen_backward, varlen_forward
+
+    def run():
+        def cu(lengths):
+            offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+            return torch.tensor(offsets, dtype=torch.int32, device="cuda")
+        q = torch.randn(sum(lens_q), h, d, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(sum(lens_k), h_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        cu_q = cu(lens_q) if cu_q_bad is None else torch.tensor(cu_q_bad, dtype=torch.int32, device="cuda")
+        cu_k = cu(lens_k)
+        out, lse = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal)
+        varlen_backward(torch.randn_like(out), q, k, v, out, lse, cu_q, cu_k, d**-0.5, causal)
+    bad = " bad-offsets" if cu_q_bad else ""
+    return f"varlen {lens_q} {lens_k} h={h}/{h_kv} d={d} causal={causal}{bad}", run
+
+
+VARLEN = [([17, 0, 1, 113, 50], [17, 0, 1, 113, 50], 2, 2, 40), ([5, 70, 1], [33, 20, 203], 4, 2, 72),
+          ([0, 0], [3, 0], 2, 2, 64)]
+
+
 def _softmax_case(algorithm, splits):
     def run():
         x = torch.randn(37, 1001, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -49,6 +72,8 @@ def cases() -> list:
     for mode, dtype in CASES:
         for shape in SHAPES[:1] if dtype == torch.float64 else SHAPES:
             out += [_attention_case(mode, dtype, shape, causal) for causal in (False, True)]
+    out += [_varlen_case(*c, causal) for c in VARLEN for causal in (False, True)]
+    out.append(_varlen_case([6, 4], [6, 4], 2, 2, 16, True, cu_q_bad=[0, 6, 40]))
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 
