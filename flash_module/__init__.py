@@ -3,12 +3,15 @@
 Public entry points:
 
 * :func:`flash_attn_func` (and the qkv/kv-packed variants): flash-attn 2.x's API on (B, S, H, D).
+* :func:`flash_attn_varlen_func` (and its packed variants): sequences of different lengths packed
+  back to back, (total_tokens, H, D) with ``cu_seqlens``; no host sync.
 * :func:`scaled_dot_product_attention`: torch's SDPA signature on (B, H, S, D).
 * :class:`FlashAttention`, :class:`MultiheadFlashAttention`: nn.Module layers.
 * :func:`ring_attention`: context parallelism over ``torch.distributed`` (:mod:`.distributed`).
 * :func:`softmax`: the online softmax (one streaming pass) and the tiling softmax (row chunks in
   parallel, then merged) as Triton ops (:mod:`.softmax` holds the ops).
-* ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd``: the ops themselves (:mod:`.ops`).
+* ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd`` / ``varlen_fwd`` / ``varlen_bwd``:
+  the ops themselves (:mod:`.ops`).
 * :mod:`.reference`: the float64 oracle and the blocked algorithms (online softmax, FA1, FA2) in
   PyTorch, which are also the CPU path.
 * :func:`which_implementation`: what a call on given tensors runs (compiled Triton kernels, the
@@ -23,6 +26,9 @@ from .api import (
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
     merge_attention_states,
     scaled_dot_product_attention,
 )
@@ -45,6 +51,9 @@ __all__ = [
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "merge_attention_states",
     "ops",
     "reference",

@@ -21,11 +21,11 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
 
-def _check_tensor(name: str, t: object, layout: str) -> None:
+def _check_tensor(name: str, t: object, layout: str, dim: int = 4) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D {layout}, got shape {tuple(t.shape)}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D {layout}, got shape {tuple(t.shape)}")
     if t.dtype not in _DTYPES:
         raise TypeError(
             f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype} (shape {tuple(t.shape)})"
@@ -43,7 +43,7 @@ def _check_qkv_bshd(
     """
     nq, nk, nv = names
     sq_, sk_, sv_ = (tuple(t.shape) for t in (shown or (q, k, v)))
-    shapes = f"{nq}: {sq_}, {nk}: {sk_}, {nv}: {sv_} ({layout})"
+    shapes = f"{nq}: {sq_}, {nk}: {sk_}, {nv}: {sv_}, each {layout}"
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
             f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}: {shapes}"
@@ -279,6 +279,197 @@ def flash_attn_kvpacked_func(
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs, mode=mode, impl=impl,
                            num_splits=num_splits)
+
+
+# -- varlen: packed variable-length sequences ----------------------------------------------------
+
+_VARLEN_LAYOUT = "(total_tokens, nheads, headdim)"
+
+
+def _check_index_tensor(name: str, t: object, like: Tensor, shape: str, numel: int | None = None) -> None:
+    """An int32 1-D metadata tensor on ``like``'s device (values are never read)."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an int32 torch.Tensor {shape}, got {type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype} (shape {tuple(t.shape)})")
+    wrong_size = t.numel() < 1 if numel is None else t.numel() != numel
+    if t.dim() != 1 or wrong_size:
+        raise ValueError(f"{name} must be 1-D {shape}, got shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} must be on the inputs' device {like.device}, got {t.device}")
+
+
+def _check_max_seqlen(name: str, x: object) -> None:
+    """An int >= 0 (a static bound, never needed: the kernels read the lengths on the device), a
+    tensor (never read: no sync) or None.  Not even looked at while torch.compile traces: any
+    use of an int argument makes dynamo guard on its value, i.e. recompile when it changes."""
+    if torch.compiler.is_compiling() or x is None or isinstance(x, Tensor):
+        return
+    if isinstance(x, bool) or not isinstance(x, (int, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, a tensor or None, got {type(x).__name__} {x!r}")
+    if x < 0:
+        raise ValueError(f"{name} must be >= 0, got {x}")
+
+
+def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, seqused_k: Tensor | None,
+                  scale: float, causal: bool) -> Tensor:
+    """(B, H, max_len_q, max_len_k) probabilities of each sequence, zero-padded (reads the
+    lengths on the host: for testing)."""
+    seqs = reference.varlen_sequences(cu_q, cu_k, q.shape[0], k.shape[0], seqused_k)
+    max_q, max_k = (max((s[i] for s in seqs), default=0) for i in (1, 3))
+    probs = q.new_zeros((len(seqs), q.shape[1], max_q, max_k), dtype=acc_dtype(q.dtype))
+    for b, (qs, lq, ks, lk) in enumerate(seqs):
+        if lq and lk:
+            probs[b, :, :lq, :lk] = reference.attention_probs(
+                q[None, qs:qs + lq], k[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True)[0]
+    return probs.to(q.dtype)
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | Tensor | None = None,
+    max_seqlen_k: int | Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: Tensor | None = None,
+    *,
+    seqused_k: Tensor | None = None,
+    mode: str = "fa2",
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """flash-attn 2.x's ``flash_attn_varlen_func``: attention over B sequences of different
+    lengths packed back to back, with no padding.
+
+    Args:
+        q: (total_q, nheads, headdim), float16/bfloat16/float32/float64; sequence ``b`` is rows
+            ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``.
+        k, v: (total_k, nheads_k, headdim), ``nheads % nheads_k == 0``; sequence ``b`` is rows
+            ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``.  Any strides with a contiguous last dim.
+        cu_seqlens_q, cu_seqlens_k: (batch + 1,) int32 on the inputs' device, nondecreasing,
+            starting at 0.  Length-0 sequences are allowed.
+        max_seqlen_q, max_seqlen_k: accepted for compatibility as an int, a tensor or None.
+            Never needed and never read: the kernels take each length from ``cu_seqlens`` on
+            the device, so there is no host sync, a CUDA graph replays for any lengths with the
+            same totals, and ``torch.compile`` does not recompile when lengths change.
+        causal: bottom-right aligned **per sequence**: query ``i`` of sequence ``b`` attends
+            keys ``j <= i + len_k[b] - len_q[b]``; rows that see no key give 0 (LSE -inf).
+        return_attn_probs: also return ``softmax_lse`` (nheads, total_q) float32 and the
+            probabilities (batch, nheads, max_len_q, max_len_k), zero-padded (for testing: it
+            reads the lengths on the host).
+        block_table: paged K/V; not implemented yet (NotImplementedError).
+        seqused_k: (batch,) int32 or None: sequence ``b`` uses only its first ``seqused_k[b]``
+            keys (its K/V rows still start at ``cu_seqlens_k[b]``).
+        mode, impl: as in :func:`flash_attn_func`; only ``mode="fa2"`` has a varlen
+            implementation.  ``impl="torch"`` (and CPU tensors without the interpreter) run
+            the PyTorch path sequence by sequence, which reads the offsets on the host.
+        deterministic: accepted; the backward is always deterministic.
+        dropout_p, window_size, softcap, alibi_slopes: not implemented yet (NotImplementedError
+            unless left at their defaults).
+
+    Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
+    kernels clamp them to the tensors, so bad values give wrong answers, never out-of-bounds
+    memory accesses.
+
+    Returns:
+        out (total_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, _VARLEN_LAYOUT, dim=3)
+    q4, k4, v4 = (t[None] for t in (q, k, v))
+    _check_qkv_bshd(q4, k4, v4, ("q", "k", "v"), _VARLEN_LAYOUT, shown=(q, k, v))
+    if q.shape[-1] == 0:
+        raise ValueError(f"head dim must be >= 1 for packed sequences, got q: {tuple(q.shape)}")
+    _check_index_tensor("cu_seqlens_q", cu_seqlens_q, q, "(batch + 1,)")
+    _check_index_tensor("cu_seqlens_k", cu_seqlens_k, q, "(batch + 1,)", cu_seqlens_q.numel())
+    if seqused_k is not None:
+        _check_index_tensor("seqused_k", seqused_k, q, "(batch,)", cu_seqlens_q.numel() - 1)
+    _check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    _check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    _check_scale("softmax_scale", softmax_scale)
+    _check_variants(dropout_p, window_size, softcap, alibi_slopes)
+    if block_table is not None and not isinstance(block_table, Tensor):
+        raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+    _unsupported(block_table=block_table is not None)
+    mode, impl = ops.check_varlen_mode(mode, impl)
+    _check_no_functorch_grad()
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _autocast(q, k, v)
+    ops.resolve_impl(q, impl)
+    out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal), mode, impl)
+    if not return_attn_probs:
+        return out
+    with torch.no_grad():
+        probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal))
+    return out, lse.to(acc_dtype(q.dtype)), probs
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: Tensor,
+    cu_seqlens: Tensor,
+    max_seqlen: int | Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    mode: str = "fa2",
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """:func:`flash_attn_varlen_func` (self-attention) on a packed (total, 3, nheads, headdim)
+    tensor, without copies."""
+    if not isinstance(qkv, Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"qkv must be (total_tokens, 3, nheads, headdim), got {tuple(qkv.shape)}")
+    q, k, v = qkv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, mode=mode, impl=impl)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: Tensor,
+    kv: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | Tensor | None = None,
+    max_seqlen_k: int | Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    *,
+    mode: str = "fa2",
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """:func:`flash_attn_varlen_func` with K/V packed as (total_k, 2, nheads_k, headdim), without
+    copies."""
+    if not isinstance(kv, Tensor):
+        raise TypeError(f"kv must be a torch.Tensor, got {type(kv).__name__}")
+    if kv.dim() != 4 or kv.shape[1] != 2:
+        raise ValueError(f"kv must be (total_tokens_k, 2, nheads_k, headdim), got {tuple(kv.shape)}")
+    k, v = kv.unbind(dim=1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs, mode=mode, impl=impl)
 
 
 def scaled_dot_product_attention(

@@ -45,8 +45,9 @@ from torch import Tensor
 from . import reference
 from ._runtime import device_guard, interpreting, lse_dtype, use_triton
 
-__all__ = ["ALGORITHMS", "IMPLS", "MODES", "AttentionArgs", "Implementation", "attention_bwd",
-           "attention_fwd", "check_mode", "interpreting", "merge_attention_states", "resolve_impl"]
+__all__ = ["ALGORITHMS", "IMPLS", "MODES", "VARLEN_ALGORITHMS", "AttentionArgs", "Implementation",
+           "VarlenImplementation", "attention_bwd", "attention_fwd", "check_mode", "check_varlen_mode",
+           "interpreting", "merge_attention_states", "resolve_impl", "varlen_bwd", "varlen_fwd"]
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,157 @@ def _bwd_setup_context(ctx, inputs, output) -> None:
 torch.library.register_autograd("flash_module::attention_fwd", _fwd_backward,
                                 setup_context=_fwd_setup_context)
 torch.library.register_autograd("flash_module::attention_bwd", _no_double_backward,
+                                setup_context=_bwd_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# varlen: packed variable-length sequences (flash-attn's varlen layout)
+# ---------------------------------------------------------------------------------------------
+#
+# ``varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode, impl)
+# -> (out, lse)``: q (Tq, H, D), k/v (Tk, H_kv, D) hold B sequences back to back, sequence b at
+# rows cu_seqlens_q[b]:cu_seqlens_q[b+1] (k/v: cu_seqlens_k); cu_seqlens_* int32 (B + 1),
+# seqused_k int32 (B) or None (sequence b uses only its first seqused_k[b] keys).  ``out`` is a
+# new contiguous (Tq, H, D) tensor, ``lse`` a contiguous (H, Tq) one in ``lse_dtype``.  Causal is
+# bottom-right per sequence.  Rows in no sequence get out = 0, lse = -inf.  No host sync on the
+# Triton path: grids come from shapes; offsets are clamped in the kernels.
+# ``varlen_bwd(dout, q, k, v, out, lse, dlse, <same metadata>) -> (dq, dk, dv)``.
+
+
+@dataclass(frozen=True)
+class VarlenImplementation:
+    """``forward(q, k, v, cu_q, cu_k, seqused_k, scale, causal) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal) -> (dq, dk, dv)``."""
+
+    forward: Callable[..., tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal):
+    from .kernels.varlen import varlen_forward
+
+    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k)
+
+
+def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal):
+    from .kernels.varlen import varlen_backward
+
+    return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse)
+
+
+def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal):
+    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k)
+
+
+def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal):
+    return reference.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse)
+
+
+#: The varlen table: algorithm -> implementation.  Only FA2 has varlen kernels; the other modes
+#: raise NotImplementedError (:func:`check_varlen_mode`).
+VARLEN_ALGORITHMS: dict[str, dict[str, VarlenImplementation]] = {
+    "fa2": {
+        "triton": VarlenImplementation(_varlen_fwd_triton, _varlen_bwd_triton),
+        "torch": VarlenImplementation(_varlen_fwd_torch, _varlen_bwd_torch),
+    },
+}
+
+
+def check_varlen_mode(mode: str, impl: str = "auto") -> tuple[str, str]:
+    """:func:`check_mode`, plus NotImplementedError for modes without a varlen implementation."""
+    mode, impl = check_mode(mode, impl)
+    if mode not in VARLEN_ALGORITHMS:
+        raise NotImplementedError(
+            f"mode={mode!r} has no varlen implementation (packed sequences run with mode in "
+            f"{tuple(VARLEN_ALGORITHMS)})"
+        )
+    return mode, impl
+
+
+def _varlen_implementation(mode: str, impl: str, t: Tensor) -> VarlenImplementation:
+    mode, impl = check_varlen_mode(mode, impl)
+    return VARLEN_ALGORITHMS[mode][resolve_impl(t, impl)]
+
+
+@torch.library.custom_op("flash_module::varlen_fwd", mutates_args=())
+def varlen_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    seqused_k: Tensor | None,
+    softmax_scale: float,
+    causal: bool,
+    mode: str = "fa2",
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    fn = _varlen_implementation(mode, impl, q).forward
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    with device_guard(q):
+        out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal))
+    return out.contiguous(), lse.contiguous()
+
+
+@varlen_fwd.register_fake
+def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
+                     impl="auto"):
+    tq, h, d = q.shape
+    return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("flash_module::varlen_bwd", mutates_args=())
+def varlen_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    seqused_k: Tensor | None,
+    softmax_scale: float,
+    causal: bool,
+    mode: str = "fa2",
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    fn = _varlen_implementation(mode, impl, q).backward
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    with device_guard(q):
+        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
+                        float(softmax_scale), bool(causal))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@varlen_bwd.register_fake
+def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale,
+                     causal, mode="fa2", impl="auto"):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+
+
+def _varlen_setup_context(ctx, inputs, output) -> None:
+    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k)
+    ctx.args = (softmax_scale, causal, mode, impl)
+    ctx.set_materialize_grads(False)
+
+
+def _varlen_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
+    if dout is None:
+        dout = torch.zeros_like(out)
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,
+                                setup_context=_varlen_setup_context)
+torch.library.register_autograd("flash_module::varlen_bwd", _no_double_backward,
                                 setup_context=_bwd_setup_context)
 
 

@@ -37,6 +37,9 @@ __all__ = [
     "attention_probs",
     "merge_states",
     "split_kv_forward",
+    "varlen_sequences",
+    "varlen_forward",
+    "varlen_backward",
 ]
 
 
@@ -434,3 +437,74 @@ def split_kv_forward(
         out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
     return out.to(q.dtype), lse
+
+
+# -- varlen: packed sequences, one sequence at a time -----------------------------------------
+
+
+def varlen_sequences(
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int,
+    seqused_k: torch.Tensor | None = None,
+) -> list[tuple[int, int, int, int]]:
+    """``(q_start, len_q, k_start, len_k)`` of each packed sequence, clamped as the kernels
+    clamp them (offsets into [0, total], lengths >= 0, ``seqused_k`` into [0, len_k]).
+
+    Reads the offsets on the host: free for CPU tensors, a device sync for CUDA ones (this is
+    the PyTorch path; the Triton kernels never sync).
+    """
+    def bounds(cu: torch.Tensor, total: int) -> list[tuple[int, int]]:
+        offsets = cu.tolist()
+        out = []
+        for b in range(len(offsets) - 1):
+            start = min(max(offsets[b], 0), total)
+            end = min(max(offsets[b + 1], start), total)
+            out.append((start, end - start))
+        return out
+
+    used = seqused_k.tolist() if seqused_k is not None else None
+    seqs = []
+    pairs = zip(bounds(cu_seqlens_q, total_q), bounds(cu_seqlens_k, total_k))
+    for b, ((qs, lq), (ks, lk)) in enumerate(pairs):
+        seqs.append((qs, lq, ks, min(max(used[b], 0), lk) if used is not None else lk))
+    return seqs
+
+
+def varlen_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA2's blocked forward on each packed sequence (causal bottom-right per sequence).
+
+    q (Tq, H, D), k/v (Tk, H_kv, D).  Returns ``out`` (Tq, H, D) and ``lse`` (H, Tq) in
+    ``lse_dtype``; rows in no sequence get 0 / -inf.
+    """
+    tq, h, d = q.shape
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    for qs, lq, ks, lk in varlen_sequences(cu_seqlens_q, cu_seqlens_k, tq, k.shape[0], seqused_k):
+        if lq == 0 or lk == 0:
+            continue
+        rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
+        o, s = fa2_forward(q[None, rq], k[None, rk], v[None, rk], softmax_scale, causal)
+        out[rq], lse[:, rq] = o[0], s[0]
+    return out, lse
+
+
+def varlen_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
+    seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA2's backward on each packed sequence; ``dq`` (Tq, H, D), ``dk``/``dv`` (Tk, H_kv, D),
+    zero for rows in no sequence and keys past ``seqused_k``."""
+    dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    for qs, lq, ks, lk in varlen_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], seqused_k):
+        if lq == 0 or lk == 0:
+            continue
+        rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
+        grads = fa2_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
+                             lse[None, :, rq], softmax_scale, causal,
+                             dlse=dlse[None, :, rq] if dlse is not None else None)
+        dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
+    return dq, dk, dv

@@ -1,67 +1,90 @@
-"""The varlen FA2 kernels (issue #12, work in progress: no op or public API yet), forward and
-backward, against the float64 oracle sequence by sequence (flash-attn's 2x rule on the packed
-result)."""
+"""Packed variable-length sequences (issue #12): ``flash_attn_varlen_func`` and its packed
+forms, the varlen ops, and the kernels themselves, forward and backward, against the float64
+oracle sequence by sequence (flash-attn's 2x rule on the packed result), on both
+implementations (the Triton kernels, interpreted on CPU, and the PyTorch path)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+import flash_module as fm
+from flash_module import ops
 from flash_module.kernels.varlen import varlen_backward, varlen_forward, work_list
 from flash_module.reference import attention_ref
 
 from .helpers import assert_flash_rule
 
-# (lengths_q, lengths_k, H, H_kv, D): zero and one-token sequences, odd lengths, Sq != Sk both
-# ways, GQA, head dims that are not powers of two.
+# (lengths_q, lengths_k, H, H_kv, D, seqused_k): zero and one-token sequences, odd lengths,
+# Sq != Sk both ways, GQA, head dims that are not powers of two, keys cut short by seqused_k.
 CASES = [
-    pytest.param([17, 0, 1, 113, 50], [17, 0, 1, 113, 50], 2, 2, 40, id="self-0-1-17-113-d40"),
-    pytest.param([5, 70, 1], [33, 20, 203], 4, 2, 64, id="cross-gqa2-d64"),
-    pytest.param([64, 3], [64, 3], 4, 1, 72, id="mqa-d72"),
-    pytest.param([0, 0], [3, 0], 2, 2, 16, id="all-empty-queries"),
+    pytest.param([17, 0, 1, 113, 50], [17, 0, 1, 113, 50], 2, 2, 40, None, id="self-0-1-17-113-d40"),
+    pytest.param([5, 70, 1], [33, 20, 203], 4, 2, 64, None, id="cross-gqa2-d64"),
+    pytest.param([64, 3], [64, 3], 4, 1, 72, None, id="mqa-d72"),
+    pytest.param([0, 0], [3, 0], 2, 2, 16, None, id="all-empty-queries"),
+    pytest.param([9, 30, 4], [40, 30, 11], 2, 1, 24, [17, 0, 11], id="seqused-k"),
 ]
 
 
+def _cu(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
 def _pack(lengths, h, d, dtype, device):
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    return torch.randn(int(sum(lengths)), h, d, dtype=dtype, device=device), cu
+    return torch.randn(int(sum(lengths)), h, d, dtype=dtype, device=device), _cu(lengths, device)
 
 
-def _oracle(q, k, v, dout, cu_q, cu_k, scale, causal, dtype):
-    """Packed (out, lse (H, Tq), dq, dk, dv) from attention_ref on each sequence, in ``dtype``."""
+def _oracle(q, k, v, dout, dlse, cu_q, cu_k, used, scale, causal, dtype):
+    """Packed (out, lse (H, Tq), dq, dk, dv) from attention_ref on each sequence, in ``dtype``;
+    the loss is sum(out * dout) + sum(lse * dlse) over rows that see a key."""
     out, dq, dk, dv = (torch.zeros(t.shape, dtype=dtype, device=t.device) for t in (q, q, k, v))
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float64, device=q.device)
     for b in range(cu_q.numel() - 1):
         qs, qe, ks, ke = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
+        ke = ks + min(ke - ks, used[b]) if used is not None else ke
         if qe == qs:
             continue
         seq = [t[None].detach().to(dtype).requires_grad_() for t in (q[qs:qe], k[ks:ke], v[ks:ke])]
         o, s = attention_ref(*seq, scale, causal, True)
-        grads = torch.autograd.grad(o, seq, dout[qs:qe][None].to(dtype))
+        seen = torch.isfinite(s)
+        loss = (o * dout[qs:qe][None].to(dtype)).sum()
+        loss = loss + (s.masked_fill(~seen, 0) * dlse[:, qs:qe][None]).sum()
+        grads = torch.autograd.grad(loss, seq, allow_unused=True)
         out[qs:qe], lse[:, qs:qe] = o[0].detach(), s[0].detach().double()
-        dq[qs:qe], dk[ks:ke], dv[ks:ke] = (g[0] for g in grads)
+        dq[qs:qe] = grads[0][0]
+        if ke > ks:
+            dk[ks:ke], dv[ks:ke] = grads[1][0], grads[2][0]
     return out, lse, dq, dk, dv
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("lens_q,lens_k,h,h_kv,d", CASES)
-def test_varlen_matches_oracle(lens_q, lens_k, h, h_kv, d, dtype, causal, device):
+@pytest.mark.parametrize("lens_q,lens_k,h,h_kv,d,used", CASES)
+def test_varlen_matches_oracle(lens_q, lens_k, h, h_kv, d, used, dtype, causal, impl, device):
+    """flash_attn_varlen_func's out, lse and the gradients of out and lse."""
     q, cu_q = _pack(lens_q, h, d, dtype, device)
     k, cu_k = _pack(lens_k, h_kv, d, dtype, device)
     v, dout = torch.randn_like(k), torch.randn_like(q)
-    scale = d**-0.5
-    out, lse = varlen_forward(q, k, v, cu_q, cu_k, scale, causal)
+    dlse = torch.randn(h, q.shape[0], device=device, dtype=torch.float64)
+    seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device=device)
+    for t in (q, k, v):
+        t.requires_grad_()
+    out, lse, _ = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                            return_attn_probs=True, seqused_k=seqused, impl=impl)
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (h, q.shape[0])
-    grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal)
-    oracle = _oracle(q, k, v, dout, cu_q, cu_k, scale, causal, torch.float64)
-    lowp = _oracle(q, k, v, dout, cu_q, cu_k, scale, causal, dtype)
+    assert lse.dtype == torch.float32
+    seen = torch.isfinite(lse)
+    loss = (out * dout).sum() + (lse.masked_fill(~seen, 0) * dlse.float()).sum()
+    grads = torch.autograd.grad(loss, (q, k, v))
+    args = (q, k, v, dout, dlse, cu_q, cu_k, used, d**-0.5, causal)
+    oracle, lowp = _oracle(*args, torch.float64), _oracle(*args, dtype)
     ours = (out, *grads)
     for name, a, o, p in zip(["out", "dq", "dk", "dv"], ours, oracle[:1] + oracle[2:], lowp[:1] + lowp[2:]):
         assert a.shape == o.shape and a.dtype == dtype, name
         assert_flash_rule(name, a, o, p, dtype)
     finite = torch.isfinite(oracle[1])
-    assert torch.equal(torch.isfinite(lse), finite)  # -inf exactly where a row sees no key
+    assert torch.equal(seen, finite)  # -inf exactly where a row sees no key
     assert torch.allclose(lse.double()[finite], oracle[1][finite], atol=1e-3, rtol=0)
 
 
@@ -97,3 +120,129 @@ def test_varlen_strided_inputs_and_no_sequence(device):
     none = torch.zeros(1, dtype=torch.int32, device=device)
     out, lse = varlen_forward(q, k, v, none, none, 0.25, False)
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
+
+
+# -- the public functions' other forms, modes and errors ----------------------------------------
+
+
+def test_packed_forms_equal_the_unpacked_call(device):
+    cu = _cu([7, 0, 12], device)
+    qkv = torch.randn(19, 3, 4, 16, device=device)
+    q, k, v = qkv.unbind(1)
+    expected = fm.flash_attn_varlen_func(q, k, v, cu, cu, 12, 12, causal=True)
+    assert torch.equal(fm.flash_attn_varlen_qkvpacked_func(qkv, cu, 12, causal=True), expected)
+    kv = qkv[:, 1:, :2]  # (T, 2, H_kv = 2, D): GQA
+    expected = fm.flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu, cu, None, None)
+    assert torch.equal(fm.flash_attn_varlen_kvpacked_func(q, kv, cu, cu), expected)
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_one_sequence_is_dense_attention(impl, device):
+    """A single packed sequence gives what flash_attn_func gives on the same tokens."""
+    q, k, v = (torch.randn(1, n, 2, 32, device=device) for n in (21, 50, 50))
+    cu_q, cu_k = _cu([21], device), _cu([50], device)
+    out = fm.flash_attn_varlen_func(q[0], k[0], v[0], cu_q, cu_k, 21, 50, causal=True, impl=impl)
+    torch.testing.assert_close(out, fm.flash_attn_func(q, k, v, causal=True, impl=impl)[0], atol=1e-5, rtol=0)
+
+
+def _varlen_args(device, **over):
+    q, cu = _pack([3, 5], 2, 16, torch.float32, device)
+    args = dict(q=q, k=q, v=q, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=5, max_seqlen_k=5)
+    args.update(over)
+    return args
+
+
+BAD_INPUTS = [  # (overrides, error, words the message must contain)
+    pytest.param(dict(q=torch.randn(1, 8, 2, 16)), ValueError, "q must be 3-D", id="4-d-q"),
+    pytest.param(dict(cu_seqlens_q=torch.tensor([0, 3, 8])), TypeError, "cu_seqlens_q must be int32",
+                 id="int64-cu"),
+    pytest.param(dict(cu_seqlens_k=torch.tensor([0, 8], dtype=torch.int32)), ValueError,
+                 "cu_seqlens_k must be 1-D", id="cu-k-other-batch"),
+    pytest.param(dict(cu_seqlens_q=[0, 3, 8]), TypeError, "cu_seqlens_q must be an int32 torch.Tensor",
+                 id="list-cu"),
+    pytest.param(dict(seqused_k=torch.tensor([3], dtype=torch.int32)), ValueError, "seqused_k must be 1-D",
+                 id="seqused-shape"),
+    pytest.param(dict(max_seqlen_q="5"), TypeError, "max_seqlen_q", id="str-max-seqlen"),
+    pytest.param(dict(max_seqlen_k=-1), ValueError, "max_seqlen_k must be >= 0", id="negative-max-seqlen"),
+    pytest.param(dict(q=torch.randn(8, 2, 0)), ValueError, "head dim must be >= 1", id="d0"),
+    pytest.param(dict(k=torch.randn(8, 3, 16), v=torch.randn(8, 3, 16)), ValueError,
+                 "multiple of key/value heads", id="bad-gqa"),
+    pytest.param(dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), NotImplementedError, "block_table",
+                 id="paged-not-yet"),
+    pytest.param(dict(window_size=(4, 0)), NotImplementedError, "window_size", id="window-not-yet"),
+    pytest.param(dict(mode="fa1"), NotImplementedError, "mode='fa1' has no varlen", id="fa1"),
+    pytest.param(dict(mode="tiling"), NotImplementedError, "mode='tiling' has no varlen", id="tiling"),
+    pytest.param(dict(mode="fa3"), ValueError, "mode must be one of", id="unknown-mode"),
+]
+
+
+@pytest.mark.parametrize("over,error,words", BAD_INPUTS)
+def test_bad_varlen_input_is_a_clear_error(over, error, words, device):
+    over = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in over.items()}
+    args = _varlen_args(device)
+    if "q" in over:  # k and v follow a replaced q
+        args.update(k=over["q"], v=over["q"])
+    args.update(over)
+    with pytest.raises(error, match=words):
+        fm.flash_attn_varlen_func(**args)
+
+
+# -- the op contract: opcheck, compile without recompiles, CUDA graphs --------------------------
+
+
+@pytest.mark.parametrize("with_seqused", [False, True], ids=["all-keys", "seqused"])
+def test_opcheck_varlen_ops(with_seqused, device):
+    q, cu_q = _pack([5, 0, 9], 4, 16, torch.float32, device)
+    k, cu_k = _pack([7, 3, 9], 2, 16, torch.float32, device)
+    v = torch.randn_like(k)
+    used = torch.tensor([4, 3, 9], dtype=torch.int32, device=device) if with_seqused else None
+    for t in (q, k, v):
+        t.requires_grad_()
+    torch.library.opcheck(ops.varlen_fwd, (q, k, v, cu_q, cu_k, used, 0.25, True))
+    out, lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, used, 0.25, True)
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    saved = (t.detach() for t in (q, k, v, out, lse))
+    torch.library.opcheck(ops.varlen_bwd, (dout, *saved, dlse, cu_q, cu_k, used, 0.25, True))
+
+
+def test_compile_does_not_recompile_when_lengths_change(device):
+    """New lengths with the same totals, as tensors and as ints, reuse the first graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, cu, max_len):
+        out = fm.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+        return out.float().square().sum()
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    q, k, v = (torch.randn(40, 2, 16, device=device, requires_grad=True) for _ in range(3))
+    for lengths in ([10, 30, 0], [25, 0, 15], [0, 0, 40], [1, 1, 38]):
+        cu = _cu(lengths, device)
+        loss = compiled(q, k, v, cu, max(lengths))
+        grads = torch.autograd.grad(loss, (q, k, v))
+        eager = torch.autograd.grad(step(q, k, v, cu, max(lengths)), (q, k, v))
+        for a, b in zip(grads, eager):
+            torch.testing.assert_close(a, b)
+    assert counter.frame_count == 1, counter.frame_count  # never one graph per lengths
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replays_for_new_lengths():
+    """Capture once; replay with other cu_seqlens of the same total and compare with eager."""
+    device = "cuda"
+    q, k, v = (torch.randn(300, 4, 64, device=device, dtype=torch.bfloat16) for _ in range(3))
+    cu = _cu([100, 150, 50], device)
+    fm.flash_attn_varlen_func(q, k, v, cu, cu, causal=True)  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fm.flash_attn_varlen_func(q, k, v, cu, cu, causal=True)
+    for lengths in ([100, 150, 50], [1, 0, 299], [299, 1, 0]):
+        cu.copy_(_cu(lengths, device))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, fm.flash_attn_varlen_func(q, k, v, cu, cu, causal=True)), lengths
+
+

@@ -59,29 +59,35 @@ def seq_bounds(Cu, b, T):
 
 
 @triton.jit
-def work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK: tl.constexpr, LOG_B: tl.constexpr):
+def work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: tl.constexpr, LOG_B: tl.constexpr,
+              HAS_SEQUSED: tl.constexpr):
     """This program's work item (axis 0 walks the work list of ``CuBlocks``, in blocks of
     ``BLOCK`` rows): ``(valid, q_start, len_q, k_start, len_k, start)``, where ``start`` is the
-    block's first row inside its sequence and ``valid`` is False past the last block (B >= 1)."""
+    block's first row inside its sequence and ``valid`` is False past the last block (B >= 1).
+    With ``HAS_SEQUSED`` only the first ``seqused_k[b]`` keys of sequence ``b`` exist (clamped
+    into [0, its cu_seqlens_k length])."""
     p = tl.program_id(0)
     b = seq_of_block(CuBlocks, p, B, LOG_B)
     bc = tl.minimum(b, B - 1)  # in bounds even for the programs that have no work
     q_start, len_q = seq_bounds(CuQ, bc, Tq)
     k_start, len_k = seq_bounds(CuK, bc, Tk)
+    if HAS_SEQUSED:
+        len_k = tl.minimum(tl.maximum(tl.load(SeqUsedK + bc), 0), len_k)
     return b < B, q_start, len_q, k_start, len_k, (p - tl.load(CuBlocks + bc)) * BLOCK
 
 
 @triton.jit
 def _varlen_fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, CuBlocks,
+    Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
     B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
-    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK_M, LOG_B)
+    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
+                                                               LOG_B, HAS_SEQUSED)
     if valid:  # programs past the last query block have nothing to do
         causal_offset = len_k - len_q  # bottom-right, per sequence
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -103,17 +109,18 @@ def _varlen_fwd_kernel(
 
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
-    Q, K, V, DO, Stats, DK, DV, CuQ, CuK, CuBlocks,
+    Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H_KV, GROUP, Tq, Tk, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dK/dV of one key block of one sequence (work list over key blocks), every query head of
     its group summed in registers; the loops are FA2's (:func:`._common.dkdv_loop`)."""
     off_hkv = tl.program_id(1).to(tl.int64)
-    valid, q_start, len_q, k_start, len_k, start_n = work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK_N, LOG_B)
-    if valid:
+    valid, q_start, len_q, k_start, len_k, start_n = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_N,
+                                                               LOG_B, HAS_SEQUSED)
+    if valid & (start_n < len_k):  # key blocks past seqused_k keep their zero gradients
         causal_offset = len_k - len_q
         cols = start_n + tl.arange(0, BLOCK_N)
         k = load_tile(tile_ptrs(K + k_start * stride_ks + off_hkv * stride_kh, start_n, stride_ks, BLOCK_N, BLOCK_D),
@@ -138,16 +145,17 @@ def _varlen_bwd_dkdv_kernel(
 
 @triton.jit
 def _varlen_bwd_dq_kernel(
-    Q, K, V, DO, Stats, DQ, CuQ, CuK, CuBlocks,
+    Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dQ of one query block of one sequence (work list over query blocks, as the forward)."""
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
-    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, CuBlocks, B, Tq, Tk, BLOCK_M, LOG_B)
+    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
+                                                               LOG_B, HAS_SEQUSED)
     if valid:
         causal_offset = len_k - len_q
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -175,33 +183,40 @@ def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([blocks.new_zeros(1), torch.cumsum(blocks, 0)]).to(torch.int32)
 
 
+def _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k):
+    """Kernel arguments shared by every varlen launch: the metadata pointers (``seqused_k`` or a
+    stand-in that is never read), B, and the constexprs that depend on them."""
+    b = cu_seqlens_q.numel() - 1
+    flags = dict(LOG_B=max(1, b.bit_length()), HAS_SEQUSED=seqused_k is not None)
+    return (cu_seqlens_q, cu_seqlens_k, seqused_k if seqused_k is not None else cu_seqlens_k), b, flags
+
+
 def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    softmax_scale: float, causal: bool,
+    softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen FA2 forward.  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
-    cu_seqlens_q/k (B + 1,) int32 on q's device.
+    cu_seqlens_q/k (B + 1,) int32 on q's device; ``seqused_k`` (B,) int32 or None: sequence
+    ``b`` uses only its first ``seqused_k[b]`` keys.
 
     Returns ``out`` (Tq, H, D) in q's dtype and ``lse`` (H, Tq) in ``lse_dtype(q.dtype)``;
     rows that belong to no sequence get out = 0 and lse = -inf.
     """
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
-    b = cu_seqlens_q.numel() - 1
+    meta, b, flags = _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k)
     cfg = fwd_config(q.dtype, d, causal, q.device)
-    cu_blocks = work_list(cu_seqlens_q, cfg.block_m)
     out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     programs = triton.cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
     _varlen_fwd_kernel[(programs, h)](
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_blocks,
+        q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m),
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         b, h, h // h_kv, tq, tk, *_common.qk_scale(softmax_scale),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        LOG_B=max(1, b.bit_length()), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **_common.kernel_flags(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **_common.kernel_flags(q),
     )
     return out, lse
 
@@ -209,36 +224,38 @@ def varlen_forward(
 def varlen_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
+    seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Varlen FA2 backward from :func:`varlen_forward`'s ``(out, lse)``; ``dout`` like ``out``.
+    """Varlen FA2 backward from :func:`varlen_forward`'s ``(out, lse)``; ``dout`` like ``out``,
+    ``dlse`` (H, Tq) or None: a gradient flowing into ``lse``.
 
     Returns ``dq`` (Tq, H, D) and ``dk``/``dv`` (Tk, H_kv, D), contiguous; rows that belong to
-    no sequence get zero gradients.
+    no sequence (or keys past ``seqused_k``) get zero gradients.
     """
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
-    b = cu_seqlens_q.numel() - 1
+    meta, b, flags = _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k)
     # New contiguous tensors (the kernels compute their strides), zero for rows in no sequence.
     dq = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     dk = torch.zeros((tk, h_kv, d), dtype=k.dtype, device=k.device)
     dv = torch.zeros((tk, h_kv, d), dtype=v.dtype, device=v.device)
-    if b == 0 or h == 0:
+    if b == 0 or h == 0 or tq == 0:
         return dq, dk, dv
     # The preprocess sees the packed tensors as one batch of Tq rows: (1, H, 3, Tq) statistics.
-    stats = _common.bwd_preprocess(out[None], dout[None], lse[None], None)
+    stats = _common.bwd_preprocess(out[None], dout[None], lse[None], None if dlse is None else dlse[None])
     dkdv_cfg, dq_cfg = bwd_configs(q.dtype, d, q.device)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
     scales = (*_common.qk_scale(softmax_scale), *_common.split_scale(softmax_scale))
-    common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, LOG_B=max(1, b.bit_length()),
-                  **_common.kernel_flags(q))
-    _varlen_bwd_dkdv_kernel[(triton.cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
-        q, k, v, dout, stats, dk, dv, cu_seqlens_q, cu_seqlens_k, work_list(cu_seqlens_k, dkdv_cfg.block_n),
-        *strides, b, h_kv, h // h_kv, tq, tk, *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
-        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
-    )
+    common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, **flags, **_common.kernel_flags(q))
+    if tk > 0:
+        _varlen_bwd_dkdv_kernel[(triton.cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
+            q, k, v, dout, stats, dk, dv, *meta, work_list(cu_seqlens_k, dkdv_cfg.block_n),
+            *strides, b, h_kv, h // h_kv, tq, tk, *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+            num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
+        )
     _varlen_bwd_dq_kernel[(triton.cdiv(tq, dq_cfg.block_m) + b, h)](
-        q, k, v, dout, stats, dq, cu_seqlens_q, cu_seqlens_k, work_list(cu_seqlens_q, dq_cfg.block_m),
+        q, k, v, dout, stats, dq, *meta, work_list(cu_seqlens_q, dq_cfg.block_m),
         *strides, b, h, h // h_kv, tq, tk, *scales, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )
