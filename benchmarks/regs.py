@@ -38,7 +38,7 @@ KERNELS = {
     "dkdv": fa2_bwd._bwd_dkdv_kernel,
     "dq": fa2_bwd._bwd_dq_kernel,
 }
-_INT_NAMES = {"H", "H_KV", "GROUP", "Sq", "Sk", "causal_offset"}
+_INT_NAMES = {"H", "H_KV", "GROUP", "Sq", "Sk", "causal_offset", "stats_len"}
 _FP32_POINTERS = {"Lse", "Lse2", "Delta", "DLse", "Stats"}
 
 
@@ -57,7 +57,7 @@ def _signature(fn, constexprs: dict, elem: str) -> tuple[dict, dict]:
             sig[name] = "constexpr"
         elif name in _INT_NAMES or name.startswith("stride_"):
             sig[name] = "i32"
-            if name.startswith("stride_"):
+            if name.startswith("stride_") or name == "stats_len":
                 attrs[(i,)] = [["tt.divisibility", 16]]
         elif "scale" in name:
             sig[name] = "fp32"

@@ -127,7 +127,7 @@ def _fa1_bwd_kernel(
     Q, K, V, DO, Stats, DQAcc, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
-    H, H_KV, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     blocks_per_group, dq_group_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -156,13 +156,13 @@ def _fa1_bwd_kernel(
             off_h = off_hkv * GROUP + g
             Q_head = Q + off_b * stride_qb + off_h * stride_qh
             DO_head = DO + off_b * stride_dob + off_h * stride_doh
-            Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
+            Stats_head = stats_head(Stats, off_b, off_h, H, stats_len)
             for start_m in range(i_lo, Sq, BLOCK_M):  # inner loop: query blocks
                 rows = start_m + offs_r
                 row_ok = rows < Sq
                 q = load_tile(tile_ptrs(Q_head, start_m, stride_qs, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
                 do = load_tile(tile_ptrs(DO_head, start_m, stride_dos, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
-                lse2, lse2_lo, delta = row_stats(Stats_head, Sq, rows, Sq, q, True)
+                lse2, lse2_lo, delta = row_stats(Stats_head, stats_len, rows, Sq, q, True)
                 p = probs(score(q, tl.trans(k), qk_scale, qk_scale_lo), lse2[:, None], lse2_lo[:, None], q)
                 p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
                 dv = mma(tl.trans(p), do, dv)
@@ -229,7 +229,7 @@ def fa1_backward(
     _fa1_bwd_kernel[(groups, b * h_kv)](
         q, k, v, dout, stats, dq_acc, dk, dv,
         *_common.bsh_strides(q, k, v, dout),
-        h, h_kv, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale),
+        h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *_common.qk_scale(softmax_scale),
         *_common.split_scale(softmax_scale),
         per_group, dq_acc.stride(0),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_r, BLOCK_N=block_c, IS_CAUSAL=causal,

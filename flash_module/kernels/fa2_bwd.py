@@ -43,7 +43,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, Stats, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
-    H, H_KV, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -65,7 +65,7 @@ def _bwd_dkdv_kernel(
         off_h = off_hkv * GROUP + g
         dk, dv = dkdv_head(
             dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
-            stride_qs, stride_dos, stats_head(Stats, off_b, off_h, H, Sq), Sq,
+            stride_qs, stride_dos, stats_head(Stats, off_b, off_h, H, stats_len), stats_len,
             cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
 
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
@@ -80,7 +80,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, Stats, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
@@ -92,8 +92,8 @@ def _bwd_dq_kernel(
                   rows, Sq, HEAD_DIM, True)
     do = load_tile(tile_ptrs(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos, BLOCK_M, BLOCK_D),
                    rows, Sq, HEAD_DIM, True)
-    Stats_head = stats_head(Stats, off_b, off_h, H, Sq)
-    lse2, lse2_lo, delta = row_stats(Stats_head, Sq, rows, Sq, q, True)
+    Stats_head = stats_head(Stats, off_b, off_h, H, stats_len)
+    lse2, lse2_lo, delta = row_stats(Stats_head, stats_len, rows, Sq, q, True)
     K_head = K + off_b * stride_kb + off_hkv * stride_kh
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
@@ -135,12 +135,12 @@ def fa2_backward(
     scales = (*_common.qk_scale(softmax_scale), *_common.split_scale(softmax_scale))
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, **_common.kernel_flags(q))
     _bwd_dkdv_kernel[(triton.cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
-        q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, *scales,
+        q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
     )
     _bwd_dq_kernel[(triton.cdiv(sq, dq_cfg.block_m), b * h)](
-        q, k, v, dout, stats, dq, *args, h, h // h_kv, sq, sk, causal_offset, *scales,
+        q, k, v, dout, stats, dq, *args, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )

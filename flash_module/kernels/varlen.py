@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import lse_dtype
+from .._runtime import acc_dtype, lse_dtype
 from ..configs import bwd_configs, fwd_config
 from . import _common
 from ._common import (
@@ -29,9 +29,11 @@ from ._common import (
     kv_range,
     load_tile,
     lse_epilogue,
+    preprocess_rows,
     q_range,
     row_stats,
     scaled,
+    store_row_stats,
     store_tile,
     tile_ptrs,
 )
@@ -62,8 +64,9 @@ def seq_bounds(Cu, b, T):
 def work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: tl.constexpr, LOG_B: tl.constexpr,
               HAS_SEQUSED: tl.constexpr):
     """This program's work item (axis 0 walks the work list of ``CuBlocks``, in blocks of
-    ``BLOCK`` rows): ``(valid, q_start, len_q, k_start, len_k, start)``, where ``start`` is the
-    block's first row inside its sequence and ``valid`` is False past the last block (B >= 1).
+    ``BLOCK`` rows): ``(valid, q_start, len_q, k_start, len_k, start, b)``, where ``start`` is
+    the block's first row inside its sequence, ``b`` the sequence (clamped into [0, B - 1]) and
+    ``valid`` is False past the last block (B >= 1).
     With ``HAS_SEQUSED`` only the first ``seqused_k[b]`` keys of sequence ``b`` exist (clamped
     into [0, its cu_seqlens_k length])."""
     p = tl.program_id(0)
@@ -73,7 +76,36 @@ def work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: tl.constexpr, LOG_
     k_start, len_k = seq_bounds(CuK, bc, Tk)
     if HAS_SEQUSED:
         len_k = tl.minimum(tl.maximum(tl.load(SeqUsedK + bc), 0), len_k)
-    return b < B, q_start, len_q, k_start, len_k, (p - tl.load(CuBlocks + bc)) * BLOCK
+    return b < B, q_start, len_q, k_start, len_k, (p - tl.load(CuBlocks + bc)) * BLOCK, bc
+
+
+@triton.jit
+def seq_stats(Stats, CuStats, b, off_h, stats_len):
+    """Where sequence ``b``'s rows of head ``off_h``'s (3, stats_len) statistics start: each
+    sequence starts at a multiple of 16 (``CuStats`` counts 16-row groups), so the kernels load
+    them as vectors whatever the lengths are."""
+    return Stats + off_h * 3 * stats_len + tl.load(CuStats + b).to(tl.int64) * 16
+
+
+@triton.jit
+def _varlen_preprocess_kernel(
+    Out, DOut, Lse, DLse, Stats, CuQ, CuBlocks, CuStats, stride_os, stride_oh, stride_dos, stride_doh, B, H, Tq,
+    stats_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, LOG_B: tl.constexpr,
+    HAS_DLSE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """The backward's row statistics (:func:`._common.bwd_preprocess`) of one query block of one
+    sequence, written at the sequence's aligned place (:func:`seq_stats`)."""
+    off_h = tl.program_id(1).to(tl.int64)
+    valid, q_start, len_q, _, _, start_m, b = work_item(CuQ, CuQ, CuQ, CuBlocks, B, Tq, Tq, BLOCK_M, LOG_B, False)
+    if valid:
+        rows = start_m + tl.arange(0, BLOCK_M)
+        o_ptrs = tile_ptrs(Out + q_start * stride_os + off_h * stride_oh, start_m, stride_os, BLOCK_M, BLOCK_D)
+        do_ptrs = tile_ptrs(DOut + q_start * stride_dos + off_h * stride_doh, start_m, stride_dos, BLOCK_M, BLOCK_D)
+        lse_row = off_h * Tq + q_start  # Lse (and DLse): contiguous (H, Tq)
+        hi, delta, lo = preprocess_rows(o_ptrs, do_ptrs, Lse + lse_row, DLse + lse_row, rows, len_q, HEAD_DIM,
+                                        HAS_DLSE, ACC_DTYPE)
+        store_row_stats(seq_stats(Stats, CuStats, b, off_h, stats_len), stats_len, rows, len_q, hi, delta, lo)
 
 
 @triton.jit
@@ -86,8 +118,8 @@ def _varlen_fwd_kernel(
 ):
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
-    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
-                                                               LOG_B, HAS_SEQUSED)
+    valid, q_start, len_q, k_start, len_k, start_m, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
+                                                                  LOG_B, HAS_SEQUSED)
     if valid:  # programs past the last query block have nothing to do
         causal_offset = len_k - len_q  # bottom-right, per sequence
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -109,17 +141,17 @@ def _varlen_fwd_kernel(
 
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
-    Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks,
+    Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
-    B, H_KV, GROUP, Tq, Tk, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dK/dV of one key block of one sequence (work list over key blocks), every query head of
     its group summed in registers; the loops are FA2's (:func:`._common.dkdv_loop`)."""
     off_hkv = tl.program_id(1).to(tl.int64)
-    valid, q_start, len_q, k_start, len_k, start_n = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_N,
-                                                               LOG_B, HAS_SEQUSED)
+    valid, q_start, len_q, k_start, len_k, start_n, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_N,
+                                                                  LOG_B, HAS_SEQUSED)
     if valid & (start_n < len_k):  # key blocks past seqused_k keep their zero gradients
         causal_offset = len_k - len_q
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -134,7 +166,7 @@ def _varlen_bwd_dkdv_kernel(
             off_h = off_hkv * GROUP + g
             dk, dv = dkdv_head(
                 dk, dv, k, v, Q + q_start * stride_qs + off_h * stride_qh, DO + q_start * stride_dos + off_h * stride_doh,
-                stride_qs, stride_dos, Stats + off_h * 3 * Tq + q_start, Tq,  # this head's (3, Tq) statistics
+                stride_qs, stride_dos, seq_stats(Stats, CuStats, b, off_h, stats_len), stats_len,
                 cols, lo, m_full, even_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
         dk = scaled(dk, sm_scale, sm_scale_lo)
         # DK and DV are new contiguous (Tk, H_kv, D) tensors.
@@ -145,17 +177,17 @@ def _varlen_bwd_dkdv_kernel(
 
 @triton.jit
 def _varlen_bwd_dq_kernel(
-    Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks,
+    Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
-    B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    B, H, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
     """dQ of one query block of one sequence (work list over query blocks, as the forward)."""
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
-    valid, q_start, len_q, k_start, len_k, start_m = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
-                                                               LOG_B, HAS_SEQUSED)
+    valid, q_start, len_q, k_start, len_k, start_m, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
+                                                                  LOG_B, HAS_SEQUSED)
     if valid:
         causal_offset = len_k - len_q
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -163,7 +195,8 @@ def _varlen_bwd_dq_kernel(
                       rows, len_q, HEAD_DIM, True)
         do = load_tile(tile_ptrs(DO + q_start * stride_dos + off_h * stride_doh, start_m, stride_dos, BLOCK_M,
                                  BLOCK_D), rows, len_q, HEAD_DIM, True)
-        lse2, lse2_lo, delta = row_stats(Stats + off_h * 3 * Tq + q_start, Tq, rows, len_q, q, True)
+        lse2, lse2_lo, delta = row_stats(seq_stats(Stats, CuStats, b, off_h, stats_len), stats_len, rows, len_q, q,
+                                         True)
         K_head = K + k_start * stride_ks + off_hkv * stride_kh
         V_head = V + k_start * stride_vs + off_hkv * stride_vh
         dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
@@ -221,6 +254,23 @@ def varlen_forward(
     return out, lse
 
 
+def _varlen_preprocess(out, dout, lse, dlse, cu_seqlens_q, flags):
+    """The (H, 3, stats_len) row statistics of the packed queries, sequence ``b`` starting at row
+    ``16 * cu_stats[b]`` (``cu_stats``: prefix sums of cdiv(len_q, 16), on the device), and
+    ``cu_stats``.  stats_len bounds the padded total from shapes alone: Tq + 15 B."""
+    tq, h, d = out.shape
+    b = cu_seqlens_q.numel() - 1
+    cu_stats = work_list(cu_seqlens_q, 16)
+    stats = torch.empty((h, 3, _common.stats_row_len(tq + 15 * b)), dtype=acc_dtype(out.dtype), device=out.device)
+    block_m = 64 if _common._INTERPRET else 128
+    _varlen_preprocess_kernel[(triton.cdiv(tq, block_m) + b, h)](
+        out, dout, lse, dlse if dlse is not None else lse, stats, cu_seqlens_q, work_list(cu_seqlens_q, block_m),
+        cu_stats, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), b, h, tq, stats.shape[-1], HEAD_DIM=d, BLOCK_D=_common.block_d(d),
+        BLOCK_M=block_m, LOG_B=flags["LOG_B"], HAS_DLSE=dlse is not None, **_common.kernel_flags(out),
+    )
+    return stats, cu_stats
+
+
 def varlen_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
@@ -241,8 +291,7 @@ def varlen_backward(
     dv = torch.zeros((tk, h_kv, d), dtype=v.dtype, device=v.device)
     if b == 0 or h == 0 or tq == 0:
         return dq, dk, dv
-    # The preprocess sees the packed tensors as one batch of Tq rows: (1, H, 3, Tq) statistics.
-    stats = _common.bwd_preprocess(out[None], dout[None], lse[None], None if dlse is None else dlse[None])
+    stats, cu_stats = _varlen_preprocess(out, dout, lse, dlse, cu_seqlens_q, flags)
     dkdv_cfg, dq_cfg = bwd_configs(q.dtype, d, q.device)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
@@ -250,13 +299,13 @@ def varlen_backward(
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, **flags, **_common.kernel_flags(q))
     if tk > 0:
         _varlen_bwd_dkdv_kernel[(triton.cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
-            q, k, v, dout, stats, dk, dv, *meta, work_list(cu_seqlens_k, dkdv_cfg.block_n),
-            *strides, b, h_kv, h // h_kv, tq, tk, *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+            q, k, v, dout, stats, dk, dv, *meta, work_list(cu_seqlens_k, dkdv_cfg.block_n), cu_stats,
+            *strides, b, h_kv, h // h_kv, tq, tk, stats.shape[-1], *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
         )
     _varlen_bwd_dq_kernel[(triton.cdiv(tq, dq_cfg.block_m) + b, h)](
-        q, k, v, dout, stats, dq, *meta, work_list(cu_seqlens_q, dq_cfg.block_m),
-        *strides, b, h, h // h_kv, tq, tk, *scales, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+        q, k, v, dout, stats, dq, *meta, work_list(cu_seqlens_q, dq_cfg.block_m), cu_stats,
+        *strides, b, h, h // h_kv, tq, tk, stats.shape[-1], *scales, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )
     return dq, dk, dv
