@@ -5,6 +5,8 @@ Public entry points:
 * :func:`flash_attn_func` (and the qkv/kv-packed variants): flash-attn 2.x's API on (B, S, H, D).
 * :func:`flash_attn_varlen_func` (and its packed variants): sequences of different lengths packed
   back to back, (total_tokens, H, D) with ``cu_seqlens``; no host sync.
+* :func:`flash_attn_with_kvcache`: decoding over a KV cache (contiguous or paged), appending the
+  new keys/values in place (inference only).
 * :func:`scaled_dot_product_attention`: torch's SDPA signature on (B, H, S, D).
 * :class:`FlashAttention`, :class:`MultiheadFlashAttention`: nn.Module layers.
 * :func:`ring_attention`: context parallelism over ``torch.distributed`` (:mod:`.distributed`).
@@ -29,6 +31,7 @@ from .api import (
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    flash_attn_with_kvcache,
     merge_attention_states,
     scaled_dot_product_attention,
 )
@@ -54,6 +57,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "merge_attention_states",
     "ops",
     "reference",

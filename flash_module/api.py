@@ -286,15 +286,18 @@ def flash_attn_kvpacked_func(
 _VARLEN_LAYOUT = "(total_tokens, nheads, headdim)"
 
 
-def _check_index_tensor(name: str, t: object, like: Tensor, shape: str, numel: int | None = None) -> None:
-    """An int32 1-D metadata tensor on ``like``'s device (values are never read)."""
+def _check_index_tensor(name: str, t: object, like: Tensor, shape: str, numel: int | None = None,
+                        dim: int = 1) -> None:
+    """An int32 metadata tensor of ``dim`` dims on ``like``'s device (values are never read);
+    ``numel``: its first dim's required size (None: at least 1 for 1-D tensors)."""
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be an int32 torch.Tensor {shape}, got {type(t).__name__}")
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {t.dtype} (shape {tuple(t.shape)})")
-    wrong_size = t.numel() < 1 if numel is None else t.numel() != numel
-    if t.dim() != 1 or wrong_size:
-        raise ValueError(f"{name} must be 1-D {shape}, got shape {tuple(t.shape)}")
+    size = t.shape[0] if t.dim() else -1
+    wrong_size = (dim == 1 and t.numel() < 1) if numel is None else size != numel
+    if t.dim() != dim or wrong_size:
+        raise ValueError(f"{name} must be {dim}-D {shape}, got shape {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} must be on the inputs' device {like.device}, got {t.device}")
 
@@ -470,6 +473,177 @@ def flash_attn_varlen_kvpacked_func(
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                                   return_attn_probs, mode=mode, impl=impl)
+
+
+# -- KV cache: decoding -------------------------------------------------------------------------
+
+
+def _rotary(x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor, interleaved: bool) -> Tensor:
+    """Rotate the first ``2 * cos.shape[1]`` features of ``x`` (B, S, H, D) at ``positions``
+    (B, S) (clamped into the table), in fp32, as flash-attn does: pairs ``(i, i + r/2)``, or
+    ``(2i, 2i + 1)`` when ``interleaved``."""
+    half = cos.shape[1]
+    pos = positions.clamp(0, cos.shape[0] - 1)
+    c, s = (t[pos][:, :, None, :].float() for t in (cos, sin))  # (B, S, 1, r/2)
+    xr = x[..., :2 * half].float()
+    x1, x2 = (xr[..., 0::2], xr[..., 1::2]) if interleaved else (xr[..., :half], xr[..., half:])
+    r1, r2 = x1 * c - x2 * s, x1 * s + x2 * c
+    rotated = torch.stack((r1, r2), dim=-1).flatten(-2) if interleaved else torch.cat((r1, r2), dim=-1)
+    return torch.cat((rotated.to(x.dtype), x[..., 2 * half:]), dim=-1)
+
+
+def _cache_seqlens(cache_seqlens: object, b: int, capacity: int, like: Tensor) -> Tensor:
+    """(B,) int32 lengths on ``like``'s device from None (the whole cache), an int or a tensor."""
+    if cache_seqlens is None:
+        return torch.full((b,), capacity, dtype=torch.int32, device=like.device)
+    if isinstance(cache_seqlens, Tensor):
+        _check_index_tensor("cache_seqlens", cache_seqlens, like, "(batch,)", b)
+        return cache_seqlens
+    if isinstance(cache_seqlens, bool) or not isinstance(cache_seqlens, (int, torch.SymInt)):
+        raise TypeError(f"cache_seqlens must be an int, an int32 tensor (batch,) or None, got "
+                        f"{type(cache_seqlens).__name__}")
+    return torch.full((b,), cache_seqlens, dtype=torch.int32, device=like.device)
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    cache_seqlens: int | Tensor | None = None,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    block_table: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Tensor | None = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+    *,
+    impl: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """flash-attn 2.x's ``flash_attn_with_kvcache``: decoding attention over a KV cache, with the
+    new keys/values appended into the cache **in place** first.  Inference only.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, headdim), or with ``block_table``
+            paged: (num_pages, page_size, nheads_k, headdim), page_size a power of two >= 16.
+        k, v: (batch, seqlen_new, nheads_k, headdim) or None: written at positions
+            ``cache_seqlens[b] + i`` of batch ``b``'s cache (positions past the cache are
+            dropped), then attended to.  ``cache_seqlens`` itself is not updated (as flash-attn).
+        rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotary embedding of q and the
+            new k before the append (only with k, v).  k is rotated at its positions; q at
+            ``cache_seqlens[b] + i`` when causal, else all at ``cache_seqlens[b]``.
+            ``rotary_interleaved`` pairs features (2i, 2i+1) instead of (i, i + rotary_dim/2).
+        cache_seqlens: int, (batch,) int32 tensor or None (the whole cache): each sequence's
+            length before the append.  Batch ``b`` attends to its first
+            ``cache_seqlens[b] + seqlen_new`` keys.
+        cache_batch_idx: (batch,) int32 or None: batch ``b`` uses cache row
+            ``cache_batch_idx[b]`` (contiguous caches only).
+        block_table: (batch, pages_per_seq) int32 or None: paged K/V.  The append writes pages
+            in place; the attention currently gathers each batch's pages into a contiguous
+            buffer first (a copy of the cache per call; a native paged kernel is next).
+        causal: bottom-right aligned: query ``i`` sees keys ``j <= i + len_k - seqlen_q``.
+        num_splits: accepted; the key dimension is not split yet (0 and any value run the same).
+        return_softmax_lse: also return the (batch, nheads, seqlen_q) float32 LSE.
+        impl: ``auto`` / ``triton`` / ``torch`` as in :func:`flash_attn_func`.
+        cache_leftpad, window_size, softcap, alibi_slopes: not implemented yet
+            (NotImplementedError unless left at their defaults).
+
+    Values of ``cache_seqlens``, ``cache_batch_idx`` and ``block_table`` are not checked (that
+    needs a sync): the kernels clamp them, so bad values give wrong answers, never
+    out-of-bounds memory accesses.
+
+    Returns:
+        out (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse)``.
+    """
+    layout = "(batch, seqlen, nheads, headdim)"
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        _check_tensor(name, t, layout)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (or both None)")
+    if k is not None:
+        for name, t in (("k", k), ("v", v)):
+            _check_tensor(name, t, layout)
+    paged = block_table is not None
+    b, sq, h, d = q.shape
+    # Shape checks on (B, S, H, D) views: the cache stands in as one batch row per sequence.
+    kc_view = k_cache[:1].expand(b, *k_cache.shape[1:]) if k_cache.shape[0] else k_cache
+    vc_view = v_cache[:1].expand(b, *v_cache.shape[1:]) if v_cache.shape[0] else v_cache
+    _check_qkv_bshd(q, kc_view, vc_view, ("q", "k_cache", "v_cache"), layout, shown=(q, k_cache, v_cache))
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    if d == 0:
+        raise ValueError(f"head dim must be >= 1, got q: {tuple(q.shape)}")
+    if k is not None:
+        want = (b, k.shape[1], k_cache.shape[2], d)
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"k and v must be (batch, seqlen_new, nheads_k, headdim) = (B={b}, S_new, "
+                             f"{k_cache.shape[2]}, {d}), got k: {tuple(k.shape)}, v: {tuple(v.shape)}")
+        if k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device:
+            raise TypeError(f"k and v must match q's dtype and device ({q.dtype}, {q.device}), got "
+                            f"{k.dtype} {k.device} and {v.dtype} {v.device}")
+    if paged:
+        _check_index_tensor("block_table", block_table, q, f"(batch={b}, pages_per_seq)", b, dim=2)
+        page = k_cache.shape[1]
+        if page < 16 or page & (page - 1):
+            raise ValueError(f"paged k_cache: page size (dim 1) must be a power of two >= 16, got "
+                             f"{tuple(k_cache.shape)}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be used with block_table (paged caches)")
+    if cache_batch_idx is not None:
+        _check_index_tensor("cache_batch_idx", cache_batch_idx, q, "(batch,)", b)
+    capacity = block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1]
+    seqlens = _cache_seqlens(cache_seqlens, b, capacity, q)
+    if (rotary_cos is None) != (rotary_sin is None):
+        raise ValueError("rotary_cos and rotary_sin must be given together")
+    if rotary_cos is not None:
+        if k is None:
+            raise ValueError("rotary_cos/rotary_sin apply to q and the new k: pass k and v as well")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, Tensor) or t.dim() != 2 or t.shape != rotary_cos.shape:
+                raise ValueError(f"{name} must be a 2-D tensor (seqlen_ro, rotary_dim / 2) like rotary_cos")
+        if not 0 < 2 * rotary_cos.shape[1] <= d:
+            raise ValueError(f"rotary_dim (2 x rotary_cos.shape[1] = {2 * rotary_cos.shape[1]}) must be in "
+                             f"(0, headdim = {d}]")
+    if cache_leftpad is not None and not isinstance(cache_leftpad, Tensor):
+        raise TypeError(f"cache_leftpad must be a torch.Tensor or None, got {type(cache_leftpad).__name__}")
+    _check_scale("softmax_scale", softmax_scale)
+    _check_variants(0.0, window_size, softcap, alibi_slopes)
+    _unsupported(cache_leftpad=cache_leftpad is not None)
+    _check_num_splits(num_splits)
+    _, impl = ops.check_mode("fa2", impl)
+    ops.resolve_impl(q, impl)
+    tracked = [t for t in (q, k, v, k_cache, v_cache) if t is not None and t.requires_grad]
+    if torch.is_grad_enabled() and tracked:
+        raise ValueError("flash_attn_with_kvcache is inference only: its inputs must not require grad "
+                         "(use torch.no_grad() / torch.inference_mode(), or flash_attn_varlen_func to train)")
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if k is not None:
+        if rotary_cos is not None:
+            new_pos = seqlens.to(torch.int64)[:, None] + torch.arange(k.shape[1], device=q.device)
+            steps = torch.arange(sq, device=q.device) * int(bool(causal))  # causal: i; else all 0
+            q_pos = seqlens.to(torch.int64)[:, None] + steps
+            q = _rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
+            k = _rotary(k, rotary_cos, rotary_sin, new_pos, rotary_interleaved)
+        ops.kvcache_append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
+        seqlens = seqlens + k.shape[1]
+    if paged:  # gather each batch's pages into one contiguous (B, capacity, H_kv, D) buffer
+        pages = block_table.to(torch.int64).clamp(0, k_cache.shape[0] - 1)
+        k_cache, v_cache = (c[pages].flatten(1, 2) for c in (k_cache, v_cache))
+        cache_batch_idx = None
+    out, lse = ops.kvcache_fwd(q, k_cache, v_cache, seqlens, cache_batch_idx, scale, bool(causal), impl)
+    if return_softmax_lse:
+        return out, lse.to(acc_dtype(q.dtype))
+    return out
 
 
 def scaled_dot_product_attention(

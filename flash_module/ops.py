@@ -47,7 +47,8 @@ from ._runtime import device_guard, interpreting, lse_dtype, use_triton
 
 __all__ = ["ALGORITHMS", "IMPLS", "MODES", "VARLEN_ALGORITHMS", "AttentionArgs", "Implementation",
            "VarlenImplementation", "attention_bwd", "attention_fwd", "check_mode", "check_varlen_mode",
-           "interpreting", "merge_attention_states", "resolve_impl", "varlen_bwd", "varlen_fwd"]
+           "interpreting", "kvcache_append", "kvcache_fwd", "merge_attention_states", "resolve_impl",
+           "varlen_bwd", "varlen_fwd"]
 
 
 @dataclass(frozen=True)
@@ -481,6 +482,77 @@ torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,
                                 setup_context=_varlen_setup_context)
 torch.library.register_autograd("flash_module::varlen_bwd", _no_double_backward,
                                 setup_context=_bwd_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache (decoding, inference only): append in place, attend over the cache
+# ---------------------------------------------------------------------------------------------
+#
+# ``kvcache_append(k_cache!, v_cache!, k_new, v_new, cache_seqlens, cache_batch_idx, block_table,
+# impl) -> ()`` writes k_new/v_new (B, S_new, H_kv, D) at positions cache_seqlens[b] + i of each
+# batch's cache (contiguous (B_cache, S_cache, H_kv, D), row cache_batch_idx[b]; or paged
+# (num_pages, page, H_kv, D) through block_table (B, pages_per_seq)).
+# ``kvcache_fwd(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, softmax_scale, causal, impl)
+# -> (out (B, Sq, H, D), lse (B, H, Sq))``: batch b attends to its first cache_seqlens[b] keys.
+# No autograd (inference only).  No host sync on the Triton path.
+
+
+@torch.library.custom_op("flash_module::kvcache_append", mutates_args=("k_cache", "v_cache"))
+def kvcache_append(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k_new: Tensor,
+    v_new: Tensor,
+    cache_seqlens: Tensor,
+    cache_batch_idx: Tensor | None,
+    block_table: Tensor | None,
+    impl: str = "auto",
+) -> None:
+    if resolve_impl(k_cache, check_mode("fa2", impl)[1]) == "triton":
+        from .kernels.kvcache import kvcache_append as append
+
+        with device_guard(k_cache):
+            append(k_cache, v_cache, _last_dim_contiguous(k_new), _last_dim_contiguous(v_new), cache_seqlens,
+                   cache_batch_idx, block_table)
+    else:
+        reference.kvcache_append(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, block_table)
+
+
+@kvcache_append.register_fake
+def _kvcache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_batch_idx, block_table,
+                         impl="auto"):
+    return None
+
+
+@torch.library.custom_op("flash_module::kvcache_fwd", mutates_args=())
+def kvcache_fwd(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    cache_batch_idx: Tensor | None,
+    softmax_scale: float,
+    causal: bool,
+    impl: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    if resolve_impl(q, check_mode("fa2", impl)[1]) == "triton":
+        from .kernels.varlen import cache_forward
+
+        with device_guard(q):
+            out, lse = cache_forward(_last_dim_contiguous(q), _last_dim_contiguous(k_cache),
+                                     _last_dim_contiguous(v_cache), cache_seqlens, cache_batch_idx,
+                                     float(softmax_scale), bool(causal))
+    else:
+        out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx,
+                                             float(softmax_scale), bool(causal))
+    return out.contiguous(), lse.contiguous()
+
+
+@kvcache_fwd.register_fake
+def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, softmax_scale, causal,
+                      impl="auto"):
+    b, sq, h, d = q.shape
+    return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

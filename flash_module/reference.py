@@ -40,6 +40,8 @@ __all__ = [
     "varlen_sequences",
     "varlen_forward",
     "varlen_backward",
+    "kvcache_append",
+    "kvcache_forward",
 ]
 
 
@@ -508,3 +510,62 @@ def varlen_backward(
                              dlse=dlse[None, :, rq] if dlse is not None else None)
         dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
     return dq, dk, dv
+
+
+# -- KV cache (decoding) ----------------------------------------------------------------------
+
+
+def kvcache_append(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+    cache_seqlens: torch.Tensor, cache_batch_idx: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
+) -> None:
+    """Write k_new/v_new (B, S_new, H_kv, D) into the caches at positions ``cache_seqlens[b] + i``,
+    in place, as :func:`flash_module.kernels.kvcache.kvcache_append` does: positions outside the
+    cache are not written, batch / page indices are clamped into the tensors.  Tensor ops
+    only: no host sync."""
+    b, s_new = k_new.shape[:2]
+    if k_new.numel() == 0:
+        return
+    pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(s_new, device=k_new.device)  # (B, S_new)
+    if block_table is not None:
+        page_size = k_cache.shape[1]
+        capacity = block_table.shape[1] * page_size
+    else:
+        capacity = k_cache.shape[1]
+    ok = (pos >= 0) & (pos < capacity)
+    pos = torch.where(ok, pos, torch.zeros_like(pos))
+    if block_table is not None:
+        rows = block_table.to(torch.int64).gather(1, pos // page_size).clamp(0, k_cache.shape[0] - 1)
+        cols = pos % page_size
+    else:
+        idx = cache_batch_idx if cache_batch_idx is not None else torch.arange(b, device=k_new.device)
+        rows = idx.to(torch.int64).clamp(0, k_cache.shape[0] - 1)[:, None].expand(b, s_new)
+        cols = pos
+    keep = ok[..., None, None]
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        cache[rows, cols] = torch.where(keep, new.to(cache.dtype), cache[rows, cols])
+
+
+def kvcache_forward(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None, softmax_scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of cache row
+    ``cache_batch_idx[b]`` of a contiguous (B_cache, S_cache, H_kv, D) cache, FA2's blocked loop
+    per batch, causal bottom-right.  Returns ``(out (B, Sq, H, D), lse (B, H, Sq))``.  Reads
+    the lengths on the host (the PyTorch path)."""
+    b, sq, h, d = q.shape
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+    lengths = cache_seqlens.tolist()
+    rows = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(b))
+    for i in range(b):
+        row = min(max(rows[i], 0), k_cache.shape[0] - 1)
+        n = min(max(lengths[i], 0), k_cache.shape[1])
+        if n == 0 or sq == 0:
+            continue
+        keys = slice(row, row + 1), slice(0, n)
+        o, s = fa2_forward(q[i:i + 1], k_cache[keys], v_cache[keys], softmax_scale, causal)
+        out[i], lse[i] = o[0], s[0]
+    return out, lse

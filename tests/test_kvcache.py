@@ -1,0 +1,247 @@
+"""KV-cache decoding (issue #12): ``flash_attn_with_kvcache`` and its ops, the in-place append
+(``kvcache_append``: contiguous, ``cache_batch_idx``, paged) and the attention over the cache
+(``kvcache_fwd``), on both implementations, against the float64 oracle batch by batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flash_module as fm
+from flash_module import ops
+from flash_module.reference import attention_ref
+
+from .helpers import assert_flash_rule
+
+IMPLS = ["triton", "torch"]
+
+
+def _append_oracle(k_cache, k_new, seqlens, batch_idx=None, block_table=None):
+    """The cache after the append, written position by position in Python."""
+    out = k_cache.clone()
+    page = k_cache.shape[1]
+    capacity = block_table.shape[1] * page if block_table is not None else k_cache.shape[1]
+    for b in range(k_new.shape[0]):
+        for i in range(k_new.shape[1]):
+            p = int(seqlens[b]) + i
+            if not 0 <= p < capacity:
+                continue
+            if block_table is not None:
+                out[int(block_table[b, p // page]), p % page] = k_new[b, i]
+            else:
+                out[int(batch_idx[b]) if batch_idx is not None else b, p] = k_new[b, i]
+    return out
+
+
+APPEND_CASES = [  # (cache shape, B, S_new, seqlens, batch_idx, block_table)
+    pytest.param((2, 30, 2, 40), 2, 5, [0, 27], None, None, id="contiguous-overflow"),
+    pytest.param((4, 30, 2, 16), 2, 3, [7, 1], [3, 0], None, id="batch-idx"),
+    pytest.param((6, 16, 2, 24), 2, 20, [14, -3], None, [[4, 1], [0, 5]], id="paged-16"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape,b,s_new,seqlens,batch_idx,table", APPEND_CASES)
+def test_append_writes_in_place(shape, b, s_new, seqlens, batch_idx, table, impl, device):
+    k_cache, v_cache = (torch.randn(shape, device=device) for _ in range(2))
+    k_new, v_new = (torch.randn(b, s_new, shape[2], shape[3], device=device) for _ in range(2))
+    idx = lambda x: None if x is None else torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    seq, bidx, bt = idx(seqlens), idx(batch_idx), idx(table)
+    want_k, want_v = (_append_oracle(c, n, seq, bidx, bt) for c, n in ((k_cache, k_new), (v_cache, v_new)))
+    ops.kvcache_append(k_cache, v_cache, k_new, v_new, seq, bidx, bt, impl)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+def _rotary_oracle(x, cos, sin, pos, interleaved):
+    """Rotary embedding, one position at a time, in float64."""
+    out = x.double().clone()
+    half = cos.shape[1]
+    for b in range(x.shape[0]):
+        for s in range(x.shape[1]):
+            c, sn = cos[int(pos[b, s])].double(), sin[int(pos[b, s])].double()
+            idx1 = torch.arange(0, 2 * half, 2) if interleaved else torch.arange(half)
+            idx2 = idx1 + 1 if interleaved else idx1 + half
+            x1, x2 = out[b, s, :, idx1].clone(), out[b, s, :, idx2].clone()
+            out[b, s, :, idx1], out[b, s, :, idx2] = x1 * c - x2 * sn, x1 * sn + x2 * c
+    return out.to(x.dtype)
+
+
+# (B, Sq, S_new, H, H_kv, D, S_cache, seqlens): decode (Sq = 1), a few tokens (speculative
+# decoding / chunked prefill), GQA, odd head dims, empty and full caches.
+CASES = [
+    pytest.param(3, 1, 1, 8, 2, 64, 40, [0, 17, 39], id="decode-gqa4-d64"),
+    pytest.param(2, 5, 5, 4, 4, 40, 37, [9, 31], id="chunk-5-d40"),
+    pytest.param(2, 3, 0, 2, 1, 72, 33, [33, 2], id="no-new-keys-mqa-d72"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("b,sq,s_new,h,h_kv,d,s_cache,seqlens", CASES)
+def test_kvcache_matches_oracle(b, sq, s_new, h, h_kv, d, s_cache, seqlens, dtype, causal, impl, device):
+    q = torch.randn(b, sq, h, d, device=device, dtype=dtype)
+    k_cache, v_cache = (torch.randn(b + 1, s_cache, h_kv, d, device=device, dtype=dtype) for _ in range(2))
+    k_new, v_new = (torch.randn(b, s_new, h_kv, d, device=device, dtype=dtype) for _ in range(2))
+    seq = torch.tensor(seqlens, dtype=torch.int32, device=device)
+    batch_idx = torch.arange(b, 0, -1, dtype=torch.int32, device=device)  # rows b..1 of the cache
+    cache_before = k_cache.clone(), v_cache.clone()
+    new = (k_new, v_new) if s_new else (None, None)
+    out, lse = fm.flash_attn_with_kvcache(q, k_cache, v_cache, *new, cache_seqlens=seq,
+                                          cache_batch_idx=batch_idx, causal=causal, return_softmax_lse=True,
+                                          impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert lse.shape == (b, h, sq) and lse.dtype == torch.float32
+    want_k = _append_oracle(cache_before[0], k_new, seq, batch_idx)
+    want_v = _append_oracle(cache_before[1], v_new, seq, batch_idx)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    for i in range(b):
+        n, row = min(seqlens[i] + s_new, s_cache), int(batch_idx[i])
+        keys = want_k[row:row + 1, :n], want_v[row:row + 1, :n]
+        o64, l64 = attention_ref(q[i:i + 1].double(), *(t.double() for t in keys), d**-0.5, causal, True)
+        o_lp, _ = attention_ref(q[i:i + 1], *keys, d**-0.5, causal, True)
+        assert_flash_rule(f"out[{i}]", out[i:i + 1], o64, o_lp, dtype)
+        finite = torch.isfinite(l64[0])
+        assert torch.equal(torch.isfinite(lse[i]), finite)
+        assert torch.allclose(lse[i].double()[finite], l64[0][finite], atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halves"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_rotary_and_paged_cache(interleaved, causal, impl, device):
+    """Rotary on q and the new k (flash-attn's positions), into a paged cache whose result equals
+    the contiguous cache's bit for bit."""
+    b, sq, h, h_kv, d, page = 2, 3, 4, 2, 32, 16
+    q = torch.randn(b, sq, h, d, device=device)
+    k_new, v_new = (torch.randn(b, sq, h_kv, d, device=device) for _ in range(2))
+    cos, sin = torch.randn(64, 12, device=device), torch.randn(64, 12, device=device)  # rotary_dim 24 < d
+    seq = torch.tensor([5, 20], dtype=torch.int32, device=device)
+    contiguous = [torch.randn(b, 2 * page, h_kv, d, device=device) for _ in range(2)]
+    table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32, device=device)
+    paged = [torch.empty(4, page, h_kv, d, device=device) for _ in range(2)]
+    for c, p in zip(contiguous, paged):  # the same contents, paged
+        for i in range(b):
+            for j in range(2):
+                p[table[i, j]] = c[i, j * page:(j + 1) * page]
+    kwargs = dict(rotary_cos=cos, rotary_sin=sin, cache_seqlens=seq, causal=causal,
+                  rotary_interleaved=interleaved, impl=impl)
+    out = fm.flash_attn_with_kvcache(q, *contiguous, k_new, v_new, **kwargs)
+    out_paged = fm.flash_attn_with_kvcache(q, *paged, k_new, v_new, block_table=table, **kwargs)
+    assert torch.equal(out, out_paged)
+    # The rotated new keys are in the cache at their positions.
+    new_pos = seq.long()[:, None] + torch.arange(sq, device=device)
+    q_pos = seq.long()[:, None] + torch.arange(sq, device=device) * int(causal)
+    k_rot = _rotary_oracle(k_new, cos, sin, new_pos, interleaved)
+    for i in range(b):
+        got = contiguous[0][i, int(seq[i]):int(seq[i]) + sq]
+        torch.testing.assert_close(got, k_rot[i], atol=1e-5, rtol=1e-5)
+    q_rot = _rotary_oracle(q, cos, sin, q_pos, interleaved)
+    want = fm.flash_attn_with_kvcache(q_rot, *contiguous, cache_seqlens=seq + sq, causal=causal, impl=impl)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_seqlens_forms(device):
+    """An int, a tensor and None (the whole cache) give the same answer as the equivalent tensor."""
+    q = torch.randn(2, 1, 2, 16, device=device)
+    kc, vc = (torch.randn(2, 12, 2, 16, device=device) for _ in range(2))
+    full = torch.full((2,), 12, dtype=torch.int32, device=device)
+    seven = torch.full((2,), 7, dtype=torch.int32, device=device)
+    assert torch.equal(fm.flash_attn_with_kvcache(q, kc, vc),
+                       fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=full))
+    assert torch.equal(fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=7),
+                       fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seven))
+
+
+def _kv_args(device, **over):
+    q = torch.randn(2, 1, 4, 16, device=device)
+    kc, vc = (torch.randn(2, 32, 2, 16, device=device) for _ in range(2))
+    lengths = torch.tensor([3, 5], dtype=torch.int32, device=device)
+    args = dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=lengths)
+    args.update({n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in over.items()})
+    return args
+
+
+KV_BAD = [
+    pytest.param(dict(q=torch.randn(2, 1, 4, 16, requires_grad=True)), ValueError, "inference only",
+                 id="grad"),
+    pytest.param(dict(k=torch.randn(2, 1, 2, 16)), ValueError, "k and v must be given together", id="k-no-v"),
+    pytest.param(dict(k=torch.randn(2, 1, 3, 16), v=torch.randn(2, 1, 3, 16)), ValueError,
+                 "seqlen_new, nheads_k", id="new-heads"),
+    pytest.param(dict(cache_seqlens=torch.tensor([3, 5])), TypeError, "cache_seqlens must be int32",
+                 id="int64-lens"),
+    pytest.param(dict(cache_seqlens="3"), TypeError, "cache_seqlens must be an int", id="str-lens"),
+    pytest.param(dict(block_table=torch.zeros(2, 2, dtype=torch.int32)), ValueError, "power of two >= 16",
+                 id="page-24"),
+    pytest.param(dict(rotary_cos=torch.randn(8, 4), rotary_sin=torch.randn(8, 4)), ValueError, "pass k and v",
+                 id="rotary-without-k"),
+    pytest.param(dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), NotImplementedError, "cache_leftpad",
+                 id="leftpad-not-yet"),
+    pytest.param(dict(window_size=(8, 0)), NotImplementedError, "window_size", id="window-not-yet"),
+    pytest.param(dict(v_cache=torch.randn(2, 31, 2, 16)), ValueError, "same sequence length",
+                 id="cache-shapes"),
+]
+
+
+@pytest.mark.parametrize("over,error,words", KV_BAD)
+def test_bad_kvcache_input_is_a_clear_error(over, error, words, device):
+    args = _kv_args(device, **over)
+    if "block_table" in over:  # a paged cache with pages of 24 rows
+        kc, vc = (torch.randn(4, 24, 2, 16, device=device) for _ in range(2))
+        args.update(k_cache=kc, v_cache=vc)
+    with pytest.raises(error, match=words):
+        fm.flash_attn_with_kvcache(**args)
+
+
+def test_opcheck_kvcache_ops(device):
+    q = torch.randn(2, 3, 4, 16, device=device)
+    kc, vc = (torch.randn(3, 20, 2, 16, device=device) for _ in range(2))
+    kn, vn = (torch.randn(2, 3, 2, 16, device=device) for _ in range(2))
+    seq = torch.tensor([4, 15], dtype=torch.int32, device=device)
+    idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
+    torch.library.opcheck(ops.kvcache_append, (kc, vc, kn, vn, seq, idx, None))
+    torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, idx, 0.25, True))
+
+
+def test_compiled_decode_step_does_not_recompile(device):
+    """Append + attend under torch.compile(fullgraph=True), for growing cache lengths: one graph."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def step(q, k, v, k_cache, v_cache, seqlens):
+        return fm.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens, causal=True)
+
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    caches = [torch.randn(2, 24, 2, 16, device=device) for _ in range(2)]
+    eager_caches = [c.clone() for c in caches]
+    for n in range(3):
+        q = torch.randn(2, 1, 4, 16, device=device)
+        k, v = (torch.randn(2, 1, 2, 16, device=device) for _ in range(2))
+        seqlens = torch.tensor([5 + n, 11 + 2 * n], dtype=torch.int32, device=device)
+        got = compiled(q, k, v, *caches, seqlens)
+        want = step(q, k, v, *eager_caches, seqlens)
+        torch.testing.assert_close(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(caches, eager_caches))  # the append happened in place
+    assert counter.frame_count == 1, counter.frame_count
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_replays_for_new_lengths():
+    """One captured decode step (append + attend) replays for other cache lengths."""
+    device, dt = "cuda", torch.bfloat16
+    q, k, v = (torch.randn(4, 1, h, 64, device=device, dtype=dt) for h in (8, 2, 2))
+    k_cache, v_cache = (torch.randn(4, 256, 2, 64, device=device, dtype=dt) for _ in range(2))
+    seqlens = torch.tensor([0, 10, 100, 255], dtype=torch.int32, device=device)
+    fm.flash_attn_with_kvcache(q, k_cache.clone(), v_cache.clone(), k, v, cache_seqlens=seqlens)  # compiles
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fm.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=seqlens)
+    for lengths in ([3, 4, 5, 6], [200, 0, 17, 250]):
+        before = k_cache.clone(), v_cache.clone()
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        want = fm.flash_attn_with_kvcache(q, *before, k, v, cache_seqlens=seqlens)
+        assert torch.equal(out, want), lengths
