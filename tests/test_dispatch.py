@@ -121,3 +121,31 @@ def test_which_implementation_names_the_path(device):
     assert fm.which_implementation(t, impl="torch").startswith("PyTorch path")
     with pytest.raises(ValueError, match="impl"):
         fm.which_implementation(t, impl="cuda")
+
+
+def test_decode_shapes_route_fa2_to_split_kv(monkeypatch, device):
+    """A few query tokens over many keys run the split-KV kernel under mode="fa2" (shapes only),
+    with the same result and gradients; longer queries keep the FA2 kernel."""
+    from flash_module.kernels import split_kv
+
+    calls, real = [], split_kv.split_kv_forward
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(split_kv, "split_kv_forward", spy)
+    q = torch.randn(2, 3, 8, 32, device=device, requires_grad=True)
+    k, v = (torch.randn(2, 300, 2, 32, device=device, requires_grad=True) for _ in range(2))
+    assert fm.ops.routes_to_split_kv(q, k)
+    out = fm.flash_attn_func(q, k, v, causal=True, impl="triton")
+    assert calls == [q.shape]
+    ref = fm.flash_attn_func(q, k, v, causal=True, impl="torch")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    longer = torch.randn(2, 40, 8, 32, device=device)
+    assert not fm.ops.routes_to_split_kv(longer, k)
+    fm.flash_attn_func(longer, k, v, impl="triton")
+    assert len(calls) == 1
