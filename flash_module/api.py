@@ -547,11 +547,12 @@ def flash_attn_with_kvcache(
             ``cache_seqlens[b] + seqlen_new`` keys.
         cache_batch_idx: (batch,) int32 or None: batch ``b`` uses cache row
             ``cache_batch_idx[b]`` (contiguous caches only).
-        block_table: (batch, pages_per_seq) int32 or None: paged K/V.  The append writes pages
-            in place; the attention currently gathers each batch's pages into a contiguous
-            buffer first (a copy of the cache per call; a native paged kernel is next).
+        block_table: (batch, pages_per_seq) int32 or None: paged K/V, read in place (each key
+            block maps to its page).
         causal: bottom-right aligned: query ``i`` sees keys ``j <= i + len_k - seqlen_q``.
-        num_splits: accepted; the key dimension is not split yet (0 and any value run the same).
+        num_splits: key chunks of the split-KV kernel (0 = chosen from the GPU and the shapes).
+            The attention always runs split-KV, with the query heads of a GQA group packed into
+            one tile for decode, so each K/V block is read once per group.
         return_softmax_lse: also return the (batch, nheads, seqlen_q) float32 LSE.
         impl: ``auto`` / ``triton`` / ``torch`` as in :func:`flash_attn_func`.
         cache_leftpad, window_size, softcap, alibi_slopes: not implemented yet
@@ -636,11 +637,8 @@ def flash_attn_with_kvcache(
             k = _rotary(k, rotary_cos, rotary_sin, new_pos, rotary_interleaved)
         ops.kvcache_append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
         seqlens = seqlens + k.shape[1]
-    if paged:  # gather each batch's pages into one contiguous (B, capacity, H_kv, D) buffer
-        pages = block_table.to(torch.int64).clamp(0, k_cache.shape[0] - 1)
-        k_cache, v_cache = (c[pages].flatten(1, 2) for c in (k_cache, v_cache))
-        cache_batch_idx = None
-    out, lse = ops.kvcache_fwd(q, k_cache, v_cache, seqlens, cache_batch_idx, scale, bool(causal), impl)
+    out, lse = ops.kvcache_fwd(q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
+                               bool(causal), num_splits, impl)
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out

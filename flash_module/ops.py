@@ -510,8 +510,9 @@ torch.library.register_autograd("flash_module::varlen_bwd", _no_double_backward,
 # impl) -> ()`` writes k_new/v_new (B, S_new, H_kv, D) at positions cache_seqlens[b] + i of each
 # batch's cache (contiguous (B_cache, S_cache, H_kv, D), row cache_batch_idx[b]; or paged
 # (num_pages, page, H_kv, D) through block_table (B, pages_per_seq)).
-# ``kvcache_fwd(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, softmax_scale, causal, impl)
-# -> (out (B, Sq, H, D), lse (B, H, Sq))``: batch b attends to its first cache_seqlens[b] keys.
+# ``kvcache_fwd(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
+# causal, num_splits, impl) -> (out (B, Sq, H, D), lse (B, H, Sq))``: batch b attends to its first
+# cache_seqlens[b] keys (the split-KV kernel, GQA heads packed for decode; num_splits 0 = auto).
 # No autograd (inference only).  No host sync on the Triton path.
 
 
@@ -549,26 +550,29 @@ def kvcache_fwd(
     v_cache: Tensor,
     cache_seqlens: Tensor,
     cache_batch_idx: Tensor | None,
+    block_table: Tensor | None,
     softmax_scale: float,
     causal: bool,
+    num_splits: int = 0,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     if resolve_impl(q, check_mode("fa2", impl)[1]) == "triton":
-        from .kernels.varlen import cache_forward
+        from .kernels.split_kv import split_kv_cache_forward
 
         with device_guard(q):
-            out, lse = cache_forward(_last_dim_contiguous(q), _last_dim_contiguous(k_cache),
-                                     _last_dim_contiguous(v_cache), cache_seqlens, cache_batch_idx,
-                                     float(softmax_scale), bool(causal))
+            out, lse = split_kv_cache_forward(
+                _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
+                cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
+                int(num_splits))
     else:
-        out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx,
+        out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
                                              float(softmax_scale), bool(causal))
     return out.contiguous(), lse.contiguous()
 
 
 @kvcache_fwd.register_fake
-def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, softmax_scale, causal,
-                      impl="auto"):
+def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
+                      num_splits=0, impl="auto"):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

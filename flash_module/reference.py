@@ -549,11 +549,13 @@ def kvcache_append(
 
 def kvcache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    cache_batch_idx: torch.Tensor | None, softmax_scale: float, causal: bool,
+    cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of cache row
-    ``cache_batch_idx[b]`` of a contiguous (B_cache, S_cache, H_kv, D) cache, FA2's blocked loop
-    per batch, causal bottom-right.  Returns ``(out (B, Sq, H, D), lse (B, H, Sq))``.  Reads
+    """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache: row
+    ``cache_batch_idx[b]`` of a contiguous (B_cache, S_cache, H_kv, D) cache, or the pages
+    ``block_table[b]`` of a paged one (indices clamped as the kernels clamp them); FA2's blocked
+    loop per batch, causal bottom-right.  Returns ``(out (B, Sq, H, D), lse (B, H, Sq))``.  Reads
     the lengths on the host (the PyTorch path)."""
     b, sq, h, d = q.shape
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
@@ -561,11 +563,15 @@ def kvcache_forward(
     lengths = cache_seqlens.tolist()
     rows = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(b))
     for i in range(b):
-        row = min(max(rows[i], 0), k_cache.shape[0] - 1)
-        n = min(max(lengths[i], 0), k_cache.shape[1])
+        if block_table is not None:  # this sequence's pages, back to back
+            pages = block_table[i].long().clamp(0, k_cache.shape[0] - 1)
+            keys, values = (c[pages].flatten(0, 1)[None] for c in (k_cache, v_cache))
+        else:
+            row = min(max(rows[i], 0), k_cache.shape[0] - 1)
+            keys, values = k_cache[row:row + 1], v_cache[row:row + 1]
+        n = min(max(lengths[i], 0), keys.shape[1])
         if n == 0 or sq == 0:
             continue
-        keys = slice(row, row + 1), slice(0, n)
-        o, s = fa2_forward(q[i:i + 1], k_cache[keys], v_cache[keys], softmax_scale, causal)
+        o, s = fa2_forward(q[i:i + 1], keys[:, :n], values[:, :n], softmax_scale, causal)
         out[i], lse[i] = o[0], s[0]
     return out, lse

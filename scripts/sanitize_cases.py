@@ -55,6 +55,26 @@ def _varlen_case(lens_q, lens_k, h, h_kv, d, causal, cu_q_bad=None):
     return f"varlen {lens_q} {lens_k} h={h}/{h_kv} d={d} causal={causal}{bad}", run
 
 
+def _kvcache_case(paged, bad):
+    """flash_attn_with_kvcache (the append kernel and split-KV over the cache), decode with GQA;
+    ``bad``: lengths past the capacity, batch rows and pages out of range (clamped)."""
+    def run():
+        b, h, h_kv, d, cap = 3, 8, 2, 72, 128
+        q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
+        k_new, v_new = (torch.randn(b, 1, h_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        lens = torch.tensor([0, 40, 200 if bad else 95], dtype=torch.int32, device="cuda")
+        shape = (2 * b, cap // 2) if paged else (b, cap)  # pages of 64 rows, or a row per sequence
+        caches = [torch.randn(*shape, h_kv, d, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        if paged:
+            table = torch.tensor([[0, 5], [3, 1], [4, 9 if bad else 2]], dtype=torch.int32, device="cuda")
+            fm.flash_attn_with_kvcache(q, *caches, k_new, v_new, cache_seqlens=lens, block_table=table,
+                                       causal=True)
+        else:
+            idx = torch.tensor([2, 7 if bad else 0, 1], dtype=torch.int32, device="cuda")
+            fm.flash_attn_with_kvcache(q, *caches, k_new, v_new, cache_seqlens=lens, cache_batch_idx=idx)
+    return f"kvcache paged={paged}{' bad-indices' if bad else ''}", run
+
+
 VARLEN = [([17, 0, 1, 113, 50], [17, 0, 1, 113, 50], 2, 2, 40), ([5, 70, 1], [33, 20, 203], 4, 2, 72),
           ([0, 0], [3, 0], 2, 2, 64)]
 
@@ -74,6 +94,7 @@ def cases() -> list:
             out += [_attention_case(mode, dtype, shape, causal) for causal in (False, True)]
     out += [_varlen_case(*c, causal) for c in VARLEN for causal in (False, True)]
     out.append(_varlen_case([6, 4], [6, 4], 2, 2, 16, True, cu_q_bad=[0, 6, 40]))
+    out += [_kvcache_case(paged, bad) for paged in (False, True) for bad in (False, True)]
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 

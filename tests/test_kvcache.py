@@ -200,7 +200,10 @@ def test_opcheck_kvcache_ops(device):
     seq = torch.tensor([4, 15], dtype=torch.int32, device=device)
     idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
     torch.library.opcheck(ops.kvcache_append, (kc, vc, kn, vn, seq, idx, None))
-    torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, idx, 0.25, True))
+    torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, idx, None, 0.25, True))
+    table = torch.tensor([[1, 0], [2, 2]], dtype=torch.int32, device=device)  # pages of 20 rows
+    torch.library.opcheck(ops.kvcache_append, (kc, vc, kn, vn, seq, None, table))
+    torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, None, table, 0.25, False, 2))
 
 
 def test_compiled_decode_step_does_not_recompile(device):
@@ -245,3 +248,22 @@ def test_cuda_graph_decode_replays_for_new_lengths():
         graph.replay()
         want = fm.flash_attn_with_kvcache(q, *before, k, v, cache_seqlens=seqlens)
         assert torch.equal(out, want), lengths
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 7])
+def test_split_counts_and_bad_indices(num_splits, device):
+    """Any split count gives the oracle's answer (chunks past a sequence's length do no work);
+    out-of-range lengths, batch rows and pages are clamped, never read out of bounds."""
+    q = torch.randn(3, 2, 4, 16, device=device)
+    kc, vc = (torch.randn(2, 48, 2, 16, device=device) for _ in range(2))
+    seq = torch.tensor([5, 48, 70], dtype=torch.int32, device=device)  # 70 > capacity: clamped to 48
+    idx = torch.tensor([1, 0, 9], dtype=torch.int32, device=device)  # 9: clamped to row 1
+    out = fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seq, cache_batch_idx=idx, causal=True,
+                                     num_splits=num_splits)
+    for i, (n, row) in enumerate([(5, 1), (48, 0), (48, 1)]):
+        want, _ = attention_ref(q[i:i + 1], kc[row:row + 1, :n], vc[row:row + 1, :n], 0.25, True, True)
+        torch.testing.assert_close(out[i:i + 1], want, atol=1e-5, rtol=1e-5)
+    pages = torch.tensor([[0, 7, 2], [-1, 1, 3], [1, 0, 5]], dtype=torch.int32, device=device)  # 7, -1: bad
+    paged = fm.flash_attn_with_kvcache(q, kc.view(6, 16, 2, 16), vc.view(6, 16, 2, 16), cache_seqlens=seq,
+                                       block_table=pages, num_splits=num_splits)
+    assert torch.isfinite(paged).all()

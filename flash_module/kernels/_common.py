@@ -262,6 +262,24 @@ def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
 
 
 @triton.jit
+def attend_block(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+):
+    """FA2's inner-loop body: fold the key block ``cols`` (its K/V tiles at ``k_ptrs`` /
+    ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``."""
+    k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)  # (BLOCK_N, BLOCK_D)
+    s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
+    if MASKED:
+        s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), s, float("-inf"))
+    p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
+    acc = acc * alpha[:, None]
+    v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
+    acc = mma(p, v, acc)  # (BLOCK_M, BLOCK_D)
+    return acc, l_i, m_i
+
+
+@triton.jit
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
@@ -273,17 +291,45 @@ def attend_kv(
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_start, n_end, BLOCK_N):
-        cols = start_n + offs_n
-        k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)  # (BLOCK_N, BLOCK_D)
-        s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
-        if MASKED:
-            s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), s, float("-inf"))
-        p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
-        acc = acc * alpha[:, None]
-        v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
-        acc = mma(p, v, acc)  # (BLOCK_M, BLOCK_D)
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset,
+                                     qk_scale, qk_scale_lo, HEAD_DIM, MASKED, IS_CAUSAL)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+
+@triton.jit
+def page_tile_ptrs(Cache_head, Pages, cols, stride_page, stride_s, num_pages, PAGE: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Pointers to the (BLOCK_N, BLOCK_D) tile of keys ``cols`` of a paged cache: key ``n`` is
+    row ``n % PAGE`` of page ``Pages[n // PAGE]`` (clamped into the cache).  Each row finds its
+    own page, so a tile may span pages and the key blocks are those of a contiguous cache."""
+    pages = tl.load(Pages + cols // PAGE)  # (BLOCK_N,): one table entry per PAGE keys
+    pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
+    rows = pages * stride_page + (cols % PAGE).to(tl.int64) * stride_s
+    return Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
+def attend_kv_paged(
+    acc, l_i, m_i, q, K_head, V_head, Pages, stride_kpage, stride_ks, stride_vpage, stride_vs, num_pages,
+    n_table, rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    IS_CAUSAL: tl.constexpr,
+):
+    """:func:`attend_kv` over a paged K/V cache (``K_head``/``V_head``: the head's row 0 of page
+    0; ``Pages``: this sequence's block-table row, covering ``n_table`` keys): the same blocks in
+    the same order, so the result equals the contiguous cache's bit for bit."""
+    BLOCK_D: tl.constexpr = q.shape[1]
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(n_start, n_end, BLOCK_N):
+        # Keys past the table (the last block of a full cache) are masked by Sk: point them at
+        # the table's last entry.
+        cols = tl.minimum(start_n + offs_n, n_table - 1)
+        k_ptrs = page_tile_ptrs(K_head, Pages, cols, stride_kpage, stride_ks, num_pages, PAGE, BLOCK_D)
+        v_ptrs = page_tile_ptrs(V_head, Pages, cols, stride_vpage, stride_vs, num_pages, PAGE, BLOCK_D)
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset,
+                                     qk_scale, qk_scale_lo, HEAD_DIM, MASKED, IS_CAUSAL)
     return acc, l_i, m_i
 
 

@@ -27,6 +27,7 @@ from ._common import (
     LN2,
     LOG2E_C,
     attend_kv,
+    attend_kv_paged,
     kv_range,
     load_tile,
     lse_epilogue,
@@ -38,12 +39,17 @@ from ._common import (
 
 @triton.jit
 def _split_kv_fwd_kernel(
-    Q, K, V, OPart, LsePart,
+    Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, chunk, part_stride,
+    stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, chunk, part_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
+    HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
+    """One (query block, head, key chunk) partial result.  With ``CACHE`` the keys are a KV
+    cache: batch ``b`` sees its first ``SeqLens[b]`` keys (clamped into [0, Sk], Sk = the
+    capacity; causal bottom-right against that length) in cache row ``BatchIdx[b]`` (or ``b``),
+    or, with ``PAGED``, in the pages of block-table row ``b`` (stride_kb: the page stride)."""
     split = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -69,8 +75,18 @@ def _split_kv_fwd_kernel(
         q_ptrs = tile_ptrs(Q + off_b * stride_qb + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D)
         q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, True)
         out_rows = (off_b * H + off_h) * Sq + rows
-    K_head = K + off_b * stride_kb + off_hkv * stride_kh
-    V_head = V + off_b * stride_vb + off_hkv * stride_vh
+    kv_row = off_b
+    capacity = Sk
+    if CACHE:
+        Sk = tl.minimum(tl.maximum(tl.load(SeqLens + off_b), 0), Sk)
+        causal_offset = Sk - Sq
+        if HAS_BATCH_IDX:
+            kv_row = tl.minimum(tl.maximum(tl.load(BatchIdx + off_b), 0), num_kv_rows - 1).to(tl.int64)
+    K_head = K + off_hkv * stride_kh
+    V_head = V + off_hkv * stride_vh
+    if not PAGED:
+        K_head += kv_row * stride_kb
+        V_head += kv_row * stride_vb
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -81,16 +97,21 @@ def _split_kv_fwd_kernel(
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     c_lo = split * chunk
     c_hi = c_lo + chunk
-    n0, n1 = tl.minimum(c_lo, n_full), tl.minimum(c_hi, n_full)  # unmasked part of the chunk
-    acc, l_i, m_i = attend_kv(
-        acc, l_i, m_i, q, tile_ptrs(K_head, n0, stride_ks, BLOCK_N, BLOCK_D),
-        tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-        rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-    n0, n1 = tl.maximum(c_lo, n_full), tl.minimum(c_hi, hi)  # masked part
-    acc, l_i, m_i = attend_kv(
-        acc, l_i, m_i, q, tile_ptrs(K_head, n0, stride_ks, BLOCK_N, BLOCK_D),
-        tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-        rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    for part in tl.static_range(2):  # the unmasked part of the chunk, then the masked part
+        if part == 0:
+            n0, n1 = tl.minimum(c_lo, n_full), tl.minimum(c_hi, n_full)
+        else:
+            n0, n1 = tl.maximum(c_lo, n_full), tl.minimum(c_hi, hi)
+        if PAGED:
+            acc, l_i, m_i = attend_kv_paged(
+                acc, l_i, m_i, q, K_head, V_head, BlockTable + off_b * stride_bt, stride_kb, stride_ks, stride_vb,
+                stride_vs, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, PAGE,
+                BLOCK_N, part == 1, IS_CAUSAL)
+        else:
+            acc, l_i, m_i = attend_kv(
+                acc, l_i, m_i, q, tile_ptrs(K_head, n0, stride_ks, BLOCK_N, BLOCK_D),
+                tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, part == 1, IS_CAUSAL)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     part = split.to(tl.int64) * part_stride
@@ -157,29 +178,56 @@ def split_kv_forward(
 
     ``num_splits=0`` picks the count from the SM count, B·H·cdiv(Sq, BLOCK_M) and Sk.
     """
+    return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits)
+
+
+def split_kv_cache_forward(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
+    num_splits: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split-KV attention of q (B, Sq, H, D) over a KV cache: contiguous (B_cache, S_cache, H_kv,
+    D) with rows ``cache_batch_idx[b]``, or paged (num_pages, page, H_kv, D) through
+    ``block_table`` (B, pages_per_seq); batch ``b`` sees its first ``cache_seqlens[b]`` keys,
+    causal bottom-right.  Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq).  The chunks
+    cover the cache's capacity (a shape), so a chunk past a sequence's length does no work."""
+    return _split_kv(q, k_cache, v_cache, softmax_scale, causal, 0, num_splits,
+                     cache=(cache_seqlens, cache_batch_idx, block_table))
+
+
+def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None):
     b, sq, h, d = q.shape
-    sk, h_kv = k.shape[1], k.shape[2]
+    h_kv = k.shape[2]
+    seqlens, batch_idx, table = cache if cache is not None else (None, None, None)
+    paged = table is not None
+    page = k.shape[1] if paged else 1
+    sk = table.shape[1] * page if paged else k.shape[1]  # keys (the capacity, for a cache)
     bd = _common.block_d(d)
     acc = acc_dtype(q.dtype)
     group = h // h_kv
     cfg = split_kv_config(q.dtype, d, sq, q.device)
+    block_n = cfg.block_n  # paged tiles look up each row's page: the blocks of a contiguous cache
     pack = group > 1 and sq * group <= 64  # decode with GQA: one tile per K/V head
     block_m = max(16, triton.next_power_of_2(sq * group)) if pack else cfg.block_m
     m_blocks = 1 if pack else triton.cdiv(sq, block_m)
     heads = h_kv if pack else h
     if num_splits <= 0:
-        num_splits = auto_num_splits(m_blocks * b * heads, sk, cfg.block_n, q.device)
+        num_splits = auto_num_splits(m_blocks * b * heads, sk, block_n, q.device)
     # Chunks are whole key blocks, so the unmasked/masked split of each chunk stays aligned.
-    chunk = triton.cdiv(triton.cdiv(sk, num_splits), cfg.block_n) * cfg.block_n
-    num_splits = triton.cdiv(sk, chunk)
+    chunk = triton.cdiv(triton.cdiv(max(sk, 1), num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max(sk, 1), chunk)
     o_part = torch.empty((num_splits, b * h, sq, bd), dtype=acc, device=q.device)
     lse_part = torch.empty((num_splits, b * h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty_like(lse_part[0]).view(b, h, sq)
+    stand_in = lse_part  # for absent metadata tensors; never read
     _split_kv_fwd_kernel[(m_blocks, b * heads, num_splits)](
-        q, k, v, o_part, lse_part, *_common.bsh_strides(q, k, v),
-        h, group, sq, sk, causal_offset, *_common.qk_scale(softmax_scale), chunk, b * h * sq,
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal, PACK_GQA=pack,
+        q, k, v, o_part, lse_part, seqlens if seqlens is not None else stand_in,
+        batch_idx if batch_idx is not None else stand_in, table if paged else stand_in,
+        *_common.bsh_strides(q, k, v), table.stride(0) if paged else 0,
+        h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale), chunk, b * h * sq,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
+        CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
     )
     comb_m = 16 if sq <= 16 else 64

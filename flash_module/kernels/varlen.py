@@ -110,38 +110,24 @@ def _varlen_preprocess_kernel(
 
 @triton.jit
 def _varlen_fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BatchIdx,
-    stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    B, H, GROUP, Tq, Tk, num_kv_rows, qk_scale, qk_scale_lo,
+    Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks,
+    stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
+    B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, KV_CACHE: tl.constexpr,
-    HAS_BATCH_IDX: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
 ):
-    """Varlen forward.  With ``KV_CACHE`` the keys are a KV cache instead of packed sequences:
-    K/V (num_kv_rows, Tk, H_kv, D), sequence ``b`` reads cache row ``BatchIdx[b]`` (or ``b``) and
-    its first ``SeqUsedK[b]`` keys (clamped into [0, Tk]); ``CuK`` is not read."""
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
     valid, q_start, len_q, k_start, len_k, start_m, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
-                                                                  LOG_B, HAS_SEQUSED and not KV_CACHE)
-    if KV_CACHE:
-        row = b
-        if HAS_BATCH_IDX:
-            row = tl.minimum(tl.maximum(tl.load(BatchIdx + b), 0), num_kv_rows - 1)
-        len_k = tl.minimum(tl.maximum(tl.load(SeqUsedK + b), 0), Tk)
-        k_base = row.to(tl.int64) * stride_kb
-        v_base = row.to(tl.int64) * stride_vb
-    else:
-        k_base = k_start * stride_ks
-        v_base = k_start * stride_vs
+                                                                  LOG_B, HAS_SEQUSED)
     if valid:  # programs past the last query block have nothing to do
         causal_offset = len_k - len_q  # bottom-right, per sequence
         rows = start_m + tl.arange(0, BLOCK_M)
 
         q_ptrs = tile_ptrs(Q + q_start * stride_qs + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D)
         q = load_tile(q_ptrs, rows, len_q, HEAD_DIM, True)  # (BLOCK_M, BLOCK_D)
-        K_head = K + k_base + off_hkv * stride_kh
-        V_head = V + v_base + off_hkv * stride_vh
+        K_head = K + k_start * stride_ks + off_hkv * stride_kh
+        V_head = V + k_start * stride_vs + off_hkv * stride_vh
 
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
                                     qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE)
@@ -259,44 +245,13 @@ def varlen_forward(
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
     _varlen_fwd_kernel[(programs, h)](
-        q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m), cu_seqlens_q,
-        q.stride(0), q.stride(1), 0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1),
-        b, h, h // h_kv, tq, tk, 0, *_common.qk_scale(softmax_scale),
+        q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        b, h, h // h_kv, tq, tk, *_common.qk_scale(softmax_scale),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        KV_CACHE=False, HAS_BATCH_IDX=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-        **_common.kernel_flags(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **_common.kernel_flags(q),
     )
     return out, lse
-
-
-def cache_forward(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    cache_batch_idx: torch.Tensor | None, softmax_scale: float, causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of q (B, Sq, H, D) over a contiguous KV cache (B_cache, S_cache, H_kv, D):
-    batch ``b`` sees the first ``cache_seqlens[b]`` keys of cache row ``cache_batch_idx[b]``
-    (default ``b``), causal bottom-right.  Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq)
-    in ``lse_dtype``.  The varlen kernel with every sequence Sq queries long."""
-    bsz, sq, h, d = q.shape
-    s_cache, h_kv = k_cache.shape[1], k_cache.shape[2]
-    qp = q.reshape(bsz * sq, h, d)
-    cu_q = (torch.arange(bsz + 1, device=q.device, dtype=torch.int32) * sq)
-    cfg = fwd_config(q.dtype, d, causal, q.device)
-    out = torch.zeros((bsz * sq, h, d), dtype=q.dtype, device=q.device)
-    lse = torch.full((h, bsz * sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    programs = triton.cdiv(bsz * sq, cfg.block_m) + bsz
-    if bsz and sq and h:
-        _varlen_fwd_kernel[(programs, h)](
-            qp, k_cache, v_cache, out, lse, cu_q, cu_q, cache_seqlens, work_list(cu_q, cfg.block_m),
-            cache_batch_idx if cache_batch_idx is not None else cache_seqlens,
-            qp.stride(0), qp.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-            bsz, h, h // h_kv, bsz * sq, s_cache, k_cache.shape[0], *_common.qk_scale(softmax_scale),
-            HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-            LOG_B=max(1, bsz.bit_length()), HAS_SEQUSED=True, KV_CACHE=True,
-            HAS_BATCH_IDX=cache_batch_idx is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **_common.kernel_flags(q),
-        )
-    return out.view(bsz, sq, h, d), lse.view(h, bsz, sq).permute(1, 0, 2).contiguous()
 
 
 def _varlen_preprocess(out, dout, lse, dlse, cu_seqlens_q, flags):
