@@ -315,16 +315,23 @@ def _check_max_seqlen(name: str, x: object) -> None:
 
 
 def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, seqused_k: Tensor | None,
-                  scale: float, causal: bool) -> Tensor:
+                  block_table: Tensor | None, scale: float, causal: bool) -> Tensor:
     """(B, H, max_len_q, max_len_k) probabilities of each sequence, zero-padded (reads the
     lengths on the host: for testing)."""
-    seqs = reference.varlen_sequences(cu_q, cu_k, q.shape[0], k.shape[0], seqused_k)
+    n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
+    total_k = (cu_q.numel() - 1) * n_table if block_table is not None else k.shape[0]
+    seqs = reference.varlen_sequences(cu_q, cu_k, q.shape[0], total_k, seqused_k)
+    if block_table is not None:  # each sequence's pages back to back, from key 0
+        seqs = [(qs, lq, 0, min(lk, n_table)) for qs, lq, _, lk in seqs]
     max_q, max_k = (max((s[i] for s in seqs), default=0) for i in (1, 3))
     probs = q.new_zeros((len(seqs), q.shape[1], max_q, max_k), dtype=acc_dtype(q.dtype))
     for b, (qs, lq, ks, lk) in enumerate(seqs):
+        keys = k
+        if block_table is not None:
+            keys = k[block_table[b].long().clamp(0, k.shape[0] - 1)].flatten(0, 1)
         if lq and lk:
             probs[b, :, :lq, :lk] = reference.attention_probs(
-                q[None, qs:qs + lq], k[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True)[0]
+                q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True)[0]
     return probs.to(q.dtype)
 
 
@@ -369,7 +376,10 @@ def flash_attn_varlen_func(
         return_attn_probs: also return ``softmax_lse`` (nheads, total_q) float32 and the
             probabilities (batch, nheads, max_len_q, max_len_k), zero-padded (for testing: it
             reads the lengths on the host).
-        block_table: paged K/V; not implemented yet (NotImplementedError).
+        block_table: (batch, pages_per_seq) int32 or None: paged K/V for inference.  k and v
+            are then caches (num_pages, page_size, nheads_k, headdim), page_size a power of two
+            >= 16; key ``j`` of sequence ``b`` is row ``j % page_size`` of page
+            ``block_table[b, j // page_size]``, and ``cu_seqlens_k`` gives the key lengths.
         seqused_k: (batch,) int32 or None: sequence ``b`` uses only its first ``seqused_k[b]``
             keys (its K/V rows still start at ``cu_seqlens_k[b]``).
         mode, impl: as in :func:`flash_attn_func`; only ``mode="fa2"`` has a varlen
@@ -386,9 +396,14 @@ def flash_attn_varlen_func(
     Returns:
         out (total_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, _VARLEN_LAYOUT, dim=3)
-    q4, k4, v4 = (t[None] for t in (q, k, v))
+    paged = isinstance(block_table, Tensor)
+    _check_tensor("q", q, _VARLEN_LAYOUT, dim=3)
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(name, t, "(num_pages, page_size, nheads_k, headdim)" if paged else _VARLEN_LAYOUT,
+                      dim=4 if paged else 3)
+    if block_table is not None and not paged:
+        raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
+    q4, k4, v4 = q[None], *((t.flatten(0, 1) if paged else t)[None] for t in (k, v))
     _check_qkv_bshd(q4, k4, v4, ("q", "k", "v"), _VARLEN_LAYOUT, shown=(q, k, v))
     if q.shape[-1] == 0:
         raise ValueError(f"head dim must be >= 1 for packed sequences, got q: {tuple(q.shape)}")
@@ -400,19 +415,28 @@ def flash_attn_varlen_func(
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
-    if block_table is not None and not isinstance(block_table, Tensor):
-        raise TypeError(f"block_table must be a torch.Tensor or None, got {type(block_table).__name__}")
-    _unsupported(block_table=block_table is not None)
+    if block_table is not None:
+        _check_index_tensor("block_table", block_table, q, "(batch, pages_per_seq)", cu_seqlens_q.numel() - 1,
+                            dim=2)
+        page = k.shape[1]
+        if k.dim() != 4 or v.shape != k.shape or page < 16 or page & (page - 1):
+            raise ValueError(f"with block_table, k and v must be paged caches (num_pages, page_size, "
+                             f"nheads_k, headdim), page_size a power of two >= 16, got k: {tuple(k.shape)}, "
+                             f"v: {tuple(v.shape)}")
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise ValueError("paged K/V (block_table) is inference only: its inputs must not require grad")
     mode, impl = ops.check_varlen_mode(mode, impl)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)
-    out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal), mode, impl)
+    out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal), mode, impl,
+                              block_table)
     if not return_attn_probs:
         return out
     with torch.no_grad():
-        probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal))
+        probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale,
+                              bool(causal))
     return out, lse.to(acc_dtype(q.dtype)), probs
 
 

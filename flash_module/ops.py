@@ -367,17 +367,17 @@ torch.library.register_autograd("flash_module::attention_bwd", _no_double_backwa
 
 @dataclass(frozen=True)
 class VarlenImplementation:
-    """``forward(q, k, v, cu_q, cu_k, seqused_k, scale, causal) -> (out, lse)`` and
+    """``forward(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table) -> (out, lse)`` and
     ``backward(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal) -> (dq, dk, dv)``."""
 
     forward: Callable[..., tuple[Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
-def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal):
+def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None):
     from .kernels.varlen import varlen_forward
 
-    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k)
+    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table)
 
 
 def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal):
@@ -386,8 +386,8 @@ def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, sca
     return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse)
 
 
-def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal):
-    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k)
+def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None):
+    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table)
 
 
 def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal):
@@ -432,17 +432,19 @@ def varlen_fwd(
     causal: bool,
     mode: str = "fa2",
     impl: str = "auto",
+    block_table: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
-        out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal))
+        out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
+                      block_table)
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
-                     impl="auto"):
+                     impl="auto", block_table=None):
     tq, h, d = q.shape
     return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
@@ -481,19 +483,23 @@ def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl = inputs
+    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k)
     ctx.args = (softmax_scale, causal, mode, impl)
+    ctx.paged = block_table is not None
     ctx.set_materialize_grads(False)
 
 
 def _varlen_backward(ctx, dout, dlse):
+    if ctx.paged:
+        raise NotImplementedError("flash_module: the varlen backward does not support paged K/V "
+                                  "(block_table); paged caches are for inference")
     q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,

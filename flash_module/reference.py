@@ -474,20 +474,32 @@ def varlen_sequences(
 def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA2's blocked forward on each packed sequence (causal bottom-right per sequence).
 
-    q (Tq, H, D), k/v (Tk, H_kv, D).  Returns ``out`` (Tq, H, D) and ``lse`` (H, Tq) in
-    ``lse_dtype``; rows in no sequence get 0 / -inf.
+    q (Tq, H, D), k/v (Tk, H_kv, D), or with ``block_table`` (B, pages_per_seq) a paged cache
+    (num_pages, page, H_kv, D) whose pages ``block_table[b]`` hold sequence ``b``'s keys.
+    Returns ``out`` (Tq, H, D) and ``lse`` (H, Tq) in ``lse_dtype``; rows in no sequence get
+    0 / -inf.
     """
     tq, h, d = q.shape
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    for qs, lq, ks, lk in varlen_sequences(cu_seqlens_q, cu_seqlens_k, tq, k.shape[0], seqused_k):
+    n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
+    total_k = (cu_seqlens_q.numel() - 1) * n_table if block_table is not None else k.shape[0]
+    seqs = varlen_sequences(cu_seqlens_q, cu_seqlens_k, tq, total_k, seqused_k)
+    for b, (qs, lq, ks, lk) in enumerate(seqs):
+        if block_table is not None:  # this sequence's pages, back to back (indices clamped)
+            pages = block_table[b].long().clamp(0, k.shape[0] - 1)
+            keys, values = (c[pages].flatten(0, 1) for c in (k, v))
+            ks, lk = 0, min(lk, n_table)
+        else:
+            keys, values = k, v
         if lq == 0 or lk == 0:
             continue
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
-        o, s = fa2_forward(q[None, rq], k[None, rk], v[None, rk], softmax_scale, causal)
+        o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal)
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 

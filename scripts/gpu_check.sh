@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
+#        [decode] [varlen]
 #        (default: tests bench)
 # sanitize: compute-sanitizer memcheck, racecheck and initcheck over scripts/sanitize_cases.py (every
 # kernel and mode, fwd+bwd, ragged shapes); million: benchmarks/million_tokens.py (1M tokens, one GPU).
+# decode: benchmarks/bench_decode.py (DECODE_ARGS; KV cache contiguous and paged, the peers, a copy);
+# varlen: benchmarks/bench_varlen.py (VARLEN_ARGS; packed documents, fwd + bwd, the peers).
 # ring (a machine with several GPUs): the NCCL ring-attention tests and the 1->2->4->8 GPU
 # weak-scaling benchmark (RING_ARGS, default: causal zigzag, 16k tokens per GPU).
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
@@ -84,6 +87,14 @@ for step in $steps; do
           "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitize_"${tool}"_*.log | sort | uniq -c | tr -s ' ')" \
           | tee -a "$OUT/sanitize.txt"
       done
+      ;;
+    decode)
+      python3 benchmarks/bench_decode.py --json "$OUT/decode.json" ${DECODE_ARGS:-} 2>&1 | grep -v -i warn \
+        | tee "$OUT/decode.log"
+      ;;
+    varlen)
+      python3 benchmarks/bench_varlen.py --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 | grep -v -i warn \
+        | tee "$OUT/varlen.log"
       ;;
     million)
       python3 benchmarks/million_tokens.py --json "$OUT/million.json" 2>&1 | tail -40 | tee "$OUT/million.log"

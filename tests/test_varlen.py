@@ -59,7 +59,9 @@ def _oracle(q, k, v, dout, dlse, cu_q, cu_k, used, scale, causal, dtype):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+# bf16 runs in the slow set (CI runs it; so does the GPU check): the default run keeps fp32.
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"),
+                                   pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("lens_q,lens_k,h,h_kv,d,used", CASES)
 def test_varlen_matches_oracle(lens_q, lens_k, h, h_kv, d, used, dtype, causal, impl, device):
     """flash_attn_varlen_func's out, lse and the gradients of out and lse."""
@@ -167,8 +169,8 @@ BAD_INPUTS = [  # (overrides, error, words the message must contain)
     pytest.param(dict(q=torch.randn(8, 2, 0)), ValueError, "head dim must be >= 1", id="d0"),
     pytest.param(dict(k=torch.randn(8, 3, 16), v=torch.randn(8, 3, 16)), ValueError,
                  "multiple of key/value heads", id="bad-gqa"),
-    pytest.param(dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), NotImplementedError, "block_table",
-                 id="paged-not-yet"),
+    pytest.param(dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "k must be 4-D",
+                 id="paged-needs-a-paged-cache"),
     pytest.param(dict(window_size=(4, 0)), NotImplementedError, "window_size", id="window-not-yet"),
     pytest.param(dict(mode="fa1"), NotImplementedError, "mode='fa1' has no varlen", id="fa1"),
     pytest.param(dict(mode="tiling"), NotImplementedError, "mode='tiling' has no varlen", id="tiling"),
@@ -187,10 +189,43 @@ def test_bad_varlen_input_is_a_clear_error(over, error, words, device):
         fm.flash_attn_varlen_func(**args)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_paged_kv_equals_contiguous(causal, impl, device):
+    """block_table: each sequence's keys in shuffled pages of 16 give the contiguous result bit
+    for bit (the same key blocks in the same order)."""
+    lens_q, lens_k, page = [3, 0, 20, 1], [40, 7, 20, 0], 16
+    q, cu_q = _pack(lens_q, 4, 32, torch.float32, device)
+    k, cu_k = _pack(lens_k, 2, 32, torch.float32, device)
+    v = torch.randn_like(k)
+    per_seq = 3  # pages of 16 rows per sequence: up to 48 keys
+    order = torch.randperm(len(lens_k) * per_seq, device=device)
+    table = order.view(len(lens_k), per_seq).to(torch.int32)
+    k_pages, v_pages = (torch.randn(len(lens_k) * per_seq, page, 2, 32, device=device) for _ in range(2))
+    for b, n in enumerate(lens_k):
+        start = int(cu_k[b])
+        for j in range(_cdiv(n, page)):
+            rows = slice(start + j * page, start + min(n, (j + 1) * page))
+            k_pages[table[b, j], :rows.stop - rows.start] = k[rows]
+            v_pages[table[b, j], :rows.stop - rows.start] = v[rows]
+    want, want_lse, want_p = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=causal, impl=impl,
+                                                       return_attn_probs=True)
+    got, got_lse, got_p = fm.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, causal=causal,
+                                                    block_table=table, impl=impl, return_attn_probs=True)
+    assert torch.equal(got, want) and torch.equal(got_lse, want_lse) and torch.equal(got_p, want_p)
+    with pytest.raises(ValueError, match="inference only"):
+        fm.flash_attn_varlen_func(q.requires_grad_(), k_pages, v_pages, cu_q, cu_k, block_table=table)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 # -- the op contract: opcheck, compile without recompiles, CUDA graphs --------------------------
 
 
-@pytest.mark.parametrize("with_seqused", [False, True], ids=["all-keys", "seqused"])
+@pytest.mark.parametrize("with_seqused", [pytest.param(False, id="all-keys", marks=pytest.mark.slow),
+                                          pytest.param(True, id="seqused")])
 def test_opcheck_varlen_ops(with_seqused, device):
     q, cu_q = _pack([5, 0, 9], 4, 16, torch.float32, device)
     k, cu_k = _pack([7, 3, 9], 2, 16, torch.float32, device)
@@ -199,6 +234,10 @@ def test_opcheck_varlen_ops(with_seqused, device):
     for t in (q, k, v):
         t.requires_grad_()
     torch.library.opcheck(ops.varlen_fwd, (q, k, v, cu_q, cu_k, used, 0.25, True))
+    pages = torch.tensor([[2, 0], [1, 1], [0, 2]], dtype=torch.int32, device=device)  # pages of 16 keys
+    k_pages, v_pages = (torch.randn(3, 16, 2, 16, device=device) for _ in range(2))
+    torch.library.opcheck(ops.varlen_fwd, (q.detach(), k_pages, v_pages, cu_q, cu_k, used, 0.25, True, "fa2",
+                                           "auto", pages), test_utils=("test_schema", "test_faketensor"))
     out, lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, used, 0.25, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     saved = (t.detach() for t in (q, k, v, out, lse))

@@ -336,25 +336,36 @@ def attend_kv_paged(
 @triton.jit
 def attend_rows(
     q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo,
+    Pages, stride_kpage, stride_vpage, num_pages, n_table,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
     """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, the full key
     blocks of :func:`kv_range` without masks, then the diagonal / ragged ones masked.
-    ``K_head``/``V_head`` point at the head's key 0."""
+    ``K_head``/``V_head`` point at the head's key 0 or, with ``PAGED``, at its row 0 of page 0
+    of a paged cache whose pages for these keys are ``Pages`` (:func:`attend_kv_paged`; the
+    page arguments are not read otherwise)."""
     BLOCK_M: tl.constexpr = q.shape[0]
     BLOCK_D: tl.constexpr = q.shape[1]
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)  # unnormalised O
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)  # running sum of exp2(s - m)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max (log2 domain)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = attend_kv(
-        acc, l_i, m_i, q, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
-        tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-        rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, False, IS_CAUSAL)
-    acc, l_i, m_i = attend_kv(
-        acc, l_i, m_i, q, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
-        tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-        rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
+    for part in tl.static_range(2):  # keys [0, n_full) unmasked, then [n_full, hi) masked
+        if part == 0:
+            n0, n1 = 0, n_full
+        else:
+            n0, n1 = n_full, hi
+        if PAGED:
+            acc, l_i, m_i = attend_kv_paged(
+                acc, l_i, m_i, q, K_head, V_head, Pages, stride_kpage, stride_ks, stride_vpage, stride_vs,
+                num_pages, n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, PAGE,
+                BLOCK_N, part == 1, IS_CAUSAL)
+        else:
+            acc, l_i, m_i = attend_kv(
+                acc, l_i, m_i, q, tile_ptrs(K_head, n0, stride_ks, BLOCK_N, BLOCK_D),
+                tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, part == 1, IS_CAUSAL)
     return acc, l_i, m_i
 
 

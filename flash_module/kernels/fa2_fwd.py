@@ -42,7 +42,8 @@ def _fa2_fwd_kernel(
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
     acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset,
-                                qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE)
+                                qk_scale, qk_scale_lo, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE,
+                                False, 1)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     # Out is a new contiguous (B, Sq, H, D) tensor; Lse a contiguous (B, H, Sq) one.

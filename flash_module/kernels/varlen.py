@@ -110,27 +110,37 @@ def _varlen_preprocess_kernel(
 
 @triton.jit
 def _varlen_fwd_kernel(
-    Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks,
-    stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-    B, H, GROUP, Tq, Tk, qk_scale, qk_scale_lo,
+    Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BlockTable,
+    stride_qs, stride_qh, stride_kpage, stride_ks, stride_kh, stride_vpage, stride_vs, stride_vh, stride_bt,
+    B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
+    """Varlen forward.  With ``PAGED``, K/V are a paged cache (num_pages, PAGE, H_kv, D): key
+    ``n`` of sequence ``b`` is row ``n % PAGE`` of page ``BlockTable[b, n // PAGE]``; the key
+    lengths still come from ``CuK`` (and ``SeqUsedK``), clamped to the table's ``n_table`` keys."""
     off_h = tl.program_id(1).to(tl.int64)
     off_hkv = off_h // GROUP
     valid, q_start, len_q, k_start, len_k, start_m, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
                                                                   LOG_B, HAS_SEQUSED)
+    if PAGED:
+        len_k = tl.minimum(len_k, n_table)
     if valid:  # programs past the last query block have nothing to do
         causal_offset = len_k - len_q  # bottom-right, per sequence
         rows = start_m + tl.arange(0, BLOCK_M)
 
         q_ptrs = tile_ptrs(Q + q_start * stride_qs + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D)
         q = load_tile(q_ptrs, rows, len_q, HEAD_DIM, True)  # (BLOCK_M, BLOCK_D)
-        K_head = K + k_start * stride_ks + off_hkv * stride_kh
-        V_head = V + k_start * stride_vs + off_hkv * stride_vh
+        K_head = K + off_hkv * stride_kh
+        V_head = V + off_hkv * stride_vh
+        if not PAGED:
+            K_head += k_start * stride_ks
+            V_head += k_start * stride_vs
 
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
-                                    qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE)
+                                    qk_scale, qk_scale_lo, BlockTable + b * stride_bt, stride_kpage, stride_vpage,
+                                    num_pages, n_table, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE)
 
         l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
         # Out is a new contiguous (Tq, H, D) tensor, Lse a contiguous (H, Tq) one.
@@ -227,17 +237,26 @@ def _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k):
 def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen FA2 forward.  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
     cu_seqlens_q/k (B + 1,) int32 on q's device; ``seqused_k`` (B,) int32 or None: sequence
-    ``b`` uses only its first ``seqused_k[b]`` keys.
+    ``b`` uses only its first ``seqused_k[b]`` keys.  ``block_table`` (B, pages_per_seq) int32
+    or None: k/v are a paged cache (num_pages, page, H_kv, D) and sequence ``b``'s keys are its
+    pages (``cu_seqlens_k`` still gives the key lengths).
 
     Returns ``out`` (Tq, H, D) in q's dtype and ``lse`` (H, Tq) in ``lse_dtype(q.dtype)``;
     rows that belong to no sequence get out = 0 and lse = -inf.
     """
     tq, h, d = q.shape
-    tk, h_kv = k.shape[0], k.shape[1]
+    paged = block_table is not None
+    h_kv = k.shape[-2]
     meta, b, flags = _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k)
+    page = k.shape[1] if paged else 1
+    n_table = block_table.shape[1] * page if paged else 0
+    tk = b * n_table if paged else k.shape[0]  # the bound cu_seqlens_k is clamped to
+    kv_strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)) if paged else \
+        (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
     cfg = fwd_config(q.dtype, d, causal, q.device)
     out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
@@ -245,11 +264,12 @@ def varlen_forward(
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
     _varlen_fwd_kernel[(programs, h)](
-        q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        b, h, h // h_kv, tq, tk, *_common.qk_scale(softmax_scale),
+        q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m), block_table if paged else cu_seqlens_k,
+        q.stride(0), q.stride(1), *kv_strides, block_table.stride(0) if paged else 0,
+        b, h, h // h_kv, tq, tk, k.shape[0], n_table, *_common.qk_scale(softmax_scale),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **_common.kernel_flags(q),
+        PAGED=paged, PAGE=page, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        **_common.kernel_flags(q),
     )
     return out, lse
 
