@@ -311,25 +311,33 @@ def page_tile_ptrs(Cache_head, Pages, cols, stride_page, stride_s, num_pages, PA
 
 
 @triton.jit
-def attend_kv_paged(
-    acc, l_i, m_i, q, K_head, V_head, Pages, stride_kpage, stride_ks, stride_vpage, stride_vs, num_pages,
-    n_table, rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
-    HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    IS_CAUSAL: tl.constexpr,
+def attend_keys(
+    acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr,
 ):
-    """:func:`attend_kv` over a paged K/V cache (``K_head``/``V_head``: the head's row 0 of page
-    0; ``Pages``: this sequence's block-table row, covering ``n_table`` keys): the same blocks in
-    the same order, so the result equals the contiguous cache's bit for bit."""
+    """Key blocks [n_start, n_end) of a head whose keys start at ``K_head``/``V_head``: contiguous
+    (:func:`attend_kv`), or with ``PAGED`` a paged cache (``K_head``/``V_head``: the head's row 0
+    of page 0; ``Pages``: this sequence's block-table row, covering ``n_table`` keys; the page
+    arguments are not read otherwise).  Paged or not, the blocks and their order are the same,
+    so a paged cache gives the contiguous result bit for bit."""
     BLOCK_D: tl.constexpr = q.shape[1]
-    offs_n = tl.arange(0, BLOCK_N)
-    for start_n in range(n_start, n_end, BLOCK_N):
-        # Keys past the table (the last block of a full cache) are masked by Sk: point them at
-        # the table's last entry.
-        cols = tl.minimum(start_n + offs_n, n_table - 1)
-        k_ptrs = page_tile_ptrs(K_head, Pages, cols, stride_kpage, stride_ks, num_pages, PAGE, BLOCK_D)
-        v_ptrs = page_tile_ptrs(V_head, Pages, cols, stride_vpage, stride_vs, num_pages, PAGE, BLOCK_D)
-        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset,
-                                     qk_scale, qk_scale_lo, HEAD_DIM, MASKED, IS_CAUSAL)
+    if PAGED:
+        offs_n = tl.arange(0, BLOCK_N)
+        for start_n in range(n_start, n_end, BLOCK_N):
+            # Keys past the table (the last block of a full cache) are masked by Sk: point them
+            # at the table's last entry.
+            cols = tl.minimum(start_n + offs_n, n_table - 1)
+            k_ptrs = page_tile_ptrs(K_head, Pages, cols, stride_kpage, stride_ks, num_pages, PAGE, BLOCK_D)
+            v_ptrs = page_tile_ptrs(V_head, Pages, cols, stride_vpage, stride_vs, num_pages, PAGE, BLOCK_D)
+            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk,
+                                         causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, MASKED, IS_CAUSAL)
+    else:
+        acc, l_i, m_i = attend_kv(
+            acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
+            tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+            rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, MASKED, IS_CAUSAL)
     return acc, l_i, m_i
 
 
@@ -343,8 +351,7 @@ def attend_rows(
     """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, the full key
     blocks of :func:`kv_range` without masks, then the diagonal / ragged ones masked.
     ``K_head``/``V_head`` point at the head's key 0 or, with ``PAGED``, at its row 0 of page 0
-    of a paged cache whose pages for these keys are ``Pages`` (:func:`attend_kv_paged`; the
-    page arguments are not read otherwise)."""
+    of a paged cache whose pages for these keys are ``Pages`` (:func:`attend_keys`)."""
     BLOCK_M: tl.constexpr = q.shape[0]
     BLOCK_D: tl.constexpr = q.shape[1]
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)  # unnormalised O
@@ -356,16 +363,10 @@ def attend_rows(
             n0, n1 = 0, n_full
         else:
             n0, n1 = n_full, hi
-        if PAGED:
-            acc, l_i, m_i = attend_kv_paged(
-                acc, l_i, m_i, q, K_head, V_head, Pages, stride_kpage, stride_ks, stride_vpage, stride_vs,
-                num_pages, n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, PAGE,
-                BLOCK_N, part == 1, IS_CAUSAL)
-        else:
-            acc, l_i, m_i = attend_kv(
-                acc, l_i, m_i, q, tile_ptrs(K_head, n0, stride_ks, BLOCK_N, BLOCK_D),
-                tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, part == 1, IS_CAUSAL)
+        acc, l_i, m_i = attend_keys(
+            acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
+            n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, part == 1,
+            IS_CAUSAL, PAGED, PAGE)
     return acc, l_i, m_i
 
 

@@ -26,8 +26,7 @@ from . import _common
 from ._common import (
     LN2,
     LOG2E_C,
-    attend_kv,
-    attend_kv_paged,
+    attend_keys,
     kv_range,
     load_tile,
     lse_epilogue,
@@ -102,16 +101,10 @@ def _split_kv_fwd_kernel(
             n0, n1 = tl.minimum(c_lo, n_full), tl.minimum(c_hi, n_full)
         else:
             n0, n1 = tl.maximum(c_lo, n_full), tl.minimum(c_hi, hi)
-        if PAGED:
-            acc, l_i, m_i = attend_kv_paged(
-                acc, l_i, m_i, q, K_head, V_head, BlockTable + off_b * stride_bt, stride_kb, stride_ks, stride_vb,
-                stride_vs, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, PAGE,
-                BLOCK_N, part == 1, IS_CAUSAL)
-        else:
-            acc, l_i, m_i = attend_kv(
-                acc, l_i, m_i, q, tile_ptrs(K_head, n0, stride_ks, BLOCK_N, BLOCK_D),
-                tile_ptrs(V_head, n0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, part == 1, IS_CAUSAL)
+        acc, l_i, m_i = attend_keys(
+            acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
+            stride_vb, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM,
+            BLOCK_N, part == 1, IS_CAUSAL, PAGED, PAGE)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     part = split.to(tl.int64) * part_stride
