@@ -194,15 +194,64 @@ class MultiheadFlashAttention(nn.Module):
         self.context_parallel_layout = context_parallel_layout
         self.rotary = RotaryEmbedding(self.head_dim, rope_base, device=device) if rotary else None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def allocate_kv_cache(self, batch_size: int, max_seq_len: int, device=None, dtype=None) -> None:
+        """Preallocate a static KV cache (buffers ``k_cache``/``v_cache``, (batch_size,
+        max_seq_len, H_kv, D), not saved in the state dict) for generation.  Its shapes never
+        change, so a decode step compiles once and can be captured in a CUDA graph; see
+        :meth:`forward`'s ``cache_seqlens``."""
+        if self.context_parallel_group is not None:
+            raise ValueError("a KV cache cannot be used with context parallelism")
+        weight = self.qkv_proj.weight
+        shape = (batch_size, max_seq_len, self.num_kv_heads, self.head_dim)
+        factory = dict(device=device or weight.device, dtype=dtype or weight.dtype)
+        self.register_buffer("k_cache", torch.zeros(shape, **factory), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, **factory), persistent=False)
+        if self.rotary is not None:  # the rotation tables, (max_seq_len, D / 2), as RotaryEmbedding
+            angles = torch.outer(torch.arange(max_seq_len, device=factory["device"], dtype=torch.float32),
+                                 self.rotary.inv_freq.to(device=factory["device"], dtype=torch.float32))
+            self.register_buffer("rotary_cos", angles.cos(), persistent=False)
+            self.register_buffer("rotary_sin", angles.sin(), persistent=False)
+
+    def free_kv_cache(self) -> None:
+        """Drop the buffers of :meth:`allocate_kv_cache`."""
+        for name in ("k_cache", "v_cache", "rotary_cos", "rotary_sin"):
+            if name in self._buffers:
+                del self._buffers[name]
+
+    def forward(self, x: Tensor, cache_seqlens: Tensor | None = None) -> Tensor:
+        """``x`` (B, S, E) -> (B, S, E).
+
+        With ``cache_seqlens`` ((B,) int32: how many tokens each sequence already has in the
+        cache of :meth:`allocate_kv_cache`), ``x`` holds the next S tokens: their keys and values
+        are written into the cache at those positions (in place) and the tokens attend to
+        everything cached before them (a prompt: S tokens with ``cache_seqlens`` 0; a decode
+        step: S = 1).  RoPE rotates each token at its position in its sequence.  The caller
+        advances ``cache_seqlens`` by S afterwards.  Inference only.
+        """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (batch, seq, {self.embed_dim}), got {tuple(x.shape)}")
+        if cache_seqlens is not None and "k_cache" not in self._buffers:
+            raise ValueError("cache_seqlens needs a KV cache: call allocate_kv_cache(batch_size, "
+                             "max_seq_len) first")
         qkv = self.qkv_proj(x)  # (B, S, (H + 2 H_kv) D)
         hd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         # Splitting the last dim gives strided views: the kernels read them without copies.
         q = rearrange(qkv[..., :hd], "b s (h d) -> b s h d", d=self.head_dim)
         k = rearrange(qkv[..., hd:hd + kvd], "b s (h d) -> b s h d", d=self.head_dim)
         v = rearrange(qkv[..., hd + kvd:], "b s (h d) -> b s h d", d=self.head_dim)
+        if cache_seqlens is not None:
+            from .api import flash_attn_with_kvcache
+
+            rotary = {}
+            if self.rotary is not None:
+                rotary = dict(rotary_cos=self.rotary_cos, rotary_sin=self.rotary_sin,
+                              rotary_interleaved=False)
+            attn = self.attn  # FlashAttention's settings (a swapped-in core may lack some)
+            out = flash_attn_with_kvcache(
+                q, self.k_cache, self.v_cache, k, v, cache_seqlens=cache_seqlens, causal=attn.causal,
+                softmax_scale=getattr(attn, "softmax_scale", None), impl=getattr(attn, "impl", "auto"),
+                **rotary)
+            return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
         if self.rotary is not None:
             positions = None
             group = self.context_parallel_group

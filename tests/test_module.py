@@ -302,3 +302,32 @@ def test_reduce_overhead_uses_cuda_graphs():
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     manager = cudagraph_trees.get_manager(torch.cuda.current_device(), create_if_none_exists=False)
     assert manager is not None and sum(len(r) for r in manager.roots.values()) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Static KV cache (generation)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("rotary", [False, True], ids=["no-rope", "rope"])
+def test_kv_cache_decoding_matches_full_recompute(rotary, impl, device):
+    """A prompt, then one token at a time through the static cache, gives the full causal pass."""
+    torch.manual_seed(0)
+    m = fm.MultiheadFlashAttention(32, 4, num_kv_heads=2, causal=True, rotary=rotary, impl=impl,
+                                   device=device).eval()
+    x = torch.randn(2, 9, 32, device=device)
+    with torch.no_grad():
+        full = m(x)
+        m.allocate_kv_cache(2, 16)
+        lens = torch.zeros(2, dtype=torch.int32, device=device)
+        steps = [m(x[:, :5], cache_seqlens=lens)]
+        lens += 5
+        for i in range(5, 9):
+            steps.append(m(x[:, i:i + 1], cache_seqlens=lens))
+            lens += 1
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert "k_cache" not in m.state_dict()  # the cache is not a parameter of the model
+    m.free_kv_cache()
+    with pytest.raises(ValueError, match="allocate_kv_cache"):
+        m(x, cache_seqlens=lens)
