@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import torch
 
 from flash_module.reference import attention_ref
@@ -57,3 +63,17 @@ def assert_matches_reference(ours, q, k, v, dout, causal, bottom_right, dtype, o
     lowp = reference_grads(q, k, v, dout, causal, bottom_right)
     for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv"], ours, oracle, lowp):
         assert_flash_rule(name, a, o, p, dtype)
+
+
+@contextlib.contextmanager
+def example_module(name: str) -> Iterator[object]:
+    """``examples/<name>.py`` imported as a module for the duration of the block."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)

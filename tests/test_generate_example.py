@@ -6,25 +6,18 @@ Under the test suite (TRITON_INTERPRET=1 on CPU) the cached path runs the real T
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+from .helpers import example_module
+
 TINY = ["--batch", "2", "--prompt-len", "8", "--new-tokens", "6", "--layers", "1", "--d-model", "32",
         "--heads", "2", "--kv-heads", "1", "--quiet", "--no-graph"]
 
 
 @pytest.fixture(scope="module")
 def generate():
-    spec = importlib.util.spec_from_file_location("generate_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with example_module("generate") as module:
+        yield module
 
 
 @pytest.mark.parametrize("extra", [[], ["--rotary", "--temperature", "0"]],

@@ -6,14 +6,11 @@ the interpreter, so the sizes are tiny.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_gpt.py"
+from .helpers import example_module
 
 # A model small enough for the Triton interpreter: ~0.3 s per training step of both runs.
 TINY = ["--device", "cpu", "--seq-len", "16", "--batch-size", "2", "--layers", "1", "--d-model", "32",
@@ -23,12 +20,8 @@ TINY = ["--device", "cpu", "--seq-len", "16", "--batch-size", "2", "--layers", "
 
 @pytest.fixture(scope="module")
 def train_gpt():
-    spec = importlib.util.spec_from_file_location("train_gpt_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    with example_module("train_gpt") as module:
+        yield module
 
 
 def _assert_runs_agree(result: dict, rel: float = 1e-4) -> None:
