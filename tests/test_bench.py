@@ -64,6 +64,7 @@ def test_attention_flops_causal_sq_ne_sk() -> None:
     assert attention_flops(1, 1, 5, 3, 1, causal=True) == 4 * 12
 
 
+@pytest.mark.slow  # ~30 s on 2 cores (the CPU timing budget of every cell)
 def test_run_benchmark_cpu_sq_ne_sk(capsys) -> None:
     """--seqlen-k: ours (top-left causal through the SDPA-style API) next to SDPA math, same FLOPs."""
     argv = ["--device", "cpu", "--impls", "ours,math", "-d", "32", "-n", "48", "--seqlen-k", "80",
