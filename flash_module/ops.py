@@ -562,6 +562,12 @@ def kvcache_fwd(
     num_splits: int = 0,
     impl: str = "auto",
 ) -> tuple[Tensor, Tensor]:
+    b, sq, h, d = q.shape
+    no_keys = k_cache.shape[0] == 0 or k_cache.shape[1] == 0
+    no_keys = no_keys or (block_table is not None and block_table.shape[1] == 0)
+    if q.numel() == 0 or no_keys:
+        lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        return torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device), lse
     if resolve_impl(q, check_mode("fa2", impl)[1]) == "triton":
         from .kernels.split_kv import split_kv_cache_forward
 

@@ -545,6 +545,8 @@ def kvcache_append(
         capacity = block_table.shape[1] * page_size
     else:
         capacity = k_cache.shape[1]
+    if capacity == 0 or k_cache.shape[0] == 0:  # nowhere to write
+        return
     ok = (pos >= 0) & (pos < capacity)
     pos = torch.where(ok, pos, torch.zeros_like(pos))
     if block_table is not None:

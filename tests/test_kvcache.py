@@ -269,3 +269,29 @@ def test_split_counts_and_bad_indices(num_splits, device):
     paged = fm.flash_attn_with_kvcache(q, kc.view(6, 16, 2, 16), vc.view(6, 16, 2, 16), cache_seqlens=seq,
                                        block_table=pages, num_splits=num_splits)
     assert torch.isfinite(paged).all()
+
+
+EMPTY = [  # (q shape, cache shape, new tokens): nothing to compute somewhere
+    pytest.param((0, 1, 4, 16), (2, 32, 2, 16), 0, id="no-batch"),
+    pytest.param((2, 0, 4, 16), (2, 32, 2, 16), 0, id="no-query"),
+    pytest.param((2, 1, 4, 16), (2, 0, 2, 16), 1, id="no-cache"),
+    pytest.param((2, 40, 4, 16), (2, 32, 2, 16), 0, id="more-queries-than-cache"),
+    pytest.param((2, 1, 4, 16), (2, 32, 2, 16), 0, id="no-new-keys"),
+]
+
+
+@pytest.mark.parametrize("q_shape,cache_shape,s_new", EMPTY)
+def test_empty_shapes_match_the_pytorch_path(q_shape, cache_shape, s_new, device):
+    q = torch.randn(q_shape, device=device)
+    caches = [torch.randn(cache_shape, device=device) for _ in range(2)]
+    shape_new = (q_shape[0], s_new, *cache_shape[2:])
+    new = [torch.randn(shape_new, device=device) if s_new else None for _ in range(2)]
+    lens = torch.full((q_shape[0],), 3, dtype=torch.int32, device=device)
+    outs = []
+    for impl in IMPLS:
+        c = [t.clone() for t in caches]
+        outs.append(fm.flash_attn_with_kvcache(q, *c, *new, cache_seqlens=lens, causal=True, impl=impl,
+                                               return_softmax_lse=True))
+    for a, b in zip(*outs):
+        assert a.shape == b.shape and torch.isfinite(a).eq(torch.isfinite(b)).all()
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -88,6 +88,8 @@ def kvcache_append(
     paged = block_table is not None
     page = k_cache.shape[1] if paged else 1
     capacity = block_table.shape[1] * page if paged else k_cache.shape[1]
+    if capacity == 0 or k_cache.shape[0] == 0:  # nowhere to write
+        return
     block = 16
     dummy = cache_seqlens  # stands in for an absent index tensor; never read
     _append_kernel[(b, triton.cdiv(s_new, block), h_kv)](
