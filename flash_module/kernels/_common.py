@@ -629,6 +629,35 @@ def dkdv_head(
 
 
 @triton.jit
+def dkdv_block(
+    K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
+    stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset,
+    qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """A key block's dK/dV (dense and varlen kernels): load it, sum every query head of its
+    group in registers (:func:`dkdv_head`), scale dK, store both.  ``*_seq`` point at the
+    sequence's row 0 (Q/dO: of head 0; statistics: of head 0, (3, stats_len) per head);
+    ``*_head`` at this K/V head's key 0; DK/DV rows are ``stride_dks`` apart."""
+    cols = start_n + tl.arange(0, BLOCK_N)
+    k = load_tile(tile_ptrs(K_head, start_n, stride_ks, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)
+    v = load_tile(tile_ptrs(V_head, start_n, stride_vs, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
+    lo, m_full, even_end = q_range(start_n, Sq, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    for g in range(GROUP):  # the query heads that share this K/V head, summed in order
+        off_h = off_hkv * GROUP + g
+        dk, dv = dkdv_head(
+            dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
+            Stats_seq + off_h * 3 * stats_len, stats_len, cols, lo, m_full, even_end, Sq, causal_offset,
+            qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
+    dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
+    store_tile(tile_ptrs(DK_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
+    store_tile(tile_ptrs(DV_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
+
+
+@triton.jit
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
     rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo,

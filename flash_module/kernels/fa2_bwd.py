@@ -24,12 +24,11 @@ import triton.language as tl
 from ..configs import KernelConfig, bwd_configs
 from . import _common
 from ._common import (
-    dkdv_head,
+    dkdv_block,
     dq_rows,
     kv_range,
     load_tile,
     program_bh,
-    q_range,
     row_stats,
     scaled,
     stats_head,
@@ -51,28 +50,13 @@ def _bwd_dkdv_kernel(
     # equal to 1, so without GQA the head loop below disappears (measured: computing it in the
     # kernel made the causal dK/dV pass 25% slower on an H100).
     off_b, off_hkv = program_bh(H_KV)
-    start_n = tl.program_id(0) * BLOCK_N
-    cols = start_n + tl.arange(0, BLOCK_N)
-    k = load_tile(tile_ptrs(K + off_b * stride_kb + off_hkv * stride_kh, start_n, stride_ks, BLOCK_N, BLOCK_D),
-                  cols, Sk, HEAD_DIM, True)
-    v = load_tile(tile_ptrs(V + off_b * stride_vb + off_hkv * stride_vh, start_n, stride_vs, BLOCK_N, BLOCK_D),
-                  cols, Sk, HEAD_DIM, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
-
-    lo, m_full, even_end = q_range(start_n, Sq, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for g in range(GROUP):  # the query heads that share this K/V head, summed in order
-        off_h = off_hkv * GROUP + g
-        dk, dv = dkdv_head(
-            dk, dv, k, v, Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
-            stride_qs, stride_dos, stats_head(Stats, off_b, off_h, H, stats_len), stats_len,
-            cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
-
-    dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
-    # DK and DV are new contiguous (B, Sk, H_kv, D) tensors.
-    kv_base = (off_b * Sk * H_KV + off_hkv) * HEAD_DIM
-    store_tile(tile_ptrs(DK + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
-    store_tile(tile_ptrs(DV + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
+    kv_base = (off_b * Sk * H_KV + off_hkv) * HEAD_DIM  # DK and DV: new contiguous (B, Sk, H_kv, D)
+    dkdv_block(
+        K + off_b * stride_kb + off_hkv * stride_kh, V + off_b * stride_vb + off_hkv * stride_vh,
+        Q + off_b * stride_qb, DO + off_b * stride_dob, stats_head(Stats, off_b, 0, H, stats_len),
+        DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh, stats_len,
+        H_KV * HEAD_DIM, off_hkv, GROUP, tl.program_id(0) * BLOCK_N, Sq, Sk, causal_offset, qk_scale, qk_scale_lo,
+        sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE)
 
 
 @triton.jit

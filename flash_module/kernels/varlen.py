@@ -24,13 +24,12 @@ from ..configs import bwd_configs, fwd_config
 from . import _common
 from ._common import (
     attend_rows,
-    dkdv_head,
+    dkdv_block,
     dq_rows,
     kv_range,
     load_tile,
     lse_epilogue,
     preprocess_rows,
-    q_range,
     row_stats,
     scaled,
     store_row_stats,
@@ -163,26 +162,13 @@ def _varlen_bwd_dkdv_kernel(
     valid, q_start, len_q, k_start, len_k, start_n, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_N,
                                                                   LOG_B, HAS_SEQUSED)
     if valid & (start_n < len_k):  # key blocks past seqused_k keep their zero gradients
-        causal_offset = len_k - len_q
-        cols = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(tile_ptrs(K + k_start * stride_ks + off_hkv * stride_kh, start_n, stride_ks, BLOCK_N, BLOCK_D),
-                      cols, len_k, HEAD_DIM, True)
-        v = load_tile(tile_ptrs(V + k_start * stride_vs + off_hkv * stride_vh, start_n, stride_vs, BLOCK_N, BLOCK_D),
-                      cols, len_k, HEAD_DIM, True)
-        dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
-        lo, m_full, even_end = q_range(start_n, len_q, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        for g in range(GROUP):
-            off_h = off_hkv * GROUP + g
-            dk, dv = dkdv_head(
-                dk, dv, k, v, Q + q_start * stride_qs + off_h * stride_qh, DO + q_start * stride_dos + off_h * stride_doh,
-                stride_qs, stride_dos, seq_stats(Stats, CuStats, b, off_h, stats_len), stats_len,
-                cols, lo, m_full, even_end, len_q, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL)
-        dk = scaled(dk, sm_scale, sm_scale_lo)
-        # DK and DV are new contiguous (Tk, H_kv, D) tensors.
-        kv_base = (k_start * H_KV + off_hkv) * HEAD_DIM
-        store_tile(tile_ptrs(DK + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dk, cols, len_k, HEAD_DIM)
-        store_tile(tile_ptrs(DV + kv_base, start_n, H_KV * HEAD_DIM, BLOCK_N, BLOCK_D), dv, cols, len_k, HEAD_DIM)
+        kv_base = (k_start * H_KV + off_hkv) * HEAD_DIM  # DK and DV: new contiguous (Tk, H_kv, D)
+        dkdv_block(
+            K + k_start * stride_ks + off_hkv * stride_kh, V + k_start * stride_vs + off_hkv * stride_vh,
+            Q + q_start * stride_qs, DO + q_start * stride_dos, seq_stats(Stats, CuStats, b, 0, stats_len),
+            DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
+            stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, qk_scale,
+            qk_scale_lo, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE)
 
 
 @triton.jit
