@@ -673,3 +673,25 @@ def dq_rows(
                  tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                  rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, True, IS_CAUSAL)
     return dq
+
+
+@triton.jit
+def dq_block(
+    Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
+    stride_dqs, start_m, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    """A query block's whole dQ (dense and varlen kernels): load Q, dO and the rows' statistics,
+    :func:`dq_rows`, scale, store.  ``*_head`` point at the head's row 0 / key 0; DQ rows are
+    ``stride_dqs`` apart."""
+    rows = start_m + tl.arange(0, BLOCK_M)
+    q = load_tile(tile_ptrs(Q_head, start_m, stride_qs, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
+    do = load_tile(tile_ptrs(DO_head, start_m, stride_dos, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
+    lse2, lse2_lo, delta = row_stats(Stats_head, stats_len, rows, Sq, q, True)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL)
+    dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
+    store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

@@ -25,15 +25,9 @@ from ..configs import KernelConfig, bwd_configs
 from . import _common
 from ._common import (
     dkdv_block,
-    dq_rows,
-    kv_range,
-    load_tile,
+    dq_block,
     program_bh,
-    row_stats,
-    scaled,
     stats_head,
-    store_tile,
-    tile_ptrs,
 )
 
 
@@ -71,24 +65,12 @@ def _bwd_dq_kernel(
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP
     start_m = tl.program_id(0) * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
-    q = load_tile(tile_ptrs(Q + off_b * stride_qb + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D),
-                  rows, Sq, HEAD_DIM, True)
-    do = load_tile(tile_ptrs(DO + off_b * stride_dob + off_h * stride_doh, start_m, stride_dos, BLOCK_M, BLOCK_D),
-                   rows, Sq, HEAD_DIM, True)
-    Stats_head = stats_head(Stats, off_b, off_h, H, stats_len)
-    lse2, lse2_lo, delta = row_stats(Stats_head, stats_len, rows, Sq, q, True)
-    K_head = K + off_b * stride_kb + off_hkv * stride_kh
-    V_head = V + off_b * stride_vb + off_hkv * stride_vh
-
-    dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL)
-    dq = scaled(dq, sm_scale, sm_scale_lo)
-    # DQ is a new contiguous (B, Sq, H, D) tensor.
-    dq_ptrs = tile_ptrs(DQ + (off_b * Sq * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
-    store_tile(dq_ptrs, dq, rows, Sq, HEAD_DIM)
+    dq_block(
+        Q + off_b * stride_qb + off_h * stride_qh, DO + off_b * stride_dob + off_h * stride_doh,
+        stats_head(Stats, off_b, off_h, H, stats_len), K + off_b * stride_kb + off_hkv * stride_kh,
+        V + off_b * stride_vb + off_hkv * stride_vh, DQ + (off_b * Sq * H + off_h) * HEAD_DIM,  # new contiguous
+        stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset,
+        qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE)
 
 
 def fa2_backward(

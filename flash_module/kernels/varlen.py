@@ -25,13 +25,10 @@ from . import _common
 from ._common import (
     attend_rows,
     dkdv_block,
-    dq_rows,
-    kv_range,
+    dq_block,
     load_tile,
     lse_epilogue,
     preprocess_rows,
-    row_stats,
-    scaled,
     store_row_stats,
     store_tile,
     tile_ptrs,
@@ -185,23 +182,13 @@ def _varlen_bwd_dq_kernel(
     valid, q_start, len_q, k_start, len_k, start_m, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
                                                                   LOG_B, HAS_SEQUSED)
     if valid:
-        causal_offset = len_k - len_q
-        rows = start_m + tl.arange(0, BLOCK_M)
-        q = load_tile(tile_ptrs(Q + q_start * stride_qs + off_h * stride_qh, start_m, stride_qs, BLOCK_M, BLOCK_D),
-                      rows, len_q, HEAD_DIM, True)
-        do = load_tile(tile_ptrs(DO + q_start * stride_dos + off_h * stride_doh, start_m, stride_dos, BLOCK_M,
-                                 BLOCK_D), rows, len_q, HEAD_DIM, True)
-        lse2, lse2_lo, delta = row_stats(seq_stats(Stats, CuStats, b, off_h, stats_len), stats_len, rows, len_q, q,
-                                         True)
-        K_head = K + k_start * stride_ks + off_hkv * stride_kh
-        V_head = V + k_start * stride_vs + off_hkv * stride_vh
-        dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-        n_full, hi = kv_range(start_m, len_k, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-        dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-                     rows, n_full, hi, len_k, causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL)
-        dq = scaled(dq, sm_scale, sm_scale_lo)
-        dq_ptrs = tile_ptrs(DQ + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
-        store_tile(dq_ptrs, dq, rows, len_q, HEAD_DIM)
+        dq_block(
+            Q + q_start * stride_qs + off_h * stride_qh, DO + q_start * stride_dos + off_h * stride_doh,
+            seq_stats(Stats, CuStats, b, off_h, stats_len), K + k_start * stride_ks + off_hkv * stride_kh,
+            V + k_start * stride_vs + off_hkv * stride_vh, DQ + (q_start * H + off_h) * HEAD_DIM,  # contiguous
+            stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
+            len_k - len_q, qk_scale, qk_scale_lo, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+            IS_CAUSAL, ACC_DTYPE)
 
 
 def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
