@@ -539,7 +539,6 @@ def kvcache_append(
     b, s_new = k_new.shape[:2]
     if k_new.numel() == 0:
         return
-    pos = cache_seqlens.to(torch.int64)[:, None] + torch.arange(s_new, device=k_new.device)  # (B, S_new)
     if block_table is not None:
         page_size = k_cache.shape[1]
         capacity = block_table.shape[1] * page_size
@@ -547,8 +546,17 @@ def kvcache_append(
         capacity = k_cache.shape[1]
     if capacity == 0 or k_cache.shape[0] == 0:  # nowhere to write
         return
-    ok = (pos >= 0) & (pos < capacity)
-    pos = torch.where(ok, pos, torch.zeros_like(pos))
+    # Positions outside [0, capacity) are not written.  Index assignment with repeated indices
+    # has no defined winner on CUDA, so a skipped entry must not aim at a slot that another entry
+    # writes with a different value: it takes the nearest written entry of its own sequence
+    # (same slot, same value), or, when its sequence writes nothing, rewrites an old value.
+    seq = cache_seqlens.to(torch.int64)[:, None]  # (B, 1)
+    lo = (-seq).clamp(min=0)  # first new token that lands inside the cache
+    hi = (capacity - seq).clamp(max=s_new)  # one past the last
+    writes = lo < hi  # (B, 1)
+    i = torch.arange(s_new, device=k_new.device)[None, :]  # (1, S_new)
+    src = torch.maximum(torch.minimum(i, hi - 1), lo).clamp(0, s_new - 1)  # (B, S_new)
+    pos = torch.where(writes, seq + src, (seq + i).clamp(0, capacity - 1))  # (B, S_new)
     if block_table is not None:
         rows = block_table.to(torch.int64).gather(1, pos // page_size).clamp(0, k_cache.shape[0] - 1)
         cols = pos % page_size
@@ -556,9 +564,9 @@ def kvcache_append(
         idx = cache_batch_idx if cache_batch_idx is not None else torch.arange(b, device=k_new.device)
         rows = idx.to(torch.int64).clamp(0, k_cache.shape[0] - 1)[:, None].expand(b, s_new)
         cols = pos
-    keep = ok[..., None, None]
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
-        cache[rows, cols] = torch.where(keep, new.to(cache.dtype), cache[rows, cols])
+        picked = new.gather(1, src[..., None, None].expand_as(new)).to(cache.dtype)  # (B, S_new, H_kv, D)
+        cache[rows, cols] = torch.where(writes[..., None, None], picked, cache[rows, cols])
 
 
 def kvcache_forward(
