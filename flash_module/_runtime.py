@@ -39,6 +39,17 @@ def use_triton(t: torch.Tensor) -> bool:
     return INTERPRET and t.device.type == "cpu"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host code.  (``triton.cdiv`` is a constexpr function in recent Triton,
+    a few microseconds per call: launches are host-bound at decode sizes.)"""
+    return -(a // -b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1), for host code (see :func:`cdiv`)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulator / statistics dtype: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32

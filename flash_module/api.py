@@ -34,38 +34,42 @@ def _check_tensor(name: str, t: object, layout: str, dim: int = 4) -> None:
 
 def _check_qkv_bshd(
     q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str], layout: str,
-    shown: tuple[Tensor, Tensor, Tensor] | None = None,
+    shown: tuple[Tensor, Tensor, Tensor] | None = None, same_batch: bool = True,
 ) -> None:
     """Validate (B, S, H, D) views of the three inputs.
 
     ``names``/``layout`` are the caller's words and ``shown`` the caller's own tensors (for
     SDPA, the (B, H, S, D) originals), so messages show the shapes the caller passed.
+    ``same_batch=False``: k and v are a KV cache, whose dim 0 is not q's batch.
     """
     nq, nk, nv = names
-    sq_, sk_, sv_ = (tuple(t.shape) for t in (shown or (q, k, v)))
-    shapes = f"{nq}: {sq_}, {nk}: {sk_}, {nv}: {sv_}, each {layout}"
+
+    def shapes() -> str:  # built only for a message: this runs on every call
+        sq_, sk_, sv_ = (tuple(t.shape) for t in (shown or (q, k, v)))
+        return f"{nq}: {sq_}, {nk}: {sk_}, {nv}: {sv_}, each {layout}"
+
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(
-            f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}: {shapes}"
+            f"{nq}, {nk}, {nv} must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}: {shapes()}"
         )
     if not (q.device == k.device == v.device):
         raise ValueError(
             f"{nq}, {nk}, {nv} must be on the same device, got {q.device}, {k.device}, {v.device}"
         )
-    if not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"batch sizes differ: {shapes}")
+    if same_batch and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: {shapes()}")
     if k.shape[1] != v.shape[1]:
-        raise ValueError(f"{nk} and {nv} must have the same sequence length: {shapes}")
+        raise ValueError(f"{nk} and {nv} must have the same sequence length: {shapes()}")
     if k.shape[2] != v.shape[2]:
-        raise ValueError(f"{nk} and {nv} must have the same number of heads: {shapes}")
+        raise ValueError(f"{nk} and {nv} must have the same number of heads: {shapes()}")
     if not (q.shape[3] == k.shape[3] == v.shape[3]):
-        raise ValueError(f"head dims differ (all of {nq}, {nk}, {nv} must share one head dim): {shapes}")
+        raise ValueError(f"head dims differ (all of {nq}, {nk}, {nv} must share one head dim): {shapes()}")
     if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported: {shapes}")
+        raise ValueError(f"head dim {q.shape[3]} > {MAX_HEAD_DIM} is not supported: {shapes()}")
     if (k.shape[2] == 0 and q.shape[2] != 0) or (k.shape[2] != 0 and q.shape[2] % k.shape[2] != 0):
         raise ValueError(
             f"number of query heads ({q.shape[2]}) must be a multiple of key/value heads "
-            f"({k.shape[2]}): {shapes}"
+            f"({k.shape[2]}): {shapes()}"
         )
 
 
@@ -81,7 +85,7 @@ def _autocast(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _check_real(name: str, x: object, allow_none: bool = False) -> None:
     """TypeError unless ``x`` is a real number (bool and str are not; torch.compile's symbolic
     floats and ints are), or None where allowed."""
-    if x is None and allow_none:
+    if type(x) in (float, int) or (x is None and allow_none):
         return
     if isinstance(x, (bool, str)) or not isinstance(x, (numbers.Real, torch.SymFloat, torch.SymInt)):
         kind = "a real number or None" if allow_none else "a real number"
@@ -99,6 +103,10 @@ def _check_scale(name: str, scale: object) -> None:
 def _check_variants(dropout_p: object, window_size: object, softcap: object, alibi_slopes: object) -> None:
     """Malformed values are ValueError/TypeError; well-formed values of features that are not
     built yet are NotImplementedError."""
+    if (type(dropout_p) in (float, int) and dropout_p == 0 and type(softcap) in (float, int) and softcap == 0
+            and alibi_slopes is None and type(window_size) is tuple and len(window_size) == 2
+            and type(window_size[0]) is int and type(window_size[1]) is int and window_size == (-1, -1)):
+        return  # the defaults (every call today): nothing to check
     _check_real("dropout_p", dropout_p)
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
@@ -125,7 +133,7 @@ def _check_variants(dropout_p: object, window_size: object, softcap: object, ali
 def _check_no_functorch_grad() -> None:
     """torch.func.grad / jvp (and jacrev, hessian, ...) cannot see through the custom ops' autograd:
     say so instead of torch's internal error (torch.vmap works)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not torch._C._are_functorch_transforms_active():
         return
     try:
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
@@ -157,7 +165,7 @@ def _attention(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
-    out, lse = ops.attention_fwd(q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl)
+    out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl)
     return out, lse, scale
 
 
@@ -430,8 +438,8 @@ def flash_attn_varlen_func(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)
-    out, lse = ops.varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal), mode, impl,
-                              block_table)
+    out, lse = ops.call(ops.varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal),
+                        mode, impl, block_table)
     if not return_attn_probs:
         return out
     with torch.no_grad():
@@ -599,10 +607,7 @@ def flash_attn_with_kvcache(
             _check_tensor(name, t, layout)
     paged = block_table is not None
     b, sq, h, d = q.shape
-    # Shape checks on (B, S, H, D) views: the cache stands in as one batch row per sequence.
-    kc_view = k_cache[:1].expand(b, *k_cache.shape[1:]) if k_cache.shape[0] else k_cache
-    vc_view = v_cache[:1].expand(b, *v_cache.shape[1:]) if v_cache.shape[0] else v_cache
-    _check_qkv_bshd(q, kc_view, vc_view, ("q", "k_cache", "v_cache"), layout, shown=(q, k_cache, v_cache))
+    _check_qkv_bshd(q, k_cache, v_cache, ("q", "k_cache", "v_cache"), layout, same_batch=False)
     if k_cache.shape != v_cache.shape:
         raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} and "
                          f"{tuple(v_cache.shape)}")
@@ -647,8 +652,8 @@ def flash_attn_with_kvcache(
     _check_num_splits(num_splits)
     _, impl = ops.check_mode("fa2", impl)
     ops.resolve_impl(q, impl)
-    tracked = [t for t in (q, k, v, k_cache, v_cache) if t is not None and t.requires_grad]
-    if torch.is_grad_enabled() and tracked:
+    tensors = (q, k, v, k_cache, v_cache)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise ValueError("flash_attn_with_kvcache is inference only: its inputs must not require grad "
                          "(use torch.no_grad() / torch.inference_mode(), or flash_attn_varlen_func to train)")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(d)
@@ -659,9 +664,9 @@ def flash_attn_with_kvcache(
             q_pos = seqlens.to(torch.int64)[:, None] + steps
             q = _rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
             k = _rotary(k, rotary_cos, rotary_sin, new_pos, rotary_interleaved)
-        ops.kvcache_append(k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
+        ops.call(ops.kvcache_append, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
         seqlens = seqlens + k.shape[1]
-    out, lse = ops.kvcache_fwd(q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
+    out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
                                bool(causal), num_splits, impl)
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))

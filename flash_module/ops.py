@@ -29,6 +29,11 @@ its forward and backward; nothing else in the package branches on modes.
 
 Autograd is registered on the forward (it saves q, k, v, out and lse, never P); the backward
 op itself is not differentiable (double backward raises).
+
+The public functions call the hot ops through :func:`call`: in plain eager code it runs the op's
+Python body directly (the dispatcher costs tens of microseconds per call, as much as a decode
+step's kernels), and under compile, tracing, export, dispatch modes or autograd it goes through
+the registered op.
 """
 
 from __future__ import annotations
@@ -255,7 +260,48 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@torch.library.custom_op("flash_module::attention_fwd", mutates_args=())
+#: Python bodies of the ops :func:`call` may run directly, keyed by op.
+_BODIES: dict[object, Callable] = {}
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()) -> Callable:
+    """``torch.library.custom_op("flash_module::<name>")``, remembering the body for :func:`call`."""
+    def register(fn: Callable):
+        op = torch.library.custom_op(f"flash_module::{name}", mutates_args=mutates_args)(fn)
+        _BODIES[op] = fn
+        return op
+    return register
+
+
+def _plain_eager(args: tuple) -> bool:
+    """Whether a call with ``args`` is plain eager code, where the dispatcher would only forward
+    to the body: no torch.compile / jit trace / export, no dispatch or function mode (fake or
+    functional tensors, make_fx, opcheck), no functorch transform, plain tensors only and none
+    that autograd must track."""
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+        return False
+    grad = torch.is_grad_enabled()
+    for a in args:
+        if isinstance(a, Tensor) and (type(a) is not Tensor or (grad and a.requires_grad)):
+            return False
+    return True
+
+
+def call(op, *args):
+    """Run the flash_module op ``op`` on ``args``: its body directly in plain eager code (see
+    :func:`_plain_eager`), through the dispatcher otherwise.  The results are the same; an op
+    that mutates its inputs bumps their version counters either way."""
+    body = _BODIES.get(op)
+    if body is None or not _plain_eager(args):
+        return op(*args)
+    result = body(*args)
+    for i in _MUTATED.get(op, ()):
+        torch.autograd.graph.increment_version(args[i])
+    return result
+
+
+@_op("attention_fwd")
 def attention_fwd(
     q: Tensor,
     k: Tensor,
@@ -420,7 +466,7 @@ def _varlen_implementation(mode: str, impl: str, t: Tensor) -> VarlenImplementat
     return VARLEN_ALGORITHMS[mode][resolve_impl(t, impl)]
 
 
-@torch.library.custom_op("flash_module::varlen_fwd", mutates_args=())
+@_op("varlen_fwd")
 def varlen_fwd(
     q: Tensor,
     k: Tensor,
@@ -522,7 +568,7 @@ torch.library.register_autograd("flash_module::varlen_bwd", _no_double_backward,
 # No autograd (inference only).  No host sync on the Triton path.
 
 
-@torch.library.custom_op("flash_module::kvcache_append", mutates_args=("k_cache", "v_cache"))
+@_op("kvcache_append", mutates_args=("k_cache", "v_cache"))
 def kvcache_append(
     k_cache: Tensor,
     v_cache: Tensor,
@@ -549,7 +595,11 @@ def _kvcache_append_fake(k_cache, v_cache, k_new, v_new, cache_seqlens, cache_ba
     return None
 
 
-@torch.library.custom_op("flash_module::kvcache_fwd", mutates_args=())
+#: Positions of the arguments each op mutates (for :func:`call`'s version bumps).
+_MUTATED: dict[object, tuple[int, ...]] = {kvcache_append: (0, 1)}
+
+
+@_op("kvcache_fwd")
 def kvcache_fwd(
     q: Tensor,
     k_cache: Tensor,

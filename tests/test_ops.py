@@ -151,3 +151,61 @@ def test_compile_with_a_traced_scale(device):
                       fullgraph=True, dynamic=True)
     for s in (0.3, 0.45):
         torch.testing.assert_close(f(q, s), fm.flash_attn_func(q, q, q, softmax_scale=s, causal=True))
+
+
+# ops.call: the public functions' way in.  Plain eager calls run the op's body directly (no
+# dispatcher); everything else goes through the registered op.
+
+
+@pytest.fixture
+def fast_path_calls(monkeypatch):
+    """Counts the calls ops.call makes to each op's body directly (not via the dispatcher)."""
+    calls: list[str] = []
+    for op, body in list(ops._BODIES.items()):
+        def counted(*args, _body=body, _name=op._name):
+            calls.append(_name)
+            return _body(*args)
+        monkeypatch.setitem(ops._BODIES, op, counted)
+    return calls
+
+
+def test_call_runs_the_body_in_plain_eager(fast_path_calls, device):
+    q, k, v = make_qkv(2, 5, 70, 4, 2, 32, torch.float32, device, "bshd", requires_grad=False)
+    lens = torch.tensor([70, 33], dtype=torch.int32, device=device)
+    args = (q, k, v, lens, None, None, 0.3, True, 0, "auto")
+    fast = ops.call(ops.kvcache_fwd, *args)
+    assert fast_path_calls == ["kvcache_fwd"]
+    for got, want in zip(fast, ops.kvcache_fwd(*args)):
+        assert torch.equal(got, want)
+    out, _ = ops.call(ops.attention_fwd, q, k, v, 0.3, True, True, "fa2", 0, "auto")
+    assert fast_path_calls[-1] == "attention_fwd"
+    assert torch.equal(out, fm.flash_attn_func(q, k, v, softmax_scale=0.3, causal=True))
+
+
+def test_call_uses_the_dispatcher_when_it_matters(fast_path_calls, device):
+    q, k, v = make_qkv(1, 5, 9, 2, 2, 16, torch.float32, device, "bshd", requires_grad=True)
+    out, _ = ops.call(ops.attention_fwd, q, k, v, 0.3, False, True, "fa2", 0, "auto")
+    out.sum().backward()  # autograd needs the registered op
+    assert q.grad is not None and fast_path_calls == []
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fq, fk, fv = (mode.from_tensor(t.detach()) for t in (q, k, v))
+    with mode:
+        fout, _ = ops.call(ops.attention_fwd, fq, fk, fv, 0.3, False, True, "fa2", 0, "auto")
+    assert fout.shape == q.shape and fast_path_calls == []
+    compiled = torch.compile(lambda a, b, c: ops.call(ops.attention_fwd, a, b, c, 0.3, False, True, "fa2", 0,
+                                                       "auto")[0], fullgraph=True, backend="eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(q, k, v), out.detach())
+    assert fast_path_calls == []
+
+
+def test_call_bumps_versions_of_mutated_tensors(device):
+    k_cache, v_cache = (torch.randn(2, 8, 2, 16, device=device) for _ in range(2))
+    k_new, v_new = (torch.randn(2, 1, 2, 16, device=device) for _ in range(2))
+    lens = torch.tensor([3, 7], dtype=torch.int32, device=device)
+    before = (k_cache._version, v_cache._version)
+    ops.call(ops.kvcache_append, k_cache, v_cache, k_new, v_new, lens, None, None, "auto")
+    assert k_cache._version > before[0] and v_cache._version > before[1]
+    assert torch.equal(k_cache[0, 3], k_new[0, 0]) and torch.equal(v_cache[1, 7], v_new[1, 0])

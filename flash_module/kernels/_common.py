@@ -40,7 +40,7 @@ import triton
 import triton.language as tl
 
 from .._runtime import INTERPRET as _INTERPRET
-from .._runtime import acc_dtype
+from .._runtime import acc_dtype, cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634  # log2(e), for host code (qk_scale = softmax_scale * LOG2E)
 # Globals read inside @triton.jit functions must be constexpr.  A float constexpr used in
@@ -66,7 +66,7 @@ def split_scale(x: float) -> tuple[float, float]:
 
 def block_d(head_dim: int) -> int:
     """Head dim padded to a power of two (>= 16, the smallest tl.dot size)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def kernel_flags(q: torch.Tensor) -> dict:
@@ -473,7 +473,7 @@ def stats_row_len(rows: int) -> int:
     that every head's statistics start 64-byte aligned and the kernels, which Triton specialises
     on an int divisible by 16, load them as vectors.  (Measured on an H100: with an odd Sq the
     dK/dV kernel ran 2.2x slower, its statistics loads split into single floats.)"""
-    return triton.cdiv(rows, 16) * 16
+    return cdiv(rows, 16) * 16
 
 
 def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
@@ -492,7 +492,7 @@ def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
     b, sq, h, d = out.shape
     stats = torch.empty((b, h, 3, stats_row_len(sq)), dtype=acc_dtype(out.dtype), device=out.device)
     block_m = 64 if _INTERPRET else 128
-    _bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * h)](
+    _bwd_preprocess_kernel[(cdiv(sq, block_m), b * h)](
         out, dout, lse, dlse if dlse is not None else lse, stats, *bsh_strides(out, dout), h, sq, stats.shape[-1],
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, HAS_DLSE=dlse is not None, **kernel_flags(out),
     )

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import acc_dtype, lse_dtype, sm_count
+from .._runtime import acc_dtype, cdiv, lse_dtype, sm_count
 from ..configs import fa1_blocks
 from . import _common
 from ._common import (
@@ -182,7 +182,7 @@ def _fa1_bwd_kernel(
 
 def _groups(work_blocks: int, programs_per_group_unit: int, device: torch.device) -> int:
     """How many groups to split ``work_blocks`` blocks into so that ~2 programs run per SM."""
-    return max(1, min(work_blocks, triton.cdiv(2 * sm_count(device), max(programs_per_group_unit, 1))))
+    return max(1, min(work_blocks, cdiv(2 * sm_count(device), max(programs_per_group_unit, 1))))
 
 
 def fa1_forward(
@@ -199,9 +199,9 @@ def fa1_forward(
     o_acc = torch.empty((b * h, sq, bd), dtype=acc, device=q.device)  # O in HBM
     l_ws = torch.empty((b * h, sq), dtype=acc, device=q.device)  # l in HBM
     m_ws = torch.empty_like(l_ws)  # m in HBM
-    q_blocks = triton.cdiv(sq, block_r)
-    per_group = triton.cdiv(q_blocks, _groups(q_blocks, b * h, q.device))
-    _fa1_fwd_kernel[(triton.cdiv(q_blocks, per_group), b * h)](
+    q_blocks = cdiv(sq, block_r)
+    per_group = cdiv(q_blocks, _groups(q_blocks, b * h, q.device))
+    _fa1_fwd_kernel[(cdiv(q_blocks, per_group), b * h)](
         q, k, v, out, lse, o_acc, l_ws, m_ws, *_common.bsh_strides(q, k, v),
         h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale), per_group,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_r, BLOCK_N=block_c, IS_CAUSAL=causal,
@@ -220,9 +220,9 @@ def fa1_backward(
     bd = _common.block_d(d)
     block_r, block_c = fa1_blocks(q.dtype, d, q.device)
     stats = _common.bwd_preprocess(out, dout, lse, dlse)
-    kv_blocks = triton.cdiv(sk, block_c)
-    per_group = triton.cdiv(kv_blocks, _groups(kv_blocks, b * h_kv, q.device))
-    groups = triton.cdiv(kv_blocks, per_group)
+    kv_blocks = cdiv(sk, block_c)
+    per_group = cdiv(kv_blocks, _groups(kv_blocks, b * h_kv, q.device))
+    groups = cdiv(kv_blocks, per_group)
     dq_acc = torch.zeros((groups, b * h, sq, bd), dtype=acc_dtype(q.dtype), device=q.device)  # dQ in HBM
     dk = torch.empty((b, sk, h_kv, d), dtype=k.dtype, device=q.device)
     dv = torch.empty((b, sk, h_kv, d), dtype=v.dtype, device=q.device)

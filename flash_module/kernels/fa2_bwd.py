@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._runtime import cdiv
 from ..configs import KernelConfig, bwd_configs
 from . import _common
 from ._common import (
@@ -100,12 +101,12 @@ def fa2_backward(
     args = _common.bsh_strides(q, k, v, dout)
     scales = (*_common.qk_scale(softmax_scale), *_common.split_scale(softmax_scale))
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, **_common.kernel_flags(q))
-    _bwd_dkdv_kernel[(triton.cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
+    _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
         q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
     )
-    _bwd_dq_kernel[(triton.cdiv(sq, dq_cfg.block_m), b * h)](
+    _bwd_dq_kernel[(cdiv(sq, dq_cfg.block_m), b * h)](
         q, k, v, dout, stats, dq, *args, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
         BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,

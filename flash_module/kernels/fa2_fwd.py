@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import lse_dtype
+from .._runtime import cdiv, lse_dtype
 from ..configs import KernelConfig, fwd_config
 from . import _common
 from ._common import attend_rows, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
@@ -71,7 +71,7 @@ def fa2_forward(
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     cfg = config or fwd_config(q.dtype, d, causal, q.device)
-    _fa2_fwd_kernel[(triton.cdiv(sq, cfg.block_m), b * h)](
+    _fa2_fwd_kernel[(cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),
         h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,

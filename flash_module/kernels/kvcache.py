@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._runtime import cdiv
 from . import _common
 from ._common import load_tile
 
@@ -92,7 +93,7 @@ def kvcache_append(
         return
     block = 16
     dummy = cache_seqlens  # stands in for an absent index tensor; never read
-    _append_kernel[(b, triton.cdiv(s_new, block), h_kv)](
+    _append_kernel[(b, cdiv(s_new, block), h_kv)](
         k_cache, v_cache, k_new, v_new, cache_seqlens,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
         *k_cache.stride()[:3], *v_cache.stride()[:3], *k_new.stride()[:3], *v_new.stride()[:3],

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import acc_dtype, sm_count
+from .._runtime import acc_dtype, cdiv, next_power_of_2, sm_count
 from ._common import LOG2E_C, to_dtype
 
 #: Longest row (elements) a forward/backward program loads in one piece (SINGLE path).
@@ -397,7 +397,7 @@ def row_config(n: int, dtype: torch.dtype) -> SoftmaxConfig:
     rows: 3.46 TB/s with 4 warps vs 3.32 with 8, same sweep).  Long rows: stream in tiles.
     """
     max_single = MAX_SINGLE // 2 if dtype == torch.float64 else MAX_SINGLE
-    block = max(16, triton.next_power_of_2(n))
+    block = max(16, next_power_of_2(n))
     if block <= max_single:
         rows = max(1, min(64, 2048 // block))  # short rows: several per program, ~2k elements
         return SoftmaxConfig(block, rows, _warps_for(block * rows), True)
@@ -407,7 +407,7 @@ def row_config(n: int, dtype: torch.dtype) -> SoftmaxConfig:
 
 def split_block(n: int, num_splits: int) -> int:
     """Chunk-loop block of the split kernels: small enough that ``num_splits`` chunks exist."""
-    return max(16, min(STREAM_BLOCK, triton.next_power_of_2(triton.cdiv(n, num_splits))))
+    return max(16, min(STREAM_BLOCK, next_power_of_2(cdiv(n, num_splits))))
 
 
 def auto_num_splits(rows: int, n: int, sms: int) -> int:
@@ -418,7 +418,7 @@ def auto_num_splits(rows: int, n: int, sms: int) -> int:
     target = PROGRAMS_PER_SM * sms
     if rows >= target:
         return 1
-    want = triton.cdiv(target, max(rows, 1))
+    want = cdiv(target, max(rows, 1))
     return max(1, min(want, n // MIN_SPLIT, MAX_SPLITS))
 
 
@@ -426,8 +426,8 @@ def _chunking(n: int, num_splits: int, block: int | None) -> tuple[int, int, int
     """(block, chunk, splits): chunk is a multiple of block; ``splits = cdiv(n, chunk)``."""
     num_splits = max(1, min(num_splits, MAX_SPLITS, n))
     block = block or split_block(n, num_splits)
-    chunk = triton.cdiv(triton.cdiv(n, num_splits), block) * block
-    return block, chunk, triton.cdiv(n, chunk)
+    chunk = cdiv(cdiv(n, num_splits), block) * block
+    return block, chunk, cdiv(n, chunk)
 
 
 def _checked(cfg: SoftmaxConfig, n: int) -> SoftmaxConfig:
@@ -465,7 +465,7 @@ def softmax_forward(
     y = torch.empty_like(x)
     if algorithm == "online":
         cfg = _checked(config or row_config(n, x.dtype), n)
-        grid = (triton.cdiv(rows, cfg.rows),)
+        grid = (cdiv(rows, cfg.rows),)
         _softmax_online_kernel[grid](
             x, y, rows, n,
             ROWS=cfg.rows, BLOCK=cfg.block, SINGLE=cfg.single, MASK_ROWS=rows % cfg.rows != 0,
@@ -484,7 +484,7 @@ def softmax_forward(
     _softmax_split_stats_kernel[(rows, splits)](
         x, ws_m, ws_s, n, chunk, splits, BLOCK=block, ACC_DTYPE=flags["ACC_DTYPE"], num_warps=warps)
     _softmax_split_apply_kernel[(rows, splits)](
-        x, y, ws_m, ws_s, n, chunk, splits, SPLITS_P2=max(2, triton.next_power_of_2(splits)),
+        x, y, ws_m, ws_s, n, chunk, splits, SPLITS_P2=max(2, next_power_of_2(splits)),
         BLOCK=block, num_warps=warps, **flags)
     return y
 
@@ -508,7 +508,7 @@ def softmax_backward(
     flags = _flags(y.dtype)
     if num_splits <= 1:
         cfg = _checked(config or row_config(n, y.dtype), n)
-        _softmax_bwd_kernel[(triton.cdiv(rows, cfg.rows),)](
+        _softmax_bwd_kernel[(cdiv(rows, cfg.rows),)](
             y, dy, dx, rows, n,
             ROWS=cfg.rows, BLOCK=cfg.block, SINGLE=cfg.single, MASK_ROWS=rows % cfg.rows != 0,
             MASK_COLS=n != cfg.block, num_warps=cfg.num_warps, **flags,
@@ -520,6 +520,6 @@ def softmax_backward(
     _softmax_bwd_split_dot_kernel[(rows, splits)](
         y, dy, ws, n, chunk, splits, BLOCK=block, ACC_DTYPE=flags["ACC_DTYPE"], num_warps=warps)
     _softmax_bwd_split_apply_kernel[(rows, splits)](
-        y, dy, dx, ws, n, chunk, splits, SPLITS_P2=max(2, triton.next_power_of_2(splits)),
+        y, dy, dx, ws, n, chunk, splits, SPLITS_P2=max(2, next_power_of_2(splits)),
         BLOCK=block, num_warps=warps, **flags)
     return dx

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import acc_dtype, lse_dtype
+from .._runtime import acc_dtype, cdiv, lse_dtype
 from ..configs import bwd_configs, fwd_config
 from . import _common
 from ._common import (
@@ -233,7 +233,7 @@ def varlen_forward(
     cfg = fwd_config(q.dtype, d, causal, q.device)
     out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
-    programs = triton.cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
+    programs = cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
     _varlen_fwd_kernel[(programs, h)](
@@ -256,7 +256,7 @@ def _varlen_preprocess(out, dout, lse, dlse, cu_seqlens_q, flags):
     cu_stats = work_list(cu_seqlens_q, 16)
     stats = torch.empty((h, 3, _common.stats_row_len(tq + 15 * b)), dtype=acc_dtype(out.dtype), device=out.device)
     block_m = 64 if _common._INTERPRET else 128
-    _varlen_preprocess_kernel[(triton.cdiv(tq, block_m) + b, h)](
+    _varlen_preprocess_kernel[(cdiv(tq, block_m) + b, h)](
         out, dout, lse, dlse if dlse is not None else lse, stats, cu_seqlens_q, work_list(cu_seqlens_q, block_m),
         cu_stats, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), b, h, tq, stats.shape[-1], HEAD_DIM=d, BLOCK_D=_common.block_d(d),
         BLOCK_M=block_m, LOG_B=flags["LOG_B"], HAS_DLSE=dlse is not None, **_common.kernel_flags(out),
@@ -291,12 +291,12 @@ def varlen_backward(
     scales = (*_common.qk_scale(softmax_scale), *_common.split_scale(softmax_scale))
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, **flags, **_common.kernel_flags(q))
     if tk > 0:
-        _varlen_bwd_dkdv_kernel[(triton.cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
+        _varlen_bwd_dkdv_kernel[(cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
             q, k, v, dout, stats, dk, dv, *meta, work_list(cu_seqlens_k, dkdv_cfg.block_n), cu_stats,
             *strides, b, h_kv, h // h_kv, tq, tk, stats.shape[-1], *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
         )
-    _varlen_bwd_dq_kernel[(triton.cdiv(tq, dq_cfg.block_m) + b, h)](
+    _varlen_bwd_dq_kernel[(cdiv(tq, dq_cfg.block_m) + b, h)](
         q, k, v, dout, stats, dq, *meta, work_list(cu_seqlens_q, dq_cfg.block_m), cu_stats,
         *strides, b, h, h // h_kv, tq, tk, stats.shape[-1], *scales, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,

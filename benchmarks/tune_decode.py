@@ -1,0 +1,143 @@
+"""Decode tuning: the split-KV cache kernel under launch configs and split counts.
+
+Usage: PYTHONPATH=$PWD python benchmarks/tune_decode.py [--shapes 1x65536,64x2048] [--page 0]
+       [--configs N128_w4_s3,N64_w4_s4] [--splits 0,16,32,64]
+
+For each (B, Nk) (GQA 32/8, D=128, bf16, one query token) and each config x split count, prints
+the K+V bytes read per second of ``ops.kvcache_fwd`` timed three ways: ``call`` (do_bench, the
+Python call included), ``graph`` (CUDA-graph replay: the GPU time alone) and the per-kernel
+split of the default config (profiler: partial kernel vs combine kernel), next to a copy of
+the same bytes.  A tuning aid, not a test: the defaults live in ``flash_module/configs.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import triton
+
+from flash_module import ops
+from flash_module.configs import KernelConfig, override
+
+
+def _cfg(name: str) -> KernelConfig:
+    parts = dict((p[0], int(p[1:])) for p in name.split("_"))
+    return KernelConfig(16, parts["N"], parts.get("w", 4), parts.get("s", 2))
+
+
+def _kernel_times(fn) -> dict[str, float]:
+    """Mean CUDA time per call of each kernel fn launches (us)."""
+    fn()
+    torch.cuda.synchronize()
+    reps = 20
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    times: dict[str, float] = {}
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            times[e.key[:40]] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / reps
+    return times
+
+
+def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: list[int]) -> None:
+    """Print one line per (config, split count) for one decode shape."""
+    dev, dt, h, h_kv, d = "cuda", torch.bfloat16, 32, 8, 128
+    q = torch.randn(b, 1, h, d, device=dev, dtype=dt)
+    k = torch.randn(b, nk, h_kv, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    lens = torch.full((b,), nk, dtype=torch.int32, device=dev)
+    table = None
+    if page:  # shuffled pages: sequence b's page j lives at table[b, j]
+        per = nk // page
+        table = torch.randperm(b * per, device=dev).view(b, per).to(torch.int32)
+        inverse = torch.argsort(table.flatten().long())
+        k, v = (t.view(b * per, page, h_kv, d)[inverse] for t in (k, v))
+    nbytes = 2 * k.numel() * k.element_size()
+    flat = torch.cat([k.flatten(), v.flatten()])
+    dst = torch.empty_like(flat)
+    copy = triton.testing.do_bench_cudagraph(lambda: dst.copy_(flat))
+    print(f"\nB={b} Nk={nk}: copy {2 * nbytes / copy / 1e9:.2f} TB/s (read+write)")
+    ref = None
+    for cname in configs:
+        for n in splits:
+            def fn(n=n):
+                return ops.kvcache_fwd(q, k, v, lens, None, table, d**-0.5, False, n, "triton")[0]
+
+            with override(split_kv=_cfg(cname)) if cname else override():
+                try:
+                    out = fn().float()
+                    ref = out if ref is None else ref
+                    err = (out - ref).abs().max().item()
+                    call = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+                    graph = triton.testing.do_bench_cudagraph(fn)
+                    kt = _kernel_times(fn) if cname is None and n == 0 else {}
+                except Exception as e:  # noqa: BLE001 - a config that does not fit
+                    print(f"  {cname or 'default':14} splits={n:4}: {type(e).__name__} {str(e)[:80]}")
+                    continue
+            ks = "  ".join(f"{name}: {t:.1f}us" for name, t in kt.items())
+            print(f"  {cname or 'default':14} splits={n:4}: call {nbytes / call / 1e9:5.2f}  graph "
+                  f"{nbytes / graph / 1e9:5.2f} TB/s  err {err:.1e}  {ks}", flush=True)
+
+
+def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200) -> None:
+    """Host time per call (us) of each decode entry point: the Python work that must stay below
+    the kernel time, or the GPU waits for the CPU."""
+    import time
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import flash_module as fm
+    from flash_module.kernels.split_kv import split_kv_cache_forward
+
+    dev, dt, h, h_kv, d = "cuda", torch.bfloat16, 32, 8, 128
+    q = torch.randn(b, 1, h, d, device=dev, dtype=dt)
+    k = torch.randn(b, nk, h_kv, d, device=dev, dtype=dt)
+    v = torch.randn_like(k)
+    lens = torch.full((b,), nk, dtype=torch.int32, device=dev)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+    def sdpa():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
+
+    fns = {
+        "flash_attn_with_kvcache": lambda: fm.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),
+        "flash_attn_func (routed)": lambda: fm.flash_attn_func(q, k, v),
+        "ops.kvcache_fwd": lambda: ops.kvcache_fwd(q, k, v, lens, None, None, d**-0.5, False, 0, "triton"),
+        "split_kv_cache_forward": lambda: split_kv_cache_forward(q, k, v, lens, None, None, d**-0.5, False),
+        "sdpa cudnn": sdpa,
+    }
+    print(f"\nhost time per call, B={b} Nk={nk} (the GPU time of one call: see the TB/s above)")
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - t0) / calls
+        torch.cuda.synchronize()
+        print(f"  {name:26} {host * 1e6:7.1f} us", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="1x65536,8x16384,32x8192,64x2048")
+    ap.add_argument("--page", type=int, default=0, help="page size (0: contiguous cache)")
+    ap.add_argument("--configs", default="", help="besides the default, e.g. N128_w4_s3,N64_w4_s4")
+    ap.add_argument("--splits", default="0", help="num_splits values (0 = automatic)")
+    ap.add_argument("--overhead", action="store_true", help="also the host time per call")
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    configs = [None] + [c for c in args.configs.split(",") if c]  # the default first
+    for shape in args.shapes.split(","):
+        b, nk = (int(x) for x in shape.split("x"))
+        tune_shape(b, nk, args.page, configs, [int(s) for s in args.splits.split(",")])
+    if args.overhead:
+        host_overhead()
+
+
+if __name__ == "__main__":
+    main()
