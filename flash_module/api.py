@@ -579,6 +579,11 @@ def flash_attn_with_kvcache(
             ``cache_seqlens[b] + seqlen_new`` keys.
         cache_batch_idx: (batch,) int32 or None: batch ``b`` uses cache row
             ``cache_batch_idx[b]`` (contiguous caches only).
+        cache_leftpad: (batch,) int32 or None (contiguous caches only, as flash-attn): batch
+            ``b``'s keys start at cache position ``cache_leftpad[b]`` (left padding before it
+            is ignored).  Positions stay cache positions: new k/v are still written at
+            ``cache_seqlens[b] + i`` and rotated there, and the causal mask aligns the last
+            query with the last key.
         block_table: (batch, pages_per_seq) int32 or None: paged K/V, read in place (each key
             block maps to its page).
         causal: bottom-right aligned: query ``i`` sees keys ``j <= i + len_k - seqlen_q``.
@@ -587,11 +592,11 @@ def flash_attn_with_kvcache(
             one tile for decode, so each K/V block is read once per group.
         return_softmax_lse: also return the (batch, nheads, seqlen_q) float32 LSE.
         impl: ``auto`` / ``triton`` / ``torch`` as in :func:`flash_attn_func`.
-        cache_leftpad, window_size, softcap, alibi_slopes: not implemented yet
+        window_size, softcap, alibi_slopes: not implemented yet
             (NotImplementedError unless left at their defaults).
 
-    Values of ``cache_seqlens``, ``cache_batch_idx`` and ``block_table`` are not checked (that
-    needs a sync): the kernels clamp them, so bad values give wrong answers, never
+    Values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and ``block_table`` are
+    not checked (that needs a sync): the kernels clamp them, so bad values give wrong answers, never
     out-of-bounds memory accesses.
 
     Returns:
@@ -644,11 +649,12 @@ def flash_attn_with_kvcache(
         if not 0 < 2 * rotary_cos.shape[1] <= d:
             raise ValueError(f"rotary_dim (2 x rotary_cos.shape[1] = {2 * rotary_cos.shape[1]}) must be in "
                              f"(0, headdim = {d}]")
-    if cache_leftpad is not None and not isinstance(cache_leftpad, Tensor):
-        raise TypeError(f"cache_leftpad must be a torch.Tensor or None, got {type(cache_leftpad).__name__}")
+    if cache_leftpad is not None:
+        _check_index_tensor("cache_leftpad", cache_leftpad, q, "(batch,)", b)
+        if paged:
+            raise ValueError("cache_leftpad cannot be used with block_table (paged caches), as in flash-attn")
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(0.0, window_size, softcap, alibi_slopes)
-    _unsupported(cache_leftpad=cache_leftpad is not None)
     _check_num_splits(num_splits)
     _, impl = ops.check_mode("fa2", impl)
     ops.resolve_impl(q, impl)
@@ -667,7 +673,7 @@ def flash_attn_with_kvcache(
         ops.call(ops.kvcache_append, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
         seqlens = seqlens + k.shape[1]
     out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
-                               bool(causal), num_splits, impl)
+                        bool(causal), num_splits, impl, cache_leftpad)
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out

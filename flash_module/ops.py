@@ -611,8 +611,11 @@ def kvcache_fwd(
     causal: bool,
     num_splits: int = 0,
     impl: str = "auto",
+    cache_leftpad: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     b, sq, h, d = q.shape
+    if cache_leftpad is not None and block_table is not None:
+        raise ValueError("cache_leftpad cannot be used with block_table (paged caches), as in flash-attn")
     no_keys = k_cache.shape[0] == 0 or k_cache.shape[1] == 0
     no_keys = no_keys or (block_table is not None and block_table.shape[1] == 0)
     if q.numel() == 0 or no_keys:
@@ -625,16 +628,16 @@ def kvcache_fwd(
             out, lse = split_kv_cache_forward(
                 _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
                 cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
-                int(num_splits))
+                int(num_splits), cache_leftpad)
     else:
         out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
-                                             float(softmax_scale), bool(causal))
+                                             float(softmax_scale), bool(causal), cache_leftpad)
     return out.contiguous(), lse.contiguous()
 
 
 @kvcache_fwd.register_fake
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
-                      num_splits=0, impl="auto"):
+                      num_splits=0, impl="auto", cache_leftpad=None):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

@@ -572,9 +572,11 @@ def kvcache_append(
 def kvcache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
-    causal: bool,
+    causal: bool, cache_leftpad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache: row
+    """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache (from
+    ``cache_leftpad[b]`` on when given: the keys before it are padding, and the keys left are
+    the sequence the causal mask aligns to): row
     ``cache_batch_idx[b]`` of a contiguous (B_cache, S_cache, H_kv, D) cache, or the pages
     ``block_table[b]`` of a paged one (indices clamped as the kernels clamp them); FA2's blocked
     loop per batch, causal bottom-right.  Returns ``(out (B, Sq, H, D), lse (B, H, Sq))``.  Reads
@@ -584,6 +586,7 @@ def kvcache_forward(
     lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     lengths = cache_seqlens.tolist()
     rows = cache_batch_idx.tolist() if cache_batch_idx is not None else list(range(b))
+    starts = cache_leftpad.tolist() if cache_leftpad is not None else [0] * b
     for i in range(b):
         if block_table is not None:  # this sequence's pages, back to back
             pages = block_table[i].long().clamp(0, k_cache.shape[0] - 1)
@@ -592,8 +595,9 @@ def kvcache_forward(
             row = min(max(rows[i], 0), k_cache.shape[0] - 1)
             keys, values = k_cache[row:row + 1], v_cache[row:row + 1]
         n = min(max(lengths[i], 0), keys.shape[1])
-        if n == 0 or sq == 0:
+        first = min(max(starts[i], 0), n)
+        if n == first or sq == 0:
             continue
-        o, s = fa2_forward(q[i:i + 1], keys[:, :n], values[:, :n], softmax_scale, causal)
+        o, s = fa2_forward(q[i:i + 1], keys[:, first:n], values[:, first:n], softmax_scale, causal)
         out[i], lse[i] = o[0], s[0]
     return out, lse

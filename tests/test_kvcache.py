@@ -155,6 +155,60 @@ def test_cache_seqlens_forms(device):
                        fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=seven))
 
 
+# (seqlens, leftpad, S_new): padding before each sequence, incl. none, all of it, and past it.
+LEFTPAD_CASES = [
+    pytest.param([20, 9, 0], [3, 0, 0], 2, id="append-2"),
+    pytest.param([17, 30, 8], [16, 29, 11], 0, id="one-key-none-and-past"),
+    pytest.param([25, 5, 12], [7, 5, 1], 1, id="decode"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlens,leftpad,s_new", LEFTPAD_CASES)
+def test_kvcache_leftpad_matches_oracle(seqlens, leftpad, s_new, causal, impl, device):
+    """cache_leftpad as flash-attn defines it: batch b attends to cache positions
+    [leftpad[b], seqlens[b] + S_new), the causal mask aligned to that stretch's end; the new keys
+    are still written at seqlens[b] + i."""
+    b, sq, h, h_kv, d, s_cache = 3, 2, 4, 2, 24, 40
+    q = torch.randn(b, sq, h, d, device=device)
+    k_cache, v_cache = (torch.randn(b, s_cache, h_kv, d, device=device) for _ in range(2))
+    k_new, v_new = (torch.randn(b, s_new, h_kv, d, device=device) for _ in range(2))
+    seq, pad = (torch.tensor(x, dtype=torch.int32, device=device) for x in (seqlens, leftpad))
+    want_k = _append_oracle(k_cache, k_new, seq)
+    want_v = _append_oracle(v_cache, v_new, seq)
+    new = (k_new, v_new) if s_new else (None, None)
+    out, lse = fm.flash_attn_with_kvcache(q, k_cache, v_cache, *new, cache_seqlens=seq, cache_leftpad=pad,
+                                          causal=causal, return_softmax_lse=True, impl=impl)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    for i in range(b):
+        end = min(seqlens[i] + s_new, s_cache)
+        start = min(leftpad[i], end)
+        if start == end:  # no key: zeros and -inf, as for an empty cache
+            assert torch.equal(out[i], torch.zeros_like(out[i])) and torch.isneginf(lse[i]).all()
+            continue
+        keys = want_k[i:i + 1, start:end].double(), want_v[i:i + 1, start:end].double()
+        o64, l64 = attention_ref(q[i:i + 1].double(), *keys, d**-0.5, causal, True)
+        o_lp, _ = attention_ref(q[i:i + 1], *(t.float() for t in keys), d**-0.5, causal, True)
+        assert_flash_rule(f"out[{i}]", out[i:i + 1], o64, o_lp, torch.float32)
+        finite = torch.isfinite(l64[0])
+        assert torch.equal(torch.isfinite(lse[i]), finite)
+        assert torch.allclose(lse[i].double()[finite], l64[0][finite], atol=1e-4, rtol=0)
+
+
+def test_kvcache_leftpad_zero_is_no_padding_and_paged_is_refused(device):
+    q = torch.randn(2, 1, 4, 16, device=device)
+    kc, vc = (torch.randn(2, 32, 2, 16, device=device) for _ in range(2))
+    lens = torch.tensor([9, 30], dtype=torch.int32, device=device)
+    zero = torch.zeros(2, dtype=torch.int32, device=device)
+    plain = fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True)
+    assert torch.equal(plain, fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=zero,
+                                                         causal=True))
+    table = torch.tensor([[0], [1]], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="cache_leftpad cannot be used with block_table"):
+        fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_leftpad=zero, block_table=table)
+
+
 def _kv_args(device, **over):
     q = torch.randn(2, 1, 4, 16, device=device)
     kc, vc = (torch.randn(2, 32, 2, 16, device=device) for _ in range(2))
@@ -177,8 +231,10 @@ KV_BAD = [
                  id="page-24"),
     pytest.param(dict(rotary_cos=torch.randn(8, 4), rotary_sin=torch.randn(8, 4)), ValueError, "pass k and v",
                  id="rotary-without-k"),
-    pytest.param(dict(cache_leftpad=torch.zeros(2, dtype=torch.int32)), NotImplementedError, "cache_leftpad",
-                 id="leftpad-not-yet"),
+    pytest.param(dict(cache_leftpad=torch.zeros(2)), TypeError, "cache_leftpad must be int32",
+                 id="leftpad-fp32"),
+    pytest.param(dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), ValueError,
+                 "cache_leftpad must be 1-D", id="leftpad-size"),
     pytest.param(dict(window_size=(8, 0)), NotImplementedError, "window_size", id="window-not-yet"),
     pytest.param(dict(v_cache=torch.randn(2, 31, 2, 16)), ValueError, "same sequence length",
                  id="cache-shapes"),
@@ -203,6 +259,8 @@ def test_opcheck_kvcache_ops(device):
     idx = torch.tensor([2, 0], dtype=torch.int32, device=device)
     torch.library.opcheck(ops.kvcache_append, (kc, vc, kn, vn, seq, idx, None))
     torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, idx, None, 0.25, True))
+    pad = torch.tensor([1, 9], dtype=torch.int32, device=device)
+    torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, idx, None, 0.25, True, 0, "auto", pad))
     table = torch.tensor([[1, 0], [2, 2]], dtype=torch.int32, device=device)  # pages of 20 rows
     torch.library.opcheck(ops.kvcache_append, (kc, vc, kn, vn, seq, None, table))
     torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, None, table, 0.25, False, 2))

@@ -37,18 +37,23 @@ from ._common import (
 
 @triton.jit
 def _split_kv_fwd_kernel(
-    Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable,
+    Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, chunk, part_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
 ):
     """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
     result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
     cache: batch ``b`` sees its first ``SeqLens[b]`` keys (clamped into [0, Sk], Sk = the
     capacity; causal bottom-right against that length) in cache row ``BatchIdx[b]`` (or ``b``),
-    or, with ``PAGED``, in the pages of block-table row ``b`` (stride_kb: the page stride)."""
+    or, with ``PAGED``, in the pages of block-table row ``b`` (stride_kb: the page stride).
+    With ``HAS_LEFTPAD`` (contiguous caches) batch ``b``'s keys start at ``LeftPad[b]``: the
+    kernel sees keys [LeftPad[b], SeqLens[b]) as a sequence of their own (flash-attn's
+    cache_leftpad: causal alignment against that sequence's length, which in cache positions
+    is the same bottom-right alignment)."""
     split = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,6 +83,11 @@ def _split_kv_fwd_kernel(
     capacity = Sk
     if CACHE:
         Sk = tl.minimum(tl.maximum(tl.load(SeqLens + off_b), 0), Sk)
+        if HAS_LEFTPAD:  # keys before LeftPad[b] are padding: start the sequence there
+            first_key = tl.minimum(tl.maximum(tl.load(LeftPad + off_b), 0), Sk)
+            Sk -= first_key
+            K += first_key.to(tl.int64) * stride_ks
+            V += first_key.to(tl.int64) * stride_vs
         causal_offset = Sk - Sq
         if HAS_BATCH_IDX:
             kv_row = tl.minimum(tl.maximum(tl.load(BatchIdx + off_b), 0), num_kv_rows - 1).to(tl.int64)
@@ -197,21 +207,22 @@ def split_kv_forward(
 def split_kv_cache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
-    num_splits: int = 0,
+    num_splits: int = 0, cache_leftpad: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention of q (B, Sq, H, D) over a KV cache: contiguous (B_cache, S_cache, H_kv,
     D) with rows ``cache_batch_idx[b]``, or paged (num_pages, page, H_kv, D) through
     ``block_table`` (B, pages_per_seq); batch ``b`` sees its first ``cache_seqlens[b]`` keys,
-    causal bottom-right.  Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq).  The chunks
+    causal bottom-right; with ``cache_leftpad`` (B,) (contiguous caches), only keys from
+    ``cache_leftpad[b]`` on.  Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq).  The chunks
     cover the cache's capacity (a shape), so a chunk past a sequence's length does no work."""
     return _split_kv(q, k_cache, v_cache, softmax_scale, causal, 0, num_splits,
-                     cache=(cache_seqlens, cache_batch_idx, block_table))
+                     cache=(cache_seqlens, cache_batch_idx, block_table, cache_leftpad))
 
 
 def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None):
     b, sq, h, d = q.shape
     h_kv = k.shape[2]
-    seqlens, batch_idx, table = cache if cache is not None else (None, None, None)
+    seqlens, batch_idx, table, leftpad = cache if cache is not None else (None, None, None, None)
     paged = table is not None
     page = k.shape[1] if paged else 1
     sk = table.shape[1] * page if paged else k.shape[1]  # keys (the capacity, for a cache)
@@ -241,11 +252,13 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
     _split_kv_fwd_kernel[(m_blocks, b * heads, num_splits)](
         q, k, v, o_part, lse_part, seqlens if seqlens is not None else stand_in,
         batch_idx if batch_idx is not None else stand_in, table if paged else stand_in,
-        *_common.bsh_strides(q, k, v), table.stride(0) if paged else 0,
+        leftpad if leftpad is not None else stand_in, *_common.bsh_strides(q, k, v),
+        table.stride(0) if paged else 0,
         h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale), chunk, b * h * sq,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
         CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page, DIRECT=direct,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
+        HAS_LEFTPAD=leftpad is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_common.kernel_flags(q),
     )
     if direct:
         return out, lse
