@@ -56,8 +56,9 @@ def _varlen_case(lens_q, lens_k, h, h_kv, d, causal, cu_q_bad=None):
 
 
 def _kvcache_case(paged, bad):
-    """flash_attn_with_kvcache (the append kernel and split-KV over the cache), decode with GQA;
-    ``bad``: lengths past the capacity, batch rows and pages out of range (clamped)."""
+    """flash_attn_with_kvcache (the append kernel and split-KV over the cache), decode with GQA,
+    left padding on the contiguous cache; ``bad``: lengths past the capacity, batch rows, pages
+    and padding out of range (clamped)."""
     def run():
         b, h, h_kv, d, cap = 3, 8, 2, 72, 128
         q = torch.randn(b, 1, h, d, device="cuda", dtype=torch.bfloat16)
@@ -71,7 +72,9 @@ def _kvcache_case(paged, bad):
                                        causal=True)
         else:
             idx = torch.tensor([2, 7 if bad else 0, 1], dtype=torch.int32, device="cuda")
-            fm.flash_attn_with_kvcache(q, *caches, k_new, v_new, cache_seqlens=lens, cache_batch_idx=idx)
+            pad = torch.tensor([0, 50 if bad else 7, -4 if bad else 90], dtype=torch.int32, device="cuda")
+            fm.flash_attn_with_kvcache(q, *caches, k_new, v_new, cache_seqlens=lens, cache_batch_idx=idx,
+                                       cache_leftpad=pad, causal=True)
     return f"kvcache paged={paged}{' bad-indices' if bad else ''}", run
 
 
