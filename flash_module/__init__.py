@@ -23,7 +23,7 @@ Public entry points:
 implementation (:data:`IMPLS`: ``auto``, ``triton``, ``torch``) in every entry point.
 """
 
-from . import ops, reference
+from . import checks, ops, reference
 from .api import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -35,6 +35,7 @@ from .api import (
     merge_attention_states,
     scaled_dot_product_attention,
 )
+from .checks import check_values, set_check_values
 from .distributed import ring_attention
 from .module import FlashAttention, MultiheadFlashAttention, RotaryEmbedding
 from .ops import IMPLS, MODES, which_implementation
@@ -51,6 +52,8 @@ __all__ = [
     "FlashAttention",
     "MultiheadFlashAttention",
     "RotaryEmbedding",
+    "check_values",
+    "checks",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
@@ -63,6 +66,7 @@ __all__ = [
     "reference",
     "ring_attention",
     "scaled_dot_product_attention",
+    "set_check_values",
     "softmax",
     "which_implementation",
 ]

@@ -14,7 +14,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import checks, ops, reference
 from ._runtime import acc_dtype
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -399,7 +399,8 @@ def flash_attn_varlen_func(
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
     kernels clamp them to the tensors, so bad values give wrong answers, never out-of-bounds
-    memory accesses.
+    memory accesses.  :func:`flash_module.check_values` (or ``FLASH_MODULE_CHECK_VALUES=1``)
+    checks them on the host while debugging.
 
     Returns:
         out (total_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
@@ -433,6 +434,10 @@ def flash_attn_varlen_func(
                              f"v: {tuple(v.shape)}")
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise ValueError("paged K/V (block_table) is inference only: its inputs must not require grad")
+    if checks.active():  # opt-in: reads the offsets on the host
+        k_tokens = block_table.shape[1] * k.shape[1] if paged else k.shape[0]
+        checks.varlen(q, k_tokens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+                      block_table, k.shape[0])
     mode, impl = ops.check_varlen_mode(mode, impl)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -597,7 +602,8 @@ def flash_attn_with_kvcache(
 
     Values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and ``block_table`` are
     not checked (that needs a sync): the kernels clamp them, so bad values give wrong answers, never
-    out-of-bounds memory accesses.
+    out-of-bounds memory accesses.  :func:`flash_module.check_values` (or
+    ``FLASH_MODULE_CHECK_VALUES=1``) checks them on the host while debugging.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim), or ``(out, softmax_lse)``.
@@ -656,6 +662,9 @@ def flash_attn_with_kvcache(
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(0.0, window_size, softcap, alibi_slopes)
     _check_num_splits(num_splits)
+    if checks.active():  # opt-in: reads the lengths and indices on the host
+        checks.kvcache(seqlens, k.shape[1] if k is not None else 0, capacity, cache_batch_idx,
+                       k_cache.shape[0], block_table, k_cache.shape[0], cache_leftpad)
     _, impl = ops.check_mode("fa2", impl)
     ops.resolve_impl(q, impl)
     tensors = (q, k, v, k_cache, v_cache)
