@@ -111,14 +111,15 @@ def test_kvcache_matches_oracle(b, sq, s_new, h, h_kv, d, s_cache, seqlens, dtyp
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "halves"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_rotary_and_paged_cache(interleaved, causal, impl, device):
+@pytest.mark.parametrize("page", [16, 64], ids=["page16", "page64"])  # < and >= the key block
+def test_rotary_and_paged_cache(page, interleaved, causal, impl, device):
     """Rotary on q and the new k (flash-attn's positions), into a paged cache whose result equals
     the contiguous cache's bit for bit."""
-    b, sq, h, h_kv, d, page = 2, 3, 4, 2, 32, 16
+    b, sq, h, h_kv, d = 2, 3, 4, 2, 32
     q = torch.randn(b, sq, h, d, device=device)
     k_new, v_new = (torch.randn(b, sq, h_kv, d, device=device) for _ in range(2))
-    cos, sin = torch.randn(64, 12, device=device), torch.randn(64, 12, device=device)  # rotary_dim 24 < d
-    seq = torch.tensor([5, 20], dtype=torch.int32, device=device)
+    seq = torch.tensor([5, page + 4], dtype=torch.int32, device=device)
+    cos, sin = torch.randn(2 * page, 12, device=device), torch.randn(2 * page, 12, device=device)
     contiguous = [torch.randn(b, 2 * page, h_kv, d, device=device) for _ in range(2)]
     table = torch.tensor([[3, 0], [1, 2]], dtype=torch.int32, device=device)
     paged = [torch.empty(4, page, h_kv, d, device=device) for _ in range(2)]

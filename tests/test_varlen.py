@@ -191,14 +191,15 @@ def test_bad_varlen_input_is_a_clear_error(over, error, words, device):
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_paged_kv_equals_contiguous(causal, impl, device):
-    """block_table: each sequence's keys in shuffled pages of 16 give the contiguous result bit
-    for bit (the same key blocks in the same order)."""
-    lens_q, lens_k, page = [3, 0, 20, 1], [40, 7, 20, 0], 16
+@pytest.mark.parametrize("page", [16, 64], ids=["page16", "page64"])  # < and >= the key block
+def test_paged_kv_equals_contiguous(page, causal, impl, device):
+    """block_table: each sequence's keys in shuffled pages give the contiguous result bit for
+    bit (the same key blocks in the same order), pages smaller than a key block or not."""
+    lens_q, lens_k = [3, 0, 20, 1], [40, 7, 20, 0]
     q, cu_q = _pack(lens_q, 4, 32, torch.float32, device)
     k, cu_k = _pack(lens_k, 2, 32, torch.float32, device)
     v = torch.randn_like(k)
-    per_seq = 3  # pages of 16 rows per sequence: up to 48 keys
+    per_seq = _cdiv(48, page)  # pages per sequence: up to 48 keys
     order = torch.randperm(len(lens_k) * per_seq, device=device)
     table = order.view(len(lens_k), per_seq).to(torch.int32)
     k_pages, v_pages = (torch.randn(len(lens_k) * per_seq, page, 2, 32, device=device) for _ in range(2))

@@ -299,11 +299,19 @@ def attend_kv(
 
 
 @triton.jit
-def page_tile_ptrs(Cache_head, Pages, cols, stride_page, stride_s, num_pages, PAGE: tl.constexpr,
+def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_pages, PAGE: tl.constexpr,
                    BLOCK_D: tl.constexpr):
-    """Pointers to the (BLOCK_N, BLOCK_D) tile of keys ``cols`` of a paged cache: key ``n`` is
-    row ``n % PAGE`` of page ``Pages[n // PAGE]`` (clamped into the cache).  Each row finds its
-    own page, so a tile may span pages and the key blocks are those of a contiguous cache."""
+    """Pointers to the (BLOCK_N, BLOCK_D) tile of keys ``cols`` (block ``start_n``, a multiple
+    of BLOCK_N) of a paged cache: key ``n`` is row ``n % PAGE`` of page ``Pages[n // PAGE]``
+    (clamped into the cache).  Pages of BLOCK_N keys or more hold whole blocks: one table entry
+    per block, and the tile is a plain strided one.  Smaller pages: each row finds its own page,
+    so a tile spans pages.  Either way the key blocks are those of a contiguous cache."""
+    BLOCK_N: tl.constexpr = cols.shape[0]
+    if PAGE >= BLOCK_N:
+        page = tl.load(Pages + start_n // PAGE)  # the block's one page
+        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
+        first = page * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_s
+        return tile_ptrs(Cache_head + first, 0, stride_s, BLOCK_N, BLOCK_D)
     pages = tl.load(Pages + cols // PAGE)  # (BLOCK_N,): one table entry per PAGE keys
     pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
     rows = pages * stride_page + (cols % PAGE).to(tl.int64) * stride_s
@@ -329,8 +337,10 @@ def attend_keys(
             # Keys past the table (the last block of a full cache) are masked by Sk: point them
             # at the table's last entry.
             cols = tl.minimum(start_n + offs_n, n_table - 1)
-            k_ptrs = page_tile_ptrs(K_head, Pages, cols, stride_kpage, stride_ks, num_pages, PAGE, BLOCK_D)
-            v_ptrs = page_tile_ptrs(V_head, Pages, cols, stride_vpage, stride_vs, num_pages, PAGE, BLOCK_D)
+            k_ptrs = page_tile_ptrs(K_head, Pages, start_n, cols, stride_kpage, stride_ks, num_pages, PAGE,
+                                    BLOCK_D)
+            v_ptrs = page_tile_ptrs(V_head, Pages, start_n, cols, stride_vpage, stride_vs, num_pages, PAGE,
+                                    BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk,
                                          causal_offset, qk_scale, qk_scale_lo, HEAD_DIM, MASKED, IS_CAUSAL)
     else:
