@@ -118,14 +118,13 @@ def _check_variants(dropout_p: object, window_size: object, softcap: object, ali
     if min(window_size) < -1:
         raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
     _check_real("softcap", softcap)
-    if not float(softcap) >= 0.0:
-        raise ValueError(f"softcap must be >= 0 (0 = off), got {softcap!r}")
+    if not (float(softcap) >= 0.0 and math.isfinite(float(softcap))):
+        raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None and not isinstance(alibi_slopes, Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
     _unsupported(
         dropout_p=float(dropout_p) != 0.0,
         window_size=tuple(window_size) != (-1, -1),
-        softcap=float(softcap) != 0.0,
         alibi_slopes=alibi_slopes is not None,
     )
 
@@ -156,16 +155,19 @@ def _check_num_splits(num_splits: int) -> None:
 
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
-    mode: str, num_splits: int = 0, impl: str = "auto",
+    mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
     mode, impl = ops.check_mode(mode, impl)
+    if softcap and mode == "fa1":
+        raise NotImplementedError("mode='fa1' does not support softcap (use mode='fa2' or 'tiling')")
     _check_num_splits(num_splits)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
-    out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl)
+    out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
+                        float(softcap))
     return out, lse, scale
 
 
@@ -214,8 +216,10 @@ def flash_attn_func(
             ``TRITON_INTERPRET=1``; the PyTorch path otherwise), ``"triton"`` (the kernels or a
             ValueError), ``"torch"`` (the PyTorch path on any device).
         num_splits: key chunks for ``mode="tiling"`` (0 = chosen from the GPU and the shapes).
-        dropout_p, window_size, softcap, alibi_slopes: not implemented yet (must be left at
-            their defaults; anything else raises NotImplementedError).
+        softcap: > 0 caps the scaled scores, ``s -> softcap * tanh(s / softcap)`` (Gemma 2), in
+            the forward and with its exact gradient; 0 (default) is off.  Not in ``mode="fa1"``.
+        dropout_p, window_size, alibi_slopes: not implemented yet (must be left at their
+            defaults; anything else raises NotImplementedError).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
@@ -225,11 +229,11 @@ def flash_attn_func(
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
-    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl)
+    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap)
     if not return_attn_probs:
         return out
     with torch.no_grad():
-        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True)
+        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True, float(softcap))
     # The op's LSE is float64 for fp32 inputs (for the backward); flash-attn returns float32.
     return out, lse.to(acc_dtype(q.dtype)), probs.to(q.dtype)
 
@@ -323,7 +327,7 @@ def _check_max_seqlen(name: str, x: object) -> None:
 
 
 def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, seqused_k: Tensor | None,
-                  block_table: Tensor | None, scale: float, causal: bool) -> Tensor:
+                  block_table: Tensor | None, scale: float, causal: bool, softcap: float = 0.0) -> Tensor:
     """(B, H, max_len_q, max_len_k) probabilities of each sequence, zero-padded (reads the
     lengths on the host: for testing)."""
     n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
@@ -339,7 +343,8 @@ def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
             keys = k[block_table[b].long().clamp(0, k.shape[0] - 1)].flatten(0, 1)
         if lq and lk:
             probs[b, :, :lq, :lk] = reference.attention_probs(
-                q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True)[0]
+                q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True,
+                softcap)[0]
     return probs.to(q.dtype)
 
 
@@ -394,7 +399,8 @@ def flash_attn_varlen_func(
             implementation.  ``impl="torch"`` (and CPU tensors without the interpreter) run
             the PyTorch path sequence by sequence, which reads the offsets on the host.
         deterministic: accepted; the backward is always deterministic.
-        dropout_p, window_size, softcap, alibi_slopes: not implemented yet (NotImplementedError
+        softcap: as in :func:`flash_attn_func` (forward and backward).
+        dropout_p, window_size, alibi_slopes: not implemented yet (NotImplementedError
             unless left at their defaults).
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
@@ -444,12 +450,12 @@ def flash_attn_varlen_func(
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)
     out, lse = ops.call(ops.varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal),
-                        mode, impl, block_table)
+                        mode, impl, block_table, float(softcap))
     if not return_attn_probs:
         return out
     with torch.no_grad():
         probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale,
-                              bool(causal))
+                              bool(causal), float(softcap))
     return out, lse.to(acc_dtype(q.dtype)), probs
 
 
@@ -597,7 +603,8 @@ def flash_attn_with_kvcache(
             one tile for decode, so each K/V block is read once per group.
         return_softmax_lse: also return the (batch, nheads, seqlen_q) float32 LSE.
         impl: ``auto`` / ``triton`` / ``torch`` as in :func:`flash_attn_func`.
-        window_size, softcap, alibi_slopes: not implemented yet
+        softcap: as in :func:`flash_attn_func`.
+        window_size, alibi_slopes: not implemented yet
             (NotImplementedError unless left at their defaults).
 
     Values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and ``block_table`` are
@@ -682,7 +689,7 @@ def flash_attn_with_kvcache(
         ops.call(ops.kvcache_append, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
         seqlens = seqlens + k.shape[1]
     out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
-                        bool(causal), num_splits, impl, cache_leftpad)
+                        bool(causal), num_splits, impl, cache_leftpad, float(softcap))
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out
@@ -701,6 +708,7 @@ def scaled_dot_product_attention(
     mode: str = "fa2",
     impl: str = "auto",
     num_splits: int = 0,
+    softcap: float = 0.0,
 ) -> Tensor:
     """torch's ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
 
@@ -713,6 +721,8 @@ def scaled_dot_product_attention(
         mode, impl: algorithm (``flash_module.MODES``) and implementation
             (``flash_module.IMPLS``), as in :func:`flash_attn_func`.
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
+        softcap: an extension (torch has none): scores -> ``softcap * tanh(s / softcap)`` as in
+            :func:`flash_attn_func`; 0 (default) is off.
         attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
 
     Returns:
@@ -735,7 +745,9 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
         )
-    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl)
+    if softcap:
+        _check_variants(0.0, (-1, -1), softcap, None)
+    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap)
     return out.transpose(1, 2)
 
 

@@ -38,6 +38,7 @@ the registered op.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import warnings
@@ -68,6 +69,7 @@ class AttentionArgs:
     causal: bool
     causal_offset: int  # query i sees key j <= i + causal_offset (Sk - Sq bottom-right, 0 top-left)
     num_splits: int = 0  # tiling: key chunks (0 = automatic)
+    softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) (flash-attn's softcap)
 
     @property
     def bottom_right(self) -> bool:
@@ -105,54 +107,65 @@ def routes_to_split_kv(q: Tensor, k: Tensor) -> bool:
 
 def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
     if routes_to_split_kv(q, k):
-        return _tiling_fwd_triton(q, k, v, AttentionArgs(a.softmax_scale, a.causal, a.causal_offset, 0))
+        return _tiling_fwd_triton(q, k, v, dataclasses.replace(a, num_splits=0))
     from .kernels.fa2_fwd import fa2_forward
 
-    return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset)
+    return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     from .kernels.fa2_bwd import fa2_backward
 
-    return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset)
+    return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
+                        softcap=a.softcap)
+
+
+def _no_variants(mode: str, a: AttentionArgs) -> None:
+    """NotImplementedError naming the mode and the variant it lacks."""
+    if a.softcap:
+        raise NotImplementedError(f"mode={mode!r} does not support softcap (use mode='fa2' or 'tiling')")
 
 
 def _fa1_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.fa1 import fa1_forward
 
+    _no_variants("fa1", a)
     return fa1_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset)
 
 
 def _fa1_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     from .kernels.fa1 import fa1_backward
 
+    _no_variants("fa1", a)
     return fa1_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset)
 
 
 def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.split_kv import split_kv_forward
 
-    return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits)
+    return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap)
 
 
 # -- PyTorch (any device) -----------------------------------------------------------------------
 
 
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
-    return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right)
+    return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
+    _no_variants("fa1", a)
     return reference.fa1_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right)
 
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
-    return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4)
+    return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
+                                      softcap=a.softcap)
 
 
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
-                                  dlse=dlse)
+                                  dlse=dlse, softcap=a.softcap)
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -236,9 +249,9 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 
 
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
-          num_splits: int = 0) -> AttentionArgs:
+          num_splits: int = 0, softcap: float = 0.0) -> AttentionArgs:
     offset = k.shape[1] - q.shape[1] if bottom_right else 0
-    return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits))
+    return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap))
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool) -> Tensor:
@@ -312,6 +325,7 @@ def attention_fwd(
     mode: str,
     num_splits: int = 0,
     impl: str = "auto",
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     b, sq, h, d = q.shape
@@ -320,12 +334,13 @@ def attention_fwd(
         return out, _lse_without_work(q, k, causal, bottom_right)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
-        out, lse = fn(q, k, v, _args(q, k, softmax_scale, causal, bottom_right, num_splits))
+        out, lse = fn(q, k, v, _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap))
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto"):
+def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
+                        softcap=0.0):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -346,6 +361,7 @@ def attention_bwd(
     bottom_right: bool,
     mode: str,
     impl: str = "auto",
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _implementation(mode, impl, q).backward
     if q.numel() == 0 or k.numel() == 0:
@@ -354,21 +370,22 @@ def attention_bwd(
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
-        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right))
+        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right,
+                                                             softcap=softcap))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
-                        impl="auto"):
+                        impl="auto", softcap=0.0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl = inputs
+    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.args = (softmax_scale, causal, bottom_right, mode, impl)
+    ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
 
 
@@ -377,7 +394,7 @@ def _fwd_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -420,24 +437,25 @@ class VarlenImplementation:
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
-def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None):
+def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0):
     from .kernels.varlen import varlen_forward
 
-    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table)
+    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap)
 
 
-def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal):
+def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0):
     from .kernels.varlen import varlen_backward
 
-    return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse)
+    return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse, softcap)
 
 
-def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None):
-    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table)
+def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0):
+    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap)
 
 
-def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal):
-    return reference.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse)
+def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0):
+    return reference.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse,
+                                     softcap)
 
 
 #: The varlen table: algorithm -> implementation.  Only FA2 has varlen kernels; the other modes
@@ -479,18 +497,19 @@ def varlen_fwd(
     mode: str = "fa2",
     impl: str = "auto",
     block_table: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
-                      block_table)
+                      block_table, float(softcap))
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
-                     impl="auto", block_table=None):
+                     impl="auto", block_table=None, softcap=0.0):
     tq, h, d = q.shape
     return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
@@ -511,6 +530,7 @@ def varlen_bwd(
     causal: bool,
     mode: str = "fa2",
     impl: str = "auto",
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).backward
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -518,21 +538,21 @@ def varlen_bwd(
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                        float(softmax_scale), bool(causal))
+                        float(softmax_scale), bool(causal), float(softcap))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale,
-                     causal, mode="fa2", impl="auto"):
+                     causal, mode="fa2", impl="auto", softcap=0.0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table = inputs
+    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k)
-    ctx.args = (softmax_scale, causal, mode, impl)
+    ctx.args = (softmax_scale, causal, mode, impl, softcap)
     ctx.paged = block_table is not None
     ctx.set_materialize_grads(False)
 
@@ -545,7 +565,7 @@ def _varlen_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,
@@ -612,6 +632,7 @@ def kvcache_fwd(
     num_splits: int = 0,
     impl: str = "auto",
     cache_leftpad: Tensor | None = None,
+    softcap: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     b, sq, h, d = q.shape
     if cache_leftpad is not None and block_table is not None:
@@ -628,16 +649,17 @@ def kvcache_fwd(
             out, lse = split_kv_cache_forward(
                 _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
                 cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
-                int(num_splits), cache_leftpad)
+                int(num_splits), cache_leftpad, float(softcap))
     else:
         out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
-                                             float(softmax_scale), bool(causal), cache_leftpad)
+                                             float(softmax_scale), bool(causal), cache_leftpad,
+                                             float(softcap))
     return out.contiguous(), lse.contiguous()
 
 
 @kvcache_fwd.register_fake
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
-                      num_splits=0, impl="auto", cache_leftpad=None):
+                      num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

@@ -73,6 +73,12 @@ def _reduce_kv(dx: torch.Tensor, h_kv: int) -> torch.Tensor:
     return dx if h == h_kv else dx.view(b, s, h_kv, h // h_kv, d).sum(dim=3)
 
 
+def cap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Softcapping (Gemma 2; flash-attn's ``softcap``): scaled scores ``s`` -> ``softcap *
+    tanh(s / softcap)``; ``softcap = 0`` leaves them as they are."""
+    return softcap * torch.tanh(s / softcap) if softcap else s
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,6 +86,7 @@ def attention_ref(
     softmax_scale: float | None = None,
     causal: bool = False,
     bottom_right: bool = True,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
 
@@ -93,7 +100,7 @@ def attention_ref(
     # (B, H, Sq, Sk)
     # Scores come out of the matmul in the input dtype (rounded as PyTorch rounds them), then the
     # softmax runs in the accumulator dtype.
-    s = torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc_dtype(q.dtype)) * scale
+    s = cap_scores(torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc_dtype(q.dtype)) * scale, softcap)
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -110,6 +117,7 @@ def attention_probs(
     softmax_scale: float,
     causal: bool,
     bottom_right: bool,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Recompute the softmax probabilities P = exp(S - lse), (B, H, Sq, Sk), from a saved LSE.
 
@@ -118,6 +126,7 @@ def attention_probs(
     h = q.shape[2]
     acc = acc_dtype(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
+    s = cap_scores(s, softcap)
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -212,10 +221,10 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: boo
 
 def _block_scores(
     qb: torch.Tensor, kj: torch.Tensor, scale: float, sk: int, k_start: int, block_m: int, causal: bool,
-    offset: int,
+    offset: int, softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Scores of every query block against one key block, masked. (B, H, nQ, Br, Bc)."""
-    s = torch.einsum("bhnqd,bhkd->bhnqk", qb, kj) * scale
+    """Scores of every query block against one key block, capped and masked. (B, H, nQ, Br, Bc)."""
+    s = cap_scores(torch.einsum("bhnqd,bhkd->bhnqk", qb, kj) * scale, softcap)
     i = torch.arange(qb.shape[2] * block_m, device=qb.device).view(qb.shape[2], block_m, 1)
     j = torch.arange(k_start, k_start + kj.shape[2], device=qb.device).view(1, 1, -1)
     return s.masked_fill(~_visible(i, j, sk, offset, causal), float("-inf"))
@@ -302,6 +311,7 @@ def fa2_forward(
     bottom_right: bool = True,
     block_m: int = 64,
     block_n: int = 64,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -314,17 +324,17 @@ def fa2_forward(
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
     """
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
-                         block_m, block_n)
+                         block_m, block_n, softcap)
     return out.to(q.dtype), lse
 
 
-def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64):
+def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0):
     """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype."""
     sk = k.shape[1]
     # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
-        s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset)
+        s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap)
         m_new = torch.maximum(m, s.amax(dim=-1))
         m_new_safe = _neg_inf_to_zero(m_new)
         p = torch.exp(s - m_new_safe[..., None])
@@ -348,6 +358,7 @@ def fa2_backward(
     bottom_right: bool = True,
     dlse: torch.Tensor | None = None,
     block_n: int = 128,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``.
 
@@ -357,7 +368,9 @@ def fa2_backward(
         dK_j = scale dS^T Q,   with  delta = rowsum(dO * O) - dlse.
 
     (A gradient ``dlse`` flowing into the LSE adds ``dlse * P`` to dS, which is the same as
-    subtracting it from ``delta``.)  The loop over K/V blocks is the dK/dV kernel's grid.
+    subtracting it from ``delta``.)  With ``softcap`` the scores are ``c tanh(s / c)``, and dS is
+    multiplied by their derivative ``1 - tanh^2`` before it meets Q and K.
+    The loop over K/V blocks is the dK/dV kernel's grid.
     Memory is O(Sq · block_n).  GQA: dK/dV are summed over each K/V head's query group.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -381,6 +394,9 @@ def fa2_backward(
         end = min(start + block_n, sk)
         kj, vj = kf[:, :, start:end], vf[:, :, start:end]
         s = torch.einsum("bhqd,bhkd->bhqk", qf, kj) * scale
+        if softcap:
+            t = torch.tanh(s / softcap)
+            s = softcap * t
         if causal:  # this block's (Sq, Bc) mask only: memory stays O(Sq * block_n)
             cols = torch.arange(start, end, device=q.device)[None, :]
             s = s.masked_fill(~_visible(rows, cols, sk, offset, causal), float("-inf"))
@@ -388,6 +404,8 @@ def fa2_backward(
         dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
         ds = p * (dp - delta[..., None])
+        if softcap:
+            ds = ds * (1 - t * t)
         dq += torch.einsum("bhqk,bhkd->bhqd", ds, kj) * scale
         dk[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", ds, qf) * scale
     dq = dq.transpose(1, 2).to(q.dtype)
@@ -422,6 +440,7 @@ def split_kv_forward(
     causal: bool = False,
     bottom_right: bool = True,
     num_splits: int = 4,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
 
@@ -436,7 +455,7 @@ def split_kv_forward(
         kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]
         # Global key start + j is visible to query i iff j <= i + offset - start.  Each chunk runs
         # FA2's blocked loop, so memory stays O(Sq * block) however few the chunks.
-        out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start)
+        out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start, softcap=softcap)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
     return out.to(q.dtype), lse
 
@@ -474,7 +493,7 @@ def varlen_sequences(
 def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA2's blocked forward on each packed sequence (causal bottom-right per sequence).
 
@@ -499,7 +518,8 @@ def varlen_forward(
         if lq == 0 or lk == 0:
             continue
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
-        o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal)
+        o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
+                           softcap=softcap)
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 
@@ -508,7 +528,7 @@ def varlen_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
-    seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None,
+    seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA2's backward on each packed sequence; ``dq`` (Tq, H, D), ``dk``/``dv`` (Tk, H_kv, D),
     zero for rows in no sequence and keys past ``seqused_k``."""
@@ -519,7 +539,7 @@ def varlen_backward(
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
         grads = fa2_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
                              lse[None, :, rq], softmax_scale, causal,
-                             dlse=dlse[None, :, rq] if dlse is not None else None)
+                             dlse=dlse[None, :, rq] if dlse is not None else None, softcap=softcap)
         dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
     return dq, dk, dv
 
@@ -572,7 +592,7 @@ def kvcache_append(
 def kvcache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
-    causal: bool, cache_leftpad: torch.Tensor | None = None,
+    causal: bool, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache (from
     ``cache_leftpad[b]`` on when given: the keys before it are padding, and the keys left are
@@ -598,6 +618,7 @@ def kvcache_forward(
         first = min(max(starts[i], 0), n)
         if n == first or sq == 0:
             continue
-        o, s = fa2_forward(q[i:i + 1], keys[:, first:n], values[:, first:n], softmax_scale, causal)
+        o, s = fa2_forward(q[i:i + 1], keys[:, first:n], values[:, first:n], softmax_scale, causal,
+                           softcap=softcap)
         out[i], lse[i] = o[0], s[0]
     return out, lse

@@ -203,7 +203,7 @@ def fa1_forward(
     per_group = cdiv(q_blocks, _groups(q_blocks, b * h, q.device))
     _fa1_fwd_kernel[(cdiv(q_blocks, per_group), b * h)](
         q, k, v, out, lse, o_acc, l_ws, m_ws, *_common.bsh_strides(q, k, v),
-        h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale), per_group,
+        h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale)[:2], per_group,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_r, BLOCK_N=block_c, IS_CAUSAL=causal,
         num_warps=4, num_stages=1, **_common.kernel_flags(q),
     )
@@ -229,7 +229,7 @@ def fa1_backward(
     _fa1_bwd_kernel[(groups, b * h_kv)](
         q, k, v, dout, stats, dq_acc, dk, dv,
         *_common.bsh_strides(q, k, v, dout),
-        h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *_common.qk_scale(softmax_scale),
+        h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *_common.qk_scale(softmax_scale)[:2],
         *_common.split_scale(softmax_scale),
         per_group, dq_acc.stride(0),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_r, BLOCK_N=block_c, IS_CAUSAL=causal,

@@ -27,9 +27,9 @@ from ._common import attend_rows, load_tile, lse_epilogue, program_bh, store_til
 def _fa2_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo,
+    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP  # GQA: the K/V head this query head reads
@@ -42,8 +42,8 @@ def _fa2_fwd_kernel(
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
 
     acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset,
-                                qk_scale, qk_scale_lo, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE,
-                                False, 1)
+                                qk_scale, qk_scale_lo, cap2, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                                ACC_DTYPE, False, 1, SOFTCAP)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     # Out is a new contiguous (B, Sq, H, D) tensor; Lse a contiguous (B, H, Sq) one.
@@ -60,8 +60,10 @@ def fa2_forward(
     causal: bool,
     causal_offset: int,
     config: KernelConfig | None = None,
+    softcap: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1.
+    """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1;
+    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``.
 
     Returns ``out`` (B, Sq, H, D) contiguous in q's dtype and ``lse`` (B, H, Sq) in
     ``lse_dtype(q.dtype)`` (float32 for fp16/bf16, float64 for fp32/fp64).
@@ -73,8 +75,8 @@ def fa2_forward(
     cfg = config or fwd_config(q.dtype, d, causal, q.device)
     _fa2_fwd_kernel[(cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),
-        h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale),
+        h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale, softcap),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
+        SOFTCAP=bool(softcap), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
     )
     return out, lse
