@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
-#        [decode] [varlen]
+#        [decode] [varlen] [subset]
 #        (default: tests bench)
+# subset: pytest $SUBSET (files, -k ...) with -v into $OUT/subset.log (SUBSET_TIMEOUT, default 500 s).
 # sanitize: compute-sanitizer memcheck, racecheck and initcheck over scripts/sanitize_cases.py (every
 # kernel and mode, fwd+bwd, ragged shapes); million: benchmarks/million_tokens.py (1M tokens, one GPU).
 # decode: benchmarks/bench_decode.py (DECODE_ARGS; KV cache contiguous and paged, the peers, a copy);
@@ -87,6 +88,11 @@ for step in $steps; do
           "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitize_"${tool}"_*.log | sort | uniq -c | tr -s ' ')" \
           | tee -a "$OUT/sanitize.txt"
       done
+      ;;
+    subset)  # SUBSET: pytest arguments (files, -k); -v into $OUT, so a timeout keeps the test names
+      timeout "${SUBSET_TIMEOUT:-500}" python3 -m pytest ${SUBSET:?set SUBSET to pytest arguments} -q -v \
+        -n "${PYTEST_WORKERS:-4}" --dist loadgroup -p no:cacheprovider -m "gpu or not gpu" 2>&1 \
+        | tee "$OUT/subset.log" | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" | tail -40
       ;;
     decode)
       python3 benchmarks/bench_decode.py --json "$OUT/decode.json" ${DECODE_ARGS:-} 2>&1 | grep -v -i warn \
