@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
-#        [decode] [varlen] [subset]
+#        [decode] [varlen] [subset] [variants]
 #        (default: tests bench)
+# variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # subset: pytest $SUBSET (files, -k ...) with -v into $OUT/subset.log (SUBSET_TIMEOUT, default 500 s).
 # sanitize: compute-sanitizer memcheck, racecheck and initcheck over scripts/sanitize_cases.py (every
 # kernel and mode, fwd+bwd, ragged shapes); million: benchmarks/million_tokens.py (1M tokens, one GPU).
@@ -97,6 +98,10 @@ for step in $steps; do
     decode)
       python3 benchmarks/bench_decode.py --json "$OUT/decode.json" ${DECODE_ARGS:-} 2>&1 | grep -v -i warn \
         | tee "$OUT/decode.log"
+      ;;
+    variants)
+      python3 benchmarks/bench_variants.py --json "$OUT/variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v -i warn \
+        | tee "$OUT/variants.log"
       ;;
     varlen)
       python3 benchmarks/bench_varlen.py --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 | grep -v -i warn \
