@@ -7,8 +7,9 @@ Usage: PYTHONPATH=$PWD python benchmarks/bench_variants.py [--seqlen 8192] [--ba
 bf16, (B, N, H, D) inputs, forward (no grad) and backward (``autograd.grad`` of a built graph),
 ``triton.testing.do_bench`` medians, TFLOP/s with the plain attention's FLOPs (4·B·H·N²·D
 forward, halved when causal; 2.5x that backward), so a slower variant shows as a lower number.
-Rows: ``plain`` and ``softcap`` (c = 50, Gemma 2's attention cap); the issue's budget is <= 10%
-overhead for softcap.  Variants still to come (window, ALiBi, sinks, dropout) add rows here.
+Rows: ``plain``, ``softcap`` (c = 50, Gemma 2's attention cap) and ``alibi`` (BLOOM's slopes);
+the issue's budget is <= 10% overhead for each.  Variants still to come (window, sinks,
+dropout) add rows here.
 """
 
 from __future__ import annotations
@@ -51,14 +52,22 @@ def measure(b: int, n: int, h: int, d: int, causal: bool) -> list[dict]:
     q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     flops = 4 * b * h * n * n * d / (2 if causal else 1)
+    slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda")  # BLOOM's
     impls = {
         "ours plain": (lambda: fm.flash_attn_func(q, k, v, causal=causal), (q, k, v)),
         "ours softcap": (lambda: fm.flash_attn_func(q, k, v, causal=causal, softcap=SOFTCAP), (q, k, v)),
+        "ours alibi": (lambda: fm.flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes), (q, k, v)),
     }
     try:
         plain, capped = _flex(None, causal, n), _flex(_softcap_mod, causal, n)
+
+        def alibi_mod(score, b_, h_, q_idx, kv_idx):
+            return score - slopes[h_] * (q_idx - kv_idx).abs()
+
+        biased = _flex(alibi_mod, causal, n)
         impls["flex plain"] = (lambda: plain(qt, kt, vt), (qt, kt, vt))
         impls["flex softcap"] = (lambda: capped(qt, kt, vt), (qt, kt, vt))
+        impls["flex alibi"] = (lambda: biased(qt, kt, vt), (qt, kt, vt))
     except Exception as e:  # noqa: BLE001 - no FlexAttention in this torch
         print(f"flex unavailable: {e}")
     rows = []

@@ -125,8 +125,21 @@ def _check_variants(dropout_p: object, window_size: object, softcap: object, ali
     _unsupported(
         dropout_p=float(dropout_p) != 0.0,
         window_size=tuple(window_size) != (-1, -1),
-        alibi_slopes=alibi_slopes is not None,
     )
+
+
+def _check_alibi(alibi_slopes: Tensor | None, q: Tensor, batch: int, heads: int) -> None:
+    """flash-attn's rule: fp32 slopes of shape (nheads,) or (batch, nheads), on q's device."""
+    if alibi_slopes is None:
+        return
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype} "
+                        f"(shape {tuple(alibi_slopes.shape)})")
+    if tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must be (nheads,) = ({heads},) or (batch, nheads) = ({batch}, "
+                         f"{heads}), got {tuple(alibi_slopes.shape)}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
 
 
 def _check_no_functorch_grad() -> None:
@@ -156,18 +169,21 @@ def _check_num_splits(num_splits: int) -> None:
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
     mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
     mode, impl = ops.check_mode(mode, impl)
-    if softcap and mode == "fa1":
-        raise NotImplementedError("mode='fa1' does not support softcap (use mode='fa2' or 'tiling')")
+    if mode == "fa1":
+        for name, used in (("softcap", bool(softcap)), ("alibi_slopes", alibi_slopes is not None)):
+            if used:
+                raise NotImplementedError(f"mode='fa1' does not support {name} (use mode='fa2' or 'tiling')")
     _check_num_splits(num_splits)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
     out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
-                        float(softcap))
+                        float(softcap), alibi_slopes)
     return out, lse, scale
 
 
@@ -218,8 +234,11 @@ def flash_attn_func(
         num_splits: key chunks for ``mode="tiling"`` (0 = chosen from the GPU and the shapes).
         softcap: > 0 caps the scaled scores, ``s -> softcap * tanh(s / softcap)`` (Gemma 2), in
             the forward and with its exact gradient; 0 (default) is off.  Not in ``mode="fa1"``.
-        dropout_p, window_size, alibi_slopes: not implemented yet (must be left at their
-            defaults; anything else raises NotImplementedError).
+        alibi_slopes: fp32 (nheads,) or (batch, nheads): ALiBi, the bias ``-slope * |i + Sk - Sq
+            - j|`` added to the scaled (and capped) score of query i and key j (flash-attn's
+            definition; no gradient flows to the slopes).  Not in ``mode="fa1"``.
+        dropout_p, window_size: not implemented yet (must be left at their defaults; anything
+            else raises NotImplementedError).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
@@ -229,11 +248,13 @@ def flash_attn_func(
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
-    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap)
+    _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
+    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
+                                 alibi_slopes)
     if not return_attn_probs:
         return out
     with torch.no_grad():
-        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True, float(softcap))
+        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True, float(softcap), alibi_slopes)
     # The op's LSE is float64 for fp32 inputs (for the backward); flash-attn returns float32.
     return out, lse.to(acc_dtype(q.dtype)), probs.to(q.dtype)
 
@@ -327,7 +348,8 @@ def _check_max_seqlen(name: str, x: object) -> None:
 
 
 def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, seqused_k: Tensor | None,
-                  block_table: Tensor | None, scale: float, causal: bool, softcap: float = 0.0) -> Tensor:
+                  block_table: Tensor | None, scale: float, causal: bool, softcap: float = 0.0,
+                  alibi_slopes: Tensor | None = None) -> Tensor:
     """(B, H, max_len_q, max_len_k) probabilities of each sequence, zero-padded (reads the
     lengths on the host: for testing)."""
     n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
@@ -344,7 +366,7 @@ def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
         if lq and lk:
             probs[b, :, :lq, :lk] = reference.attention_probs(
                 q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True,
-                softcap)[0]
+                softcap, reference.batch_slopes(alibi_slopes, b))[0]
     return probs.to(q.dtype)
 
 
@@ -399,8 +421,9 @@ def flash_attn_varlen_func(
             implementation.  ``impl="torch"`` (and CPU tensors without the interpreter) run
             the PyTorch path sequence by sequence, which reads the offsets on the host.
         deterministic: accepted; the backward is always deterministic.
-        softcap: as in :func:`flash_attn_func` (forward and backward).
-        dropout_p, window_size, alibi_slopes: not implemented yet (NotImplementedError
+        softcap, alibi_slopes: as in :func:`flash_attn_func` (forward and backward; (batch, nheads)
+            slopes per sequence).
+        dropout_p, window_size: not implemented yet (NotImplementedError
             unless left at their defaults).
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
@@ -430,6 +453,7 @@ def flash_attn_varlen_func(
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
+    _check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1, q.shape[1])
     if block_table is not None:
         _check_index_tensor("block_table", block_table, q, "(batch, pages_per_seq)", cu_seqlens_q.numel() - 1,
                             dim=2)
@@ -450,12 +474,12 @@ def flash_attn_varlen_func(
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)
     out, lse = ops.call(ops.varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal),
-                        mode, impl, block_table, float(softcap))
+                        mode, impl, block_table, float(softcap), alibi_slopes)
     if not return_attn_probs:
         return out
     with torch.no_grad():
         probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale,
-                              bool(causal), float(softcap))
+                              bool(causal), float(softcap), alibi_slopes)
     return out, lse.to(acc_dtype(q.dtype)), probs
 
 
@@ -603,8 +627,8 @@ def flash_attn_with_kvcache(
             one tile for decode, so each K/V block is read once per group.
         return_softmax_lse: also return the (batch, nheads, seqlen_q) float32 LSE.
         impl: ``auto`` / ``triton`` / ``torch`` as in :func:`flash_attn_func`.
-        softcap: as in :func:`flash_attn_func`.
-        window_size, alibi_slopes: not implemented yet
+        softcap, alibi_slopes: as in :func:`flash_attn_func`.
+        window_size: not implemented yet
             (NotImplementedError unless left at their defaults).
 
     Values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and ``block_table`` are
@@ -668,6 +692,7 @@ def flash_attn_with_kvcache(
             raise ValueError("cache_leftpad cannot be used with block_table (paged caches), as in flash-attn")
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(0.0, window_size, softcap, alibi_slopes)
+    _check_alibi(alibi_slopes, q, b, h)
     _check_num_splits(num_splits)
     if checks.active():  # opt-in: reads the lengths and indices on the host
         checks.kvcache(seqlens, k.shape[1] if k is not None else 0, capacity, cache_batch_idx,
@@ -689,7 +714,7 @@ def flash_attn_with_kvcache(
         ops.call(ops.kvcache_append, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
         seqlens = seqlens + k.shape[1]
     out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
-                        bool(causal), num_splits, impl, cache_leftpad, float(softcap))
+                        bool(causal), num_splits, impl, cache_leftpad, float(softcap), alibi_slopes)
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out

@@ -70,6 +70,7 @@ class AttentionArgs:
     causal_offset: int  # query i sees key j <= i + causal_offset (Sk - Sq bottom-right, 0 top-left)
     num_splits: int = 0  # tiling: key chunks (0 = automatic)
     softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) (flash-attn's softcap)
+    alibi_slopes: Tensor | None = None  # fp32 (H,) or (B, H): bias -slope * |i + Sk - Sq - j|
 
     @property
     def bottom_right(self) -> bool:
@@ -110,20 +111,22 @@ def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
         return _tiling_fwd_triton(q, k, v, dataclasses.replace(a, num_splits=0))
     from .kernels.fa2_fwd import fa2_forward
 
-    return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap)
+    return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
+                       alibi_slopes=a.alibi_slopes)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     from .kernels.fa2_bwd import fa2_backward
 
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
-                        softcap=a.softcap)
+                        softcap=a.softcap, alibi_slopes=a.alibi_slopes)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
     """NotImplementedError naming the mode and the variant it lacks."""
-    if a.softcap:
-        raise NotImplementedError(f"mode={mode!r} does not support softcap (use mode='fa2' or 'tiling')")
+    for name, used in (("softcap", bool(a.softcap)), ("alibi_slopes", a.alibi_slopes is not None)):
+        if used:
+            raise NotImplementedError(f"mode={mode!r} does not support {name} (use mode='fa2' or 'tiling')")
 
 
 def _fa1_fwd_triton(q, k, v, a: AttentionArgs):
@@ -143,14 +146,16 @@ def _fa1_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.split_kv import split_kv_forward
 
-    return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap)
+    return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap,
+                            a.alibi_slopes)
 
 
 # -- PyTorch (any device) -----------------------------------------------------------------------
 
 
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
-    return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap)
+    return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
+                                 alibi_slopes=a.alibi_slopes)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
@@ -160,12 +165,12 @@ def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
-                                      softcap=a.softcap)
+                                      softcap=a.softcap, alibi_slopes=a.alibi_slopes)
 
 
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
-                                  dlse=dlse, softcap=a.softcap)
+                                  dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes)
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -249,9 +254,10 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 
 
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
-          num_splits: int = 0, softcap: float = 0.0) -> AttentionArgs:
+          num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None) -> AttentionArgs:
     offset = k.shape[1] - q.shape[1] if bottom_right else 0
-    return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap))
+    return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
+                         alibi_slopes)
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool) -> Tensor:
@@ -326,6 +332,7 @@ def attention_fwd(
     num_splits: int = 0,
     impl: str = "auto",
     softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     b, sq, h, d = q.shape
@@ -334,13 +341,14 @@ def attention_fwd(
         return out, _lse_without_work(q, k, causal, bottom_right)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
-        out, lse = fn(q, k, v, _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap))
+        args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes)
+        out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
-                        softcap=0.0):
+                        softcap=0.0, alibi_slopes=None):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -362,6 +370,7 @@ def attention_bwd(
     mode: str,
     impl: str = "auto",
     softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _implementation(mode, impl, q).backward
     if q.numel() == 0 or k.numel() == 0:
@@ -371,30 +380,30 @@ def attention_bwd(
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right,
-                                                             softcap=softcap))
+                                                             softcap=softcap, alibi_slopes=alibi_slopes))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
-                        impl="auto", softcap=0.0):
+                        impl="auto", softcap=0.0, alibi_slopes=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap = inputs
+    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes)
+    return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -437,25 +446,31 @@ class VarlenImplementation:
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
 
 
-def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0):
+def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
+                       alibi_slopes=None):
     from .kernels.varlen import varlen_forward
 
-    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap)
+    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap, alibi_slopes)
 
 
-def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0):
+def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
+                       alibi_slopes=None):
     from .kernels.varlen import varlen_backward
 
-    return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse, softcap)
+    return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse, softcap,
+                           alibi_slopes)
 
 
-def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0):
-    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap)
+def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
+                      alibi_slopes=None):
+    return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap,
+                                    alibi_slopes)
 
 
-def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0):
+def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
+                      alibi_slopes=None):
     return reference.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse,
-                                     softcap)
+                                     softcap, alibi_slopes)
 
 
 #: The varlen table: algorithm -> implementation.  Only FA2 has varlen kernels; the other modes
@@ -498,18 +513,19 @@ def varlen_fwd(
     impl: str = "auto",
     block_table: Tensor | None = None,
     softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
-                      block_table, float(softcap))
+                      block_table, float(softcap), alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
-                     impl="auto", block_table=None, softcap=0.0):
+                     impl="auto", block_table=None, softcap=0.0, alibi_slopes=None):
     tq, h, d = q.shape
     return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
@@ -531,6 +547,7 @@ def varlen_bwd(
     mode: str = "fa2",
     impl: str = "auto",
     softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).backward
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -538,20 +555,20 @@ def varlen_bwd(
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                        float(softmax_scale), bool(causal), float(softcap))
+                        float(softmax_scale), bool(causal), float(softcap), alibi_slopes)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale,
-                     causal, mode="fa2", impl="auto", softcap=0.0):
+                     causal, mode="fa2", impl="auto", softcap=0.0, alibi_slopes=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap = inputs
+    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap, alibi = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi)
     ctx.args = (softmax_scale, causal, mode, impl, softcap)
     ctx.paged = block_table is not None
     ctx.set_materialize_grads(False)
@@ -561,11 +578,11 @@ def _varlen_backward(ctx, dout, dlse):
     if ctx.paged:
         raise NotImplementedError("flash_module: the varlen backward does not support paged K/V "
                                   "(block_table); paged caches are for inference")
-    q, k, v, out, lse, cu_q, cu_k, seqused_k = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args, alibi_slopes)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,
@@ -633,6 +650,7 @@ def kvcache_fwd(
     impl: str = "auto",
     cache_leftpad: Tensor | None = None,
     softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     b, sq, h, d = q.shape
     if cache_leftpad is not None and block_table is not None:
@@ -649,17 +667,17 @@ def kvcache_fwd(
             out, lse = split_kv_cache_forward(
                 _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
                 cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
-                int(num_splits), cache_leftpad, float(softcap))
+                int(num_splits), cache_leftpad, float(softcap), alibi_slopes)
     else:
         out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
                                              float(softmax_scale), bool(causal), cache_leftpad,
-                                             float(softcap))
+                                             float(softcap), alibi_slopes)
     return out.contiguous(), lse.contiguous()
 
 
 @kvcache_fwd.register_fake
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
-                      num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0):
+                      num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0, alibi_slopes=None):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

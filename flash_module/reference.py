@@ -79,6 +79,26 @@ def cap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
     return softcap * torch.tanh(s / softcap) if softcap else s
 
 
+def alibi_bias(
+    alibi_slopes: torch.Tensor | None, i: torch.Tensor, j: torch.Tensor, offset: int, dtype: torch.dtype,
+) -> torch.Tensor | float:
+    """ALiBi (flash-attn's ``alibi_slopes``, fp32 (H,) or (B, H)): the bias ``-slope * |i + offset
+    - j|`` of query ``i`` and key ``j`` (offset Sk - Sq: distances from the bottom-right diagonal),
+    in ``dtype``, shaped (B or 1, H, *broadcast(i, j)); 0 without slopes."""
+    if alibi_slopes is None:
+        return 0.0
+    slopes = (alibi_slopes if alibi_slopes.dim() == 2 else alibi_slopes[None]).to(dtype)  # (B or 1, H)
+    dist = (i + offset - j).abs().to(dtype)
+    return -slopes.view(*slopes.shape, *([1] * dist.dim())) * dist
+
+
+def batch_slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    """Batch ``b``'s row of (B, H) slopes as (1, H); (H,) slopes and None as they are."""
+    if alibi_slopes is None or alibi_slopes.dim() == 1:
+        return alibi_slopes
+    return alibi_slopes[b:b + 1]
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -87,6 +107,7 @@ def attention_ref(
     causal: bool = False,
     bottom_right: bool = True,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
 
@@ -101,6 +122,9 @@ def attention_ref(
     # Scores come out of the matmul in the input dtype (rounded as PyTorch rounds them), then the
     # softmax runs in the accumulator dtype.
     s = cap_scores(torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc_dtype(q.dtype)) * scale, softcap)
+    sq, sk = q.shape[1], k.shape[1]
+    i, j = torch.arange(sq, device=q.device)[:, None], torch.arange(sk, device=q.device)[None, :]
+    s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -118,6 +142,7 @@ def attention_probs(
     causal: bool,
     bottom_right: bool,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Recompute the softmax probabilities P = exp(S - lse), (B, H, Sq, Sk), from a saved LSE.
 
@@ -127,6 +152,9 @@ def attention_probs(
     acc = acc_dtype(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
     s = cap_scores(s, softcap)
+    sq, sk = q.shape[1], k.shape[1]
+    i, j = torch.arange(sq, device=q.device)[:, None], torch.arange(sk, device=q.device)[None, :]
+    s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
@@ -221,12 +249,14 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: boo
 
 def _block_scores(
     qb: torch.Tensor, kj: torch.Tensor, scale: float, sk: int, k_start: int, block_m: int, causal: bool,
-    offset: int, softcap: float = 0.0,
+    offset: int, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Scores of every query block against one key block, capped and masked. (B, H, nQ, Br, Bc)."""
+    """Scores of every query block against one key block, capped, biased and masked.
+    (B, H, nQ, Br, Bc)."""
     s = cap_scores(torch.einsum("bhnqd,bhkd->bhnqk", qb, kj) * scale, softcap)
     i = torch.arange(qb.shape[2] * block_m, device=qb.device).view(qb.shape[2], block_m, 1)
     j = torch.arange(k_start, k_start + kj.shape[2], device=qb.device).view(1, 1, -1)
+    s = s + alibi_bias(alibi_slopes, i, j, offset, s.dtype)
     return s.masked_fill(~_visible(i, j, sk, offset, causal), float("-inf"))
 
 
@@ -312,6 +342,7 @@ def fa2_forward(
     block_m: int = 64,
     block_n: int = 64,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -324,17 +355,18 @@ def fa2_forward(
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
     """
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
-                         block_m, block_n, softcap)
+                         block_m, block_n, softcap, alibi_slopes)
     return out.to(q.dtype), lse
 
 
-def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0):
+def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0, alibi_slopes=None):
     """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype."""
     sk = k.shape[1]
     # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
-        s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap)
+        s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap,
+                          alibi_slopes)
         m_new = torch.maximum(m, s.amax(dim=-1))
         m_new_safe = _neg_inf_to_zero(m_new)
         p = torch.exp(s - m_new_safe[..., None])
@@ -359,6 +391,7 @@ def fa2_backward(
     dlse: torch.Tensor | None = None,
     block_n: int = 128,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``.
 
@@ -397,8 +430,9 @@ def fa2_backward(
         if softcap:
             t = torch.tanh(s / softcap)
             s = softcap * t
+        cols = torch.arange(start, end, device=q.device)[None, :]
+        s = s + alibi_bias(alibi_slopes, rows, cols, offset, acc)
         if causal:  # this block's (Sq, Bc) mask only: memory stays O(Sq * block_n)
-            cols = torch.arange(start, end, device=q.device)[None, :]
             s = s.masked_fill(~_visible(rows, cols, sk, offset, causal), float("-inf"))
         p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
         dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
@@ -441,6 +475,7 @@ def split_kv_forward(
     bottom_right: bool = True,
     num_splits: int = 4,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
 
@@ -455,7 +490,8 @@ def split_kv_forward(
         kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]
         # Global key start + j is visible to query i iff j <= i + offset - start.  Each chunk runs
         # FA2's blocked loop, so memory stays O(Sq * block) however few the chunks.
-        out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start, softcap=softcap)
+        out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start, softcap=softcap,
+                                 alibi_slopes=alibi_slopes)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
     return out.to(q.dtype), lse
 
@@ -493,7 +529,7 @@ def varlen_sequences(
 def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
-    block_table: torch.Tensor | None = None, softcap: float = 0.0,
+    block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA2's blocked forward on each packed sequence (causal bottom-right per sequence).
 
@@ -519,7 +555,7 @@ def varlen_forward(
             continue
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
         o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
-                           softcap=softcap)
+                           softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b))
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 
@@ -529,17 +565,20 @@ def varlen_backward(
     lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
     seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None, softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA2's backward on each packed sequence; ``dq`` (Tq, H, D), ``dk``/``dv`` (Tk, H_kv, D),
     zero for rows in no sequence and keys past ``seqused_k``."""
     dq, dk, dv = (torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    for qs, lq, ks, lk in varlen_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], seqused_k):
+    seqs = varlen_sequences(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], seqused_k)
+    for b, (qs, lq, ks, lk) in enumerate(seqs):
         if lq == 0 or lk == 0:
             continue
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
         grads = fa2_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
                              lse[None, :, rq], softmax_scale, causal,
-                             dlse=dlse[None, :, rq] if dlse is not None else None, softcap=softcap)
+                             dlse=dlse[None, :, rq] if dlse is not None else None, softcap=softcap,
+                             alibi_slopes=batch_slopes(alibi_slopes, b))
         dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
     return dq, dk, dv
 
@@ -593,6 +632,7 @@ def kvcache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
     causal: bool, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache (from
     ``cache_leftpad[b]`` on when given: the keys before it are padding, and the keys left are
@@ -619,6 +659,6 @@ def kvcache_forward(
         if n == first or sq == 0:
             continue
         o, s = fa2_forward(q[i:i + 1], keys[:, first:n], values[:, first:n], softmax_scale, causal,
-                           softcap=softcap)
+                           softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, i))
         out[i], lse[i] = o[0], s[0]
     return out, lse

@@ -26,16 +26,17 @@ CASES = [("fa2", torch.bfloat16), ("fa2", torch.float32), ("fa1", torch.bfloat16
          ("fa2", torch.float64)]
 
 
-def _attention_case(mode, dtype, shape, causal, softcap=0.0):
+def _attention_case(mode, dtype, shape, causal, softcap=0.0, alibi=False):
     def run():
         b, sq, sk, h, h_kv, d = shape
         q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, requires_grad=True)
         k, v = (torch.randn(b, sk, h_kv, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        slopes = torch.rand(b, h, device="cuda") if alibi else None
         out = fm.flash_attn_func(q, k, v, causal=causal, mode=mode, num_splits=3 if mode == "tiling" else 0,
-                                 softcap=softcap)
+                                 softcap=softcap, alibi_slopes=slopes)
         out.backward(torch.randn_like(out))
-    cap = f" softcap={softcap}" if softcap else ""
-    return f"{mode} {str(dtype)[6:]} {shape} causal={causal}{cap}", run
+    variants = (f" softcap={softcap}" if softcap else "") + (" alibi" if alibi else "")
+    return f"{mode} {str(dtype)[6:]} {shape} causal={causal}{variants}", run
 
 
 def _varlen_case(lens_q, lens_k, h, h_kv, d, causal, cu_q_bad=None):
@@ -100,7 +101,9 @@ def cases() -> list:
     out += [_varlen_case(*c, causal) for c in VARLEN for causal in (False, True)]
     out.append(_varlen_case([6, 4], [6, 4], 2, 2, 16, True, cu_q_bad=[0, 6, 40]))
     out += [_kvcache_case(paged, bad) for paged in (False, True) for bad in (False, True)]
-    out += [_attention_case(mode, torch.bfloat16, SHAPES[0], True, softcap=5.0) for mode in ("fa2", "tiling")]
+    out += [_attention_case(mode, torch.bfloat16, SHAPES[0], True, softcap=5.0, alibi=True)
+            for mode in ("fa2", "tiling")]
+    out.append(_attention_case("tiling", torch.bfloat16, SHAPES[3], False, alibi=True))  # decode, GQA packed
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 

@@ -21,8 +21,8 @@ IMPLS = ["triton", "torch"]
 # attention is 50 at its scale).
 CASES = [
     pytest.param(2, 37, 53, 4, 2, 40, True, 2.0, id="37x53-gqa2-d40-causal-cap2"),
-    pytest.param(1, 70, 33, 2, 2, 72, False, 2.0, id="70x33-d72-full-cap2"),
-    pytest.param(2, 17, 17, 4, 1, 64, True, 30.0, id="17x17-mqa-d64-causal-cap30"),
+    pytest.param(1, 70, 33, 2, 2, 72, False, 2.0, id="70x33-d72-full-cap2", marks=pytest.mark.slow),
+    pytest.param(2, 17, 17, 4, 1, 64, True, 30.0, id="17x17-mqa-d64-causal-cap30", marks=pytest.mark.slow),
 ]
 
 
@@ -121,6 +121,7 @@ def test_fa1_mode_names_the_missing_variant(device):
         fm.flash_attn_func(q, q, q, softcap=5.0, mode="fa1")
 
 
+@pytest.mark.slow  # opcheck + compile: CI's slow run and the GPU check
 def test_softcap_opcheck_and_compile(device):
     q, k, v = make_qkv(1, 19, 33, 4, 2, 32, torch.float32, device)
     torch.library.opcheck(ops.attention_fwd, (q, k, v, 0.2, True, True, "fa2", 0, "auto", 3.0))

@@ -88,6 +88,16 @@ def qk_scale(softmax_scale: float, softcap: float = 0.0) -> tuple[float, float, 
     return (*split_scale(softmax_scale * LOG2E), 0.0)
 
 
+def alibi_args(alibi_slopes: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """``(Alibi, stride_b, stride_h)`` kernel arguments for fp32 slopes of shape (H,) or (B, H);
+    without slopes a stand-in pointer (never read: ``ALIBI`` is off) and zero strides."""
+    if alibi_slopes is None:
+        return like, 0, 0
+    if alibi_slopes.dim() == 1:
+        return alibi_slopes, 0, alibi_slopes.stride(0)
+    return alibi_slopes, alibi_slopes.stride(0), alibi_slopes.stride(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # dtype handling
 # ---------------------------------------------------------------------------------------------
@@ -250,6 +260,29 @@ def cap(x, cap2, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def head_slope(Alibi_b, heads, stride_ah, ACC_DTYPE: tl.constexpr, ALIBI: tl.constexpr):
+    """ALiBi slope of query head(s) ``heads`` in the log2 domain (``slope * log2(e)``), read from
+    ``Alibi_b`` (this batch's row of the (B, H) or (H,) fp32 slopes); 0 without ``ALIBI``."""
+    if ALIBI:
+        return tl.load(Alibi_b + heads * stride_ah).to(ACC_DTYPE) * LOG2E_C
+    else:
+        return 0.0
+
+
+@triton.jit
+def alibi(s, slope2, rows, cols, causal_offset, ALIBI: tl.constexpr):
+    """ALiBi (flash-attn's ``alibi_slopes``): the score of query ``i`` and key ``j`` gets the bias
+    ``-slope * |i + causal_offset - j|`` (causal_offset = Sk - Sq: distances from the
+    bottom-right diagonal).  ``rows``/``cols`` broadcast as for :func:`visible`; ``slope2`` is
+    :func:`head_slope`'s value, shaped to broadcast the same way.  The bias is a constant of
+    the inputs, so the backward needs it only where it recomputes the scores."""
+    if ALIBI:
+        return s - slope2 * tl.abs(rows + causal_offset - cols).to(s.dtype)
+    else:
+        return s
+
+
+@triton.jit
 def softmax_update(m_i, l_i, s, MASKED: tl.constexpr):
     """One online-softmax step over a score tile ``s`` (log2 domain, masked entries -inf).
 
@@ -290,14 +323,15 @@ def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
 
 @triton.jit
 def attend_block(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """FA2's inner-loop body: fold the key block ``cols`` (its K/V tiles at ``k_ptrs`` /
     ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``."""
     k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)  # (BLOCK_N, BLOCK_D)
     s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
     s, _ = cap(s, cap2, SOFTCAP)
+    s = alibi(s, slope2[:, None], rows[:, None], cols[None, :], causal_offset, ALIBI)  # slope2: (BLOCK_M,)
     if MASKED:
         s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), s, float("-inf"))
     p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
@@ -310,8 +344,8 @@ def attend_block(
 @triton.jit
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """FA2's inner loop: fold key blocks [n_start, n_end) into the running (acc, l, m) of the
     query rows ``rows``.  ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key
@@ -320,7 +354,7 @@ def attend_kv(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_start, n_end, BLOCK_N):
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset,
-                                     qk_scale, qk_scale_lo, cap2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP)
+                                     qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
@@ -349,9 +383,9 @@ def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_
 @triton.jit
 def attend_keys(
     acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Key blocks [n_start, n_end) of a head whose keys start at ``K_head``/``V_head``: contiguous
     (:func:`attend_kv`), or with ``PAGED`` a paged cache (``K_head``/``V_head``: the head's row 0
@@ -370,23 +404,23 @@ def attend_keys(
             v_ptrs = page_tile_ptrs(V_head, Pages, start_n, cols, stride_vpage, stride_vs, num_pages, PAGE,
                                     BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk,
-                                         causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, MASKED, IS_CAUSAL,
-                                         SOFTCAP)
+                                         causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
+                                         SOFTCAP, ALIBI)
     else:
         acc, l_i, m_i = attend_kv(
             acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
             tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-            rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, MASKED, IS_CAUSAL,
-            SOFTCAP)
+            rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
+            SOFTCAP, ALIBI)
     return acc, l_i, m_i
 
 
 @triton.jit
 def attend_rows(
-    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
+    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
     Pages, stride_kpage, stride_vpage, num_pages, n_table,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, the full key
     blocks of :func:`kv_range` without masks, then the diagonal / ragged ones masked.
@@ -405,8 +439,8 @@ def attend_rows(
             n0, n1 = n_full, hi
         acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
-            n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, BLOCK_N, part == 1,
-            IS_CAUSAL, PAGED, PAGE, SOFTCAP)
+            n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, BLOCK_N, part == 1,
+            IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI)
     return acc, l_i, m_i
 
 
@@ -590,8 +624,8 @@ def probs(s, lse2, lse2_lo, q):
 @triton.jit
 def dkdv_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
     ``q_ptrs``/``do_ptrs`` point at the (BLOCK_M, BLOCK_D) tile of row ``m_start``;
@@ -604,6 +638,7 @@ def dkdv_loop(
         do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, MASKED)
         lse2, lse2_lo, delta = row_stats(Stats_head, stats_stride, rows, Sq, q, MASKED)  # rows past Sq: P = 0
         s_t, t_t = cap(score(k, tl.trans(q), qk_scale, qk_scale_lo), cap2, SOFTCAP)  # S^T
+        s_t = alibi(s_t, slope2, rows[None, :], cols[:, None], causal_offset, ALIBI)  # one head: a scalar
         p_t = probs(s_t, lse2[None, :], lse2_lo[None, :], q)  # P^T
         if MASKED:
             if IS_CAUSAL:  # keys past Sk need no mask here: their dK/dV rows are never stored
@@ -622,8 +657,8 @@ def dkdv_loop(
 @triton.jit
 def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows``.
     ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key ``n_start``."""
@@ -634,6 +669,7 @@ def dq_loop(
         k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)
         v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
         s, t = cap(score(q, tl.trans(k), qk_scale, qk_scale_lo), cap2, SOFTCAP)
+        s = alibi(s, slope2, rows[:, None], cols[None, :], causal_offset, ALIBI)  # one head: a scalar
         p = probs(s, lse2[:, None], lse2_lo[:, None], q)  # (M, N)
         if MASKED:
             p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
@@ -650,8 +686,8 @@ def dq_loop(
 @triton.jit
 def dkdv_head(
     dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """One query head's part of a key block's dK/dV, over :func:`q_range`'s ranges: the
     diagonal tiles (causal mask), the full tiles (no mask), then the ragged last tile.
@@ -662,17 +698,17 @@ def dkdv_head(
     dk, dv = dkdv_loop(
         dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
         tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-        cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP)
+        cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
     dk, dv = dkdv_loop(
         dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
         tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-        cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, False, IS_CAUSAL,
-        SOFTCAP)
+        cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, False, IS_CAUSAL,
+        SOFTCAP, ALIBI)
     dk, dv = dkdv_loop(
         dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
         tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
-        stats_stride, cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, True,
-        IS_CAUSAL, SOFTCAP)
+        stats_stride, cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, True,
+        IS_CAUSAL, SOFTCAP, ALIBI)
     return dk, dv
 
 
@@ -680,9 +716,9 @@ def dkdv_head(
 def dkdv_block(
     K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
     stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset,
-    qk_scale, qk_scale_lo, cap2, sm_scale, sm_scale_lo,
+    qk_scale, qk_scale_lo, cap2, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """A key block's dK/dV (dense and varlen kernels): load it, sum every query head of its
     group in registers (:func:`dkdv_head`), scale dK, store both.  ``*_seq`` point at the
@@ -696,10 +732,11 @@ def dkdv_block(
     lo, m_full, even_end = q_range(start_n, Sq, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     for g in range(GROUP):  # the query heads that share this K/V head, summed in order
         off_h = off_hkv * GROUP + g
+        slope2 = head_slope(Alibi_b, off_h, stride_ah, ACC_DTYPE, ALIBI)
         dk, dv = dkdv_head(
             dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
             Stats_seq + off_h * 3 * stats_len, stats_len, cols, lo, m_full, even_end, Sq, causal_offset,
-            qk_scale, qk_scale_lo, cap2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP)
+            qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI)
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DK_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
     store_tile(tile_ptrs(DV_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
@@ -708,27 +745,27 @@ def dkdv_block(
 @triton.jit
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """A query block's dQ over :func:`kv_range`'s ranges: keys [0, n_full) without masks, then
     [n_full, hi) masked.  ``K_head``/``V_head`` point at the head's key 0."""
     BLOCK_D: tl.constexpr = q.shape[1]
     dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
                  tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                 rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, False, IS_CAUSAL, SOFTCAP)
+                 rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, False, IS_CAUSAL, SOFTCAP, ALIBI)
     dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
                  tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP)
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
     return dq
 
 
 @triton.jit
 def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
-    stride_dqs, start_m, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, sm_scale, sm_scale_lo,
+    stride_dqs, start_m, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """A query block's whole dQ (dense and varlen kernels): load Q, dO and the rows' statistics,
     :func:`dq_rows`, scale, store.  ``*_head`` point at the head's row 0 / key 0; DQ rows are
@@ -740,7 +777,7 @@ def dq_block(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
-                 SOFTCAP)
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                 SOFTCAP, ALIBI)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

@@ -20,16 +20,16 @@ import triton.language as tl
 from .._runtime import cdiv, lse_dtype
 from ..configs import KernelConfig, fwd_config
 from . import _common
-from ._common import attend_rows, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
+from ._common import attend_rows, head_slope, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
 
 
 @triton.jit
 def _fa2_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
+    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP  # GQA: the K/V head this query head reads
@@ -40,10 +40,11 @@ def _fa2_fwd_kernel(
     q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, True)  # (BLOCK_M, BLOCK_D), stays on chip
     K_head = K + off_b * stride_kb + off_hkv * stride_kh
     V_head = V + off_b * stride_vb + off_hkv * stride_vh
+    slope2 = head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI) + tl.zeros([BLOCK_M], ACC_DTYPE)
 
     acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset,
-                                qk_scale, qk_scale_lo, cap2, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL,
-                                ACC_DTYPE, False, 1, SOFTCAP)
+                                qk_scale, qk_scale_lo, cap2, slope2, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                                ACC_DTYPE, False, 1, SOFTCAP, ALIBI)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     # Out is a new contiguous (B, Sq, H, D) tensor; Lse a contiguous (B, H, Sq) one.
@@ -61,9 +62,11 @@ def fa2_forward(
     causal_offset: int,
     config: KernelConfig | None = None,
     softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1;
-    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``.
+    ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``; ``alibi_slopes``
+    (fp32 (H,) or (B, H)) adds ``-slope * |i + causal_offset - j|``.
 
     Returns ``out`` (B, Sq, H, D) contiguous in q's dtype and ``lse`` (B, H, Sq) in
     ``lse_dtype(q.dtype)`` (float32 for fp16/bf16, float64 for fp32/fp64).
@@ -76,7 +79,8 @@ def fa2_forward(
     _fa2_fwd_kernel[(cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),
         h, h // h_kv, sq, sk, causal_offset, *_common.qk_scale(softmax_scale, softcap),
+        *_common.alibi_args(alibi_slopes, q),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        SOFTCAP=bool(softcap), num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
+        SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
     )
     return out, lse

@@ -27,6 +27,7 @@ from ._common import (
     LN2,
     LOG2E_C,
     attend_keys,
+    head_slope,
     kv_range,
     load_tile,
     lse_epilogue,
@@ -39,11 +40,12 @@ from ._common import (
 def _split_kv_fwd_kernel(
     Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, chunk, part_stride,
+    stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab,
+    stride_ah, chunk, part_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr,
-    HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
     result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
@@ -93,6 +95,9 @@ def _split_kv_fwd_kernel(
             kv_row = tl.minimum(tl.maximum(tl.load(BatchIdx + off_b), 0), num_kv_rows - 1).to(tl.int64)
     K_head = K + off_hkv * stride_kh
     V_head = V + off_hkv * stride_vh
+    # ALiBi slope of each row's head (packed rows past the group read the last head; not stored)
+    slope2 = head_slope(Alibi + off_b * stride_ab, tl.minimum(head, H - 1), stride_ah, ACC_DTYPE, ALIBI)
+    slope2 += tl.zeros([BLOCK_M], ACC_DTYPE)
     if not PAGED:
         K_head += kv_row * stride_kb
         V_head += kv_row * stride_vb
@@ -114,7 +119,7 @@ def _split_kv_fwd_kernel(
         acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
             stride_vb, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
-            HEAD_DIM, BLOCK_N, part == 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP)
+            slope2, HEAD_DIM, BLOCK_N, part == 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     lse_rows = (off_b * H + head) * Sq + rows  # (B, H, Sq) row index
@@ -195,19 +200,21 @@ def auto_num_splits(programs: int, sk: int, block_n: int, device: torch.device) 
 
 def split_kv_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-    causal_offset: int, num_splits: int = 0, softcap: float = 0.0,
+    causal_offset: int, num_splits: int = 0, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV forward; same contract as :func:`.fa2_fwd.fa2_forward`.
 
     ``num_splits=0`` picks the count from the SM count, B·H·cdiv(Sq, BLOCK_M) and Sk.
     """
-    return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, softcap=softcap)
+    return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, softcap=softcap,
+                     alibi_slopes=alibi_slopes)
 
 
 def split_kv_cache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
     num_splits: int = 0, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention of q (B, Sq, H, D) over a KV cache: contiguous (B_cache, S_cache, H_kv,
     D) with rows ``cache_batch_idx[b]``, or paged (num_pages, page, H_kv, D) through
@@ -216,10 +223,12 @@ def split_kv_cache_forward(
     ``cache_leftpad[b]`` on.  Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq).  The chunks
     cover the cache's capacity (a shape), so a chunk past a sequence's length does no work."""
     return _split_kv(q, k_cache, v_cache, softmax_scale, causal, 0, num_splits,
-                     cache=(cache_seqlens, cache_batch_idx, block_table, cache_leftpad), softcap=softcap)
+                     cache=(cache_seqlens, cache_batch_idx, block_table, cache_leftpad), softcap=softcap,
+                     alibi_slopes=alibi_slopes)
 
 
-def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None, softcap=0.0):
+def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None, softcap=0.0,
+              alibi_slopes=None):
     b, sq, h, d = q.shape
     h_kv = k.shape[2]
     seqlens, batch_idx, table, leftpad = cache if cache is not None else (None, None, None, None)
@@ -254,11 +263,13 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
         batch_idx if batch_idx is not None else stand_in, table if paged else stand_in,
         leftpad if leftpad is not None else stand_in, *_common.bsh_strides(q, k, v),
         table.stride(0) if paged else 0,
-        h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale, softcap), chunk,
+        h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale, softcap),
+        *_common.alibi_args(alibi_slopes, q), chunk,
         b * h * sq,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
         CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page, DIRECT=direct,
-        HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_common.kernel_flags(q),
     )
     if direct:
