@@ -31,7 +31,12 @@ def kernel_ms(d: int, n: int, causal: bool, tokens: int, hidden: int, mode: str,
         out = fm.flash_attn_func(q, k, v, causal=causal, mode=mode)
         torch.autograd.grad(out, (q, k, v), dout)
 
-    for _ in range(3):  # compile and warm up
+    return profile_ms(step, iters)
+
+
+def profile_ms(step, iters: int, warmup: int = 3) -> dict[str, float]:
+    """Mean CUDA time (ms) per call of ``step`` of each kernel it launches (torch.profiler)."""
+    for _ in range(warmup):  # compile and warm up
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -17,6 +17,7 @@ import argparse
 import torch
 import triton
 
+from benchmarks.kernel_times import profile_ms
 from flash_module import ops
 from flash_module.configs import KernelConfig, override
 
@@ -24,22 +25,6 @@ from flash_module.configs import KernelConfig, override
 def _cfg(name: str) -> KernelConfig:
     parts = dict((p[0], int(p[1:])) for p in name.split("_"))
     return KernelConfig(16, parts["N"], parts.get("w", 4), parts.get("s", 2))
-
-
-def _kernel_times(fn) -> dict[str, float]:
-    """Mean CUDA time per call of each kernel fn launches (us)."""
-    fn()
-    torch.cuda.synchronize()
-    reps = 20
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    times: dict[str, float] = {}
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            times[e.key[:40]] = getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / reps
-    return times
 
 
 def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: list[int]) -> None:
@@ -73,11 +58,11 @@ def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: li
                     err = (out - ref).abs().max().item()
                     call = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
                     graph = triton.testing.do_bench_cudagraph(fn)
-                    kt = _kernel_times(fn) if cname is None and n == 0 else {}
+                    kt = profile_ms(fn, 20, warmup=1) if cname is None and n == 0 else {}
                 except Exception as e:  # noqa: BLE001 - a config that does not fit
                     print(f"  {cname or 'default':14} splits={n:4}: {type(e).__name__} {str(e)[:80]}")
                     continue
-            ks = "  ".join(f"{name}: {t:.1f}us" for name, t in kt.items())
+            ks = "  ".join(f"{name[:40]}: {t * 1e3:.1f}us" for name, t in kt.items())
             print(f"  {cname or 'default':14} splits={n:4}: call {nbytes / call / 1e9:5.2f}  graph "
                   f"{nbytes / graph / 1e9:5.2f} TB/s  err {err:.1e}  {ks}", flush=True)
 

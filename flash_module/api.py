@@ -172,11 +172,7 @@ def _attention(
     alibi_slopes: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
-    mode, impl = ops.check_mode(mode, impl)
-    if mode == "fa1":
-        for name, used in (("softcap", bool(softcap)), ("alibi_slopes", alibi_slopes is not None)):
-            if used:
-                raise NotImplementedError(f"mode='fa1' does not support {name} (use mode='fa2' or 'tiling')")
+    mode, impl = ops.check_mode(mode, impl)  # a mode without a variant raises in its op (ops._no_variants)
     _check_num_splits(num_splits)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
