@@ -34,7 +34,7 @@ SHAPES = [
     pytest.param(1, 1, 1, 2, 2, 64, "bshd", True, id="1x1-d64"),
     pytest.param(2, 17, 17, 2, 2, 16, "bhsd", True, id="17x17-d16-bhsd"),
     pytest.param(1, 113, 203, 4, 2, 40, "bshd", True, id="113x203-gqa2-d40"),
-    pytest.param(1, 203, 113, 4, 1, 80, "bhsd", True, id="203x113-mqa-d80-bhsd"),
+    pytest.param(1, 203, 113, 4, 1, 80, "bhsd", True, id="203x113-mqa-d80-bhsd", marks=pytest.mark.slow),
     pytest.param(1, 203, 113, 2, 2, 24, "bshd", False, id="203x113-d24-topleft"),
     pytest.param(1, 128, 128, 2, 2, 128, "bshd", True, id="128x128-d128"),
     pytest.param(2, 1, 203, 4, 2, 64, "bhsd", True, id="decode-1x203-gqa2-bhsd"),

@@ -28,6 +28,7 @@ def test_attention_flops() -> None:
         attention_flops(1, 1, 1, 1, 1, causal=False, pass_="both")
 
 
+@pytest.mark.slow  # ~12 s
 def test_run_benchmark_cpu_smoke() -> None:
     config = BenchConfig(
         device="cpu",

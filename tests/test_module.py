@@ -223,6 +223,7 @@ def _count_compiles(model, lengths, mark_dynamic: bool) -> int:
     return counter.frame_count
 
 
+@pytest.mark.slow  # ~35 s of compiling on CPU
 def test_seqlen_change_recompiles_at_most_once(device):
     model = tiny_gpt(layers=1).to(device)
     assert _count_compiles(model, [16, 24, 40], mark_dynamic=False) <= 2

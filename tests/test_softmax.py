@@ -262,6 +262,7 @@ def _model(x, w):
     return fsm.softmax(h, dim=1, algorithm="tiling", num_splits=2).sum(1) + h.mean(1)
 
 
+@pytest.mark.slow  # ~18 s of compiling on CPU
 def test_compile_fullgraph(device):
     torch._dynamo.reset()
     x = torch.randn(4, 6, 40, device=device, requires_grad=True)

@@ -42,8 +42,8 @@ def test_corpus_is_deterministic(train_gpt):
     assert train_gpt.number_words(42) == "forty two" and train_gpt.number_words(13) == "thirteen"
 
 
-@pytest.mark.parametrize("extra", [[], ["--no-tie-weights", "--heads", "4", "--kv-heads", "2"]],
-                         ids=["tied", "untied-gqa"])
+@pytest.mark.parametrize("extra", [[], pytest.param(["--no-tie-weights", "--heads", "4", "--kv-heads", "2"],
+                                               marks=pytest.mark.slow)], ids=["tied", "untied-gqa"])
 def test_five_steps_match_sdpa(train_gpt, extra):
     result = train_gpt.main([*TINY, "--steps", "5", *extra])
     _assert_runs_agree(result)

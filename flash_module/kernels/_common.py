@@ -79,13 +79,14 @@ def bsh_strides(*ts: torch.Tensor) -> tuple[int, ...]:
     return tuple(s for t in ts for s in t.stride()[:3])
 
 
-def qk_scale(softmax_scale: float, softcap: float = 0.0) -> tuple[float, float, float]:
-    """``(qk_scale, qk_scale_lo, cap2)``, the kernels' score scales.  Plain: the log2-domain
-    scale ``softmax_scale * log2(e)`` split as :func:`split_scale`, and ``cap2 = 0``.  With
-    ``softcap`` c > 0 (:func:`cap`): ``softmax_scale / c`` split, and ``cap2 = c * log2(e)``."""
+def qk_scale(softmax_scale: float, softcap: float = 0.0) -> tuple[float, float, float, float]:
+    """``(qk_scale, qk_scale_lo, cap2, cap2_lo)``, the kernels' score scales.  Plain: the
+    log2-domain scale ``softmax_scale * log2(e)`` split as :func:`split_scale`, and ``cap2 = 0``.
+    With ``softcap`` c > 0 (:func:`cap`): ``softmax_scale / c`` split, and ``cap2 = c * log2(e)``
+    split the same way (fp64 kernels need both halves to be exact)."""
     if softcap:
-        return (*split_scale(softmax_scale / softcap), softcap * LOG2E)
-    return (*split_scale(softmax_scale * LOG2E), 0.0)
+        return (*split_scale(softmax_scale / softcap), *split_scale(softcap * LOG2E))
+    return (*split_scale(softmax_scale * LOG2E), 0.0, 0.0)
 
 
 def alibi_args(alibi_slopes: torch.Tensor | None, like: torch.Tensor) -> tuple:
@@ -240,21 +241,23 @@ def score(a, b_t, qk_scale, qk_scale_lo):
 def tanh(x):
     """tanh in x's dtype, from exp2 (the interpreter and every Triton version have it):
     ``(1 - e) / (1 + e)`` with ``e = exp(-2|x|)``, sign restored.  Absolute error ~1 ulp of 1."""
-    e = tl.math.exp2(-2.8853900817779268 * tl.abs(x))  # exp(-2|x|) = 2^(-2 log2(e) |x|)
+    # exp(-2|x|) = 2^(-2 log2(e) |x|); tl.full keeps the constant's fp64 digits (a bare float
+    # literal is an fp32 constant, 3e-8 off for fp64 tiles)
+    e = tl.math.exp2(tl.abs(x) * tl.full([], -2.8853900817779268, x.dtype))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
 
 
 @triton.jit
-def cap(x, cap2, SOFTCAP: tl.constexpr):
+def cap(x, cap2, cap2_lo, SOFTCAP: tl.constexpr):
     """Softcapping (Gemma 2, flash-attn's ``softcap`` c): with ``SOFTCAP`` the score step gave
     ``x = s / c`` (``qk_scale`` was split from softmax_scale / c), and the capped score in the
-    log2 domain is ``c tanh(x) log2(e) = tanh(x) * cap2``.  Returns ``(score, t)``, ``t =
+    log2 domain is ``c tanh(x) log2(e) = tanh(x) * (cap2 + cap2_lo)``.  Returns ``(score, t)``, ``t =
     tanh(x)`` for the backward's ``dS * (1 - t^2)``; without ``SOFTCAP`` ``(x, x)`` (the second
     is never used, and compiles away)."""
     if SOFTCAP:
         t = tanh(x)
-        return t * cap2, t
+        return scaled(t, cap2, cap2_lo), t
     else:
         return x, x
 
@@ -264,7 +267,7 @@ def head_slope(Alibi_b, heads, stride_ah, ACC_DTYPE: tl.constexpr, ALIBI: tl.con
     """ALiBi slope of query head(s) ``heads`` in the log2 domain (``slope * log2(e)``), read from
     ``Alibi_b`` (this batch's row of the (B, H) or (H,) fp32 slopes); 0 without ``ALIBI``."""
     if ALIBI:
-        return tl.load(Alibi_b + heads * stride_ah).to(ACC_DTYPE) * LOG2E_C
+        return tl.load(Alibi_b + heads * stride_ah).to(ACC_DTYPE) * tl.full([], LOG2E_C, ACC_DTYPE)
     else:
         return 0.0
 
@@ -323,14 +326,14 @@ def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
 
 @triton.jit
 def attend_block(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """FA2's inner-loop body: fold the key block ``cols`` (its K/V tiles at ``k_ptrs`` /
     ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``."""
     k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)  # (BLOCK_N, BLOCK_D)
     s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
-    s, _ = cap(s, cap2, SOFTCAP)
+    s, _ = cap(s, cap2, cap2_lo, SOFTCAP)
     s = alibi(s, slope2[:, None], rows[:, None], cols[None, :], causal_offset, ALIBI)  # slope2: (BLOCK_M,)
     if MASKED:
         s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), s, float("-inf"))
@@ -344,7 +347,7 @@ def attend_block(
 @triton.jit
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """FA2's inner loop: fold key blocks [n_start, n_end) into the running (acc, l, m) of the
@@ -354,7 +357,7 @@ def attend_kv(
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_start, n_end, BLOCK_N):
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset,
-                                     qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI)
+                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
@@ -383,7 +386,7 @@ def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_
 @triton.jit
 def attend_keys(
     acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
@@ -404,20 +407,20 @@ def attend_keys(
             v_ptrs = page_tile_ptrs(V_head, Pages, start_n, cols, stride_vpage, stride_vs, num_pages, PAGE,
                                     BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk,
-                                         causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
+                                         causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
                                          SOFTCAP, ALIBI)
     else:
         acc, l_i, m_i = attend_kv(
             acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
             tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-            rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
+            rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
             SOFTCAP, ALIBI)
     return acc, l_i, m_i
 
 
 @triton.jit
 def attend_rows(
-    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     Pages, stride_kpage, stride_vpage, num_pages, n_table,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -439,7 +442,7 @@ def attend_rows(
             n0, n1 = n_full, hi
         acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
-            n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, BLOCK_N, part == 1,
+            n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part == 1,
             IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI)
     return acc, l_i, m_i
 
@@ -624,7 +627,7 @@ def probs(s, lse2, lse2_lo, q):
 @triton.jit
 def dkdv_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
@@ -637,7 +640,7 @@ def dkdv_loop(
         q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, MASKED)  # (BLOCK_M, BLOCK_D)
         do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, MASKED)
         lse2, lse2_lo, delta = row_stats(Stats_head, stats_stride, rows, Sq, q, MASKED)  # rows past Sq: P = 0
-        s_t, t_t = cap(score(k, tl.trans(q), qk_scale, qk_scale_lo), cap2, SOFTCAP)  # S^T
+        s_t, t_t = cap(score(k, tl.trans(q), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP)  # S^T
         s_t = alibi(s_t, slope2, rows[None, :], cols[:, None], causal_offset, ALIBI)  # one head: a scalar
         p_t = probs(s_t, lse2[None, :], lse2_lo[None, :], q)  # P^T
         if MASKED:
@@ -657,7 +660,7 @@ def dkdv_loop(
 @triton.jit
 def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows``.
@@ -668,7 +671,7 @@ def dq_loop(
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)
         v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
-        s, t = cap(score(q, tl.trans(k), qk_scale, qk_scale_lo), cap2, SOFTCAP)
+        s, t = cap(score(q, tl.trans(k), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP)
         s = alibi(s, slope2, rows[:, None], cols[None, :], causal_offset, ALIBI)  # one head: a scalar
         p = probs(s, lse2[:, None], lse2_lo[:, None], q)  # (M, N)
         if MASKED:
@@ -686,7 +689,7 @@ def dq_loop(
 @triton.jit
 def dkdv_head(
     dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """One query head's part of a key block's dK/dV, over :func:`q_range`'s ranges: the
@@ -698,16 +701,16 @@ def dkdv_head(
     dk, dv = dkdv_loop(
         dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
         tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-        cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
+        cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
     dk, dv = dkdv_loop(
         dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
         tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-        cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, False, IS_CAUSAL,
+        cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, False, IS_CAUSAL,
         SOFTCAP, ALIBI)
     dk, dv = dkdv_loop(
         dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
         tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
-        stats_stride, cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, True,
+        stats_stride, cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, True,
         IS_CAUSAL, SOFTCAP, ALIBI)
     return dk, dv
 
@@ -716,7 +719,7 @@ def dkdv_head(
 def dkdv_block(
     K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
     stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset,
-    qk_scale, qk_scale_lo, cap2, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
+    qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
@@ -736,7 +739,7 @@ def dkdv_block(
         dk, dv = dkdv_head(
             dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
             Stats_seq + off_h * 3 * stats_len, stats_len, cols, lo, m_full, even_end, Sq, causal_offset,
-            qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI)
+            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI)
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DK_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
     store_tile(tile_ptrs(DV_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
@@ -745,7 +748,7 @@ def dkdv_block(
 @triton.jit
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2,
+    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
     """A query block's dQ over :func:`kv_range`'s ranges: keys [0, n_full) without masks, then
@@ -753,17 +756,17 @@ def dq_rows(
     BLOCK_D: tl.constexpr = q.shape[1]
     dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
                  tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                 rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, False, IS_CAUSAL, SOFTCAP, ALIBI)
+                 rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, False, IS_CAUSAL, SOFTCAP, ALIBI)
     dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
                  tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
     return dq
 
 
 @triton.jit
 def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
-    stride_dqs, start_m, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, sm_scale, sm_scale_lo,
+    stride_dqs, start_m, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
@@ -777,7 +780,7 @@ def dq_block(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, slope2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
                  SOFTCAP, ALIBI)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

@@ -38,7 +38,7 @@ def _bwd_dkdv_kernel(
     Q, K, V, DO, Stats, DK, DV,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
-    H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
+    H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -53,7 +53,7 @@ def _bwd_dkdv_kernel(
         Q + off_b * stride_qb, DO + off_b * stride_dob, stats_head(Stats, off_b, 0, H, stats_len),
         DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh, stats_len,
         H_KV * HEAD_DIM, off_hkv, GROUP, tl.program_id(0) * BLOCK_N, Sq, Sk, causal_offset, qk_scale, qk_scale_lo,
-        cap2, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
+        cap2, cap2_lo, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
         IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI)
 
 
@@ -62,7 +62,7 @@ def _bwd_dq_kernel(
     Q, K, V, DO, Stats, DQ,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
-    H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
+    H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -75,7 +75,7 @@ def _bwd_dq_kernel(
         stats_head(Stats, off_b, off_h, H, stats_len), K + off_b * stride_kb + off_hkv * stride_kh,
         V + off_b * stride_vb + off_hkv * stride_vh, DQ + (off_b * Sq * H + off_h) * HEAD_DIM,  # new contiguous
         stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset,
-        qk_scale, qk_scale_lo, cap2, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
+        qk_scale, qk_scale_lo, cap2, cap2_lo, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
         sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI)
 
 

@@ -27,7 +27,7 @@ from ._common import attend_rows, head_slope, load_tile, lse_epilogue, program_b
 def _fa2_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
+    H, GROUP, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
 ):
@@ -43,7 +43,7 @@ def _fa2_fwd_kernel(
     slope2 = head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI) + tl.zeros([BLOCK_M], ACC_DTYPE)
 
     acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset,
-                                qk_scale, qk_scale_lo, cap2, slope2, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                                qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N, IS_CAUSAL,
                                 ACC_DTYPE, False, 1, SOFTCAP, ALIBI)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)

@@ -40,7 +40,7 @@ from ._common import (
 def _split_kv_fwd_kernel(
     Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab,
+    stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab,
     stride_ah, chunk, part_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
@@ -118,7 +118,7 @@ def _split_kv_fwd_kernel(
             n0, n1 = tl.maximum(c_lo, n_full), tl.minimum(c_hi, hi)
         acc, l_i, m_i = attend_keys(
             acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
-            stride_vb, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2,
+            stride_vb, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo,
             slope2, HEAD_DIM, BLOCK_N, part == 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)

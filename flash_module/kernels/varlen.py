@@ -109,7 +109,7 @@ def _varlen_preprocess_kernel(
 def _varlen_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BlockTable,
     stride_qs, stride_qh, stride_kpage, stride_ks, stride_kh, stride_vpage, stride_vs, stride_vh, stride_bt,
-    B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
+    B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -137,7 +137,7 @@ def _varlen_fwd_kernel(
 
         slope2 = head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI) + tl.zeros([BLOCK_M], ACC_DTYPE)
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
-                                    qk_scale, qk_scale_lo, cap2, slope2, BlockTable + b * stride_bt, stride_kpage,
+                                    qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, BlockTable + b * stride_bt, stride_kpage,
                                     stride_vpage, num_pages, n_table, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE,
                                     PAGED, PAGE, SOFTCAP, ALIBI)
 
@@ -152,7 +152,7 @@ def _varlen_fwd_kernel(
 def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
-    B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
+    B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -170,7 +170,7 @@ def _varlen_bwd_dkdv_kernel(
             Q + q_start * stride_qs, DO + q_start * stride_dos, seq_stats(Stats, CuStats, b, 0, stats_len),
             DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
             stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, qk_scale,
-            qk_scale_lo, cap2, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N,
+            qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N,
             BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI)
 
 
@@ -178,7 +178,7 @@ def _varlen_bwd_dkdv_kernel(
 def _varlen_bwd_dq_kernel(
     Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
-    B, H, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, Alibi, stride_ab, stride_ah,
+    B, H, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
@@ -195,7 +195,7 @@ def _varlen_bwd_dq_kernel(
             seq_stats(Stats, CuStats, b, off_h, stats_len), K + k_start * stride_ks + off_hkv * stride_kh,
             V + k_start * stride_vs + off_hkv * stride_vh, DQ + (q_start * H + off_h) * HEAD_DIM,  # contiguous
             stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
-            len_k - len_q, qk_scale, qk_scale_lo, cap2,
+            len_k - len_q, qk_scale, qk_scale_lo, cap2, cap2_lo,
             head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo, HEAD_DIM,
             BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI)
 
