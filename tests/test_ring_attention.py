@@ -108,7 +108,8 @@ CASES = [
     pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.bfloat16), id="w2-causal-zigzag-bf16",
                  marks=pytest.mark.slow),
     # (B, H, S, D) storage, i.e. non-contiguous K/V with H_kv > 1 (FlashAttention(layout="bhsd")).
-    pytest.param(2, (16, 2, 2, 16, True, "contiguous", "fa2", torch.float32, "bhsd"), id="w2-causal-bhsd", marks=pytest.mark.slow),
+    pytest.param(2, (16, 2, 2, 16, True, "contiguous", "fa2", torch.float32, "bhsd"), id="w2-causal-bhsd",
+                 marks=pytest.mark.slow),
 ]
 
 
