@@ -8,8 +8,9 @@ bf16, (B, N, H, D) inputs, forward (no grad) and backward (``autograd.grad`` of 
 ``triton.testing.do_bench`` medians, TFLOP/s with the plain attention's FLOPs (4·B·H·N²·D
 forward, halved when causal; 2.5x that backward), so a slower variant shows as a lower number.
 Rows: ``plain``, ``softcap`` (c = 50, Gemma 2's attention cap) and ``alibi`` (BLOOM's slopes);
-the issue's budget is <= 10% overhead for each.  Variants still to come (window, sinks,
-dropout) add rows here.
+the issue's budget is <= 10% overhead for each.  Variants still to come (sinks, dropout) add
+rows here; the sliding window, which saves work rather than adding it, has
+``benchmarks/bench_window.py``.
 """
 
 from __future__ import annotations

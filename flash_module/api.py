@@ -122,10 +122,7 @@ def _check_variants(dropout_p: object, window_size: object, softcap: object, ali
         raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None and not isinstance(alibi_slopes, Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    _unsupported(
-        dropout_p=float(dropout_p) != 0.0,
-        window_size=tuple(window_size) != (-1, -1),
-    )
+    _unsupported(dropout_p=float(dropout_p) != 0.0)
 
 
 def _check_alibi(alibi_slopes: Tensor | None, q: Tensor, batch: int, heads: int) -> None:
@@ -169,7 +166,7 @@ def _check_num_splits(num_splits: int) -> None:
 def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
     mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
-    alibi_slopes: Tensor | None = None,
+    alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
     mode, impl = ops.check_mode(mode, impl)  # a mode without a variant raises in its op (ops._no_variants)
@@ -179,7 +176,7 @@ def _attention(
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
     out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
-                        float(softcap), alibi_slopes)
+                        float(softcap), alibi_slopes, int(window_size[0]), int(window_size[1]))
     return out, lse, scale
 
 
@@ -233,8 +230,13 @@ def flash_attn_func(
         alibi_slopes: fp32 (nheads,) or (batch, nheads): ALiBi, the bias ``-slope * |i + Sk - Sq
             - j|`` added to the scaled (and capped) score of query i and key j (flash-attn's
             definition; no gradient flows to the slopes).  Not in ``mode="fa1"``.
-        dropout_p, window_size: not implemented yet (must be left at their defaults; anything
-            else raises NotImplementedError).
+        window_size: ``(left, right)``, sliding-window (local) attention: query ``i`` attends
+            keys ``j`` in ``[i + Sk - Sq - left, i + Sk - Sq + right]``, -1 = unbounded on that
+            side (flash-attn's definition, bottom-right aligned like ``causal``; with ``causal``
+            the right side is 0).  Key blocks outside every row's window are skipped, so the
+            cost grows with the window, not with Sk.  Rows whose window holds no key give 0
+            (LSE -inf).  Not in ``mode="fa1"``.
+        dropout_p: not implemented yet (must be 0; anything else raises NotImplementedError).
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
@@ -246,11 +248,12 @@ def flash_attn_func(
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
     out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
-                                 alibi_slopes)
+                                 alibi_slopes, tuple(window_size))
     if not return_attn_probs:
         return out
     with torch.no_grad():
-        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True, float(softcap), alibi_slopes)
+        probs = reference.attention_probs(q, k, lse, scale, bool(causal), True, float(softcap), alibi_slopes,
+                                          tuple(window_size))
     # The op's LSE is float64 for fp32 inputs (for the backward); flash-attn returns float32.
     return out, lse.to(acc_dtype(q.dtype)), probs.to(q.dtype)
 
@@ -345,7 +348,7 @@ def _check_max_seqlen(name: str, x: object) -> None:
 
 def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, seqused_k: Tensor | None,
                   block_table: Tensor | None, scale: float, causal: bool, softcap: float = 0.0,
-                  alibi_slopes: Tensor | None = None) -> Tensor:
+                  alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1)) -> Tensor:
     """(B, H, max_len_q, max_len_k) probabilities of each sequence, zero-padded (reads the
     lengths on the host: for testing)."""
     n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
@@ -362,7 +365,7 @@ def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
         if lq and lk:
             probs[b, :, :lq, :lk] = reference.attention_probs(
                 q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True,
-                softcap, reference.batch_slopes(alibi_slopes, b))[0]
+                softcap, reference.batch_slopes(alibi_slopes, b), window_size)[0]
     return probs.to(q.dtype)
 
 
@@ -417,10 +420,9 @@ def flash_attn_varlen_func(
             implementation.  ``impl="torch"`` (and CPU tensors without the interpreter) run
             the PyTorch path sequence by sequence, which reads the offsets on the host.
         deterministic: accepted; the backward is always deterministic.
-        softcap, alibi_slopes: as in :func:`flash_attn_func` (forward and backward; (batch, nheads)
-            slopes per sequence).
-        dropout_p, window_size: not implemented yet (NotImplementedError
-            unless left at their defaults).
+        softcap, alibi_slopes, window_size: as in :func:`flash_attn_func` (forward and backward;
+            (batch, nheads) slopes per sequence; the window is aligned per sequence, like causal).
+        dropout_p: not implemented yet (NotImplementedError unless 0).
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
     kernels clamp them to the tensors, so bad values give wrong answers, never out-of-bounds
@@ -470,12 +472,13 @@ def flash_attn_varlen_func(
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)
     out, lse = ops.call(ops.varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal),
-                        mode, impl, block_table, float(softcap), alibi_slopes)
+                        mode, impl, block_table, float(softcap), alibi_slopes, int(window_size[0]),
+                        int(window_size[1]))
     if not return_attn_probs:
         return out
     with torch.no_grad():
         probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale,
-                              bool(causal), float(softcap), alibi_slopes)
+                              bool(causal), float(softcap), alibi_slopes, tuple(window_size))
     return out, lse.to(acc_dtype(q.dtype)), probs
 
 
@@ -603,7 +606,7 @@ def flash_attn_with_kvcache(
             dropped), then attended to.  ``cache_seqlens`` itself is not updated (as flash-attn).
         rotary_cos, rotary_sin: (seqlen_ro, rotary_dim / 2) or None: rotary embedding of q and the
             new k before the append (only with k, v).  k is rotated at its positions; q at
-            ``cache_seqlens[b] + i`` when causal, else all at ``cache_seqlens[b]``.
+            ``cache_seqlens[b] + i`` when causal or windowed, else all at ``cache_seqlens[b]``.
             ``rotary_interleaved`` pairs features (2i, 2i+1) instead of (i, i + rotary_dim/2).
         cache_seqlens: int, (batch,) int32 tensor or None (the whole cache): each sequence's
             length before the append.  Batch ``b`` attends to its first
@@ -624,8 +627,10 @@ def flash_attn_with_kvcache(
         return_softmax_lse: also return the (batch, nheads, seqlen_q) float32 LSE.
         impl: ``auto`` / ``triton`` / ``torch`` as in :func:`flash_attn_func`.
         softcap, alibi_slopes: as in :func:`flash_attn_func`.
-        window_size: not implemented yet
-            (NotImplementedError unless left at their defaults).
+        window_size: ``(left, right)`` as in :func:`flash_attn_func`, aligned to each batch's
+            cache length: query ``i`` sees cache keys ``[i + len - Sq - left, i + len - Sq +
+            right]``.  The split-KV chunks cover only the window's span, so a long cache with a
+            short window reads only the window.
 
     Values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and ``block_table`` are
     not checked (that needs a sync): the kernels clamp them, so bad values give wrong answers, never
@@ -703,14 +708,17 @@ def flash_attn_with_kvcache(
     if k is not None:
         if rotary_cos is not None:
             new_pos = seqlens.to(torch.int64)[:, None] + torch.arange(k.shape[1], device=q.device)
-            steps = torch.arange(sq, device=q.device) * int(bool(causal))  # causal: i; else all 0
+            # causal or local (flash-attn's rule): query i at position len + i; else all at len
+            local = tuple(window_size) != (-1, -1)
+            steps = torch.arange(sq, device=q.device) * int(bool(causal) or local)
             q_pos = seqlens.to(torch.int64)[:, None] + steps
             q = _rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
             k = _rotary(k, rotary_cos, rotary_sin, new_pos, rotary_interleaved)
         ops.call(ops.kvcache_append, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
         seqlens = seqlens + k.shape[1]
     out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
-                        bool(causal), num_splits, impl, cache_leftpad, float(softcap), alibi_slopes)
+                        bool(causal), num_splits, impl, cache_leftpad, float(softcap), alibi_slopes,
+                        int(window_size[0]), int(window_size[1]))
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out
@@ -730,6 +738,7 @@ def scaled_dot_product_attention(
     impl: str = "auto",
     num_splits: int = 0,
     softcap: float = 0.0,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> Tensor:
     """torch's ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
 
@@ -744,6 +753,9 @@ def scaled_dot_product_attention(
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         softcap: an extension (torch has none): scores -> ``softcap * tanh(s / softcap)`` as in
             :func:`flash_attn_func`; 0 (default) is off.
+        window_size: an extension: ``(left, right)`` sliding window as in :func:`flash_attn_func`
+            but aligned top-left like ``is_causal`` here: query ``i`` sees keys ``[i - left,
+            i + right]``.
         attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
 
     Returns:
@@ -766,9 +778,10 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
         )
-    if softcap:
-        _check_variants(0.0, (-1, -1), softcap, None)
-    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap)
+    if softcap or window_size != (-1, -1):
+        _check_variants(0.0, window_size, softcap, None)
+    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap, None,
+                           tuple(window_size))
     return out.transpose(1, 2)
 
 

@@ -36,6 +36,9 @@ class FlashAttention(nn.Module):
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         softcap: > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma 2);
             0 (default) is off.  Not with context parallelism yet.
+        window_size: ``(left, right)`` sliding-window attention (Mistral, Gemma), -1 =
+            unbounded, aligned like ``causal`` (see :func:`flash_module.flash_attn_func`).  Not
+            with context parallelism yet.
         context_parallel_group: a ``torch.distributed`` process group: the inputs are this
             rank's shards of a sequence split across the group, and attention runs as ring
             attention (:func:`flash_module.distributed.ring_attention`; causal is global).
@@ -59,12 +62,16 @@ class FlashAttention(nn.Module):
         context_parallel_layout: str = "contiguous",
         impl: str = "auto",
         softcap: float = 0.0,
+        window_size: tuple[int, int] = (-1, -1),
     ) -> None:
         super().__init__()
         mode, impl = ops.check_mode(mode, impl)
         _check_dropout(dropout)
-        if softcap and context_parallel_group is not None:
-            raise NotImplementedError("flash_module: softcap with context parallelism is not supported yet")
+        window_size = tuple(window_size)
+        for name, used in (("softcap", bool(softcap)), ("window_size", window_size != (-1, -1))):
+            if used and context_parallel_group is not None:
+                raise NotImplementedError(f"flash_module: {name} with context parallelism is not "
+                                          "supported yet")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.causal = causal
@@ -77,6 +84,7 @@ class FlashAttention(nn.Module):
         self.context_parallel_group = context_parallel_group
         self.context_parallel_layout = context_parallel_layout
         self.softcap = softcap
+        self.window_size = window_size
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         if self.context_parallel_group is not None:
@@ -89,17 +97,19 @@ class FlashAttention(nn.Module):
             return to_bshd(out)
         if self.layout == "bshd":
             return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
-                                   softcap=self.softcap, mode=self.mode, impl=self.impl,
-                                   num_splits=self.num_splits)
+                                   softcap=self.softcap, window_size=self.window_size, mode=self.mode,
+                                   impl=self.impl, num_splits=self.num_splits)
         return scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
                                             enable_gqa=True, mode=self.mode, impl=self.impl,
-                                            num_splits=self.num_splits, softcap=self.softcap)
+                                            num_splits=self.num_splits, softcap=self.softcap,
+                                            window_size=self.window_size)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, dropout={self.dropout}, "
                 f"mode={self.mode!r}, impl={self.impl!r}, layout={self.layout!r}"
                 + (f", num_splits={self.num_splits}" if self.num_splits else "")
                 + (f", softcap={self.softcap}" if self.softcap else "")
+                + (f", window_size={self.window_size}" if self.window_size != (-1, -1) else "")
                 + (f", context_parallel={self.context_parallel_layout}"
                    if self.context_parallel_group is not None else ""))
 
@@ -156,7 +166,8 @@ class MultiheadFlashAttention(nn.Module):
         dropout: attention dropout (must be 0.0 until dropout lands).
         mode: attention algorithm, one of ``flash_module.MODES``.
         impl: implementation, one of ``flash_module.IMPLS``.
-        softcap: score softcapping as in :class:`FlashAttention` (also in KV-cache decoding).
+        softcap, window_size: score softcapping and sliding window as in :class:`FlashAttention`
+            (also in KV-cache decoding).
         rotary: apply rotary position embeddings to q and k.
         rope_base: RoPE frequency base.
         context_parallel_group, context_parallel_layout: run attention as ring attention over
@@ -181,6 +192,7 @@ class MultiheadFlashAttention(nn.Module):
         dtype=None,
         impl: str = "auto",
         softcap: float = 0.0,
+        window_size: tuple[int, int] = (-1, -1),
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -198,7 +210,8 @@ class MultiheadFlashAttention(nn.Module):
         self.out_proj = nn.Linear(num_heads * self.head_dim, embed_dim, bias=bias, **factory)
         self.attn = FlashAttention(causal=causal, dropout=dropout, mode=mode, impl=impl, layout="bshd",
                                    context_parallel_group=context_parallel_group,
-                                   context_parallel_layout=context_parallel_layout, softcap=softcap)
+                                   context_parallel_layout=context_parallel_layout, softcap=softcap,
+                                   window_size=window_size)
         # Kept here too: RoPE needs the shard's positions even if ``attn`` is swapped out.
         self.context_parallel_group = context_parallel_group
         self.context_parallel_layout = context_parallel_layout
@@ -260,7 +273,8 @@ class MultiheadFlashAttention(nn.Module):
             out = flash_attn_with_kvcache(
                 q, self.k_cache, self.v_cache, k, v, cache_seqlens=cache_seqlens, causal=attn.causal,
                 softmax_scale=getattr(attn, "softmax_scale", None), impl=getattr(attn, "impl", "auto"),
-                softcap=getattr(attn, "softcap", 0.0), **rotary)
+                softcap=getattr(attn, "softcap", 0.0), window_size=getattr(attn, "window_size", (-1, -1)),
+                **rotary)
             return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
         if self.rotary is not None:
             positions = None

@@ -71,6 +71,7 @@ class AttentionArgs:
     num_splits: int = 0  # tiling: key chunks (0 = automatic)
     softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) (flash-attn's softcap)
     alibi_slopes: Tensor | None = None  # fp32 (H,) or (B, H): bias -slope * |i + Sk - Sq - j|
+    window: tuple[int, int] = (-1, -1)  # (left, right): keys [i + offset - left, i + offset + right]
 
     @property
     def bottom_right(self) -> bool:
@@ -112,19 +113,20 @@ def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.fa2_fwd import fa2_forward
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
-                       alibi_slopes=a.alibi_slopes)
+                       alibi_slopes=a.alibi_slopes, window_size=a.window)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     from .kernels.fa2_bwd import fa2_backward
 
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
-                        softcap=a.softcap, alibi_slopes=a.alibi_slopes)
+                        softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
     """NotImplementedError naming the mode and the variant it lacks."""
-    for name, used in (("softcap", bool(a.softcap)), ("alibi_slopes", a.alibi_slopes is not None)):
+    for name, used in (("softcap", bool(a.softcap)), ("alibi_slopes", a.alibi_slopes is not None),
+                       ("window_size", a.window != (-1, -1))):
         if used:
             raise NotImplementedError(f"mode={mode!r} does not support {name} (use mode='fa2' or 'tiling')")
 
@@ -147,7 +149,7 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.split_kv import split_kv_forward
 
     return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap,
-                            a.alibi_slopes)
+                            a.alibi_slopes, a.window)
 
 
 # -- PyTorch (any device) -----------------------------------------------------------------------
@@ -155,7 +157,7 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
-                                 alibi_slopes=a.alibi_slopes)
+                                 alibi_slopes=a.alibi_slopes, window_size=a.window)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
@@ -165,12 +167,13 @@ def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
-                                      softcap=a.softcap, alibi_slopes=a.alibi_slopes)
+                                      softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window)
 
 
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
-                                  dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes)
+                                  dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes,
+                                  window_size=a.window)
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -254,13 +257,15 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 
 
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
-          num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None) -> AttentionArgs:
+          num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
+          window: tuple[int, int] = (-1, -1)) -> AttentionArgs:
     offset = k.shape[1] - q.shape[1] if bottom_right else 0
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
-                         alibi_slopes)
+                         alibi_slopes, (int(window[0]), int(window[1])))
 
 
-def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool) -> Tensor:
+def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
+                      window: tuple[int, int] = (-1, -1)) -> Tensor:
     """The (B, H, Sq) LSE when there is nothing to compute: -inf without keys; with head dim 0
     every score is 0, so the LSE is log(number of visible keys) (shapes only, no sync)."""
     b, sq, h, d = q.shape
@@ -268,10 +273,12 @@ def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool) ->
     acc = lse_dtype(q.dtype)
     if d != 0 or sk == 0:
         return torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
-    seen = torch.full((sq,), float(sk), dtype=acc, device=q.device)
-    if causal:
-        offset = sk - sq if bottom_right else 0
-        seen = (torch.arange(sq, device=q.device, dtype=acc) + offset + 1).clamp(0, sk)
+    left, right = window
+    right = 0 if causal else right
+    diag = torch.arange(sq, device=q.device, dtype=acc) + (sk - sq if bottom_right else 0)
+    first = (diag - left).clamp(min=0) if left >= 0 else torch.zeros_like(diag)
+    end = (diag + right + 1).clamp(max=sk) if right >= 0 else torch.full_like(diag, sk)
+    seen = (end - first).clamp(min=0)
     return seen.log().expand(b, h, sq).contiguous()
 
 
@@ -333,22 +340,25 @@ def attention_fwd(
     impl: str = "auto",
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     b, sq, h, d = q.shape
+    window = (window_left, window_right)
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
-        return out, _lse_without_work(q, k, causal, bottom_right)
+        return out, _lse_without_work(q, k, causal, bottom_right, window)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
-        args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes)
+        args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
-                        softcap=0.0, alibi_slopes=None):
+                        softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -371,6 +381,8 @@ def attention_bwd(
     impl: str = "auto",
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _implementation(mode, impl, q).backward
     if q.numel() == 0 or k.numel() == 0:
@@ -380,21 +392,24 @@ def attention_bwd(
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right,
-                                                             softcap=softcap, alibi_slopes=alibi_slopes))
+                                                             softcap=softcap, alibi_slopes=alibi_slopes,
+                                                             window=(window_left, window_right)))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
-                        impl="auto", softcap=0.0, alibi_slopes=None):
+                        impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
-    q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes = inputs
+    (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
+     window_left, window_right) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
+    ctx.window = (window_left, window_right)
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
 
 
@@ -402,8 +417,8 @@ def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes)
-    return dq, dk, dv, None, None, None, None, None, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
 def _no_double_backward(ctx, *grads):
@@ -447,30 +462,31 @@ class VarlenImplementation:
 
 
 def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                       alibi_slopes=None):
+                       alibi_slopes=None, window=(-1, -1)):
     from .kernels.varlen import varlen_forward
 
-    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap, alibi_slopes)
+    return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap, alibi_slopes,
+                          window)
 
 
 def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
-                       alibi_slopes=None):
+                       alibi_slopes=None, window=(-1, -1)):
     from .kernels.varlen import varlen_backward
 
     return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse, softcap,
-                           alibi_slopes)
+                           alibi_slopes, window)
 
 
 def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                      alibi_slopes=None):
+                      alibi_slopes=None, window=(-1, -1)):
     return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap,
-                                    alibi_slopes)
+                                    alibi_slopes, window)
 
 
 def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
-                      alibi_slopes=None):
+                      alibi_slopes=None, window=(-1, -1)):
     return reference.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse,
-                                     softcap, alibi_slopes)
+                                     softcap, alibi_slopes, window)
 
 
 #: The varlen table: algorithm -> implementation.  Only FA2 has varlen kernels; the other modes
@@ -514,18 +530,21 @@ def varlen_fwd(
     block_table: Tensor | None = None,
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
-                      block_table, float(softcap), alibi_slopes)
+                      block_table, float(softcap), alibi_slopes, (int(window_left), int(window_right)))
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
-                     impl="auto", block_table=None, softcap=0.0, alibi_slopes=None):
+                     impl="auto", block_table=None, softcap=0.0, alibi_slopes=None, window_left=-1,
+                     window_right=-1):
     tq, h, d = q.shape
     return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
@@ -548,6 +567,8 @@ def varlen_bwd(
     impl: str = "auto",
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).backward
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -555,21 +576,25 @@ def varlen_bwd(
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
-                        float(softmax_scale), bool(causal), float(softcap), alibi_slopes)
+                        float(softmax_scale), bool(causal), float(softcap), alibi_slopes,
+                        (int(window_left), int(window_right)))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale,
-                     causal, mode="fa2", impl="auto", softcap=0.0, alibi_slopes=None):
+                     causal, mode="fa2", impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1,
+                     window_right=-1):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
-    q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap, alibi = inputs
+    (q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap, alibi,
+     window_left, window_right) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi)
     ctx.args = (softmax_scale, causal, mode, impl, softcap)
+    ctx.window = (window_left, window_right)
     ctx.paged = block_table is not None
     ctx.set_materialize_grads(False)
 
@@ -581,8 +606,9 @@ def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args, alibi_slopes)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args, alibi_slopes,
+                            *ctx.window)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,
@@ -651,8 +677,11 @@ def kvcache_fwd(
     cache_leftpad: Tensor | None = None,
     softcap: float = 0.0,
     alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
 ) -> tuple[Tensor, Tensor]:
     b, sq, h, d = q.shape
+    window = (int(window_left), int(window_right))
     if cache_leftpad is not None and block_table is not None:
         raise ValueError("cache_leftpad cannot be used with block_table (paged caches), as in flash-attn")
     no_keys = k_cache.shape[0] == 0 or k_cache.shape[1] == 0
@@ -667,17 +696,18 @@ def kvcache_fwd(
             out, lse = split_kv_cache_forward(
                 _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
                 cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
-                int(num_splits), cache_leftpad, float(softcap), alibi_slopes)
+                int(num_splits), cache_leftpad, float(softcap), alibi_slopes, window)
     else:
         out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
                                              float(softmax_scale), bool(causal), cache_leftpad,
-                                             float(softcap), alibi_slopes)
+                                             float(softcap), alibi_slopes, window)
     return out.contiguous(), lse.contiguous()
 
 
 @kvcache_fwd.register_fake
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
-                      num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0, alibi_slopes=None):
+                      num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0, alibi_slopes=None,
+                      window_left=-1, window_right=-1):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

@@ -51,14 +51,16 @@ def visible_mask(
     causal: bool,
     bottom_right: bool = True,
     device: torch.device | str | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor | None:
-    """Boolean (sq, sk) mask, True where query ``i`` may attend key ``j``; None if not causal."""
-    if not causal:
+    """Boolean (sq, sk) mask, True where query ``i`` may attend key ``j``; None if every key is
+    visible (not causal, no window).  ``window_size`` as :func:`_visible`."""
+    if not causal and tuple(window_size) == (-1, -1):
         return None
     offset = (sk - sq) if bottom_right else 0
     i = torch.arange(sq, device=device)[:, None]
     j = torch.arange(sk, device=device)[None, :]
-    return j <= i + offset
+    return _visible(i, j, sk, offset, causal, window_size)
 
 
 def _expand_kv(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -108,6 +110,7 @@ def attention_ref(
     bottom_right: bool = True,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
 
@@ -125,7 +128,7 @@ def attention_ref(
     sq, sk = q.shape[1], k.shape[1]
     i, j = torch.arange(sq, device=q.device)[:, None], torch.arange(sk, device=q.device)[None, :]
     s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
-    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
+    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device, window_size)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq); -inf for rows that see nothing
@@ -143,6 +146,7 @@ def attention_probs(
     bottom_right: bool,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Recompute the softmax probabilities P = exp(S - lse), (B, H, Sq, Sk), from a saved LSE.
 
@@ -155,7 +159,7 @@ def attention_probs(
     sq, sk = q.shape[1], k.shape[1]
     i, j = torch.arange(sq, device=q.device)[:, None], torch.arange(sk, device=q.device)[None, :]
     s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
-    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device)
+    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device, window_size)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     safe_lse = lse.masked_fill(torch.isinf(lse), float("inf"))
@@ -235,8 +239,11 @@ def _causal_offset(sq: int, sk: int, bottom_right: bool) -> int:
     return (sk - sq) if bottom_right else 0
 
 
-def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: bool) -> torch.Tensor:
-    """Where query ``i`` may see key ``j`` (broadcasting): inside Sk and, if causal, ``j <= i + offset``.
+def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: bool,
+             window_size: tuple[int, int] = (-1, -1)) -> torch.Tensor:
+    """Where query ``i`` may see key ``j`` (broadcasting): inside Sk; if causal, ``j <= i +
+    offset``; with ``window_size = (left, right)`` (flash-attn's sliding window, -1 = unbounded)
+    inside ``[i + offset - left, i + offset + right]``.
 
     The PyTorch twin of the kernels' ``visible`` step; the blocked loops call it per key block,
     so no (Sq, Sk) mask is ever built.
@@ -244,12 +251,18 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: boo
     keep = j < sk
     if causal:
         keep = keep & (j <= i + offset)
+    left, right = window_size
+    if left >= 0:
+        keep = keep & (j >= i + offset - left)
+    if right >= 0:
+        keep = keep & (j <= i + offset + right)
     return keep
 
 
 def _block_scores(
     qb: torch.Tensor, kj: torch.Tensor, scale: float, sk: int, k_start: int, block_m: int, causal: bool,
     offset: int, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Scores of every query block against one key block, capped, biased and masked.
     (B, H, nQ, Br, Bc)."""
@@ -257,7 +270,7 @@ def _block_scores(
     i = torch.arange(qb.shape[2] * block_m, device=qb.device).view(qb.shape[2], block_m, 1)
     j = torch.arange(k_start, k_start + kj.shape[2], device=qb.device).view(1, 1, -1)
     s = s + alibi_bias(alibi_slopes, i, j, offset, s.dtype)
-    return s.masked_fill(~_visible(i, j, sk, offset, causal), float("-inf"))
+    return s.masked_fill(~_visible(i, j, sk, offset, causal, window_size), float("-inf"))
 
 
 def _neg_inf_to_zero(m: torch.Tensor) -> torch.Tensor:
@@ -343,6 +356,7 @@ def fa2_forward(
     block_n: int = 64,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -355,18 +369,19 @@ def fa2_forward(
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
     """
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
-                         block_m, block_n, softcap, alibi_slopes)
+                         block_m, block_n, softcap, alibi_slopes, window_size)
     return out.to(q.dtype), lse
 
 
-def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0, alibi_slopes=None):
+def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0, alibi_slopes=None,
+              window_size=(-1, -1)):
     """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype."""
     sk = k.shape[1]
     # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
         s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap,
-                          alibi_slopes)
+                          alibi_slopes, window_size)
         m_new = torch.maximum(m, s.amax(dim=-1))
         m_new_safe = _neg_inf_to_zero(m_new)
         p = torch.exp(s - m_new_safe[..., None])
@@ -392,6 +407,7 @@ def fa2_backward(
     block_n: int = 128,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``.
 
@@ -432,8 +448,8 @@ def fa2_backward(
             s = softcap * t
         cols = torch.arange(start, end, device=q.device)[None, :]
         s = s + alibi_bias(alibi_slopes, rows, cols, offset, acc)
-        if causal:  # this block's (Sq, Bc) mask only: memory stays O(Sq * block_n)
-            s = s.masked_fill(~_visible(rows, cols, sk, offset, causal), float("-inf"))
+        if causal or tuple(window_size) != (-1, -1):  # this block's (Sq, Bc) mask only: O(Sq * block_n)
+            s = s.masked_fill(~_visible(rows, cols, sk, offset, causal, window_size), float("-inf"))
         p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
         dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
@@ -476,6 +492,7 @@ def split_kv_forward(
     num_splits: int = 4,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
 
@@ -491,7 +508,7 @@ def split_kv_forward(
         # Global key start + j is visible to query i iff j <= i + offset - start.  Each chunk runs
         # FA2's blocked loop, so memory stays O(Sq * block) however few the chunks.
         out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start, softcap=softcap,
-                                 alibi_slopes=alibi_slopes)
+                                 alibi_slopes=alibi_slopes, window_size=window_size)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
     return out.to(q.dtype), lse
 
@@ -530,8 +547,9 @@ def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FA2's blocked forward on each packed sequence (causal bottom-right per sequence).
+    """FA2's blocked forward on each packed sequence (causal and window bottom-right per sequence).
 
     q (Tq, H, D), k/v (Tk, H_kv, D), or with ``block_table`` (B, pages_per_seq) a paged cache
     (num_pages, page, H_kv, D) whose pages ``block_table[b]`` hold sequence ``b``'s keys.
@@ -555,7 +573,8 @@ def varlen_forward(
             continue
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
         o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
-                           softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b))
+                           softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b),
+                           window_size=window_size)
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 
@@ -565,7 +584,7 @@ def varlen_backward(
     lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
     seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA2's backward on each packed sequence; ``dq`` (Tq, H, D), ``dk``/``dv`` (Tk, H_kv, D),
     zero for rows in no sequence and keys past ``seqused_k``."""
@@ -578,7 +597,7 @@ def varlen_backward(
         grads = fa2_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
                              lse[None, :, rq], softmax_scale, causal,
                              dlse=dlse[None, :, rq] if dlse is not None else None, softcap=softcap,
-                             alibi_slopes=batch_slopes(alibi_slopes, b))
+                             alibi_slopes=batch_slopes(alibi_slopes, b), window_size=window_size)
         dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
     return dq, dk, dv
 
@@ -632,7 +651,7 @@ def kvcache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
     causal: bool, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache (from
     ``cache_leftpad[b]`` on when given: the keys before it are padding, and the keys left are
@@ -659,6 +678,7 @@ def kvcache_forward(
         if n == first or sq == 0:
             continue
         o, s = fa2_forward(q[i:i + 1], keys[:, first:n], values[:, first:n], softmax_scale, causal,
-                           softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, i))
+                           softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, i),
+                           window_size=window_size)
         out[i], lse[i] = o[0], s[0]
     return out, lse

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
-#        [decode] [varlen] [subset] [variants]
+#        [decode] [varlen] [subset] [variants] [window]
 #        (default: tests bench)
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
+# window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
 # subset: pytest $SUBSET (files, -k ...) with -v into $OUT/subset.log (SUBSET_TIMEOUT, default 500 s).
 # sanitize: compute-sanitizer memcheck, racecheck and initcheck over scripts/sanitize_cases.py (every
 # kernel and mode, fwd+bwd, ragged shapes); million: benchmarks/million_tokens.py (1M tokens, one GPU).
@@ -102,6 +103,10 @@ for step in $steps; do
     variants)
       python3 benchmarks/bench_variants.py --json "$OUT/variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v -i warn \
         | tee "$OUT/variants.log"
+      ;;
+    window)
+      python3 benchmarks/bench_window.py --json "$OUT/window.json" ${WINDOW_ARGS:-} 2>&1 | grep -v -i warn \
+        | tee "$OUT/window.log"
       ;;
     varlen)
       python3 benchmarks/bench_varlen.py --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 | grep -v -i warn \

@@ -47,23 +47,29 @@ def assert_flash_rule(name, ours, oracle, pytorch_lowp, dtype, factor=2.0):
     assert err <= bound, f"{name}: max error {err:.3g} > {factor} x pytorch's {ref_err:.3g} + {ATOL[dtype]:g}"
 
 
-def reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale=None, dtype=None, softcap=0.0):
+def reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale=None, dtype=None, softcap=0.0,
+                    alibi_slopes=None, window_size=(-1, -1)):
     """(out, lse, dq, dk, dv) of the naive reference, computed in ``dtype`` (default: the inputs')."""
     dtype = dtype or q.dtype
     qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = attention_ref(qr, kr, vr, softmax_scale, causal, bottom_right, softcap)
+    out, lse = attention_ref(qr, kr, vr, softmax_scale, causal, bottom_right, softcap, alibi_slopes,
+                             window_size)
     dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), dout.to(dtype))
     return out, lse, dq, dk, dv
 
 
 def assert_matches_reference(ours, q, k, v, dout, causal, bottom_right, dtype, oracle_dtype=torch.float64,
-                             softmax_scale=None, softcap=0.0):
-    """``ours`` = (out, lse, dq, dk, dv), or a prefix of it: each within flash-attn's rule of the
-    oracle computed in ``oracle_dtype``, against PyTorch's own error in ``dtype``."""
-    oracle = reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale, oracle_dtype, softcap)
-    lowp = reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale, softcap=softcap)
+                             softmax_scale=None, softcap=0.0, alibi_slopes=None,
+                             window_size=(-1, -1)):
+    """``ours`` = (out, lse, dq, dk, dv), or a prefix of it (None entries skipped): each within
+    flash-attn's rule of the oracle computed in ``oracle_dtype``, against PyTorch's own error in
+    ``dtype``."""
+    variants = dict(softcap=softcap, alibi_slopes=alibi_slopes, window_size=window_size)
+    oracle = reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale, oracle_dtype, **variants)
+    lowp = reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale, **variants)
     for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv"], ours, oracle, lowp):
-        assert_flash_rule(name, a, o, p, dtype)
+        if a is not None:  # None: not checked (e.g. an LSE the caller does not have)
+            assert_flash_rule(name, a, o, p, dtype)
 
 
 @contextlib.contextmanager

@@ -217,7 +217,6 @@ def test_inputs_on_different_devices(no_launch, api):
 
 @pytest.mark.parametrize("kwargs, name", [
     pytest.param({"dropout_p": 0.1}, "dropout_p", id="dropout_p"),
-    pytest.param({"window_size": (4, 0)}, "window_size", id="window_size"),
 ])
 def test_flash_attn_func_unsupported_features(no_launch, kwargs, name):
     q = k = v = _t(1, 4, 2, 8)

@@ -236,7 +236,7 @@ KV_BAD = [
                  id="leftpad-fp32"),
     pytest.param(dict(cache_leftpad=torch.zeros(3, dtype=torch.int32)), ValueError,
                  "cache_leftpad must be 1-D", id="leftpad-size"),
-    pytest.param(dict(window_size=(8, 0)), NotImplementedError, "window_size", id="window-not-yet"),
+    pytest.param(dict(window_size=(-2, 0)), ValueError, "window_size entries must be >= -1", id="window-neg"),
     pytest.param(dict(v_cache=torch.randn(2, 31, 2, 16)), ValueError, "same sequence length",
                  id="cache-shapes"),
 ]

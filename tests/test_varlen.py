@@ -171,7 +171,7 @@ BAD_INPUTS = [  # (overrides, error, words the message must contain)
                  "multiple of key/value heads", id="bad-gqa"),
     pytest.param(dict(block_table=torch.zeros(2, 1, dtype=torch.int32)), ValueError, "k must be 4-D",
                  id="paged-needs-a-paged-cache"),
-    pytest.param(dict(window_size=(4, 0)), NotImplementedError, "window_size", id="window-not-yet"),
+    pytest.param(dict(window_size=(4,)), TypeError, "window_size must be a pair", id="window-one"),
     pytest.param(dict(mode="fa1"), NotImplementedError, "mode='fa1' has no varlen", id="fa1"),
     pytest.param(dict(mode="tiling"), NotImplementedError, "mode='tiling' has no varlen", id="tiling"),
     pytest.param(dict(mode="fa3"), ValueError, "mode must be one of", id="unknown-mode"),

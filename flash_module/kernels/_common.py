@@ -89,6 +89,27 @@ def qk_scale(softmax_scale: float, softcap: float = 0.0) -> tuple[float, float, 
     return (*split_scale(softmax_scale * LOG2E), 0.0, 0.0)
 
 
+#: The bound an unbounded window side gets: wider than any sequence, small enough that
+#: ``row + offset +- bound`` stays inside int32.
+WINDOW_UNBOUNDED = 1 << 30
+
+
+def window_args(window_size: tuple[int, int], causal: bool) -> tuple[int, int, bool, bool]:
+    """``(win_l, win_r, WINDOW, IS_CAUSAL)`` kernel arguments for flash-attn's ``window_size =
+    (left, right)`` (-1 = unbounded) and ``causal``: query i sees keys [i + off - left, i + off +
+    right].  Causal is a window with ``right = 0`` (flash-attn's rule: causal overrides right);
+    without a left bound that is the plain causal kernel, and (-1, -1) is no window at all."""
+    left, right = window_size
+    if causal:
+        right = 0
+    if left < 0 and right < 0:
+        return 0, 0, False, False
+    if left < 0 and right == 0:
+        return 0, 0, False, True
+    bound = (lambda w: w if w >= 0 else WINDOW_UNBOUNDED)
+    return bound(left), bound(right), True, False
+
+
 def alibi_args(alibi_slopes: torch.Tensor | None, like: torch.Tensor) -> tuple:
     """``(Alibi, stride_b, stride_h)`` kernel arguments for fp32 slopes of shape (H,) or (B, H);
     without slopes a stand-in pointer (never read: ``ALIBI`` is off) and zero strides."""
@@ -199,21 +220,36 @@ def store_tile(ptrs, x, rows, n_rows, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def visible(rows, cols, Sk, causal_offset, IS_CAUSAL: tl.constexpr):
+def in_window(rows, cols, causal_offset, win_l, win_r):
+    """The sliding window (flash-attn's ``window_size``): key ``col`` lies in
+    ``[row + causal_offset - win_l, row + causal_offset + win_r]``.  An unbounded side comes as
+    a bound too large to bind (:func:`window_args`)."""
+    diag = rows + causal_offset
+    return (cols >= diag - win_l) & (cols <= diag + win_r)
+
+
+@triton.jit
+def visible(rows, cols, Sk, causal_offset, IS_CAUSAL: tl.constexpr, win_l=0, win_r=0, WINDOW: tl.constexpr = False):
     """True where query ``rows`` may see key ``cols``: the key lies inside Sk and, with causal,
-    ``col <= row + causal_offset``.
+    ``col <= row + causal_offset``; with ``WINDOW`` also inside the window (:func:`in_window`;
+    a causal window comes as ``win_r = 0`` with ``IS_CAUSAL`` off).
 
     ``rows`` and ``cols`` come shaped to broadcast against each other: (M, 1) and (1, N) for a
     score tile, (1, M) and (N, 1) for the transposed tile of the dK/dV pass.  ``Sk=None`` drops
-    the key bound (causal only), for a caller that never stores results of keys past the end.
+    the key bound, for a caller that never stores results of keys past the end.
     """
     if Sk is None:
-        tl.static_assert(IS_CAUSAL, "visible(): Sk=None leaves only the causal bound")
-        ok = cols <= rows + causal_offset
+        tl.static_assert(IS_CAUSAL or WINDOW, "visible(): Sk=None leaves only the causal or window bound")
+        if WINDOW:
+            ok = in_window(rows, cols, causal_offset, win_l, win_r)
+        else:
+            ok = cols <= rows + causal_offset
     else:
         ok = cols < Sk
         if IS_CAUSAL:
             ok = ok & (cols <= rows + causal_offset)
+        if WINDOW:
+            ok = ok & in_window(rows, cols, causal_offset, win_l, win_r)
     return ok
 
 
@@ -326,8 +362,8 @@ def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
 
 @triton.jit
 def attend_block(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """FA2's inner-loop body: fold the key block ``cols`` (its K/V tiles at ``k_ptrs`` /
     ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``."""
@@ -336,7 +372,8 @@ def attend_block(
     s, _ = cap(s, cap2, cap2_lo, SOFTCAP)
     s = alibi(s, slope2[:, None], rows[:, None], cols[None, :], causal_offset, ALIBI)  # slope2: (BLOCK_M,)
     if MASKED:
-        s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), s, float("-inf"))
+        s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW), s,
+                     float("-inf"))
     p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
     acc = acc * alpha[:, None]
     v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
@@ -347,8 +384,8 @@ def attend_block(
 @triton.jit
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """FA2's inner loop: fold key blocks [n_start, n_end) into the running (acc, l, m) of the
     query rows ``rows``.  ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key
@@ -356,8 +393,8 @@ def attend_kv(
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_start, n_end, BLOCK_N):
-        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset,
-                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI)
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset, win_l, win_r,
+                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
@@ -386,9 +423,9 @@ def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_
 @triton.jit
 def attend_keys(
     acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """Key blocks [n_start, n_end) of a head whose keys start at ``K_head``/``V_head``: contiguous
     (:func:`attend_kv`), or with ``PAGED`` a paged cache (``K_head``/``V_head``: the head's row 0
@@ -407,26 +444,27 @@ def attend_keys(
             v_ptrs = page_tile_ptrs(V_head, Pages, start_n, cols, stride_vpage, stride_vs, num_pages, PAGE,
                                     BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk,
-                                         causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
-                                         SOFTCAP, ALIBI)
+                                         causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
+                                         SOFTCAP, ALIBI, WINDOW)
     else:
         acc, l_i, m_i = attend_kv(
             acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
             tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-            rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
-            SOFTCAP, ALIBI)
+            rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
+            SOFTCAP, ALIBI, WINDOW)
     return acc, l_i, m_i
 
 
 @triton.jit
 def attend_rows(
-    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     Pages, stride_kpage, stride_vpage, num_pages, n_table,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, the full key
-    blocks of :func:`kv_range` without masks, then the diagonal / ragged ones masked.
+    """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, in
+    :func:`kv_range`'s order: the window's left edge masked, the full key blocks without masks,
+    then the diagonal / ragged ones masked.
     ``K_head``/``V_head`` point at the head's key 0 or, with ``PAGED``, at its row 0 of page 0
     of a paged cache whose pages for these keys are ``Pages`` (:func:`attend_keys`)."""
     BLOCK_M: tl.constexpr = q.shape[0]
@@ -434,62 +472,97 @@ def attend_rows(
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)  # unnormalised O
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)  # running sum of exp2(s - m)
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)  # running max (log2 domain)
-    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    for part in tl.static_range(2):  # keys [0, n_full) unmasked, then [n_full, hi) masked
-        if part == 0:
-            n0, n1 = 0, n_full
-        else:
-            n0, n1 = n_full, hi
-        acc, l_i, m_i = attend_keys(
-            acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
-            n_table, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part == 1,
-            IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI)
+    n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
+    for part in tl.static_range(3):  # keys [n0, n1) masked (window only), [n1, n2) unmasked, [n2, n3) masked
+        if WINDOW or part > 0:
+            if part == 0:
+                a, b = n0, n1
+            elif part == 1:
+                a, b = n1, n2
+            else:
+                a, b = n2, n3
+            acc, l_i, m_i = attend_keys(
+                acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
+                n_table, rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale,
+                qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP,
+                ALIBI, WINDOW)
     return acc, l_i, m_i
 
 
 @triton.jit
-def kv_range(start_m, Sk, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             IS_CAUSAL: tl.constexpr):
-    """Key range of the query block [start_m, start_m + BLOCK_M): returns (n_full, hi).
+def kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Key ranges of the query block [start_m, start_m + BLOCK_M): ``(n0, n1, n2, n3)``.
 
-    Keys in [0, n_full) are visible to every row of the block and lie inside Sk, so that loop
-    needs no mask; keys in [n_full, hi) need the visibility mask; keys >= hi are invisible.
+    Keys in [n1, n2) are visible to every row of the block and lie inside Sk, so that loop
+    needs no mask; [n0, n1) (the window's left edge) and [n2, n3) (the diagonal, the window's
+    right edge, the ragged end) need the visibility mask; keys outside [n0, n3) are invisible to
+    every row and are skipped.  n0, n1 and n2 are multiples of BLOCK_N (or equal to n3).
+    Without ``WINDOW``, n0 = n1 = 0.
     """
     even_end = (Sk // BLOCK_N) * BLOCK_N
-    if IS_CAUSAL:
+    if WINDOW:
+        # Row r sees keys [r + off - win_l, r + off + win_r]: the block's first row sets the
+        # lowest and the fully visible right end, its last row the highest and the fully
+        # visible left end.
+        first_row = start_m + causal_offset
+        last_row = start_m + BLOCK_M - 1 + causal_offset
+        n0 = (tl.maximum(first_row - win_l, 0) // BLOCK_N) * BLOCK_N
+        n3 = tl.maximum(tl.minimum(Sk, last_row + win_r + 1), n0)
+        n1 = tl.minimum(((tl.maximum(last_row - win_l, 0) + BLOCK_N - 1) // BLOCK_N) * BLOCK_N, n3)
+        n2 = tl.minimum((tl.maximum(first_row + win_r + 1, 0) // BLOCK_N) * BLOCK_N, even_end)
+        n2 = tl.maximum(n2, n1)  # a window narrower than a block: no unmasked part
+    elif IS_CAUSAL:
+        n0 = 0
+        n1 = 0
         # Last key any row of the block may see is start_m + BLOCK_M - 1 + causal_offset.
-        hi = tl.minimum(Sk, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
+        n3 = tl.minimum(Sk, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
         # A key block [n, n + BLOCK_N) is fully visible iff n + BLOCK_N - 1 <= start_m + offset.
-        n_full = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
-        n_full = tl.minimum(n_full, even_end)
+        n2 = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
+        n2 = tl.minimum(n2, even_end)
     else:
-        hi = Sk
-        n_full = even_end
-    return n_full, hi
+        n0 = 0
+        n1 = 0
+        n3 = Sk
+        n2 = even_end
+    return n0, n1, n2, n3
 
 
 @triton.jit
-def q_range(start_n, Sq, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            IS_CAUSAL: tl.constexpr):
-    """Query ranges that see the key block [start_n, start_n + BLOCK_N): (lo, m_full, even_end).
+def q_range(start_n, Sq, causal_offset, win_l, win_r, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            IS_CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query ranges that see the key block [start_n, start_n + BLOCK_N): ``(m0, m1, m2, m3)``.
 
-    Rows in [lo, m_full) straddle the diagonal (causal mask needed); rows in
-    [m_full, even_end) see the whole key block and are full tiles (no mask); rows in
-    [max(m_full, even_end), Sq) are the partial last tile (load masks needed).
-    All three bounds are multiples of BLOCK_M.
+    Rows in [m1, m2) see the whole key block and are full tiles (no mask); rows in [m0, m1)
+    (the diagonal, the window's right edge) and [m2, m3) (the window's left edge, the partial
+    last tile) need masks; other rows see none of the block.  m0, m1 and m2 are multiples of
+    BLOCK_M (or equal to m3).
     """
     even_end = (Sq // BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
+    if WINDOW:
+        # Row i sees key j iff j - off - win_r <= i <= j - off + win_l.
+        first_key = start_n - causal_offset
+        last_key = start_n + BLOCK_N - 1 - causal_offset
+        m0 = (tl.maximum(first_key - win_r, 0) // BLOCK_M) * BLOCK_M
+        m3 = tl.maximum(tl.minimum(Sq, last_key + win_l + 1), m0)
+        m1 = tl.minimum(((tl.maximum(last_key - win_r, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m3)
+        m2 = tl.minimum((tl.maximum(first_key + win_l + 1, 0) // BLOCK_M) * BLOCK_M, even_end)
+        m2 = tl.maximum(m2, m1)
+    elif IS_CAUSAL:
         # Row i sees key j iff i >= j - causal_offset.
-        lo = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
-        lo = tl.minimum(lo, ((Sq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        m0 = (tl.maximum(start_n - causal_offset, 0) // BLOCK_M) * BLOCK_M
+        m0 = tl.minimum(m0, ((Sq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
         first_full = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)
-        m_full = ((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
-        m_full = tl.maximum(m_full, lo)
+        m_full = tl.maximum(((first_full + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, m0)
+        m1 = tl.minimum(m_full, ((Sq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+        m2 = tl.maximum(m1, even_end)
+        m3 = Sq
     else:
-        lo = 0
-        m_full = 0
-    return lo, m_full, even_end
+        m0 = 0
+        m1 = 0
+        m2 = even_end
+        m3 = Sq
+    return m0, m1, m2, m3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,8 +700,8 @@ def probs(s, lse2, lse2_lo, q):
 @triton.jit
 def dkdv_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, m_start, m_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    cols, m_start, m_end, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
     ``q_ptrs``/``do_ptrs`` point at the (BLOCK_M, BLOCK_D) tile of row ``m_start``;
@@ -644,8 +717,9 @@ def dkdv_loop(
         s_t = alibi(s_t, slope2, rows[None, :], cols[:, None], causal_offset, ALIBI)  # one head: a scalar
         p_t = probs(s_t, lse2[None, :], lse2_lo[None, :], q)  # P^T
         if MASKED:
-            if IS_CAUSAL:  # keys past Sk need no mask here: their dK/dV rows are never stored
-                p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, True), p_t, 0.0)
+            if IS_CAUSAL or WINDOW:  # keys past Sk need no mask here: their dK/dV rows are never stored
+                p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, IS_CAUSAL, win_l, win_r,
+                                       WINDOW), p_t, 0.0)
         dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
         dp_t = mma(v, tl.trans(do), tl.zeros(p_t.shape, dk.dtype))  # (BLOCK_N, BLOCK_M) = dP^T
         ds_t = p_t * (dp_t - delta[None, :])  # dS^T
@@ -660,8 +734,8 @@ def dkdv_loop(
 @triton.jit
 def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-    rows, n_start, n_end, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows``.
     ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key ``n_start``."""
@@ -675,7 +749,8 @@ def dq_loop(
         s = alibi(s, slope2, rows[:, None], cols[None, :], causal_offset, ALIBI)  # one head: a scalar
         p = probs(s, lse2[:, None], lse2_lo[:, None], q)  # (M, N)
         if MASKED:
-            p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL), p, 0.0)
+            p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW),
+                         p, 0.0)
         dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
@@ -689,39 +764,36 @@ def dq_loop(
 @triton.jit
 def dkdv_head(
     dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, lo, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    cols, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """One query head's part of a key block's dK/dV, over :func:`q_range`'s ranges: the
-    diagonal tiles (causal mask), the full tiles (no mask), then the ragged last tile.
-    ``Q_head``/``DO_head`` point at the head's row 0."""
+    diagonal tiles (masked), the full tiles (no mask), then the window's left edge and the
+    ragged last tile (masked).  ``Q_head``/``DO_head`` point at the head's row 0."""
     BLOCK_D: tl.constexpr = k.shape[1]
-    diag_end = tl.minimum(m_full, ((Sq + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
-    tail_start = tl.maximum(m_full, even_end)
-    dk, dv = dkdv_loop(
-        dk, dv, k, v, tile_ptrs(Q_head, lo, stride_qs, BLOCK_M, BLOCK_D),
-        tile_ptrs(DO_head, lo, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-        cols, lo, diag_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
-    dk, dv = dkdv_loop(
-        dk, dv, k, v, tile_ptrs(Q_head, m_full, stride_qs, BLOCK_M, BLOCK_D),
-        tile_ptrs(DO_head, m_full, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-        cols, m_full, even_end, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, False, IS_CAUSAL,
-        SOFTCAP, ALIBI)
-    dk, dv = dkdv_loop(
-        dk, dv, k, v, tile_ptrs(Q_head, tail_start, stride_qs, BLOCK_M, BLOCK_D),
-        tile_ptrs(DO_head, tail_start, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head,
-        stats_stride, cols, tail_start, Sq, Sq, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, True,
-        IS_CAUSAL, SOFTCAP, ALIBI)
+    for part in tl.static_range(3):
+        if part == 0:
+            a, b = m0, m1
+        elif part == 1:
+            a, b = m1, m2
+        else:
+            a, b = m2, m3
+        dk, dv = dkdv_loop(
+            dk, dv, k, v, tile_ptrs(Q_head, a, stride_qs, BLOCK_M, BLOCK_D),
+            tile_ptrs(DO_head, a, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
+            cols, a, b, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM,
+            part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
     return dk, dv
 
 
 @triton.jit
 def dkdv_block(
     K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
-    stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset,
+    stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset, win_l, win_r,
     qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """A key block's dK/dV (dense and varlen kernels): load it, sum every query head of its
     group in registers (:func:`dkdv_head`), scale dK, store both.  ``*_seq`` point at the
@@ -732,14 +804,14 @@ def dkdv_block(
     v = load_tile(tile_ptrs(V_head, start_n, stride_vs, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, BLOCK_D], ACC_DTYPE)
-    lo, m_full, even_end = q_range(start_n, Sq, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    m0, m1, m2, m3 = q_range(start_n, Sq, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     for g in range(GROUP):  # the query heads that share this K/V head, summed in order
         off_h = off_hkv * GROUP + g
         slope2 = head_slope(Alibi_b, off_h, stride_ah, ACC_DTYPE, ALIBI)
         dk, dv = dkdv_head(
             dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
-            Stats_seq + off_h * 3 * stats_len, stats_len, cols, lo, m_full, even_end, Sq, causal_offset,
-            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI)
+            Stats_seq + off_h * 3 * stats_len, stats_len, cols, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r,
+            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DK_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
     store_tile(tile_ptrs(DV_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
@@ -748,27 +820,34 @@ def dkdv_block(
 @triton.jit
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-    rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
-    """A query block's dQ over :func:`kv_range`'s ranges: keys [0, n_full) without masks, then
-    [n_full, hi) masked.  ``K_head``/``V_head`` point at the head's key 0."""
+    """A query block's dQ over :func:`kv_range`'s ranges: keys [n0, n1) masked (window only),
+    [n1, n2) without masks, then [n2, n3) masked.  ``K_head``/``V_head`` point at the head's key 0."""
     BLOCK_D: tl.constexpr = q.shape[1]
-    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, 0, stride_ks, BLOCK_N, BLOCK_D),
-                 tile_ptrs(V_head, 0, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                 rows, 0, n_full, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, False, IS_CAUSAL, SOFTCAP, ALIBI)
-    dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, n_full, stride_ks, BLOCK_N, BLOCK_D),
-                 tile_ptrs(V_head, n_full, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, True, IS_CAUSAL, SOFTCAP, ALIBI)
+    for part in tl.static_range(3):
+        if WINDOW or part > 0:
+            if part == 0:
+                a, b = n0, n1
+            elif part == 1:
+                a, b = n1, n2
+            else:
+                a, b = n2, n3
+            dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, a, stride_ks, BLOCK_N, BLOCK_D),
+                         tile_ptrs(V_head, a, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
+                         rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
     return dq
 
 
 @triton.jit
 def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
-    stride_dqs, start_m, Sq, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
+    stride_dqs, start_m, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """A query block's whole dQ (dense and varlen kernels): load Q, dO and the rows' statistics,
     :func:`dq_rows`, scale, store.  ``*_head`` point at the head's row 0 / key 0; DQ rows are
@@ -778,9 +857,9 @@ def dq_block(
     do = load_tile(tile_ptrs(DO_head, start_m, stride_dos, BLOCK_M, BLOCK_D), rows, Sq, HEAD_DIM, True)
     lse2, lse2_lo, delta = row_stats(Stats_head, stats_len, rows, Sq, q, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-                 rows, n_full, hi, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
-                 SOFTCAP, ALIBI)
+                 rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                 SOFTCAP, ALIBI, WINDOW)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

@@ -41,11 +41,11 @@ def _split_kv_fwd_kernel(
     Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab,
-    stride_ah, chunk, part_stride,
+    stride_ah, chunk, part_stride, win_l, win_r,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr,
-    HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
     result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
@@ -108,18 +108,22 @@ def _split_kv_fwd_kernel(
     # The row block's key ranges (as in FA2), intersected with this split's chunk.  (Packed
     # rows span positions [0, Sq) <= BLOCK_M, so kv_range's bounds still cover them; the
     # masked loop applies the exact per-row mask.)
-    n_full, hi = kv_range(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    c_lo = split * chunk
+    n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
+    c_lo = n0 + split * chunk  # chunks tile [n0, n3): with a window, only the keys it spans
     c_hi = c_lo + chunk
-    for part in tl.static_range(2):  # the unmasked part of the chunk, then the masked part
-        if part == 0:
-            n0, n1 = tl.minimum(c_lo, n_full), tl.minimum(c_hi, n_full)
-        else:
-            n0, n1 = tl.maximum(c_lo, n_full), tl.minimum(c_hi, hi)
-        acc, l_i, m_i = attend_keys(
-            acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
-            stride_vb, num_kv_rows, capacity, rows, n0, n1, Sk, causal_offset, qk_scale, qk_scale_lo, cap2, cap2_lo,
-            slope2, HEAD_DIM, BLOCK_N, part == 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI)
+    for part in tl.static_range(3):  # each range of kv_range (masked, unmasked, masked) within the chunk
+        if WINDOW or part > 0:
+            if part == 0:
+                a, b = n0, n1
+            elif part == 1:
+                a, b = n1, n2
+            else:
+                a, b = n2, n3
+            acc, l_i, m_i = attend_keys(
+                acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
+                stride_vb, num_kv_rows, capacity, rows, tl.maximum(a, c_lo), tl.minimum(b, c_hi), Sk, causal_offset,
+                win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL,
+                PAGED, PAGE, SOFTCAP, ALIBI, WINDOW)
 
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     lse_rows = (off_b * H + head) * Sq + rows  # (B, H, Sq) row index
@@ -201,20 +205,21 @@ def auto_num_splits(programs: int, sk: int, block_n: int, device: torch.device) 
 def split_kv_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
     causal_offset: int, num_splits: int = 0, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV forward; same contract as :func:`.fa2_fwd.fa2_forward`.
 
     ``num_splits=0`` picks the count from the SM count, B·H·cdiv(Sq, BLOCK_M) and Sk.
     """
     return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, softcap=softcap,
-                     alibi_slopes=alibi_slopes)
+                     alibi_slopes=alibi_slopes, window_size=window_size)
 
 
 def split_kv_cache_forward(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
     num_splits: int = 0, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention of q (B, Sq, H, D) over a KV cache: contiguous (B_cache, S_cache, H_kv,
     D) with rows ``cache_batch_idx[b]``, or paged (num_pages, page, H_kv, D) through
@@ -224,11 +229,11 @@ def split_kv_cache_forward(
     cover the cache's capacity (a shape), so a chunk past a sequence's length does no work."""
     return _split_kv(q, k_cache, v_cache, softmax_scale, causal, 0, num_splits,
                      cache=(cache_seqlens, cache_batch_idx, block_table, cache_leftpad), softcap=softcap,
-                     alibi_slopes=alibi_slopes)
+                     alibi_slopes=alibi_slopes, window_size=window_size)
 
 
 def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None, softcap=0.0,
-              alibi_slopes=None):
+              alibi_slopes=None, window_size=(-1, -1)):
     b, sq, h, d = q.shape
     h_kv = k.shape[2]
     seqlens, batch_idx, table, leftpad = cache if cache is not None else (None, None, None, None)
@@ -244,11 +249,15 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
     block_m = max(16, next_power_of_2(sq * group)) if pack else cfg.block_m
     m_blocks = 1 if pack else cdiv(sq, block_m)
     heads = h_kv if pack else h
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
+    # Keys one row block can see: all of them, or with a window at most its width plus the
+    # block's rows and one block of alignment (the kernel's chunks start at the block's first).
+    span = min(sk, block_m + win_l + win_r + block_n) if window else sk
     if num_splits <= 0:
-        num_splits = auto_num_splits(m_blocks * b * heads, sk, block_n, q.device)
+        num_splits = auto_num_splits(m_blocks * b * heads, span, block_n, q.device)
     # Chunks are whole key blocks, so the unmasked/masked split of each chunk stays aligned.
-    chunk = cdiv(cdiv(max(sk, 1), num_splits), block_n) * block_n
-    num_splits = cdiv(max(sk, 1), chunk)
+    chunk = cdiv(cdiv(max(span, 1), num_splits), block_n) * block_n
+    num_splits = cdiv(max(span, 1), chunk)
     out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     direct = num_splits == 1  # the kernel writes out and lse itself: no partials, no merge
@@ -265,10 +274,10 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
         table.stride(0) if paged else 0,
         h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale, softcap),
         *_common.alibi_args(alibi_slopes, q), chunk,
-        b * h * sq,
+        b * h * sq, win_l, win_r,
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
         CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page, DIRECT=direct,
-        HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None,
+        HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_common.kernel_flags(q),
     )

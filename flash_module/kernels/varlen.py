@@ -110,9 +110,10 @@ def _varlen_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BlockTable,
     stride_qs, stride_qh, stride_kpage, stride_ks, stride_kh, stride_vpage, stride_vs, stride_vh, stride_bt,
     B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
+    win_l, win_r,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """Varlen forward.  With ``PAGED``, K/V are a paged cache (num_pages, PAGE, H_kv, D): key
     ``n`` of sequence ``b`` is row ``n % PAGE`` of page ``BlockTable[b, n // PAGE]``; the key
@@ -137,9 +138,9 @@ def _varlen_fwd_kernel(
 
         slope2 = head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI) + tl.zeros([BLOCK_M], ACC_DTYPE)
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
-                                    qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, BlockTable + b * stride_bt, stride_kpage,
-                                    stride_vpage, num_pages, n_table, HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE,
-                                    PAGED, PAGE, SOFTCAP, ALIBI)
+                                    win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+                                    BlockTable + b * stride_bt, stride_kpage, stride_vpage, num_pages, n_table,
+                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW)
 
         l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
         # Out is a new contiguous (Tq, H, D) tensor, Lse a contiguous (H, Tq) one.
@@ -153,10 +154,10 @@ def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo,
+    sm_scale, sm_scale_lo, win_l, win_r,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """dK/dV of one key block of one sequence (work list over key blocks), every query head of
     its group summed in registers; the loops are FA2's (:func:`._common.dkdv_loop`)."""
@@ -169,9 +170,9 @@ def _varlen_bwd_dkdv_kernel(
             K + k_start * stride_ks + off_hkv * stride_kh, V + k_start * stride_vs + off_hkv * stride_vh,
             Q + q_start * stride_qs, DO + q_start * stride_dos, seq_stats(Stats, CuStats, b, 0, stats_len),
             DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
-            stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, qk_scale,
+            stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, win_l, win_r, qk_scale,
             qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N,
-            BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI)
+            BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW)
 
 
 @triton.jit
@@ -179,10 +180,10 @@ def _varlen_bwd_dq_kernel(
     Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo,
+    sm_scale, sm_scale_lo, win_l, win_r,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """dQ of one query block of one sequence (work list over query blocks, as the forward)."""
     off_h = tl.program_id(1).to(tl.int64)
@@ -195,9 +196,9 @@ def _varlen_bwd_dq_kernel(
             seq_stats(Stats, CuStats, b, off_h, stats_len), K + k_start * stride_ks + off_hkv * stride_kh,
             V + k_start * stride_vs + off_hkv * stride_vh, DQ + (q_start * H + off_h) * HEAD_DIM,  # contiguous
             stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
-            len_k - len_q, qk_scale, qk_scale_lo, cap2, cap2_lo,
+            len_k - len_q, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo,
             head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo, HEAD_DIM,
-            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI)
+            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW)
 
 
 def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
@@ -220,8 +221,9 @@ def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Varlen FA2 forward.  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
+    """Varlen FA2 forward (``window_size`` per sequence, bottom-right aligned like causal).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
     cu_seqlens_q/k (B + 1,) int32 on q's device; ``seqused_k`` (B,) int32 or None: sequence
     ``b`` uses only its first ``seqused_k[b]`` keys.  ``block_table`` (B, pages_per_seq) int32
     or None: k/v are a paged cache (num_pages, page, H_kv, D) and sequence ``b``'s keys are its
@@ -240,6 +242,7 @@ def varlen_forward(
     kv_strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)) if paged else \
         (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
     cfg = fwd_config(q.dtype, d, causal, q.device)
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
     out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     programs = cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
@@ -249,9 +252,9 @@ def varlen_forward(
         q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m), block_table if paged else cu_seqlens_k,
         q.stride(0), q.stride(1), *kv_strides, block_table.stride(0) if paged else 0,
         b, h, h // h_kv, tq, tk, k.shape[0], n_table, *_common.qk_scale(softmax_scale, softcap),
-        *_common.alibi_args(alibi_slopes, q),
+        *_common.alibi_args(alibi_slopes, q), win_l, win_r,
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        PAGED=paged, PAGE=page, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PAGED=paged, PAGE=page, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **flags, **_common.kernel_flags(q),
     )
     return out, lse
@@ -278,7 +281,7 @@ def varlen_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
     seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None,
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen FA2 backward from :func:`varlen_forward`'s ``(out, lse)``; ``dout`` like ``out``,
     ``dlse`` (H, Tq) or None: a gradient flowing into ``lse``.
@@ -297,12 +300,13 @@ def varlen_backward(
         return dq, dk, dv
     stats, cu_stats = _varlen_preprocess(out, dout, lse, dlse, cu_seqlens_q, flags)
     dkdv_cfg, dq_cfg = bwd_configs(q.dtype, d, q.device)
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
     scales = (*_common.qk_scale(softmax_scale, softcap), *_common.alibi_args(alibi_slopes, q),
-              *_common.split_scale(softmax_scale))
+              *_common.split_scale(softmax_scale), win_l, win_r)
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-                  ALIBI=alibi_slopes is not None, **flags,
+                  ALIBI=alibi_slopes is not None, WINDOW=window, **flags,
                   **_common.kernel_flags(q))
     if tk > 0:
         _varlen_bwd_dkdv_kernel[(cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
