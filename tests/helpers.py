@@ -84,3 +84,17 @@ def example_module(name: str) -> Iterator[object]:
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def assert_compiles_like_eager(f, *inputs, grads: bool = True) -> None:
+    """``torch.compile(f, fullgraph=True)`` (aot_eager) gives f's result on ``inputs`` and, with
+    ``grads``, the same gradients for a random cotangent."""
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    want = f(*inputs)
+    got = compiled(*inputs)
+    torch.testing.assert_close(got, want)
+    if grads:
+        g = torch.randn_like(want)
+        for a, b in zip(torch.autograd.grad(got, inputs, g), torch.autograd.grad(want, inputs, g)):
+            torch.testing.assert_close(a, b)

@@ -14,7 +14,7 @@ import flash_module as fm
 from flash_module import ops
 from flash_module.reference import attention_ref
 
-from .helpers import assert_flash_rule, max_err
+from .helpers import assert_compiles_like_eager, assert_flash_rule, max_err
 
 IMPLS = ["triton", "torch"]
 
@@ -147,7 +147,4 @@ def test_alibi_opcheck_and_compile(device):
     def f(q, k, v):
         return fm.flash_attn_func(q, k, v, causal=True, alibi_slopes=slopes)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    want = f(q, k, v)
-    torch.testing.assert_close(compiled(q, k, v), want)
+    assert_compiles_like_eager(f, q, k, v)

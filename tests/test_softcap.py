@@ -12,7 +12,7 @@ import flash_module as fm
 from flash_module import ops
 from flash_module.reference import attention_ref
 
-from .helpers import assert_flash_rule, assert_matches_reference, make_qkv
+from .helpers import assert_compiles_like_eager, assert_flash_rule, assert_matches_reference, make_qkv
 
 IMPLS = ["triton", "torch"]
 
@@ -132,14 +132,7 @@ def test_softcap_opcheck_and_compile(device):
     def f(q, k, v):
         return fm.flash_attn_func(q, k, v, causal=True, softcap=3.0)
 
-    torch._dynamo.reset()
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
-    want = f(q, k, v)
-    got = compiled(q, k, v)
-    torch.testing.assert_close(got, want)
-    g = torch.randn_like(want)
-    for a, b_ in zip(torch.autograd.grad(got, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g)):
-        torch.testing.assert_close(a, b_)
+    assert_compiles_like_eager(f, q, k, v)
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])

@@ -475,18 +475,25 @@ def attend_rows(
     n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     for part in tl.static_range(3):  # keys [n0, n1) masked (window only), [n1, n2) unmasked, [n2, n3) masked
         if WINDOW or part > 0:
-            if part == 0:
-                a, b = n0, n1
-            elif part == 1:
-                a, b = n1, n2
-            else:
-                a, b = n2, n3
+            a, b = range_part(part, n0, n1, n2, n3)
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
                 n_table, rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale,
                 qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP,
                 ALIBI, WINDOW)
     return acc, l_i, m_i
+
+
+@triton.jit
+def range_part(part: tl.constexpr, r0, r1, r2, r3):
+    """Part ``part`` (0, 1 or 2) of :func:`kv_range` / :func:`q_range`'s three ranges:
+    ``[r0, r1)``, ``[r1, r2)`` or ``[r2, r3)``."""
+    if part == 0:
+        return r0, r1
+    elif part == 1:
+        return r1, r2
+    else:
+        return r2, r3
 
 
 @triton.jit
@@ -773,12 +780,7 @@ def dkdv_head(
     ragged last tile (masked).  ``Q_head``/``DO_head`` point at the head's row 0."""
     BLOCK_D: tl.constexpr = k.shape[1]
     for part in tl.static_range(3):
-        if part == 0:
-            a, b = m0, m1
-        elif part == 1:
-            a, b = m1, m2
-        else:
-            a, b = m2, m3
+        a, b = range_part(part, m0, m1, m2, m3)
         dk, dv = dkdv_loop(
             dk, dv, k, v, tile_ptrs(Q_head, a, stride_qs, BLOCK_M, BLOCK_D),
             tile_ptrs(DO_head, a, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
@@ -829,12 +831,7 @@ def dq_rows(
     BLOCK_D: tl.constexpr = q.shape[1]
     for part in tl.static_range(3):
         if WINDOW or part > 0:
-            if part == 0:
-                a, b = n0, n1
-            elif part == 1:
-                a, b = n1, n2
-            else:
-                a, b = n2, n3
+            a, b = range_part(part, n0, n1, n2, n3)
             dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, a, stride_ks, BLOCK_N, BLOCK_D),
                          tile_ptrs(V_head, a, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                          rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,

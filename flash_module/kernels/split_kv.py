@@ -32,6 +32,7 @@ from ._common import (
     load_tile,
     lse_epilogue,
     program_bh,
+    range_part,
     tile_ptrs,
 )
 
@@ -113,12 +114,7 @@ def _split_kv_fwd_kernel(
     c_hi = c_lo + chunk
     for part in tl.static_range(3):  # each range of kv_range (masked, unmasked, masked) within the chunk
         if WINDOW or part > 0:
-            if part == 0:
-                a, b = n0, n1
-            elif part == 1:
-                a, b = n1, n2
-            else:
-                a, b = n2, n3
+            a, b = range_part(part, n0, n1, n2, n3)
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
                 stride_vb, num_kv_rows, capacity, rows, tl.maximum(a, c_lo), tl.minimum(b, c_hi), Sk, causal_offset,
