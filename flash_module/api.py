@@ -139,6 +139,20 @@ def _check_alibi(alibi_slopes: Tensor | None, q: Tensor, batch: int, heads: int)
         raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
 
 
+def _check_sink(learnable_sink: object, q: Tensor, heads: int) -> None:
+    """Attention-sink logits: a floating (nheads,) tensor on q's device (any float dtype; the
+    kernels read it in fp32 or wider, and its gradient comes back in its dtype)."""
+    if learnable_sink is None:
+        return
+    if not isinstance(learnable_sink, Tensor):
+        raise TypeError(f"learnable_sink must be a torch.Tensor or None, got {type(learnable_sink).__name__}")
+    if not learnable_sink.is_floating_point() or tuple(learnable_sink.shape) != (heads,):
+        raise ValueError(f"learnable_sink must be a floating (nheads,) = ({heads},) tensor, got "
+                         f"{learnable_sink.dtype} {tuple(learnable_sink.shape)}")
+    if learnable_sink.device != q.device:
+        raise ValueError(f"learnable_sink must be on q's device {q.device}, got {learnable_sink.device}")
+
+
 def _check_no_functorch_grad() -> None:
     """torch.func.grad / jvp (and jacrev, hessian, ...) cannot see through the custom ops' autograd:
     say so instead of torch's internal error (torch.vmap works)."""
@@ -167,6 +181,7 @@ def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
     mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
     alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+    learnable_sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float]:
     """Run the op on validated bshd views. Returns (out, lse, scale)."""
     mode, impl = ops.check_mode(mode, impl)  # a mode without a variant raises in its op (ops._no_variants)
@@ -176,7 +191,8 @@ def _attention(
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
     out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
-                        float(softcap), alibi_slopes, int(window_size[0]), int(window_size[1]))
+                        float(softcap), alibi_slopes, int(window_size[0]), int(window_size[1]),
+                        learnable_sink)
     return out, lse, scale
 
 
@@ -202,6 +218,7 @@ def flash_attn_func(
     mode: str = "fa2",
     impl: str = "auto",
     num_splits: int = 0,
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """flash-attn 2.x's ``flash_attn_func``: softmax(q k^T * scale) v on (B, S, H, D) tensors.
 
@@ -236,6 +253,12 @@ def flash_attn_func(
             the right side is 0).  Key blocks outside every row's window are skipped, so the
             cost grows with the window, not with Sk.  Rows whose window holds no key give 0
             (LSE -inf).  Not in ``mode="fa1"``.
+        learnable_sink: (nheads,) floating tensor or None: attention sinks (gpt-oss; FA4's
+            argument): head h's logit joins the softmax denominator of every row, in the same
+            domain as the scaled (capped, biased) scores, and attends to no value, so each row's
+            probabilities sum to less than 1 and ``softmax_lse`` includes it.  Its gradient is
+            returned when it requires grad.  Composes with window, softcap, ALiBi, GQA.  Not in
+            ``mode="fa1"``.
         dropout_p: not implemented yet (must be 0; anything else raises NotImplementedError).
 
     Returns:
@@ -247,8 +270,9 @@ def flash_attn_func(
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
+    _check_sink(learnable_sink, q, q.shape[2])
     out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
-                                 alibi_slopes, tuple(window_size))
+                                 alibi_slopes, tuple(window_size), learnable_sink)
     if not return_attn_probs:
         return out
     with torch.no_grad():
@@ -272,6 +296,7 @@ def flash_attn_qkvpacked_func(
     mode: str = "fa2",
     impl: str = "auto",
     num_splits: int = 0,
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` on a packed (batch, seqlen, 3, nheads, headdim) tensor (no copies)."""
     if not isinstance(qkv, Tensor):
@@ -282,7 +307,7 @@ def flash_attn_qkvpacked_func(
     q, k, v = qkv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs, mode=mode, impl=impl,
-                           num_splits=num_splits)
+                           num_splits=num_splits, learnable_sink=learnable_sink)
 
 
 def flash_attn_kvpacked_func(
@@ -300,6 +325,7 @@ def flash_attn_kvpacked_func(
     mode: str = "fa2",
     impl: str = "auto",
     num_splits: int = 0,
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """``flash_attn_func`` with a packed (batch, seqlen_k, 2, nheads_k, headdim) K/V (no copies)."""
     if not isinstance(kv, Tensor):
@@ -310,7 +336,7 @@ def flash_attn_kvpacked_func(
     k, v = kv.unbind(dim=2)
     return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                            alibi_slopes, deterministic, return_attn_probs, mode=mode, impl=impl,
-                           num_splits=num_splits)
+                           num_splits=num_splits, learnable_sink=learnable_sink)
 
 
 # -- varlen: packed variable-length sequences ----------------------------------------------------
@@ -390,6 +416,7 @@ def flash_attn_varlen_func(
     seqused_k: Tensor | None = None,
     mode: str = "fa2",
     impl: str = "auto",
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """flash-attn 2.x's ``flash_attn_varlen_func``: attention over B sequences of different
     lengths packed back to back, with no padding.
@@ -422,6 +449,7 @@ def flash_attn_varlen_func(
         deterministic: accepted; the backward is always deterministic.
         softcap, alibi_slopes, window_size: as in :func:`flash_attn_func` (forward and backward;
             (batch, nheads) slopes per sequence; the window is aligned per sequence, like causal).
+        learnable_sink: as in :func:`flash_attn_func` (gradient included).
         dropout_p: not implemented yet (NotImplementedError unless 0).
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
@@ -452,6 +480,7 @@ def flash_attn_varlen_func(
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1, q.shape[1])
+    _check_sink(learnable_sink, q, q.shape[1])
     if block_table is not None:
         _check_index_tensor("block_table", block_table, q, "(batch, pages_per_seq)", cu_seqlens_q.numel() - 1,
                             dim=2)
@@ -473,7 +502,7 @@ def flash_attn_varlen_func(
     ops.resolve_impl(q, impl)
     out, lse = ops.call(ops.varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal),
                         mode, impl, block_table, float(softcap), alibi_slopes, int(window_size[0]),
-                        int(window_size[1]))
+                        int(window_size[1]), learnable_sink)
     if not return_attn_probs:
         return out
     with torch.no_grad():
@@ -497,6 +526,7 @@ def flash_attn_varlen_qkvpacked_func(
     *,
     mode: str = "fa2",
     impl: str = "auto",
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attn_varlen_func` (self-attention) on a packed (total, 3, nheads, headdim)
     tensor, without copies."""
@@ -507,7 +537,7 @@ def flash_attn_varlen_qkvpacked_func(
     q, k, v = qkv.unbind(dim=1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs, mode=mode, impl=impl)
+                                  return_attn_probs, mode=mode, impl=impl, learnable_sink=learnable_sink)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -528,6 +558,7 @@ def flash_attn_varlen_kvpacked_func(
     *,
     mode: str = "fa2",
     impl: str = "auto",
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """:func:`flash_attn_varlen_func` with K/V packed as (total_k, 2, nheads_k, headdim), without
     copies."""
@@ -538,7 +569,7 @@ def flash_attn_varlen_kvpacked_func(
     k, v = kv.unbind(dim=1)
     return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                                   softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs, mode=mode, impl=impl)
+                                  return_attn_probs, mode=mode, impl=impl, learnable_sink=learnable_sink)
 
 
 # -- KV cache: decoding -------------------------------------------------------------------------
@@ -593,6 +624,7 @@ def flash_attn_with_kvcache(
     return_softmax_lse: bool = False,
     *,
     impl: str = "auto",
+    learnable_sink: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """flash-attn 2.x's ``flash_attn_with_kvcache``: decoding attention over a KV cache, with the
     new keys/values appended into the cache **in place** first.  Inference only.
@@ -694,13 +726,14 @@ def flash_attn_with_kvcache(
     _check_scale("softmax_scale", softmax_scale)
     _check_variants(0.0, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, b, h)
+    _check_sink(learnable_sink, q, h)
     _check_num_splits(num_splits)
     if checks.active():  # opt-in: reads the lengths and indices on the host
         checks.kvcache(seqlens, k.shape[1] if k is not None else 0, capacity, cache_batch_idx,
                        k_cache.shape[0], block_table, k_cache.shape[0], cache_leftpad)
     _, impl = ops.check_mode("fa2", impl)
     ops.resolve_impl(q, impl)
-    tensors = (q, k, v, k_cache, v_cache)
+    tensors = (q, k, v, k_cache, v_cache, learnable_sink)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         raise ValueError("flash_attn_with_kvcache is inference only: its inputs must not require grad "
                          "(use torch.no_grad() / torch.inference_mode(), or flash_attn_varlen_func to train)")
@@ -718,7 +751,7 @@ def flash_attn_with_kvcache(
         seqlens = seqlens + k.shape[1]
     out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
                         bool(causal), num_splits, impl, cache_leftpad, float(softcap), alibi_slopes,
-                        int(window_size[0]), int(window_size[1]))
+                        int(window_size[0]), int(window_size[1]), learnable_sink)
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out
@@ -739,6 +772,7 @@ def scaled_dot_product_attention(
     num_splits: int = 0,
     softcap: float = 0.0,
     window_size: tuple[int, int] = (-1, -1),
+    learnable_sink: Tensor | None = None,
 ) -> Tensor:
     """torch's ``scaled_dot_product_attention`` on (B, H, S, D) tensors.
 
@@ -756,6 +790,8 @@ def scaled_dot_product_attention(
         window_size: an extension: ``(left, right)`` sliding window as in :func:`flash_attn_func`
             but aligned top-left like ``is_causal`` here: query ``i`` sees keys ``[i - left,
             i + right]``.
+        learnable_sink: an extension: (nheads,) attention-sink logits as in
+            :func:`flash_attn_func`.
         attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
 
     Returns:
@@ -780,8 +816,9 @@ def scaled_dot_product_attention(
         )
     if softcap or window_size != (-1, -1):
         _check_variants(0.0, window_size, softcap, None)
+    _check_sink(learnable_sink, q, q.shape[2])
     out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap, None,
-                           tuple(window_size))
+                           tuple(window_size), learnable_sink)
     return out.transpose(1, 2)
 
 

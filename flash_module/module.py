@@ -86,8 +86,13 @@ class FlashAttention(nn.Module):
         self.softcap = softcap
         self.window_size = window_size
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, learnable_sink: Tensor | None = None) -> Tensor:
+        """Attention of q over k, v in the module's layout; ``learnable_sink`` (H,) or None:
+        attention-sink logits (see :func:`flash_module.flash_attn_func`)."""
         if self.context_parallel_group is not None:
+            if learnable_sink is not None:
+                raise NotImplementedError("flash_module: learnable_sink with context parallelism is not "
+                                          "supported yet")
             from .distributed import ring_attention
 
             to_bshd = (lambda t: t) if self.layout == "bshd" else (lambda t: t.transpose(1, 2))
@@ -98,11 +103,11 @@ class FlashAttention(nn.Module):
         if self.layout == "bshd":
             return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
                                    softcap=self.softcap, window_size=self.window_size, mode=self.mode,
-                                   impl=self.impl, num_splits=self.num_splits)
+                                   impl=self.impl, num_splits=self.num_splits, learnable_sink=learnable_sink)
         return scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
                                             enable_gqa=True, mode=self.mode, impl=self.impl,
                                             num_splits=self.num_splits, softcap=self.softcap,
-                                            window_size=self.window_size)
+                                            window_size=self.window_size, learnable_sink=learnable_sink)
 
     def extra_repr(self) -> str:
         return (f"causal={self.causal}, softmax_scale={self.softmax_scale}, dropout={self.dropout}, "
@@ -168,6 +173,8 @@ class MultiheadFlashAttention(nn.Module):
         impl: implementation, one of ``flash_module.IMPLS``.
         softcap, window_size: score softcapping and sliding window as in :class:`FlashAttention`
             (also in KV-cache decoding).
+        sinks: learn one attention-sink logit per query head (gpt-oss): the parameter
+            ``sinks`` (H,), initialised to 0, joins every row's softmax denominator.
         rotary: apply rotary position embeddings to q and k.
         rope_base: RoPE frequency base.
         context_parallel_group, context_parallel_layout: run attention as ring attention over
@@ -193,6 +200,7 @@ class MultiheadFlashAttention(nn.Module):
         impl: str = "auto",
         softcap: float = 0.0,
         window_size: tuple[int, int] = (-1, -1),
+        sinks: bool = False,
     ) -> None:
         super().__init__()
         num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -212,6 +220,7 @@ class MultiheadFlashAttention(nn.Module):
                                    context_parallel_group=context_parallel_group,
                                    context_parallel_layout=context_parallel_layout, softcap=softcap,
                                    window_size=window_size)
+        self.sinks = nn.Parameter(torch.zeros(num_heads, **factory)) if sinks else None
         # Kept here too: RoPE needs the shard's positions even if ``attn`` is swapped out.
         self.context_parallel_group = context_parallel_group
         self.context_parallel_layout = context_parallel_layout
@@ -274,7 +283,7 @@ class MultiheadFlashAttention(nn.Module):
                 q, self.k_cache, self.v_cache, k, v, cache_seqlens=cache_seqlens, causal=attn.causal,
                 softmax_scale=getattr(attn, "softmax_scale", None), impl=getattr(attn, "impl", "auto"),
                 softcap=getattr(attn, "softcap", 0.0), window_size=getattr(attn, "window_size", (-1, -1)),
-                **rotary)
+                learnable_sink=self.sinks, **rotary)
             return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
         if self.rotary is not None:
             positions = None
@@ -286,7 +295,7 @@ class MultiheadFlashAttention(nn.Module):
                                             torch.distributed.get_world_size(group),
                                             self.context_parallel_layout, x.device)
             q, k = self.rotary(q, positions=positions), self.rotary(k, positions=positions)
-        out = self.attn(q, k, v)  # (B, S, H, D)
+        out = self.attn(q, k, v) if self.sinks is None else self.attn(q, k, v, learnable_sink=self.sinks)
         return self.out_proj(rearrange(out, "b s h d -> b s (h d)"))
 
     def extra_repr(self) -> str:

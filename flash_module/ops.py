@@ -72,6 +72,7 @@ class AttentionArgs:
     softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) (flash-attn's softcap)
     alibi_slopes: Tensor | None = None  # fp32 (H,) or (B, H): bias -slope * |i + Sk - Sq - j|
     window: tuple[int, int] = (-1, -1)  # (left, right): keys [i + offset - left, i + offset + right]
+    sink: Tensor | None = None  # fp32 (H,): attention-sink logits, in every row's denominator
 
     @property
     def bottom_right(self) -> bool:
@@ -113,7 +114,7 @@ def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.fa2_fwd import fa2_forward
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
-                       alibi_slopes=a.alibi_slopes, window_size=a.window)
+                       alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -126,7 +127,7 @@ def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 def _no_variants(mode: str, a: AttentionArgs) -> None:
     """NotImplementedError naming the mode and the variant it lacks."""
     for name, used in (("softcap", bool(a.softcap)), ("alibi_slopes", a.alibi_slopes is not None),
-                       ("window_size", a.window != (-1, -1))):
+                       ("window_size", a.window != (-1, -1)), ("learnable_sink", a.sink is not None)):
         if used:
             raise NotImplementedError(f"mode={mode!r} does not support {name} (use mode='fa2' or 'tiling')")
 
@@ -149,7 +150,7 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.split_kv import split_kv_forward
 
     return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap,
-                            a.alibi_slopes, a.window)
+                            a.alibi_slopes, a.window, a.sink)
 
 
 # -- PyTorch (any device) -----------------------------------------------------------------------
@@ -157,7 +158,7 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
-                                 alibi_slopes=a.alibi_slopes, window_size=a.window)
+                                 alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
@@ -167,7 +168,8 @@ def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
-                                      softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window)
+                                      softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
+                                      sink=a.sink)
 
 
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -258,10 +260,28 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-          window: tuple[int, int] = (-1, -1)) -> AttentionArgs:
+          window: tuple[int, int] = (-1, -1), sink: Tensor | None = None) -> AttentionArgs:
     offset = k.shape[1] - q.shape[1] if bottom_right else 0
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
-                         alibi_slopes, (int(window[0]), int(window[1])))
+                         alibi_slopes, (int(window[0]), int(window[1])), sink)
+
+
+def sink_grad(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None,
+              head_dim: int = 1) -> Tensor:
+    """The attention sinks' gradient: ``dsink_h = -sum over rows of P_sink * delta``, with
+    ``P_sink = exp(sink_h - lse)`` (the sink's share of the row) and ``delta = rowsum(dO * O) -
+    dlse`` (a sink's logit moves every P of its row by ``-P_sink``).  ``lse`` has its heads on
+    ``head_dim`` ((B, H, Sq): 1; varlen's (H, Tq): 0); rows with LSE -inf (in no sequence)
+    contribute 0.  Torch ops on O(rows) data: no kernel, no sync."""
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(head_dim, head_dim + 1)  # lse's layout
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    p_sink = torch.where(torch.isinf(lse), 0.0, torch.exp(sink.to(acc).view(shape) - lse))
+    rows = [d for d in range(lse.dim()) if d != head_dim]
+    return -(p_sink * delta).sum(rows).to(sink.dtype)
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -342,23 +362,28 @@ def attention_fwd(
     alibi_slopes: Tensor | None = None,
     window_left: int = -1,
     window_right: int = -1,
+    sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     b, sq, h, d = q.shape
     window = (window_left, window_right)
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
-        return out, _lse_without_work(q, k, causal, bottom_right, window)
+        lse = _lse_without_work(q, k, causal, bottom_right, window)
+        if sink is not None:
+            lse = torch.logaddexp(lse, sink.to(lse.dtype).view(1, -1, 1))
+        return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
-        args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window)
+        args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window,
+                     sink)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
-                        softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1):
+                        softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -405,20 +430,23 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bo
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right) = inputs
+     window_left, window_right, sink) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink)
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.window = (window_left, window_right)
+    # (needs_input_grad covers only the arguments the caller passed: ask the sink itself)
+    ctx.sink_grad = sink is not None and sink.requires_grad
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, sink = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+    dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink
 
 
 def _no_double_backward(ctx, *grads):
@@ -462,11 +490,11 @@ class VarlenImplementation:
 
 
 def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                       alibi_slopes=None, window=(-1, -1)):
+                       alibi_slopes=None, window=(-1, -1), sink=None):
     from .kernels.varlen import varlen_forward
 
     return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap, alibi_slopes,
-                          window)
+                          window, sink)
 
 
 def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
@@ -478,9 +506,9 @@ def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, sca
 
 
 def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                      alibi_slopes=None, window=(-1, -1)):
+                      alibi_slopes=None, window=(-1, -1), sink=None):
     return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap,
-                                    alibi_slopes, window)
+                                    alibi_slopes, window, sink)
 
 
 def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
@@ -532,19 +560,20 @@ def varlen_fwd(
     alibi_slopes: Tensor | None = None,
     window_left: int = -1,
     window_right: int = -1,
+    sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
-                      block_table, float(softcap), alibi_slopes, (int(window_left), int(window_right)))
+                      block_table, float(softcap), alibi_slopes, (int(window_left), int(window_right)), sink)
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
                      impl="auto", block_table=None, softcap=0.0, alibi_slopes=None, window_left=-1,
-                     window_right=-1):
+                     window_right=-1, sink=None):
     tq, h, d = q.shape
     return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
@@ -590,9 +619,10 @@ def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
     (q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap, alibi,
-     window_left, window_right) = inputs
+     window_left, window_right, sink) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi, sink)
+    ctx.sink_grad = sink is not None and sink.requires_grad
     ctx.args = (softmax_scale, causal, mode, impl, softcap)
     ctx.window = (window_left, window_right)
     ctx.paged = block_table is not None
@@ -603,12 +633,13 @@ def _varlen_backward(ctx, dout, dlse):
     if ctx.paged:
         raise NotImplementedError("flash_module: the varlen backward does not support paged K/V "
                                   "(block_table); paged caches are for inference")
-    q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes, sink = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args, alibi_slopes,
                             *ctx.window)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+    dsink = sink_grad(sink, out, dout, lse, dlse, head_dim=0) if ctx.sink_grad else None
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, dsink
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,
@@ -679,6 +710,7 @@ def kvcache_fwd(
     alibi_slopes: Tensor | None = None,
     window_left: int = -1,
     window_right: int = -1,
+    sink: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     b, sq, h, d = q.shape
     window = (int(window_left), int(window_right))
@@ -688,6 +720,8 @@ def kvcache_fwd(
     no_keys = no_keys or (block_table is not None and block_table.shape[1] == 0)
     if q.numel() == 0 or no_keys:
         lse = torch.full((b, h, sq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        if sink is not None:
+            lse = torch.logaddexp(lse, sink.to(lse.dtype).view(1, -1, 1))
         return torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device), lse
     if resolve_impl(q, check_mode("fa2", impl)[1]) == "triton":
         from .kernels.split_kv import split_kv_cache_forward
@@ -696,18 +730,18 @@ def kvcache_fwd(
             out, lse = split_kv_cache_forward(
                 _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
                 cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
-                int(num_splits), cache_leftpad, float(softcap), alibi_slopes, window)
+                int(num_splits), cache_leftpad, float(softcap), alibi_slopes, window, sink)
     else:
         out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
                                              float(softmax_scale), bool(causal), cache_leftpad,
-                                             float(softcap), alibi_slopes, window)
+                                             float(softcap), alibi_slopes, window, sink)
     return out.contiguous(), lse.contiguous()
 
 
 @kvcache_fwd.register_fake
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
                       num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0, alibi_slopes=None,
-                      window_left=-1, window_right=-1):
+                      window_left=-1, window_right=-1, sink=None):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

@@ -94,6 +94,23 @@ def alibi_bias(
     return -slopes.view(*slopes.shape, *([1] * dist.dim())) * dist
 
 
+def add_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None,
+              head_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention sinks (gpt-oss; FA4's ``learnable_sink``): the per-head logit ``sink`` (H,) joins
+    the softmax denominator of every row and attends to no value, i.e. it is one more key chunk
+    whose output is 0: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')``.
+    ``lse`` has its heads on dim ``head_dim`` ((B, H, Sq): 1; varlen's (H, Tq): 0) and ``out``
+    the matching (..., S, H, D) layout.  Differentiable (the oracle's gradient to the sink)."""
+    if sink is None:
+        return out, lse
+    shape = [1] * lse.dim()
+    shape[head_dim] = -1
+    new_lse = torch.logaddexp(lse, sink.to(lse.dtype).view(shape))
+    weight = torch.exp(lse - new_lse)  # 0 where the row saw no key (lse = -inf)
+    weight = weight.transpose(head_dim, head_dim + 1).unsqueeze(-1)  # out's (..., S, H, 1)
+    return (out * weight).to(out.dtype), new_lse
+
+
 def batch_slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
     """Batch ``b``'s row of (B, H) slopes as (1, H); (H,) slopes and None as they are."""
     if alibi_slopes is None or alibi_slopes.dim() == 1:
@@ -111,6 +128,7 @@ def attention_ref(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
 
@@ -131,7 +149,11 @@ def attention_ref(
     mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device, window_size)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq); -inf for rows that see nothing
+    if sink is not None:  # one more column in the denominator, with no value
+        column = sink.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
+        lse = torch.logsumexp(torch.cat([s, column], -1), dim=-1)
+    else:
+        lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq); -inf for rows that see nothing
     p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
     return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
@@ -357,6 +379,7 @@ def fa2_forward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -370,6 +393,7 @@ def fa2_forward(
     """
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
                          block_m, block_n, softcap, alibi_slopes, window_size)
+    out, lse = add_sink(out, lse, sink)
     return out.to(q.dtype), lse
 
 
@@ -493,6 +517,7 @@ def split_kv_forward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
 
@@ -510,6 +535,7 @@ def split_kv_forward(
         out_c, lse_c = _fa2_loop(q, kc, vc, softmax_scale, causal, offset - start, softcap=softcap,
                                  alibi_slopes=alibi_slopes, window_size=window_size)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
+    out, lse = add_sink(out, lse, sink)  # the sink: one more chunk, with no value
     return out.to(q.dtype), lse
 
 
@@ -547,7 +573,7 @@ def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA2's blocked forward on each packed sequence (causal and window bottom-right per sequence).
 
@@ -569,12 +595,14 @@ def varlen_forward(
             ks, lk = 0, min(lk, n_table)
         else:
             keys, values = k, v
-        if lq == 0 or lk == 0:
-            continue
         rq, rk = slice(qs, qs + lq), slice(ks, ks + lk)
+        if lq == 0 or lk == 0:
+            if sink is not None:  # no key: the sink alone (O = 0, LSE = sink)
+                lse[:, rq] = sink[:, None].to(lse.dtype)
+            continue
         o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
                            softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b),
-                           window_size=window_size)
+                           window_size=window_size, sink=sink)
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 
@@ -652,6 +680,7 @@ def kvcache_forward(
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float,
     causal: bool, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, Sq, H, D) over the first ``cache_seqlens[b]`` keys of batch ``b``'s cache (from
     ``cache_leftpad[b]`` on when given: the keys before it are padding, and the keys left are
@@ -676,9 +705,11 @@ def kvcache_forward(
         n = min(max(lengths[i], 0), keys.shape[1])
         first = min(max(starts[i], 0), n)
         if n == first or sq == 0:
+            if sink is not None:  # no key: the sink alone (O = 0, LSE = sink)
+                lse[i] = sink[:, None].to(lse.dtype)
             continue
         o, s = fa2_forward(q[i:i + 1], keys[:, first:n], values[:, first:n], softmax_scale, causal,
                            softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, i),
-                           window_size=window_size)
+                           window_size=window_size, sink=sink)
         out[i], lse[i] = o[0], s[0]
     return out, lse

@@ -114,29 +114,6 @@ def test_kvcache_alibi_decode_gqa(impl, device):
         assert_flash_rule(f"out[{i}]", out[i:i + 1], o64, o32, torch.float32)
 
 
-BAD = [
-    pytest.param(torch.ones(2, dtype=torch.float64), TypeError, "alibi_slopes must be float32", id="fp64"),
-    pytest.param(torch.ones(3), ValueError, r"alibi_slopes must be \(nheads,\) = \(2,\)", id="wrong-heads"),
-    pytest.param(torch.ones(3, 2), ValueError, r"\(batch, nheads\) = \(1, 2\)", id="wrong-batch"),
-    pytest.param([0.5, 0.5], TypeError, "alibi_slopes must be a torch.Tensor", id="list"),
-]
-
-
-@pytest.mark.parametrize("slopes,error,words", BAD)
-def test_bad_alibi_is_a_clear_error(slopes, error, words, device):
-    q = torch.randn(1, 4, 2, 16, device=device)
-    if isinstance(slopes, torch.Tensor):
-        slopes = slopes.to(device)
-    with pytest.raises(error, match=words):
-        fm.flash_attn_func(q, q, q, alibi_slopes=slopes)
-
-
-def test_fa1_mode_names_alibi(device):
-    q = torch.randn(1, 4, 2, 16, device=device)
-    with pytest.raises(NotImplementedError, match="mode='fa1' does not support alibi_slopes"):
-        fm.flash_attn_func(q, q, q, alibi_slopes=torch.ones(2, device=device), mode="fa1")
-
-
 @pytest.mark.slow  # opcheck + compile: CI's slow run and the GPU check
 def test_alibi_opcheck_and_compile(device):
     q = torch.randn(1, 19, 4, 32, device=device, requires_grad=True)

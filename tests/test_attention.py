@@ -140,7 +140,8 @@ def test_modes_agree_with_fa2(mode, impl, device):
 
 
 @pytest.mark.parametrize("num_splits", [1, 3, pytest.param(2, marks=pytest.mark.slow),
-                                        pytest.param(7, marks=pytest.mark.slow), 64],
+                                        pytest.param(7, marks=pytest.mark.slow),
+                                        pytest.param(64, marks=pytest.mark.slow)],
                          ids=lambda n: f"splits{n}")
 @pytest.mark.parametrize("sq", [1, pytest.param(5, marks=pytest.mark.slow), 70], ids=lambda n: f"sq{n}")
 def test_tiling_num_splits(num_splits, sq, device):

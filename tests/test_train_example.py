@@ -71,6 +71,7 @@ def test_text_file_and_single_run(train_gpt, tmp_path):
     assert result["sample"].startswith(text.read_text()[:16])
 
 
+@pytest.mark.slow  # ~20 s of compiling on CPU; test_ops covers compile in the default run
 def test_compiled_matches_eager(train_gpt):
     """torch.compile(fullgraph=True) on both runs: same losses as eager, flash still == SDPA."""
     args = [*TINY, "--steps", "3", "--rotary"]

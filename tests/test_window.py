@@ -26,7 +26,7 @@ IMPLS = ["triton", "torch"]
 # narrower than a block, wider than several, one-sided, and Sq > Sk where rows see no key.
 CASES = [
     pytest.param(1, 300, 300, 4, 2, 40, True, (70, -1), id="300-gqa2-d40-causal-left70"),
-    pytest.param(2, 150, 230, 2, 2, 32, False, (40, 9), id="150x230-full-40-9"),
+    pytest.param(2, 150, 230, 2, 2, 32, False, (40, 9), id="150x230-full-40-9", marks=pytest.mark.slow),
     pytest.param(1, 230, 150, 2, 1, 24, False, (0, 0), id="230x150-mqa-diagonal",
                  marks=pytest.mark.slow),
     pytest.param(1, 200, 200, 2, 2, 72, False, (-1, 17), id="200-d72-right17-only", marks=pytest.mark.slow),
@@ -49,6 +49,7 @@ def test_window_matches_oracle(b, sq, sk, h, h_kv, d, causal, window, dtype, mod
     assert_matches_reference((out, lse, dq, dk, dv), q, k, v, dout, causal, True, dtype, window_size=window)
 
 
+@pytest.mark.slow  # ~12 s on CPU
 def test_window_composes_with_softcap_and_alibi(device):
     q, k, v = make_qkv(2, 130, 200, 4, 2, 32, torch.float32, device)
     slopes = torch.tensor([0.5, 0.25, 0.125, 0.0625], device=device)
@@ -107,7 +108,7 @@ def test_window_args_fold_causal_and_unbounded_sides():
     assert (left, on, causal) == (5, True, False) and right >= 1 << 30
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", ["triton", pytest.param("torch", marks=pytest.mark.slow)])
 def test_varlen_window_per_sequence(impl, device):
     lens_q, lens_k, h, h_kv, d, window = [3, 0, 140, 1], [140, 7, 140, 0], 4, 2, 32, (30, 5)
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -128,9 +129,14 @@ def test_varlen_window_per_sequence(impl, device):
                                  window_size=window)
 
 
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-@pytest.mark.parametrize("sq", [1, 3])
-@pytest.mark.parametrize("impl", IMPLS)
+# Default run: decode on a contiguous cache and 3 queries on a paged one; the rest are slow.
+KV_WINDOW = [pytest.param(impl, sq, paged, id=f"{impl}-sq{sq}-{'paged' if paged else 'contiguous'}",
+                          marks=() if (impl, sq, paged) in {("triton", 1, False), ("triton", 3, True)}
+                          else pytest.mark.slow)
+             for impl in IMPLS for sq in (1, 3) for paged in (False, True)]
+
+
+@pytest.mark.parametrize("impl,sq,paged", KV_WINDOW)
 def test_kvcache_window(impl, sq, paged, device):
     """Decode over a cache with a window: each batch's window ends at its own length; the split
     count is automatic and explicit."""
@@ -160,12 +166,6 @@ def test_kvcache_window(impl, sq, paged, device):
                                    window_size=window)
             o32, _ = attention_ref(q[i:i + 1], *keys, None, True, True, window_size=window)
             assert_flash_rule(f"out[{i}] splits={splits}", out[i:i + 1], o64, o32, torch.float32)
-
-
-def test_fa1_mode_names_window(device):
-    q = torch.randn(1, 4, 2, 16, device=device)
-    with pytest.raises(NotImplementedError, match="mode='fa1' does not support window_size"):
-        fm.flash_attn_func(q, q, q, window_size=(2, 0), mode="fa1")
 
 
 @pytest.mark.parametrize("layout", ["bshd", "bhsd"])

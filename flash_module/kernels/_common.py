@@ -89,6 +89,11 @@ def qk_scale(softmax_scale: float, softcap: float = 0.0) -> tuple[float, float, 
     return (*split_scale(softmax_scale * LOG2E), 0.0, 0.0)
 
 
+def sink_args(sink: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """The fp32 (H,) sink logits, or a stand-in pointer (never read: ``SINK`` is off)."""
+    return sink if sink is not None else like
+
+
 #: The bound an unbounded window side gets: wider than any sequence, small enough that
 #: ``row + offset +- bound`` stays inside int32.
 WINDOW_UNBOUNDED = 1 << 30
@@ -358,6 +363,24 @@ def lse_epilogue(l_i, m_i, PRECISE: tl.constexpr = False):
     else:
         lse = (m_i + tl.math.log2(l_safe)) * tl.full([], LN2, l_i.dtype)
     return l_safe, tl.where(seen, lse, float("-inf"))
+
+
+@triton.jit
+def add_sink(acc, l_i, m_i, Sink, heads, SINK: tl.constexpr):
+    """Attention sinks (gpt-oss, FA4's ``learnable_sink``): the head's logit ``Sink[heads]`` (fp32,
+    natural-log domain, like the scaled scores) joins the softmax denominator of every row and
+    attends to no value: one more online-softmax step with ``p = exp(sink - m)`` and nothing
+    added to ``acc``.  A row that saw no key gets ``l = 1, m = sink``: O = 0, LSE = sink.
+    ``heads``: a scalar, or the (BLOCK_M,) heads of GQA-packed rows."""
+    if SINK:
+        sink2 = tl.load(Sink + heads).to(m_i.dtype) * tl.full([], LOG2E_C, m_i.dtype) + tl.zeros_like(m_i)
+        m_new = tl.maximum(m_i, sink2)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)  # a sink of -inf and no key: stays empty
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.math.exp2(sink2 - m_sub)
+        acc = acc * alpha[:, None]
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit

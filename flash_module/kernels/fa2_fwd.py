@@ -20,17 +20,26 @@ import triton.language as tl
 from .._runtime import cdiv, lse_dtype
 from ..configs import KernelConfig, fwd_config
 from . import _common
-from ._common import attend_rows, head_slope, load_tile, lse_epilogue, program_bh, store_tile, tile_ptrs
+from ._common import (
+    add_sink,
+    attend_rows,
+    head_slope,
+    load_tile,
+    lse_epilogue,
+    program_bh,
+    store_tile,
+    tile_ptrs,
+)
 
 
 @triton.jit
 def _fa2_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
-    H, GROUP, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
+    H, GROUP, Sq, Sk, causal_offset, win_l, win_r, Sink, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, SINK: tl.constexpr,
 ):
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP  # GQA: the K/V head this query head reads
@@ -47,6 +56,7 @@ def _fa2_fwd_kernel(
                                 win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, K, 0, 0, 0, 0, HEAD_DIM, BLOCK_N,
                                 IS_CAUSAL, ACC_DTYPE, False, 1, SOFTCAP, ALIBI, WINDOW)
 
+    acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, off_h, SINK)
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     # Out is a new contiguous (B, Sq, H, D) tensor; Lse a contiguous (B, H, Sq) one.
     o_ptrs = tile_ptrs(Out + (off_b * Sq * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -65,12 +75,14 @@ def fa2_forward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1;
     ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``; ``alibi_slopes``
     (fp32 (H,) or (B, H)) adds ``-slope * |i + causal_offset - j|``; ``window_size`` (left, right)
     limits query i to keys [i + causal_offset - left, i + causal_offset + right] (-1: unbounded;
-    causal sets right = 0), skipping the key blocks outside.
+    causal sets right = 0), skipping the key blocks outside; ``sink`` (fp32 (H,)): each head's
+    attention-sink logit joins the softmax denominator (:func:`._common.add_sink`).
 
     Returns ``out`` (B, Sq, H, D) contiguous in q's dtype and ``lse`` (B, H, Sq) in
     ``lse_dtype(q.dtype)`` (float32 for fp16/bf16, float64 for fp32/fp64).
@@ -83,9 +95,11 @@ def fa2_forward(
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
     _fa2_fwd_kernel[(cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),
-        h, h // h_kv, sq, sk, causal_offset, win_l, win_r, *_common.qk_scale(softmax_scale, softcap),
+        h, h // h_kv, sq, sk, causal_offset, win_l, win_r, _common.sink_args(sink, q),
+        *_common.qk_scale(softmax_scale, softcap),
         *_common.alibi_args(alibi_slopes, q),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
+        SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, SINK=sink is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),
     )
     return out, lse

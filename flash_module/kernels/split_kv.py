@@ -26,6 +26,7 @@ from . import _common
 from ._common import (
     LN2,
     LOG2E_C,
+    add_sink,
     attend_keys,
     head_slope,
     kv_range,
@@ -42,11 +43,12 @@ def _split_kv_fwd_kernel(
     Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab,
-    stride_ah, chunk, part_stride, win_l, win_r,
+    stride_ah, chunk, part_stride, win_l, win_r, Sink,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    SINK: tl.constexpr,
 ):
     """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
     result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
@@ -121,6 +123,8 @@ def _split_kv_fwd_kernel(
                 win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL,
                 PAGED, PAGE, SOFTCAP, ALIBI, WINDOW)
 
+    # The sink joins once: here with one chunk (SINK is only set then), else in the combine.
+    acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, tl.minimum(head, H - 1), SINK)
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     lse_rows = (off_b * H + head) * Sq + rows  # (B, H, Sq) row index
     if DIRECT:  # the only chunk: the output itself, (B, Sq, H, D) contiguous
@@ -137,12 +141,13 @@ def _split_kv_fwd_kernel(
 
 @triton.jit
 def _combine_kernel(
-    OPart, LsePart, Out, Lse, H, Sq, n_rows, num_splits,
+    OPart, LsePart, Out, Lse, Sink, H, Sq, n_rows, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SINK: tl.constexpr,
 ):
     """Merge the chunks of BLOCK_M rows (row = (b * H + h) * Sq + s, of n_rows), as the tiling
-    softmax does (natural-log LSEs).
+    softmax does (natural-log LSEs).  With ``SINK`` the head's sink logit joins as one more
+    chunk with no value (see :func:`._common.add_sink`).
 
     BLOCK_S chunks are read at once, as one (BLOCK_M, BLOCK_S, BLOCK_D) tile, so a row's loads
     are issued together rather than one chunk after another (64 chunks one by one took 30 us)."""
@@ -160,6 +165,10 @@ def _combine_kernel(
         lse_c = tl.load(LsePart + chunks[None, :].to(tl.int64) * n_rows + rows[:, None], mask=ok,
                         other=float("-inf"))  # (BLOCK_M, BLOCK_S)
         big_m = tl.maximum(big_m, tl.max(lse_c, 1))
+    bh = rows // Sq
+    if SINK:
+        sink = tl.load(Sink + bh % H, mask=row_ok, other=0.0).to(lse_t)
+        big_m = tl.maximum(big_m, sink)
     m_sub = tl.where(big_m == float("-inf"), 0.0, big_m)
     # Pass 2: weights exp(lse_c - M), weighted sum of the chunk outputs.
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
@@ -174,11 +183,12 @@ def _combine_kernel(
                       other=0.0)  # (BLOCK_M, BLOCK_S, BLOCK_D)
         acc += tl.sum(w[:, :, None] * o_c, 1)
         total += tl.sum(w, 1)
+    if SINK:
+        total += tl.math.exp2(((sink - m_sub) * log2e).to(ACC_DTYPE))
     seen = total > 0
     t_safe = tl.where(seen, total, 1.0)
     lse = tl.where(seen, big_m + tl.math.log2(t_safe).to(lse_t) * tl.full([], LN2, lse_t), float("-inf"))
     # Out is a new contiguous (B, Sq, H, D) tensor.
-    bh = rows // Sq
     out_rows = ((bh // H) * Sq + rows % Sq) * H + bh % H
     tl.store(Out + out_rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / t_safe[:, None]).to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
@@ -201,14 +211,14 @@ def auto_num_splits(programs: int, sk: int, block_n: int, device: torch.device) 
 def split_kv_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
     causal_offset: int, num_splits: int = 0, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV forward; same contract as :func:`.fa2_fwd.fa2_forward`.
 
     ``num_splits=0`` picks the count from the SM count, B·H·cdiv(Sq, BLOCK_M) and Sk.
     """
     return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, softcap=softcap,
-                     alibi_slopes=alibi_slopes, window_size=window_size)
+                     alibi_slopes=alibi_slopes, window_size=window_size, sink=sink)
 
 
 def split_kv_cache_forward(
@@ -216,6 +226,7 @@ def split_kv_cache_forward(
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
     num_splits: int = 0, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+    sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention of q (B, Sq, H, D) over a KV cache: contiguous (B_cache, S_cache, H_kv,
     D) with rows ``cache_batch_idx[b]``, or paged (num_pages, page, H_kv, D) through
@@ -225,11 +236,11 @@ def split_kv_cache_forward(
     cover the cache's capacity (a shape), so a chunk past a sequence's length does no work."""
     return _split_kv(q, k_cache, v_cache, softmax_scale, causal, 0, num_splits,
                      cache=(cache_seqlens, cache_batch_idx, block_table, cache_leftpad), softcap=softcap,
-                     alibi_slopes=alibi_slopes, window_size=window_size)
+                     alibi_slopes=alibi_slopes, window_size=window_size, sink=sink)
 
 
 def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None, softcap=0.0,
-              alibi_slopes=None, window_size=(-1, -1)):
+              alibi_slopes=None, window_size=(-1, -1), sink=None):
     b, sq, h, d = q.shape
     h_kv = k.shape[2]
     seqlens, batch_idx, table, leftpad = cache if cache is not None else (None, None, None, None)
@@ -270,10 +281,11 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
         table.stride(0) if paged else 0,
         h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale, softcap),
         *_common.alibi_args(alibi_slopes, q), chunk,
-        b * h * sq, win_l, win_r,
+        b * h * sq, win_l, win_r, _common.sink_args(sink, q),
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
         CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page, DIRECT=direct,
         HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window,
+        SINK=sink is not None and direct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **_common.kernel_flags(q),
     )
@@ -286,7 +298,8 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
     comb_s = min(64 if interpreted else 32, next_power_of_2(num_splits))
     n_rows = b * h * sq
     _combine_kernel[(cdiv(n_rows, comb_m),)](
-        o_part, lse_part, out, lse, h, sq, n_rows, num_splits,
-        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=comb_m, BLOCK_S=comb_s, **_common.kernel_flags(q),
+        o_part, lse_part, out, lse, _common.sink_args(sink, q), h, sq, n_rows, num_splits,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=comb_m, BLOCK_S=comb_s, SINK=sink is not None,
+        **_common.kernel_flags(q),
     )
     return out, lse

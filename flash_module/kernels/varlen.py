@@ -23,6 +23,7 @@ from .._runtime import acc_dtype, cdiv, lse_dtype
 from ..configs import bwd_configs, fwd_config
 from . import _common
 from ._common import (
+    add_sink,
     attend_rows,
     dkdv_block,
     dq_block,
@@ -110,10 +111,11 @@ def _varlen_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BlockTable,
     stride_qs, stride_qh, stride_kpage, stride_ks, stride_kh, stride_vpage, stride_vs, stride_vh, stride_bt,
     B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    win_l, win_r,
+    win_l, win_r, Sink,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    SINK: tl.constexpr,
 ):
     """Varlen forward.  With ``PAGED``, K/V are a paged cache (num_pages, PAGE, H_kv, D): key
     ``n`` of sequence ``b`` is row ``n % PAGE`` of page ``BlockTable[b, n // PAGE]``; the key
@@ -142,6 +144,7 @@ def _varlen_fwd_kernel(
                                     BlockTable + b * stride_bt, stride_kpage, stride_vpage, num_pages, n_table,
                                     HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW)
 
+        acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, off_h, SINK)
         l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
         # Out is a new contiguous (Tq, H, D) tensor, Lse a contiguous (H, Tq) one.
         o_ptrs = tile_ptrs(Out + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -221,9 +224,10 @@ def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Varlen FA2 forward (``window_size`` per sequence, bottom-right aligned like causal).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
+    """Varlen FA2 forward (``window_size`` per sequence, bottom-right aligned like causal;
+    ``sink`` (H,) fp32 attention-sink logits).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
     cu_seqlens_q/k (B + 1,) int32 on q's device; ``seqused_k`` (B,) int32 or None: sequence
     ``b`` uses only its first ``seqused_k[b]`` keys.  ``block_table`` (B, pages_per_seq) int32
     or None: k/v are a paged cache (num_pages, page, H_kv, D) and sequence ``b``'s keys are its
@@ -252,9 +256,10 @@ def varlen_forward(
         q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m), block_table if paged else cu_seqlens_k,
         q.stride(0), q.stride(1), *kv_strides, block_table.stride(0) if paged else 0,
         b, h, h // h_kv, tq, tk, k.shape[0], n_table, *_common.qk_scale(softmax_scale, softcap),
-        *_common.alibi_args(alibi_slopes, q), win_l, win_r,
+        *_common.alibi_args(alibi_slopes, q), win_l, win_r, _common.sink_args(sink, q),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
-        PAGED=paged, PAGE=page, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        PAGED=paged, PAGE=page, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, SINK=sink is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **flags, **_common.kernel_flags(q),
     )
     return out, lse
