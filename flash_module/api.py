@@ -663,6 +663,8 @@ def flash_attn_with_kvcache(
             cache length: query ``i`` sees cache keys ``[i + len - Sq - left, i + len - Sq +
             right]``.  The split-KV chunks cover only the window's span, so a long cache with a
             short window reads only the window.
+        learnable_sink: (nheads,) attention-sink logits as in :func:`flash_attn_func`
+            (inference: it must not require grad here).
 
     Values of ``cache_seqlens``, ``cache_leftpad``, ``cache_batch_idx`` and ``block_table`` are
     not checked (that needs a sync): the kernels clamp them, so bad values give wrong answers, never

@@ -118,6 +118,16 @@ def batch_slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | No
     return alibi_slopes[b:b + 1]
 
 
+def _bias_and_mask(s: torch.Tensor, causal: bool, bottom_right: bool, alibi_slopes: torch.Tensor | None,
+                   window_size: tuple[int, int]) -> torch.Tensor:
+    """A full (B, H, Sq, Sk) score matrix with the ALiBi bias added and invisible keys at -inf."""
+    sq, sk = s.shape[-2:]
+    i, j = torch.arange(sq, device=s.device)[:, None], torch.arange(sk, device=s.device)[None, :]
+    s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
+    mask = visible_mask(sq, sk, causal, bottom_right, s.device, window_size)
+    return s if mask is None else s.masked_fill(~mask, float("-inf"))
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -143,12 +153,7 @@ def attention_ref(
     # Scores come out of the matmul in the input dtype (rounded as PyTorch rounds them), then the
     # softmax runs in the accumulator dtype.
     s = cap_scores(torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc_dtype(q.dtype)) * scale, softcap)
-    sq, sk = q.shape[1], k.shape[1]
-    i, j = torch.arange(sq, device=q.device)[:, None], torch.arange(sk, device=q.device)[None, :]
-    s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
-    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device, window_size)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+    s = _bias_and_mask(s, causal, bottom_right, alibi_slopes, window_size)
     if sink is not None:  # one more column in the denominator, with no value
         column = sink.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
         lse = torch.logsumexp(torch.cat([s, column], -1), dim=-1)
@@ -178,12 +183,7 @@ def attention_probs(
     acc = acc_dtype(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
     s = cap_scores(s, softcap)
-    sq, sk = q.shape[1], k.shape[1]
-    i, j = torch.arange(sq, device=q.device)[:, None], torch.arange(sk, device=q.device)[None, :]
-    s = s + alibi_bias(alibi_slopes, i, j, sk - sq if bottom_right else 0, s.dtype)
-    mask = visible_mask(q.shape[1], k.shape[1], causal, bottom_right, q.device, window_size)
-    if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+    s = _bias_and_mask(s, causal, bottom_right, alibi_slopes, window_size)
     safe_lse = lse.masked_fill(torch.isinf(lse), float("inf"))
     return torch.exp((s - safe_lse[..., None]).to(acc))
 
