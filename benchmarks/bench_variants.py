@@ -7,9 +7,10 @@ Usage: PYTHONPATH=$PWD python benchmarks/bench_variants.py [--seqlen 8192] [--ba
 bf16, (B, N, H, D) inputs, forward (no grad) and backward (``autograd.grad`` of a built graph),
 ``triton.testing.do_bench`` medians, TFLOP/s with the plain attention's FLOPs (4·B·H·N²·D
 forward, halved when causal; 2.5x that backward), so a slower variant shows as a lower number.
-Rows: ``plain``, ``softcap`` (c = 50, Gemma 2's attention cap) and ``alibi`` (BLOOM's slopes);
-the issue's budget is <= 10% overhead for each.  Variants still to come (sinks, dropout) add
-rows here; the sliding window, which saves work rather than adding it, has
+Rows: ``plain``, ``softcap`` (c = 50, Gemma 2's attention cap) and ``alibi`` (BLOOM's slopes),
+budget <= 10% overhead each; ``sink`` (gpt-oss's per-head logits), budget 3%; ``dropout``
+(p = 0.1), budget 30%, next to torch SDPA's flash backend with and without the same dropout
+(FlexAttention has none).  The sliding window, which saves work rather than adding it, has
 ``benchmarks/bench_window.py``.
 """
 
@@ -24,6 +25,7 @@ import triton
 import flash_module as fm
 
 SOFTCAP = 50.0
+DROPOUT = 0.1
 
 
 def _flex(score_mod, causal: bool, n: int):
@@ -34,6 +36,14 @@ def _flex(score_mod, causal: bool, n: int):
     if causal:
         mask = create_block_mask(lambda b_, h, q, k: q >= k, None, None, n, n, device="cuda")
     return lambda q, k, v: flex(q, k, v, score_mod=score_mod, block_mask=mask)
+
+
+def _sdpa_flash(q, k, v, dropout_p: float, causal: bool):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p,
+                                                                is_causal=causal)
 
 
 def _softcap_mod(score, b, h, q_idx, kv_idx):
@@ -54,11 +64,17 @@ def measure(b: int, n: int, h: int, d: int, causal: bool) -> list[dict]:
     qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
     flops = 4 * b * h * n * n * d / (2 if causal else 1)
     slopes = torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)], device="cuda")  # BLOOM's
+    sinks = torch.randn(h, device="cuda", requires_grad=True)
     impls = {
         "ours plain": (lambda: fm.flash_attn_func(q, k, v, causal=causal), (q, k, v)),
         "ours softcap": (lambda: fm.flash_attn_func(q, k, v, causal=causal, softcap=SOFTCAP), (q, k, v)),
         "ours alibi": (lambda: fm.flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes), (q, k, v)),
+        "ours sink": (lambda: fm.flash_attn_func(q, k, v, causal=causal, learnable_sink=sinks),
+                      (q, k, v, sinks)),
+        "ours dropout": (lambda: fm.flash_attn_func(q, k, v, DROPOUT, causal=causal), (q, k, v)),
     }
+    for name, p in (("sdpa-flash plain", 0.0), ("sdpa-flash dropout", DROPOUT)):
+        impls[name] = (lambda p=p: _sdpa_flash(qt, kt, vt, p, causal), (qt, kt, vt))
     try:
         plain, capped = _flex(None, causal, n), _flex(_softcap_mod, causal, n)
 

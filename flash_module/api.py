@@ -101,8 +101,7 @@ def _check_scale(name: str, scale: object) -> None:
 
 
 def _check_variants(dropout_p: object, window_size: object, softcap: object, alibi_slopes: object) -> None:
-    """Malformed values are ValueError/TypeError; well-formed values of features that are not
-    built yet are NotImplementedError."""
+    """Malformed values are ValueError/TypeError."""
     if (type(dropout_p) in (float, int) and dropout_p == 0 and type(softcap) in (float, int) and softcap == 0
             and alibi_slopes is None and type(window_size) is tuple and len(window_size) == 2
             and type(window_size[0]) is int and type(window_size[1]) is int and window_size == (-1, -1)):
@@ -122,7 +121,6 @@ def _check_variants(dropout_p: object, window_size: object, softcap: object, ali
         raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None and not isinstance(alibi_slopes, Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
-    _unsupported(dropout_p=float(dropout_p) != 0.0)
 
 
 def _check_alibi(alibi_slopes: Tensor | None, q: Tensor, batch: int, heads: int) -> None:
@@ -181,19 +179,50 @@ def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
     mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
     alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
-    learnable_sink: Tensor | None = None,
-) -> tuple[Tensor, Tensor, float]:
-    """Run the op on validated bshd views. Returns (out, lse, scale)."""
+    learnable_sink: Tensor | None = None, dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor, float, Tensor | None]:
+    """Run the op on validated bshd views. Returns (out, lse, scale, rng): ``rng`` is the dropout
+    seed drawn for this call (None without dropout)."""
     mode, impl = ops.check_mode(mode, impl)  # a mode without a variant raises in its op (ops._no_variants)
     _check_num_splits(num_splits)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(max(q.shape[-1], 1))
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)  # impl="triton" where the kernels cannot run: a clear error now
+    rng = dropout_seed(q.device) if dropout_p else None
     out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
                         float(softcap), alibi_slopes, int(window_size[0]), int(window_size[1]),
-                        learnable_sink)
-    return out, lse, scale
+                        learnable_sink, float(dropout_p), rng)
+    return out, lse, scale, rng
+
+
+def dropout_seed(device: torch.device) -> Tensor:
+    """A fresh dropout seed, an int64 (1,) tensor drawn from torch's generator on ``device``: no
+    host sync, reproducible under ``torch.manual_seed``, and a CUDA-graph replay draws a new one
+    (so each replay has a new mask, as SDPA's dropout does)."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _get_block_size_n(device: torch.device | str | None, head_dim: int, is_dropout: bool,
+                      is_causal: bool) -> int:
+    """flash-attn's key-block width for a head dim and GPU (its ``_get_block_size_n``): the
+    width by which ``return_attn_probs=True`` with dropout lays out its ``S_dmask`` (see
+    :func:`flash_module.reference.attention_probs`); flash-attn's tests normalise it with the
+    same function.  Non-CUDA devices use the sm90 (and sm80) rule."""
+    major, minor = (torch.cuda.get_device_capability(device) if torch.device(device or "cpu").type == "cuda"
+                    else (9, 0))
+    sm8x = major == 8 and minor > 0
+    if head_dim <= 32:
+        return 128
+    if head_dim <= 64:
+        return 64 if is_dropout else 128
+    if head_dim <= 96:
+        return 64
+    if head_dim <= 128:
+        if sm8x:
+            return 64 if (not is_dropout and is_causal) else 32
+        return 32 if is_dropout else 64
+    return 64
 
 
 def _unsupported(**features: bool) -> None:
@@ -231,10 +260,11 @@ def flash_attn_func(
             as in flash-attn >= 2.1: query ``i`` attends keys ``j <= i + Sk - Sq``.  When
             Sq > Sk the first ``Sq - Sk`` query rows see no key: their output is 0 and their
             LSE is -inf.
-        deterministic: accepted for compatibility; the backward is always deterministic.
+        deterministic: accepted for compatibility; the backward is always deterministic (no
+            atomics: running it twice gives the same bits).
         return_attn_probs: also return ``softmax_lse`` (batch, nheads, seqlen_q) float32 and
             the attention probabilities (batch, nheads, seqlen_q, seqlen_k), recomputed from the
-            LSE (O(Sq*Sk) memory, for testing; not differentiable).
+            LSE (O(Sq*Sk) memory, for testing; not differentiable; with dropout see below).
         mode: algorithm: ``"fa2"`` (default), ``"fa1"`` (FA1's loop order), ``"tiling"``
             (split-KV: key chunks in parallel, merged like the tiling softmax; fast for decode).
             All return the same result.
@@ -259,7 +289,16 @@ def flash_attn_func(
             probabilities sum to less than 1 and ``softmax_lse`` includes it.  Its gradient is
             returned when it requires grad.  Composes with window, softcap, ALiBi, GQA.  Not in
             ``mode="fa1"``.
-        dropout_p: not implemented yet (must be 0; anything else raises NotImplementedError).
+        dropout_p: dropout probability in [0, 1] applied to the attention probabilities (before
+            they meet V; kept ones are scaled by 1 / (1 - p)), whenever > 0, as flash-attn does
+            (pass 0 at evaluation).  The mask comes from a Philox generator in the kernels,
+            keyed by a seed drawn from torch's generator on the device
+            (:func:`dropout_seed`): ``torch.manual_seed`` reproduces it, the backward regenerates
+            it, and CUDA-graph replays draw fresh masks.  ``mode="fa2"`` only.
+        return_attn_probs with dropout: ``attn_probs`` is then flash-attn's ``S_dmask``: the
+            unnormalised probabilities its kernel holds (normalised per key block of
+            :func:`_get_block_size_n` columns, see :func:`flash_module.reference.attention_probs`),
+            negative where dropped, so ``attn_probs >= 0`` is the keep mask.
 
     Returns:
         out (batch, seqlen_q, nheads, headdim) in q's dtype, or ``(out, softmax_lse, attn_probs)``.
@@ -271,13 +310,15 @@ def flash_attn_func(
     _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
     _check_sink(learnable_sink, q, q.shape[2])
-    out, lse, scale = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
-                                 alibi_slopes, tuple(window_size), learnable_sink)
+    out, lse, scale, rng = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
+                                      alibi_slopes, tuple(window_size), learnable_sink, float(dropout_p))
     if not return_attn_probs:
         return out
     with torch.no_grad():
+        dropout = reference.Dropout(float(dropout_p), rng) if rng is not None else None
         probs = reference.attention_probs(q, k, lse, scale, bool(causal), True, float(softcap), alibi_slopes,
-                                          tuple(window_size))
+                                          tuple(window_size), dropout,
+                                          _get_block_size_n(q.device, q.shape[-1], True, bool(causal)))
     # The op's LSE is float64 for fp32 inputs (for the backward); flash-attn returns float32.
     return out, lse.to(acc_dtype(q.dtype)), probs.to(q.dtype)
 
@@ -374,9 +415,11 @@ def _check_max_seqlen(name: str, x: object) -> None:
 
 def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor, seqused_k: Tensor | None,
                   block_table: Tensor | None, scale: float, causal: bool, softcap: float = 0.0,
-                  alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1)) -> Tensor:
+                  alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+                  dropout_p: float = 0.0, rng: Tensor | None = None) -> Tensor:
     """(B, H, max_len_q, max_len_k) probabilities of each sequence, zero-padded (reads the
-    lengths on the host: for testing)."""
+    lengths on the host: for testing); with dropout flash-attn's ``S_dmask`` layout
+    (:func:`flash_attn_func`)."""
     n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
     total_k = (cu_q.numel() - 1) * n_table if block_table is not None else k.shape[0]
     seqs = reference.varlen_sequences(cu_q, cu_k, q.shape[0], total_k, seqused_k)
@@ -389,9 +432,11 @@ def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
         if block_table is not None:
             keys = k[block_table[b].long().clamp(0, k.shape[0] - 1)].flatten(0, 1)
         if lq and lk:
+            dropout = reference.Dropout(dropout_p, rng, q.shape[0], qs) if dropout_p else None
             probs[b, :, :lq, :lk] = reference.attention_probs(
                 q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True,
-                softcap, reference.batch_slopes(alibi_slopes, b), window_size)[0]
+                softcap, reference.batch_slopes(alibi_slopes, b), window_size, dropout,
+                _get_block_size_n(q.device, q.shape[-1], True, causal))[0]
     return probs.to(q.dtype)
 
 
@@ -450,7 +495,8 @@ def flash_attn_varlen_func(
         softcap, alibi_slopes, window_size: as in :func:`flash_attn_func` (forward and backward;
             (batch, nheads) slopes per sequence; the window is aligned per sequence, like causal).
         learnable_sink: as in :func:`flash_attn_func` (gradient included).
-        dropout_p: not implemented yet (NotImplementedError unless 0).
+        dropout_p: as in :func:`flash_attn_func` (the mask's row counters are the packed token
+            indices, so it does not depend on how the tokens are split into sequences).
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
     kernels clamp them to the tensors, so bad values give wrong answers, never out-of-bounds
@@ -500,14 +546,16 @@ def flash_attn_varlen_func(
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _autocast(q, k, v)
     ops.resolve_impl(q, impl)
+    rng = dropout_seed(q.device) if dropout_p else None
     out, lse = ops.call(ops.varlen_fwd, q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, scale, bool(causal),
                         mode, impl, block_table, float(softcap), alibi_slopes, int(window_size[0]),
-                        int(window_size[1]), learnable_sink)
+                        int(window_size[1]), learnable_sink, float(dropout_p), rng)
     if not return_attn_probs:
         return out
     with torch.no_grad():
         probs = _varlen_probs(q, k, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, block_table, scale,
-                              bool(causal), float(softcap), alibi_slopes, tuple(window_size))
+                              bool(causal), float(softcap), alibi_slopes, tuple(window_size),
+                              float(dropout_p), rng)
     return out, lse.to(acc_dtype(q.dtype)), probs
 
 
@@ -794,7 +842,9 @@ def scaled_dot_product_attention(
             i + right]``.
         learnable_sink: an extension: (nheads,) attention-sink logits as in
             :func:`flash_attn_func`.
-        attn_mask, dropout_p: not implemented yet (NotImplementedError unless None / 0).
+        dropout_p: dropout on the attention probabilities whenever > 0, as torch's SDPA does
+            (pass 0 at evaluation); the kernels' Philox mask, as in :func:`flash_attn_func`.
+        attn_mask: not implemented yet (NotImplementedError unless None).
 
     Returns:
         (batch, nheads, seqlen_q, headdim) in query's dtype: a transposed view of a contiguous
@@ -809,7 +859,7 @@ def scaled_dot_product_attention(
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
     if attn_mask is not None and not isinstance(attn_mask, Tensor):
         raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    _unsupported(attn_mask=attn_mask is not None, dropout_p=float(dropout_p) != 0.0)
+    _unsupported(attn_mask=attn_mask is not None)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout, shown=(query, key, value))
     if q.shape[2] != k.shape[2] and not enable_gqa:
@@ -819,8 +869,8 @@ def scaled_dot_product_attention(
     if softcap or window_size != (-1, -1):
         _check_variants(0.0, window_size, softcap, None)
     _check_sink(learnable_sink, q, q.shape[2])
-    out, _, _ = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap, None,
-                           tuple(window_size), learnable_sink)
+    out = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap, None,
+                     tuple(window_size), learnable_sink, float(dropout_p))[0]
     return out.transpose(1, 2)
 
 

@@ -18,8 +18,8 @@ LAYOUTS = ("bshd", "bhsd")
 
 
 def _check_dropout(dropout: float) -> None:
-    if dropout != 0.0:
-        raise NotImplementedError("flash_module: dropout is not supported yet (dropout must be 0.0)")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout!r}")
 
 
 class FlashAttention(nn.Module):
@@ -30,7 +30,9 @@ class FlashAttention(nn.Module):
             alignment (query i sees keys j <= i + Sk - Sq); with ``"bhsd"`` torch SDPA's
             top-left one (j <= i).  They agree when Sq == Sk.
         softmax_scale: default 1/sqrt(head_dim).
-        dropout: attention dropout probability (must be 0.0 until dropout lands).
+        dropout: attention dropout probability, applied in training mode only (``module.train()``;
+            the kernels' Philox mask, see :func:`flash_module.flash_attn_func`).  Not with
+            context parallelism yet.
         mode: algorithm, one of ``flash_module.MODES``.
         impl: implementation, one of ``flash_module.IMPLS`` (``"torch"`` forces the PyTorch path).
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
@@ -68,7 +70,8 @@ class FlashAttention(nn.Module):
         mode, impl = ops.check_mode(mode, impl)
         _check_dropout(dropout)
         window_size = tuple(window_size)
-        for name, used in (("softcap", bool(softcap)), ("window_size", window_size != (-1, -1))):
+        for name, used in (("softcap", bool(softcap)), ("window_size", window_size != (-1, -1)),
+                           ("dropout", bool(dropout))):
             if used and context_parallel_group is not None:
                 raise NotImplementedError(f"flash_module: {name} with context parallelism is not "
                                           "supported yet")
@@ -100,11 +103,13 @@ class FlashAttention(nn.Module):
                                  self.causal, self.softmax_scale, self.context_parallel_layout, self.mode,
                                  impl=self.impl)
             return to_bshd(out)
+        dropout_p = self.dropout if self.training else 0.0
         if self.layout == "bshd":
-            return flash_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal,
+            return flash_attn_func(q, k, v, dropout_p, softmax_scale=self.softmax_scale, causal=self.causal,
                                    softcap=self.softcap, window_size=self.window_size, mode=self.mode,
                                    impl=self.impl, num_splits=self.num_splits, learnable_sink=learnable_sink)
-        return scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
+        return scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=self.causal,
+                                            scale=self.softmax_scale,
                                             enable_gqa=True, mode=self.mode, impl=self.impl,
                                             num_splits=self.num_splits, softcap=self.softcap,
                                             window_size=self.window_size, learnable_sink=learnable_sink)
@@ -168,7 +173,7 @@ class MultiheadFlashAttention(nn.Module):
         num_kv_heads: key/value heads (default H; H % num_kv_heads == 0 for GQA/MQA).
         bias: biases in the projections.
         causal: causal self-attention.
-        dropout: attention dropout (must be 0.0 until dropout lands).
+        dropout: attention dropout probability, in training mode only (see :class:`FlashAttention`).
         mode: attention algorithm, one of ``flash_module.MODES``.
         impl: implementation, one of ``flash_module.IMPLS``.
         softcap, window_size: score softcapping and sliding window as in :class:`FlashAttention`

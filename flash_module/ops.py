@@ -19,6 +19,11 @@ impl="auto") -> (dq, dk, dv)``
     lse); ``dlse`` (optional) is a gradient flowing into ``lse``.  Returns new contiguous tensors
     shaped like q, k, v.
 
+Trailing arguments, all with defaults, carry the variants (:class:`AttentionArgs`): ``softcap``,
+``alibi_slopes``, ``window_left`` / ``window_right``, ``sink`` (forward only: the LSE includes
+it), ``dropout_p`` and ``rng`` (the dropout seed, an int64 (1,) tensor the public functions draw
+from torch's generator; the backward gets the same seed and regenerates the mask).
+
 ``mode`` names the algorithm (:data:`MODES`): ``fa2`` (default), ``fa1`` (FA1's loop order,
 O/l/m in HBM) or ``tiling`` (split-KV: key chunks in parallel, merged like the tiling softmax).
 ``impl`` names the implementation (:data:`IMPLS`): ``auto`` runs the Triton kernels where they
@@ -73,6 +78,12 @@ class AttentionArgs:
     alibi_slopes: Tensor | None = None  # fp32 (H,) or (B, H): bias -slope * |i + Sk - Sq - j|
     window: tuple[int, int] = (-1, -1)  # (left, right): keys [i + offset - left, i + offset + right]
     sink: Tensor | None = None  # fp32 (H,): attention-sink logits, in every row's denominator
+    dropout_p: float = 0.0  # probability of dropping each attention probability (Philox, in the kernels)
+    rng: Tensor | None = None  # int64 (1,) seed of the dropout mask, drawn from torch's generator
+
+    def dropout(self) -> reference.Dropout | None:
+        """The PyTorch path's dropout (dense row counters), or None."""
+        return reference.Dropout(self.dropout_p, self.rng) if self.dropout_p else None
 
     @property
     def bottom_right(self) -> bool:
@@ -109,19 +120,21 @@ def routes_to_split_kv(q: Tensor, k: Tensor) -> bool:
 
 
 def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
-    if routes_to_split_kv(q, k):
+    if routes_to_split_kv(q, k) and not a.dropout_p:
         return _tiling_fwd_triton(q, k, v, dataclasses.replace(a, num_splits=0))
     from .kernels.fa2_fwd import fa2_forward
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
-                       alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink)
+                       alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink, dropout_p=a.dropout_p,
+                       rng=a.rng)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     from .kernels.fa2_bwd import fa2_backward
 
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
-                        softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window)
+                        softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
+                        dropout_p=a.dropout_p, rng=a.rng)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
@@ -130,6 +143,13 @@ def _no_variants(mode: str, a: AttentionArgs) -> None:
                        ("window_size", a.window != (-1, -1)), ("learnable_sink", a.sink is not None)):
         if used:
             raise NotImplementedError(f"mode={mode!r} does not support {name} (use mode='fa2' or 'tiling')")
+    _no_dropout(mode, a)
+
+
+def _no_dropout(mode: str, a: AttentionArgs) -> None:
+    """NotImplementedError for dropout in a mode without it (only FA2's kernels draw the mask)."""
+    if a.dropout_p:
+        raise NotImplementedError(f"mode={mode!r} does not support dropout_p > 0 (use mode='fa2')")
 
 
 def _fa1_fwd_triton(q, k, v, a: AttentionArgs):
@@ -149,6 +169,7 @@ def _fa1_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.split_kv import split_kv_forward
 
+    _no_dropout("tiling", a)
     return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap,
                             a.alibi_slopes, a.window, a.sink)
 
@@ -158,7 +179,8 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
-                                 alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink)
+                                 alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink,
+                                 dropout=a.dropout())
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
@@ -167,6 +189,7 @@ def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
 
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
+    _no_dropout("tiling", a)
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
                                       softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
                                       sink=a.sink)
@@ -175,7 +198,7 @@ def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
                                   dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes,
-                                  window_size=a.window)
+                                  window_size=a.window, dropout=a.dropout())
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -260,28 +283,11 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
-          window: tuple[int, int] = (-1, -1), sink: Tensor | None = None) -> AttentionArgs:
+          window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
+          rng: Tensor | None = None) -> AttentionArgs:
     offset = k.shape[1] - q.shape[1] if bottom_right else 0
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
-                         alibi_slopes, (int(window[0]), int(window[1])), sink)
-
-
-def sink_grad(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None,
-              head_dim: int = 1) -> Tensor:
-    """The attention sinks' gradient: ``dsink_h = -sum over rows of P_sink * delta``, with
-    ``P_sink = exp(sink_h - lse)`` (the sink's share of the row) and ``delta = rowsum(dO * O) -
-    dlse`` (a sink's logit moves every P of its row by ``-P_sink``).  ``lse`` has its heads on
-    ``head_dim`` ((B, H, Sq): 1; varlen's (H, Tq): 0); rows with LSE -inf (in no sequence)
-    contribute 0.  Torch ops on O(rows) data: no kernel, no sync."""
-    acc = lse.dtype
-    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(head_dim, head_dim + 1)  # lse's layout
-    if dlse is not None:
-        delta = delta - dlse.to(acc)
-    shape = [1] * lse.dim()
-    shape[head_dim] = -1
-    p_sink = torch.where(torch.isinf(lse), 0.0, torch.exp(sink.to(acc).view(shape) - lse))
-    rows = [d for d in range(lse.dim()) if d != head_dim]
-    return -(p_sink * delta).sum(rows).to(sink.dtype)
+                         alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng)
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -347,6 +353,52 @@ def call(op, *args):
     return result
 
 
+def _sink_grad_torch(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None) -> Tensor:
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # (B, H, Sq): lse's layout
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    p_sink = torch.where(torch.isinf(lse), 0.0, torch.exp(sink.to(acc).view(1, -1, 1) - lse))
+    return -(p_sink * delta).sum((0, 2)).to(sink.dtype)
+
+
+@_op("sink_grad")
+def sink_grad_op(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None) -> Tensor:
+    """The attention sinks' gradient (:func:`sink_grad`) on the dense layout: ``out``/``dout``
+    (B, Sq, H, D), ``lse``/``dlse`` (B, H, Sq)."""
+    if q_is_triton(out):
+        from .kernels._common import sink_grad as kernel
+
+        with device_guard(out):
+            return kernel(sink, _last_dim_contiguous(out), _last_dim_contiguous(dout), lse.contiguous(),
+                          dlse.contiguous() if dlse is not None else None)
+    return _sink_grad_torch(sink, out, dout, lse, dlse)
+
+
+@sink_grad_op.register_fake
+def _sink_grad_fake(sink, out, dout, lse, dlse):
+    return sink.new_empty(sink.shape)
+
+
+def q_is_triton(t: Tensor) -> bool:
+    """Whether the kernels run on tensors like ``t`` (``impl="auto"``)."""
+    return resolve_impl(t, "auto") == "triton"
+
+
+def sink_grad(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None,
+              head_dim: int = 1) -> Tensor:
+    """The attention sinks' gradient: ``dsink_h = -sum over rows of P_sink * delta``, with
+    ``P_sink = exp(sink_h - lse)`` (the sink's share of the row) and ``delta = rowsum(dO * O) -
+    dlse`` (a sink's logit moves every P of its row by ``-P_sink``).  ``lse`` has its heads on
+    ``head_dim`` ((B, H, Sq): 1; varlen's (H, Tq): 0, handled as one sequence of Tq rows); rows
+    with LSE -inf (in no sequence) contribute 0.  One pass over O and dO in a kernel (the
+    ``sink_grad`` op), torch ops on the PyTorch path; no sync."""
+    if head_dim == 0:  # varlen: (Tq, H, D) and (H, Tq) are one batch of Tq rows
+        out, dout, lse = out[None], dout[None], lse[None]
+        dlse = dlse[None] if dlse is not None else None
+    return call(sink_grad_op, sink, out, dout, lse, dlse)
+
+
 @_op("attention_fwd")
 def attention_fwd(
     q: Tensor,
@@ -363,8 +415,11 @@ def attention_fwd(
     window_left: int = -1,
     window_right: int = -1,
     sink: Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
+    _check_rng(dropout_p, rng)
     b, sq, h, d = q.shape
     window = (window_left, window_right)
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
@@ -376,14 +431,15 @@ def attention_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window,
-                     sink)
+                     sink, dropout_p, rng)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
 
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
-                        softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None):
+                        softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None,
+                        dropout_p=0.0, rng=None):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -408,8 +464,11 @@ def attention_bwd(
     alibi_slopes: Tensor | None = None,
     window_left: int = -1,
     window_right: int = -1,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _implementation(mode, impl, q).backward
+    _check_rng(dropout_p, rng)
     if q.numel() == 0 or k.numel() == 0:
         return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
@@ -418,35 +477,46 @@ def attention_bwd(
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right,
                                                              softcap=softcap, alibi_slopes=alibi_slopes,
-                                                             window=(window_left, window_right)))
+                                                             window=(window_left, window_right),
+                                                             dropout_p=dropout_p, rng=rng))
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
-                        impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1):
+                        impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1,
+                        dropout_p=0.0, rng=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right, sink) = inputs
+     window_left, window_right, sink, dropout_p, rng) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng)
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.window = (window_left, window_right)
+    ctx.dropout_p = dropout_p
     # (needs_input_grad covers only the arguments the caller passed: ask the sink itself)
     ctx.sink_grad = sink is not None and sink.requires_grad
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes, sink = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, sink, rng = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window)
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
+                               ctx.dropout_p, rng)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None
+
+
+def _check_rng(dropout_p: float, rng: Tensor | None) -> None:
+    """Dropout needs its seed: an int64 tensor with one element (the public functions draw it)."""
+    if dropout_p and (rng is None or rng.dtype != torch.int64 or rng.numel() != 1):
+        raise ValueError(f"dropout_p={dropout_p} needs rng, an int64 tensor of one element (the seed), got "
+                         f"{None if rng is None else (rng.dtype, tuple(rng.shape))}")
 
 
 def _no_double_backward(ctx, *grads):
@@ -490,31 +560,31 @@ class VarlenImplementation:
 
 
 def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                       alibi_slopes=None, window=(-1, -1), sink=None):
+                       alibi_slopes=None, window=(-1, -1), sink=None, dropout_p=0.0, rng=None):
     from .kernels.varlen import varlen_forward
 
     return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap, alibi_slopes,
-                          window, sink)
+                          window, sink, dropout_p, rng)
 
 
 def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
-                       alibi_slopes=None, window=(-1, -1)):
+                       alibi_slopes=None, window=(-1, -1), dropout_p=0.0, rng=None):
     from .kernels.varlen import varlen_backward
 
     return varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse, softcap,
-                           alibi_slopes, window)
+                           alibi_slopes, window, dropout_p, rng)
 
 
 def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                      alibi_slopes=None, window=(-1, -1), sink=None):
+                      alibi_slopes=None, window=(-1, -1), sink=None, dropout_p=0.0, rng=None):
     return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap,
-                                    alibi_slopes, window, sink)
+                                    alibi_slopes, window, sink, dropout_p, rng)
 
 
 def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
-                      alibi_slopes=None, window=(-1, -1)):
+                      alibi_slopes=None, window=(-1, -1), dropout_p=0.0, rng=None):
     return reference.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, causal, seqused_k, dlse,
-                                     softcap, alibi_slopes, window)
+                                     softcap, alibi_slopes, window, dropout_p, rng)
 
 
 #: The varlen table: algorithm -> implementation.  Only FA2 has varlen kernels; the other modes
@@ -561,19 +631,23 @@ def varlen_fwd(
     window_left: int = -1,
     window_right: int = -1,
     sink: Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
+    _check_rng(dropout_p, rng)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
-                      block_table, float(softcap), alibi_slopes, (int(window_left), int(window_right)), sink)
+                      block_table, float(softcap), alibi_slopes, (int(window_left), int(window_right)), sink,
+                      float(dropout_p), rng)
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
                      impl="auto", block_table=None, softcap=0.0, alibi_slopes=None, window_left=-1,
-                     window_right=-1, sink=None):
+                     window_right=-1, sink=None, dropout_p=0.0, rng=None):
     tq, h, d = q.shape
     return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
@@ -598,30 +672,34 @@ def varlen_bwd(
     alibi_slopes: Tensor | None = None,
     window_left: int = -1,
     window_right: int = -1,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).backward
+    _check_rng(dropout_p, rng)
     dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k,
                         float(softmax_scale), bool(causal), float(softcap), alibi_slopes,
-                        (int(window_left), int(window_right)))
+                        (int(window_left), int(window_right)), float(dropout_p), rng)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @varlen_bwd.register_fake
 def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale,
                      causal, mode="fa2", impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1,
-                     window_right=-1):
+                     window_right=-1, dropout_p=0.0, rng=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
     (q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap, alibi,
-     window_left, window_right, sink) = inputs
+     window_left, window_right, sink, dropout_p, rng) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi, sink)
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi, sink, rng)
+    ctx.dropout_p = dropout_p
     ctx.sink_grad = sink is not None and sink.requires_grad
     ctx.args = (softmax_scale, causal, mode, impl, softcap)
     ctx.window = (window_left, window_right)
@@ -633,13 +711,14 @@ def _varlen_backward(ctx, dout, dlse):
     if ctx.paged:
         raise NotImplementedError("flash_module: the varlen backward does not support paged K/V "
                                   "(block_table); paged caches are for inference")
-    q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes, sink = ctx.saved_tensors
+    q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes, sink, rng = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args, alibi_slopes,
-                            *ctx.window)
+                            *ctx.window, ctx.dropout_p, rng)
     dsink = sink_grad(sink, out, dout, lse, dlse, head_dim=0) if ctx.sink_grad else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, dsink
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, dsink, None,
+            None)
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,

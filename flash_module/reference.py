@@ -21,6 +21,7 @@ sequential loop remains a Python loop.  That makes them fast enough to be the CP
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -111,6 +112,91 @@ def add_sink(out: torch.Tensor, lse: torch.Tensor, sink: torch.Tensor | None,
     return (out * weight).to(out.dtype), new_lse
 
 
+# -- dropout: the kernels' Philox mask, bit for bit ---------------------------------------------
+
+_M32 = 0xFFFFFFFF
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(hi, lo)`` 32-bit halves of ``a * b`` for a uint32 constant and an int64 tensor of uint32
+    values, in int64 arithmetic (split at 16 bits, so no product overflows)."""
+    t1 = a * (b & 0xFFFF)  # < 2^48
+    t2 = a * (b >> 16)
+    s = t1 + ((t2 & 0xFFFF) << 16)
+    return (t2 >> 16) + (s >> 32), s & _M32
+
+
+def philox(seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor,
+           c3: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Philox-4x32-7 on int64 tensors holding uint32 words, keyed by the int64 ``seed`` (a 0-d
+    or (1,) tensor): the kernels' :func:`flash_module.kernels._common.philox`."""
+    seed = seed.reshape(())
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(7):
+        hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
+        hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _PHILOX_W[0]) & _M32, (k1 + _PHILOX_W[1]) & _M32
+    return c0, c1, c2, c3
+
+
+def dropout_thresh(dropout_p: float) -> int:
+    """A probability is dropped iff its 16-bit uniform draw is below ``round(p * 65536)``
+    (clamped to 65535: at p = 1 the scale is 0 and the mask no longer matters)."""
+    return min(65535, int(round(dropout_p * 65536)))
+
+
+def dropout_keep(rng: torch.Tensor, dropout_p: float, row_ids: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """The kernels' dropout keep mask (:func:`flash_module.kernels._common.dropout_keep`): True
+    where the probability of query row counter ``row_ids`` and key ``cols`` is kept (int64
+    tensors, broadcast together).  Key ``n`` is lane ``n % 8`` of the Philox counter ``(n // 8,
+    row lo, row hi, 0)``; lane ``l`` reads half ``l % 2`` of word ``l // 2``.  Row counters are
+    ``(b * H + h) * Sq + i`` for (B, Sq, H, D) inputs and ``h * Tq + t`` for packed (varlen) ones."""
+    row_ids, cols = torch.broadcast_tensors(row_ids.to(torch.int64), cols.to(torch.int64))
+    words = philox(rng.to(row_ids.device), cols >> 3, row_ids & _M32, row_ids >> 32, torch.zeros_like(cols))
+    lane = cols & 7
+    word = lane >> 1
+    w = torch.where(word == 0, words[0],
+                    torch.where(word == 1, words[1], torch.where(word == 2, words[2], words[3])))
+    return ((w >> ((lane & 1) * 16)) & 0xFFFF) >= dropout_thresh(dropout_p)
+
+
+def dropout_scale(dropout_p: float) -> float:
+    """What kept probabilities are multiplied by: ``1 / (1 - p)`` (0 for p = 1)."""
+    return 1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Dropout of the blocked loops: probability ``p``, the int64 seed ``rng``, and where this
+    call's rows sit in the counter space: row ``i`` of (batch b, head h) is counter ``b * H *
+    head_rows + h * head_rows + row0 + i`` (``head_rows`` None: Sq, the dense layout; varlen
+    sequences pass the packed total Tq and their first token)."""
+
+    p: float
+    rng: torch.Tensor
+    head_rows: int | None = None
+    row0: int = 0
+
+    def row_ids(self, b: int, h: int, sq: int, device: torch.device) -> torch.Tensor:
+        """(B, H, 1) counters of each (batch, head)'s row 0 (add the row index)."""
+        per_head = self.head_rows if self.head_rows is not None else sq
+        heads = torch.arange(b, device=device)[:, None] * h + torch.arange(h, device=device)
+        return (heads * per_head + self.row0)[..., None]
+
+
+def dropout_mask(rng: torch.Tensor, dropout_p: float, batch: int, nheads: int, seqlen_q: int,
+                 seqlen_k: int) -> torch.Tensor:
+    """The whole (B, H, Sq, Sk) keep mask of a (B, Sq, H, D) call (O(Sq * Sk): for tests)."""
+    dev = rng.device
+    rows = ((torch.arange(batch, device=dev)[:, None] * nheads + torch.arange(nheads, device=dev)) * seqlen_q)
+    rows = rows[:, :, None, None] + torch.arange(seqlen_q, device=dev)[:, None]
+    return dropout_keep(rng, dropout_p, rows, torch.arange(seqlen_k, device=dev))
+
+
 def batch_slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
     """Batch ``b``'s row of (B, H) slopes as (1, H); (H,) slopes and None as they are."""
     if alibi_slopes is None or alibi_slopes.dim() == 1:
@@ -139,8 +225,12 @@ def attention_ref(
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
     sink: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
+    ``dropout_mask`` (bool, broadcastable to (B, H, Sq, Sk), True = kept; e.g.
+    :func:`dropout_mask`): dropout of the probabilities with rate ``dropout_p``.
 
     Computes in the inputs' dtype (matmuls as PyTorch does them in that dtype), so
     ``attention_ref(q.double(), ...)`` is the float64 oracle and ``attention_ref(q_bf16, ...)``
@@ -160,6 +250,8 @@ def attention_ref(
     else:
         lse = torch.logsumexp(s, dim=-1)  # (B, H, Sq); -inf for rows that see nothing
     p = torch.exp(s - lse[..., None].masked_fill(torch.isinf(lse)[..., None], 0.0))
+    if dropout_mask is not None:  # dropout after the softmax: kept entries rescaled, LSE unchanged
+        p = p.masked_fill(~dropout_mask, 0.0) * dropout_scale(dropout_p)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
     return out.to(q.dtype), lse.to(acc_dtype(q.dtype))
 
@@ -174,18 +266,36 @@ def attention_probs(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    dropout: Dropout | None = None,
+    block_n: int = 64,
 ) -> torch.Tensor:
     """Recompute the softmax probabilities P = exp(S - lse), (B, H, Sq, Sk), from a saved LSE.
 
     This is what ``return_attn_probs=True`` returns: O(Sq·Sk) memory, for testing and inspection.
+
+    With ``dropout`` it returns flash-attn's ``S_dmask`` instead, the values its forward kernel
+    holds: ``exp(S - m)`` with ``m`` the running row max when the key block of width
+    ``block_n`` holding the entry is processed (key blocks run from the last to the first, so
+    ``m`` is the max over that block and all later ones), negated where the entry is dropped.
+    flash-attn's tests recover P from it with the same ``block_n``; the sign is the mask.
     """
     h = q.shape[2]
     acc = acc_dtype(q.dtype)
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
     s = cap_scores(s, softcap)
     s = _bias_and_mask(s, causal, bottom_right, alibi_slopes, window_size)
-    safe_lse = lse.masked_fill(torch.isinf(lse), float("inf"))
-    return torch.exp((s - safe_lse[..., None]).to(acc))
+    if dropout is None:
+        safe_lse = lse.masked_fill(torch.isinf(lse), float("inf"))
+        return torch.exp((s - safe_lse[..., None]).to(acc))
+    sq, sk = s.shape[-2:]
+    blocks = torch.nn.functional.pad(s, (0, -sk % block_n), value=float("-inf")).unflatten(-1, (-1, block_n))
+    m = blocks.amax(-1).flip(-1).cummax(-1).values.flip(-1)  # (B, H, Sq, nblocks): max of blocks >= j
+    m = m.repeat_interleave(block_n, -1)[..., :sk]
+    vals = torch.exp(s - _neg_inf_to_zero(m))  # exp(-inf) = 0 where masked
+    rows = dropout.row_ids(s.shape[0], h, sq, s.device)[..., None] + \
+        torch.arange(sq, device=s.device)[:, None]
+    keep = dropout_keep(dropout.rng, dropout.p, rows, torch.arange(sk, device=s.device))
+    return torch.where(keep, vals, -vals)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +490,7 @@ def fa2_forward(
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
     sink: torch.Tensor | None = None,
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -390,19 +501,25 @@ def fa2_forward(
         l = exp(m - m_new) l + rowsum(P_j),  acc = exp(m - m_new) acc + P_j V_j
 
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
+    With ``dropout`` the dropped entries of P_j leave ``acc`` (not ``l``) and O is rescaled by
+    1 / (1 - p): the kernels' mask (:func:`dropout_keep`), bit for bit.
     """
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
-                         block_m, block_n, softcap, alibi_slopes, window_size)
+                         block_m, block_n, softcap, alibi_slopes, window_size, dropout)
     out, lse = add_sink(out, lse, sink)
     return out.to(q.dtype), lse
 
 
 def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0, alibi_slopes=None,
-              window_size=(-1, -1)):
+              window_size=(-1, -1), dropout=None):
     """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype."""
     sk = k.shape[1]
     # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
+    if dropout is not None:  # (B, H, nQ, Br, 1) row counters of the blocked rows
+        b, h = q.shape[0], q.shape[2]
+        rows = dropout.row_ids(b, h, q.shape[1], q.device)[..., None, None] + torch.arange(
+            qb.shape[2] * block_m, device=q.device).view(qb.shape[2], block_m, 1)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
         s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap,
                           alibi_slopes, window_size)
@@ -411,9 +528,14 @@ def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, so
         p = torch.exp(s - m_new_safe[..., None])
         alpha = torch.exp(m - m_new_safe)
         l = alpha * l + p.sum(dim=-1)
+        if dropout is not None:  # dropped probabilities stay in l, leave acc
+            p = p * dropout_keep(dropout.rng, dropout.p, rows, torch.arange(j * block_n, (j + 1) * block_n,
+                                                                            device=q.device)).to(p.dtype)
         acc = alpha[..., None] * acc + torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]  # the single final division
+    if dropout is not None:
+        out = out * dropout_scale(dropout.p)
     return _tiled_finish(out, l, m, q, out_dtype=acc.dtype)
 
 
@@ -432,6 +554,7 @@ def fa2_backward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    dropout: Dropout | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``.
 
@@ -442,7 +565,9 @@ def fa2_backward(
 
     (A gradient ``dlse`` flowing into the LSE adds ``dlse * P`` to dS, which is the same as
     subtracting it from ``delta``.)  With ``softcap`` the scores are ``c tanh(s / c)``, and dS is
-    multiplied by their derivative ``1 - tanh^2`` before it meets Q and K.
+    multiplied by their derivative ``1 - tanh^2`` before it meets Q and K.  With ``dropout``
+    (the forward's mask, regenerated) dV takes the dropped P and dP is multiplied by the mask
+    and 1 / (1 - p) before it meets P.
     The loop over K/V blocks is the dK/dV kernel's grid.
     Memory is O(Sq · block_n).  GQA: dK/dV are summed over each K/V head's query group.
     """
@@ -463,6 +588,9 @@ def fa2_backward(
     dv = torch.empty_like(vf)
     offset = _causal_offset(sq, sk, bottom_right)
     rows = torch.arange(sq, device=q.device)[:, None]
+    if dropout is not None:
+        drop_rows = dropout.row_ids(b, h, sq, q.device)[..., None] + rows  # (B, H, Sq, 1)
+        keep_scale = dropout_scale(dropout.p)
     for start in range(0, sk, block_n):
         end = min(start + block_n, sk)
         kj, vj = kf[:, :, start:end], vf[:, :, start:end]
@@ -475,8 +603,13 @@ def fa2_backward(
         if causal or tuple(window_size) != (-1, -1):  # this block's (Sq, Bc) mask only: O(Sq * block_n)
             s = s.masked_fill(~_visible(rows, cols, sk, offset, causal, window_size), float("-inf"))
         p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
-        dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
+        if dropout is not None:
+            keep = dropout_keep(dropout.rng, dropout.p, drop_rows, cols).to(acc) * keep_scale
+            dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p * keep, dof)
+            dp = dp * keep
+        else:
+            dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         ds = p * (dp - delta[..., None])
         if softcap:
             ds = ds * (1 - t * t)
@@ -569,11 +702,17 @@ def varlen_sequences(
     return seqs
 
 
+def _varlen_dropout(dropout_p: float, rng: torch.Tensor | None, total_q: int, q_start: int) -> Dropout | None:
+    """A packed sequence's dropout: head h's token t is row counter ``h * Tq + t``."""
+    return Dropout(dropout_p, rng, total_q, q_start) if dropout_p else None
+
+
 def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None, dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA2's blocked forward on each packed sequence (causal and window bottom-right per sequence).
 
@@ -602,7 +741,8 @@ def varlen_forward(
             continue
         o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
                            softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b),
-                           window_size=window_size, sink=sink)
+                           window_size=window_size, sink=sink,
+                           dropout=_varlen_dropout(dropout_p, rng, tq, qs))
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 
@@ -612,7 +752,8 @@ def varlen_backward(
     lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
     seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FA2's backward on each packed sequence; ``dq`` (Tq, H, D), ``dk``/``dv`` (Tk, H_kv, D),
     zero for rows in no sequence and keys past ``seqused_k``."""
@@ -625,7 +766,8 @@ def varlen_backward(
         grads = fa2_backward(dout[None, rq], q[None, rq], k[None, rk], v[None, rk], out[None, rq],
                              lse[None, :, rq], softmax_scale, causal,
                              dlse=dlse[None, :, rq] if dlse is not None else None, softcap=softcap,
-                             alibi_slopes=batch_slopes(alibi_slopes, b), window_size=window_size)
+                             alibi_slopes=batch_slopes(alibi_slopes, b), window_size=window_size,
+                             dropout=_varlen_dropout(dropout_p, rng, q.shape[0], qs))
         dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
     return dq, dk, dv
 

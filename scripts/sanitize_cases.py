@@ -26,19 +26,22 @@ CASES = [("fa2", torch.bfloat16), ("fa2", torch.float32), ("fa1", torch.bfloat16
          ("fa2", torch.float64)]
 
 
-def _attention_case(mode, dtype, shape, causal, softcap=0.0, alibi=False, window=(-1, -1), sink=False):
+def _attention_case(mode, dtype, shape, causal, softcap=0.0, alibi=False, window=(-1, -1), sink=False,
+                    dropout=0.0):
     def run():
         b, sq, sk, h, h_kv, d = shape
         q = torch.randn(b, sq, h, d, device="cuda", dtype=dtype, requires_grad=True)
         k, v = (torch.randn(b, sk, h_kv, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
         slopes = torch.rand(b, h, device="cuda") if alibi else None
         sinks = torch.randn(h, device="cuda", requires_grad=True) if sink else None
-        out = fm.flash_attn_func(q, k, v, causal=causal, mode=mode, num_splits=3 if mode == "tiling" else 0,
+        out = fm.flash_attn_func(q, k, v, dropout, causal=causal, mode=mode,
+                                 num_splits=3 if mode == "tiling" else 0,
                                  softcap=softcap, alibi_slopes=slopes, window_size=window,
                                  learnable_sink=sinks)
         out.backward(torch.randn_like(out))
     variants = (f" softcap={softcap}" if softcap else "") + (" alibi" if alibi else "")
     variants += (f" window={window}" if window != (-1, -1) else "") + (" sink" if sink else "")
+    variants += f" dropout={dropout}" if dropout else ""
     return f"{mode} {str(dtype)[6:]} {shape} causal={causal}{variants}", run
 
 
@@ -115,6 +118,10 @@ def cases() -> list:
     # sinks: in the FA2 epilogue, and in the split-KV combine (3 splits) and its one-split path
     out += [_attention_case(mode, torch.bfloat16, SHAPES[1], True, sink=True) for mode in ("fa2", "tiling")]
     out.append(_attention_case("tiling", torch.float32, SHAPES[3], False, window=(40, 7), sink=True))
+    # dropout: the Philox mask in the forward, dK/dV and dQ loops (ragged shapes, GQA, a window)
+    out += [_attention_case("fa2", dtype, SHAPES[1], True, dropout=0.2)
+            for dtype in (torch.bfloat16, torch.float32)]
+    out.append(_attention_case("fa2", torch.bfloat16, SHAPES[0], False, window=(30, 5), dropout=0.5))
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 

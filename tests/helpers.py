@@ -48,23 +48,24 @@ def assert_flash_rule(name, ours, oracle, pytorch_lowp, dtype, factor=2.0):
 
 
 def reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale=None, dtype=None, softcap=0.0,
-                    alibi_slopes=None, window_size=(-1, -1)):
+                    alibi_slopes=None, window_size=(-1, -1), dropout_p=0.0, dropout_mask=None):
     """(out, lse, dq, dk, dv) of the naive reference, computed in ``dtype`` (default: the inputs')."""
     dtype = dtype or q.dtype
     qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     out, lse = attention_ref(qr, kr, vr, softmax_scale, causal, bottom_right, softcap, alibi_slopes,
-                             window_size)
+                             window_size, dropout_p=dropout_p, dropout_mask=dropout_mask)
     dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), dout.to(dtype))
     return out, lse, dq, dk, dv
 
 
 def assert_matches_reference(ours, q, k, v, dout, causal, bottom_right, dtype, oracle_dtype=torch.float64,
                              softmax_scale=None, softcap=0.0, alibi_slopes=None,
-                             window_size=(-1, -1)):
+                             window_size=(-1, -1), dropout_p=0.0, dropout_mask=None):
     """``ours`` = (out, lse, dq, dk, dv), or a prefix of it (None entries skipped): each within
     flash-attn's rule of the oracle computed in ``oracle_dtype``, against PyTorch's own error in
     ``dtype``."""
-    variants = dict(softcap=softcap, alibi_slopes=alibi_slopes, window_size=window_size)
+    variants = dict(softcap=softcap, alibi_slopes=alibi_slopes, window_size=window_size, dropout_p=dropout_p,
+                    dropout_mask=dropout_mask)
     oracle = reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale, oracle_dtype, **variants)
     lowp = reference_grads(q, k, v, dout, causal, bottom_right, softmax_scale, **variants)
     for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv"], ours, oracle, lowp):

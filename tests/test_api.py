@@ -216,17 +216,7 @@ def test_inputs_on_different_devices(no_launch, api):
 
 
 @pytest.mark.parametrize("kwargs, name", [
-    pytest.param({"dropout_p": 0.1}, "dropout_p", id="dropout_p"),
-])
-def test_flash_attn_func_unsupported_features(no_launch, kwargs, name):
-    q = k = v = _t(1, 4, 2, 8)
-    with pytest.raises(NotImplementedError, match=rf"\b{name}\b"):
-        flash_attn_func(q, k, v, **kwargs)
-
-
-@pytest.mark.parametrize("kwargs, name", [
     pytest.param({"attn_mask": torch.ones(4, 4, dtype=torch.bool)}, "attn_mask", id="attn_mask"),
-    pytest.param({"dropout_p": 0.1}, "dropout_p", id="dropout_p"),
 ])
 def test_sdpa_unsupported_features(no_launch, kwargs, name):
     q = k = v = _t(1, 2, 4, 8)

@@ -146,6 +146,10 @@ def test_sink_opcheck_and_compile(device):
     sink = _sink(4, device)
     torch.library.opcheck(ops.attention_fwd, (q, k, v, 0.2, True, True, "fa2", 0, "auto", 0.0, None, -1, -1,
                                               sink))
+    out, lse = ops.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2, True, True, "fa2", 0, "auto", 0.0,
+                                 None, -1, -1, sink.detach())
+    for dlse in (None, torch.randn_like(lse)):
+        torch.library.opcheck(ops.sink_grad_op, (sink.detach(), out, torch.randn_like(out), lse, dlse))
 
     def f(q, k, v, sink):
         return fm.flash_attn_func(q, k, v, causal=True, learnable_sink=sink)

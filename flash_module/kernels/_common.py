@@ -115,6 +115,22 @@ def window_args(window_size: tuple[int, int], causal: bool) -> tuple[int, int, b
     return bound(left), bound(right), True, False
 
 
+def dropout_thresh(dropout_p: float) -> int:
+    """The 16-bit threshold of :func:`dropout_keep`: a probability is dropped iff its uniform
+    16-bit draw is below ``round(p * 65536)`` (clamped to 65535: p = 1 has a zero scale, so the
+    mask no longer matters)."""
+    return min(65535, int(round(dropout_p * 65536)))
+
+
+def dropout_args(dropout_p: float, rng: torch.Tensor | None, like: torch.Tensor) -> tuple:
+    """``(Rng, thresh, scale, scale_lo)`` kernel arguments: the int64 seed tensor (a stand-in
+    pointer without dropout), the threshold and ``1 / (1 - p)`` split like the score scale
+    (0 for p = 1: everything dropped)."""
+    if not dropout_p:
+        return like, 0, 1.0, 0.0
+    return (rng, dropout_thresh(dropout_p), *split_scale(1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0))
+
+
 def alibi_args(alibi_slopes: torch.Tensor | None, like: torch.Tensor) -> tuple:
     """``(Alibi, stride_b, stride_h)`` kernel arguments for fp32 slopes of shape (H,) or (B, H);
     without slopes a stand-in pointer (never read: ``ALIBI`` is off) and zero strides."""
@@ -290,14 +306,28 @@ def tanh(x):
 
 
 @triton.jit
-def cap(x, cap2, cap2_lo, SOFTCAP: tl.constexpr):
+def tanh_approx(x):
+    """The GPU's one-instruction ``tanh.approx.f32`` (sm_75+; relative error ~2^-11, finer
+    than the rounding of fp16/bf16 scores, so flash-attn uses it too)."""
+    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def cap(x, cap2, cap2_lo, SOFTCAP: tl.constexpr, IN_DTYPE: tl.constexpr):
     """Softcapping (Gemma 2, flash-attn's ``softcap`` c): with ``SOFTCAP`` the score step gave
     ``x = s / c`` (``qk_scale`` was split from softmax_scale / c), and the capped score in the
     log2 domain is ``c tanh(x) log2(e) = tanh(x) * (cap2 + cap2_lo)``.  Returns ``(score, t)``, ``t =
     tanh(x)`` for the backward's ``dS * (1 - t^2)``; without ``SOFTCAP`` ``(x, x)`` (the second
-    is never used, and compiles away)."""
+    is never used, and compiles away).  fp16/bf16 inputs (``IN_DTYPE``) on the GPU use the
+    hardware :func:`tanh_approx` (one MUFU op instead of an exp2 and a division: the softcap
+    overhead at D=128, N=8k causal bf16 fell from 37% to 14% forward / 17% backward on an H100);
+    fp32/fp64 and the interpreter the exact :func:`tanh`."""
     if SOFTCAP:
-        t = tanh(x)
+        if (IN_DTYPE == tl.float16 or IN_DTYPE == tl.bfloat16) and not INTERPRET:
+            t = tanh_approx(x)
+        else:
+            t = tanh(x)
         return scaled(t, cap2, cap2_lo), t
     else:
         return x, x
@@ -324,6 +354,83 @@ def alibi(s, slope2, rows, cols, causal_offset, ALIBI: tl.constexpr):
         return s - slope2 * tl.abs(rows + causal_offset - cols).to(s.dtype)
     else:
         return s
+
+
+# Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011).
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+# 7 rounds, as flash-attn's dropout uses (Philox-4x32-7 passes BigCrush; each round costs ~7%
+# of a bf16 forward with dropout on an H100).
+PHILOX_ROUNDS = tl.constexpr(7)
+
+
+@triton.jit
+def philox(seed, c0, c1, c2, c3):
+    """Philox-4x32-7: four uint32 counter words -> four random uint32 words, keyed by the
+    int64 ``seed`` (its low and high halves).  The same function as
+    :func:`flash_module.reference.philox` (the PyTorch path regenerates the same bits)."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(PHILOX_ROUNDS):
+        a0 = c0
+        a2 = c2
+        c0 = tl.math.umulhi(a2, PHILOX_M1) ^ c1 ^ k0
+        c2 = tl.math.umulhi(a0, PHILOX_M0) ^ c3 ^ k1
+        c1 = a2 * PHILOX_M1
+        c3 = a0 * PHILOX_M0
+        k0 = k0 + PHILOX_W0
+        k1 = k1 + PHILOX_W1
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _keep16(word, shift: tl.constexpr, thresh32):
+    """One 16-bit dropout decision of a random word: kept iff its bits [shift, shift + 16) are
+    >= thresh, compared as ``word << (16 - shift) >= thresh << 16`` (one or two ops: the bits
+    below the half only break ties that cannot change the answer); int8 0/1 for the join."""
+    if shift == 0:
+        word = word << 16
+    return (word >= thresh32).to(tl.int8)
+
+
+@triton.jit
+def dropout_keep(seed, row_ids, start_n, thresh, BLOCK_N: tl.constexpr):
+    """Dropout's keep mask of a (rows, BLOCK_N) score tile: True where the probability of query
+    row ``row_ids`` (int64 counters unique per (batch, head, row), (M,)) and key ``start_n + j``
+    is kept.  Every pass (forward, dK/dV, dQ) regenerates the same mask from the same counters.
+
+    Key ``n`` is lane ``n % 8`` of the Philox counter ``(n // 8, row lo, row hi, 0)``: one call
+    gives four 32-bit words, i.e. eight 16-bit uniforms, and lane ``l`` uses half ``l % 2`` of
+    word ``l // 2``; kept iff that 16-bit value is ``>= thresh`` (``round(p * 65536)``: the keep
+    rate is exact to 2^-17).  ``start_n`` is a multiple of 8.
+    """
+    G: tl.constexpr = BLOCK_N // 8
+    rid = row_ids.to(tl.int64)[:, None]
+    zero = tl.zeros([row_ids.shape[0], G], tl.uint32)
+    c0 = (start_n // 8 + tl.arange(0, G)).to(tl.uint32)[None, :] + zero  # (M, G): the 8-key group
+    c1 = (rid & 0xFFFFFFFF).to(tl.uint32) + zero
+    c2 = (rid >> 32).to(tl.uint32) + zero
+    w0, w1, w2, w3 = philox(seed, c0, c1, c2, zero)
+    thresh = (tl.zeros([], tl.int32) + thresh).to(tl.uint32) << 16  # (an int arg of 1 arrives as a constexpr)
+    # join(a, b) appends an axis of 2; three joins give (M, G, 2, 2, 2), whose reshape puts
+    # leaf 4w + 2u + t at lane 4t + 2u + w: the leaves below land lane l on word l // 2, half l % 2.
+    lanes = tl.join(tl.join(tl.join(_keep16(w0, 0, thresh), _keep16(w2, 0, thresh)),
+                            tl.join(_keep16(w1, 0, thresh), _keep16(w3, 0, thresh))),
+                    tl.join(tl.join(_keep16(w0, 16, thresh), _keep16(w2, 16, thresh)),
+                            tl.join(_keep16(w1, 16, thresh), _keep16(w3, 16, thresh))))
+    return tl.reshape(lanes, [row_ids.shape[0], BLOCK_N]) != 0
+
+
+@triton.jit
+def drop_seed_of(Rng, DROPOUT: tl.constexpr):
+    """The dropout seed (int64) the launcher drew from torch's generator, read on the device;
+    0 without ``DROPOUT`` (not read)."""
+    if DROPOUT:
+        return tl.load(Rng).to(tl.int64)
+    else:
+        return tl.zeros([], tl.int64)
 
 
 @triton.jit
@@ -385,19 +492,27 @@ def add_sink(acc, l_i, m_i, Sink, heads, SINK: tl.constexpr):
 
 @triton.jit
 def attend_block(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, cols, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    """FA2's inner-loop body: fold the key block ``cols`` (its K/V tiles at ``k_ptrs`` /
-    ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``."""
+    """FA2's inner-loop body: fold the key block at ``start_n`` (its K/V tiles at ``k_ptrs`` /
+    ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``.
+    With ``DROPOUT`` the dropped probabilities leave ``acc`` but stay in ``l`` (the softmax is
+    normalised before dropout; :func:`dropout_keep`)."""
+    BLOCK_N: tl.constexpr = k_ptrs.shape[0]
+    cols = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)  # (BLOCK_N, BLOCK_D)
     s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
-    s, _ = cap(s, cap2, cap2_lo, SOFTCAP)
+    s, _ = cap(s, cap2, cap2_lo, SOFTCAP, q.dtype)
     s = alibi(s, slope2[:, None], rows[:, None], cols[None, :], causal_offset, ALIBI)  # slope2: (BLOCK_M,)
     if MASKED:
         s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW), s,
                      float("-inf"))
     p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
+    if DROPOUT:
+        p = tl.where(dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N), p, 0.0)
     acc = acc * alpha[:, None]
     v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
     acc = mma(p, v, acc)  # (BLOCK_M, BLOCK_D)
@@ -408,16 +523,18 @@ def attend_block(
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """FA2's inner loop: fold key blocks [n_start, n_end) into the running (acc, l, m) of the
     query rows ``rows``.  ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key
     ``n_start``; ``MASKED`` loops apply the visibility mask, unmasked ones need none."""
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
-    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(n_start, n_end, BLOCK_N):
-        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk, causal_offset, win_l, win_r,
-                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+        acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk, causal_offset, win_l, win_r,
+                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh,
+                                     HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
@@ -447,8 +564,10 @@ def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_
 def attend_keys(
     acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr = False,
 ):
     """Key blocks [n_start, n_end) of a head whose keys start at ``K_head``/``V_head``: contiguous
     (:func:`attend_kv`), or with ``PAGED`` a paged cache (``K_head``/``V_head``: the head's row 0
@@ -466,24 +585,26 @@ def attend_keys(
                                     BLOCK_D)
             v_ptrs = page_tile_ptrs(V_head, Pages, start_n, cols, stride_vpage, stride_vs, num_pages, PAGE,
                                     BLOCK_D)
-            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n + offs_n, Sk,
-                                         causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
-                                         SOFTCAP, ALIBI, WINDOW)
+            acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk,
+                                         causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+                                         drop_seed, drop_row0, drop_thresh, HEAD_DIM, MASKED, IS_CAUSAL,
+                                         SOFTCAP, ALIBI, WINDOW, DROPOUT)
     else:
         acc, l_i, m_i = attend_kv(
             acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
             tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
-            rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, MASKED, IS_CAUSAL,
-            SOFTCAP, ALIBI, WINDOW)
+            rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+            drop_seed, drop_row0, drop_thresh, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
     return acc, l_i, m_i
 
 
 @triton.jit
 def attend_rows(
     q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    Pages, stride_kpage, stride_vpage, num_pages, n_table,
+    Pages, stride_kpage, stride_vpage, num_pages, n_table, drop_seed, drop_row0, drop_thresh,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, in
     :func:`kv_range`'s order: the window's left edge masked, the full key blocks without masks,
@@ -502,8 +623,8 @@ def attend_rows(
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
                 n_table, rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale,
-                qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP,
-                ALIBI, WINDOW)
+                qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh, HEAD_DIM, BLOCK_N, part != 1,
+                IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
     return acc, l_i, m_i
 
 
@@ -632,11 +753,14 @@ def store_row_stats(Stats_head, stats_len, rows, n_rows, lse2, delta, lse2_lo):
 
 
 @triton.jit
-def _bwd_preprocess_kernel(
-    Out, DOut, Lse, DLse, Stats, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H, Sq,
-    stats_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_DLSE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+def dense_preprocess(
+    Out, DOut, Lse, DLse, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H, Sq,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
 ):
+    """:func:`preprocess_rows` of this program's query block (grid axis 0) of one (batch, head)
+    (axis 1) of dense (B, Sq, H, D) O / dO and (B, H, Sq) LSEs: ``(off_b, off_h, rows, lse2,
+    delta, lse2_lo)``."""
     off_b, off_h = program_bh(H)
     start_m = tl.program_id(0) * BLOCK_M
     rows = start_m + tl.arange(0, BLOCK_M)
@@ -645,6 +769,18 @@ def _bwd_preprocess_kernel(
     lse_row = (off_b * H + off_h) * Sq
     hi, delta, lo = preprocess_rows(o_ptrs, do_ptrs, Lse + lse_row, DLse + lse_row, rows, Sq, HEAD_DIM, HAS_DLSE,
                                     ACC_DTYPE)
+    return off_b, off_h, rows, hi, delta, lo
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DOut, Lse, DLse, Stats, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H, Sq,
+    stats_len, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+):
+    off_b, off_h, rows, hi, delta, lo = dense_preprocess(
+        Out, DOut, Lse, DLse, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H, Sq, HEAD_DIM,
+        BLOCK_D, BLOCK_M, HAS_DLSE, ACC_DTYPE)
     store_row_stats(stats_head(Stats, off_b, off_h, H, stats_len), stats_len, rows, Sq, hi, delta, lo)
 
 
@@ -677,6 +813,36 @@ def bwd_preprocess(out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
         HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, HAS_DLSE=dlse is not None, **kernel_flags(out),
     )
     return stats
+
+
+@triton.jit
+def _sink_grad_kernel(
+    Out, DOut, Lse, DLse, Sink, Partial, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H,
+    Sq, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+):
+    off_b, off_h, rows, lse2, delta, lo = dense_preprocess(
+        Out, DOut, Lse, DLse, stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, H, Sq, HEAD_DIM,
+        BLOCK_D, BLOCK_M, HAS_DLSE, ACC_DTYPE)
+    sink2 = tl.load(Sink + off_h).to(ACC_DTYPE) * tl.full([], LOG2E_C, ACC_DTYPE)
+    p_sink = tl.where(rows < Sq, tl.math.exp2(sink2 - lse2 - lo), 0.0)  # the sink's share of each row
+    tl.store(Partial + (off_b * H + off_h) * tl.num_programs(0) + tl.program_id(0), -tl.sum(p_sink * delta))
+
+
+def sink_grad(sink: torch.Tensor, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+              dlse: torch.Tensor | None) -> torch.Tensor:
+    """The attention sinks' gradient ``dsink_h = -sum_rows exp(sink_h - lse) * delta`` (``delta =
+    rowsum(dO * O) - dlse``, :func:`bwd_preprocess`'s statistic) in one pass over O and dO:
+    per-block partial sums, then a fixed-order sum (deterministic).  ``out``/``dout`` (B, Sq, H,
+    D), ``lse`` (B, H, Sq) contiguous, ``sink`` (H,)."""
+    b, sq, h, d = out.shape
+    block_m = 64 if _INTERPRET else 128
+    partial = torch.empty((b, h, cdiv(sq, block_m)), dtype=acc_dtype(out.dtype), device=out.device)
+    _sink_grad_kernel[(cdiv(sq, block_m), b * h)](
+        out, dout, lse, dlse if dlse is not None else lse, sink, partial, *bsh_strides(out, dout), h, sq,
+        HEAD_DIM=d, BLOCK_D=block_d(d), BLOCK_M=block_m, HAS_DLSE=dlse is not None, **kernel_flags(out),
+    )
+    return partial.sum((0, 2)).to(sink.dtype)
 
 
 @triton.jit
@@ -730,28 +896,40 @@ def probs(s, lse2, lse2_lo, q):
 @triton.jit
 def dkdv_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, m_start, m_end, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    start_n, m_start, m_end, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block ``cols``.
+    """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block at ``start_n``.
+    With ``DROPOUT`` (the forward's mask, regenerated: :func:`dropout_keep`) dV gets the kept
+    P (unscaled: the caller scales dV once) and dP is taken w.r.t. the dropped, rescaled P.
     ``q_ptrs``/``do_ptrs`` point at the (BLOCK_M, BLOCK_D) tile of row ``m_start``;
     ``Stats_head``/``stats_stride`` locate the rows' statistics (:func:`row_stats`)."""
     BLOCK_M: tl.constexpr = q_ptrs.shape[0]
+    BLOCK_N: tl.constexpr = k.shape[0]
     offs_r = tl.arange(0, BLOCK_M)
+    cols = start_n + tl.arange(0, BLOCK_N)
     for start_m in range(m_start, m_end, BLOCK_M):
         rows = start_m + offs_r
         q = load_tile(q_ptrs, rows, Sq, HEAD_DIM, MASKED)  # (BLOCK_M, BLOCK_D)
         do = load_tile(do_ptrs, rows, Sq, HEAD_DIM, MASKED)
         lse2, lse2_lo, delta = row_stats(Stats_head, stats_stride, rows, Sq, q, MASKED)  # rows past Sq: P = 0
-        s_t, t_t = cap(score(k, tl.trans(q), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP)  # S^T
+        s_t, t_t = cap(score(k, tl.trans(q), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP, q.dtype)  # S^T
         s_t = alibi(s_t, slope2, rows[None, :], cols[:, None], causal_offset, ALIBI)  # one head: a scalar
         p_t = probs(s_t, lse2[None, :], lse2_lo[None, :], q)  # P^T
         if MASKED:
             if IS_CAUSAL or WINDOW:  # keys past Sk need no mask here: their dK/dV rows are never stored
                 p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, IS_CAUSAL, win_l, win_r,
                                        WINDOW), p_t, 0.0)
-        dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
+        if DROPOUT:
+            keep_t = tl.trans(dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N))
+            dv = mma(tl.where(keep_t, p_t, 0.0), do, dv)
+        else:
+            dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
         dp_t = mma(v, tl.trans(do), tl.zeros(p_t.shape, dk.dtype))  # (BLOCK_N, BLOCK_M) = dP^T
+        if DROPOUT:  # O = (P * keep / (1 - p)) V: the softmax sees dP * keep / (1 - p)
+            dp_t = tl.where(keep_t, scaled(dp_t, drop_scale, drop_scale_lo), 0.0)
         ds_t = p_t * (dp_t - delta[None, :])  # dS^T
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -765,9 +943,12 @@ def dkdv_loop(
 def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows``.
+    """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows`` (dropout as
+    :func:`dkdv_loop`).
     ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key ``n_start``."""
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
@@ -775,13 +956,16 @@ def dq_loop(
         cols = start_n + offs_n
         k = load_tile(k_ptrs, cols, Sk, HEAD_DIM, MASKED)
         v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
-        s, t = cap(score(q, tl.trans(k), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP)
+        s, t = cap(score(q, tl.trans(k), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP, q.dtype)
         s = alibi(s, slope2, rows[:, None], cols[None, :], causal_offset, ALIBI)  # one head: a scalar
         p = probs(s, lse2[:, None], lse2_lo[:, None], q)  # (M, N)
         if MASKED:
             p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW),
                          p, 0.0)
         dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
+        if DROPOUT:
+            keep = dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N)
+            dp = tl.where(keep, scaled(dp, drop_scale, drop_scale_lo), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
             ds = ds * (1.0 - t * t)
@@ -794,9 +978,10 @@ def dq_loop(
 @triton.jit
 def dkdv_head(
     dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
-    cols, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    start_n, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """One query head's part of a key block's dK/dV, over :func:`q_range`'s ranges: the
     diagonal tiles (masked), the full tiles (no mask), then the window's left edge and the
@@ -807,8 +992,9 @@ def dkdv_head(
         dk, dv = dkdv_loop(
             dk, dv, k, v, tile_ptrs(Q_head, a, stride_qs, BLOCK_M, BLOCK_D),
             tile_ptrs(DO_head, a, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
-            cols, a, b, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM,
-            part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+            start_n, a, b, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+            drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM,
+            part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
     return dk, dv
 
 
@@ -817,13 +1003,16 @@ def dkdv_block(
     K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
     stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset, win_l, win_r,
     qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
+    drop_seed, drop_row_b, drop_head_rows, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """A key block's dK/dV (dense and varlen kernels): load it, sum every query head of its
     group in registers (:func:`dkdv_head`), scale dK, store both.  ``*_seq`` point at the
     sequence's row 0 (Q/dO: of head 0; statistics: of head 0, (3, stats_len) per head);
-    ``*_head`` at this K/V head's key 0; DK/DV rows are ``stride_dks`` apart."""
+    ``*_head`` at this K/V head's key 0; DK/DV rows are ``stride_dks`` apart.  Dropout's row
+    counters of query head h start at ``drop_row_b + h * drop_head_rows``."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(tile_ptrs(K_head, start_n, stride_ks, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)
     v = load_tile(tile_ptrs(V_head, start_n, stride_vs, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)
@@ -835,9 +1024,12 @@ def dkdv_block(
         slope2 = head_slope(Alibi_b, off_h, stride_ah, ACC_DTYPE, ALIBI)
         dk, dv = dkdv_head(
             dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
-            Stats_seq + off_h * 3 * stats_len, stats_len, cols, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r,
-            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+            Stats_seq + off_h * 3 * stats_len, stats_len, start_n, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r,
+            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row_b + off_h * drop_head_rows, drop_thresh,
+            drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
+    if DROPOUT:
+        dv = scaled(dv, drop_scale, drop_scale_lo)  # the kept P, rescaled once
     store_tile(tile_ptrs(DK_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dk, cols, Sk, HEAD_DIM)
     store_tile(tile_ptrs(DV_head, start_n, stride_dks, BLOCK_N, BLOCK_D), dv, cols, Sk, HEAD_DIM)
 
@@ -846,8 +1038,9 @@ def dkdv_block(
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
     rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """A query block's dQ over :func:`kv_range`'s ranges: keys [n0, n1) masked (window only),
     [n1, n2) without masks, then [n2, n3) masked.  ``K_head``/``V_head`` point at the head's key 0."""
@@ -858,7 +1051,8 @@ def dq_rows(
             dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, a, stride_ks, BLOCK_N, BLOCK_D),
                          tile_ptrs(V_head, a, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                          rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+                         drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
+                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
     return dq
 
 
@@ -866,8 +1060,10 @@ def dq_rows(
 def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
     stride_dqs, start_m, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
+    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
     """A query block's whole dQ (dense and varlen kernels): load Q, dO and the rows' statistics,
     :func:`dq_rows`, scale, store.  ``*_head`` point at the head's row 0 / key 0; DQ rows are
@@ -879,7 +1075,8 @@ def dq_block(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
-                 rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, HEAD_DIM, BLOCK_N, IS_CAUSAL,
-                 SOFTCAP, ALIBI, WINDOW)
+                 rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
+                 drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                 SOFTCAP, ALIBI, WINDOW, DROPOUT)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

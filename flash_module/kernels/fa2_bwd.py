@@ -27,6 +27,7 @@ from . import _common
 from ._common import (
     dkdv_block,
     dq_block,
+    drop_seed_of,
     head_slope,
     program_bh,
     stats_head,
@@ -39,10 +40,10 @@ def _bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # GROUP (= H / H_KV) is an argument, not computed here: Triton specialises an int argument
     # equal to 1, so without GQA the head loop below disappears (measured: computing it in the
@@ -54,8 +55,9 @@ def _bwd_dkdv_kernel(
         Q + off_b * stride_qb, DO + off_b * stride_dob, stats_head(Stats, off_b, 0, H, stats_len),
         DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh, stats_len,
         H_KV * HEAD_DIM, off_hkv, GROUP, tl.program_id(0) * BLOCK_N, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo,
-        cap2, cap2_lo, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D,
-        IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW)
+        cap2, cap2_lo, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
+        drop_seed_of(Rng, DROPOUT), off_b * H * Sq, Sq, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M,
+        BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
 
 
 @triton.jit
@@ -64,10 +66,10 @@ def _bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr,
+    WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP
@@ -78,7 +80,8 @@ def _bwd_dq_kernel(
         V + off_b * stride_vb + off_hkv * stride_vh, DQ + (off_b * Sq * H + off_h) * HEAD_DIM,  # new contiguous
         stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset, win_l, win_r,
         qk_scale, qk_scale_lo, cap2, cap2_lo, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
-        sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW)
+        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), (off_b * H + off_h) * Sq, drop_thresh, drop_scale,
+        drop_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
 
 
 def fa2_backward(
@@ -96,9 +99,12 @@ def fa2_backward(
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the FA2 backward. Shapes as :func:`.fa2_fwd.fa2_forward`; ``dout`` like ``out``;
-    ``softcap``, ``alibi_slopes`` and ``window_size`` as the forward had them.
+    ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p`` and ``rng`` as the forward had
+    them (the same seed regenerates the same dropout mask).
 
     Returns ``dq`` (B, Sq, H, D), ``dk``/``dv`` (B, Sk, H_kv, D), all contiguous.
     """
@@ -112,9 +118,9 @@ def fa2_backward(
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
     args = _common.bsh_strides(q, k, v, dout)
     scales = (*_common.qk_scale(softmax_scale, softcap), *_common.alibi_args(alibi_slopes, q),
-              *_common.split_scale(softmax_scale), win_l, win_r)
+              *_common.split_scale(softmax_scale), win_l, win_r, *_common.dropout_args(dropout_p, rng, q))
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-                  ALIBI=alibi_slopes is not None, WINDOW=window, **_common.kernel_flags(q))
+                  ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), **_common.kernel_flags(q))
     _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
         q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,

@@ -27,10 +27,12 @@ from ._common import (
     attend_rows,
     dkdv_block,
     dq_block,
+    drop_seed_of,
     head_slope,
     load_tile,
     lse_epilogue,
     preprocess_rows,
+    scaled,
     store_row_stats,
     store_tile,
     tile_ptrs,
@@ -111,11 +113,11 @@ def _varlen_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BlockTable,
     stride_qs, stride_qh, stride_kpage, stride_ks, stride_kh, stride_vpage, stride_vs, stride_vh, stride_bt,
     B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    win_l, win_r, Sink,
+    win_l, win_r, Sink, Rng, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    SINK: tl.constexpr,
+    SINK: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Varlen forward.  With ``PAGED``, K/V are a paged cache (num_pages, PAGE, H_kv, D): key
     ``n`` of sequence ``b`` is row ``n % PAGE`` of page ``BlockTable[b, n // PAGE]``; the key
@@ -142,13 +144,17 @@ def _varlen_fwd_kernel(
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
                                     win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
                                     BlockTable + b * stride_bt, stride_kpage, stride_vpage, num_pages, n_table,
-                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW)
+                                    drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh,
+                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
 
         acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, off_h, SINK)
         l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
         # Out is a new contiguous (Tq, H, D) tensor, Lse a contiguous (H, Tq) one.
         o_ptrs = tile_ptrs(Out + (q_start * H + off_h) * HEAD_DIM, start_m, H * HEAD_DIM, BLOCK_M, BLOCK_D)
-        store_tile(o_ptrs, acc / l_safe[:, None], rows, len_q, HEAD_DIM)
+        o = acc / l_safe[:, None]
+        if DROPOUT:
+            o = scaled(o, drop_scale, drop_scale_lo)  # the kept probabilities, times 1 / (1 - p)
+        store_tile(o_ptrs, o, rows, len_q, HEAD_DIM)
         tl.store(Lse + off_h * Tq + q_start + rows, lse, mask=rows < len_q)
 
 
@@ -157,10 +163,10 @@ def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dK/dV of one key block of one sequence (work list over key blocks), every query head of
     its group summed in registers; the loops are FA2's (:func:`._common.dkdv_loop`)."""
@@ -174,8 +180,9 @@ def _varlen_bwd_dkdv_kernel(
             Q + q_start * stride_qs, DO + q_start * stride_dos, seq_stats(Stats, CuStats, b, 0, stats_len),
             DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
             stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, win_l, win_r, qk_scale,
-            qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N,
-            BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW)
+            qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
+            drop_seed_of(Rng, DROPOUT), q_start, Tq, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N,
+            BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
 
 
 @triton.jit
@@ -183,10 +190,10 @@ def _varlen_bwd_dq_kernel(
     Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
+    SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """dQ of one query block of one sequence (work list over query blocks, as the forward)."""
     off_h = tl.program_id(1).to(tl.int64)
@@ -200,8 +207,9 @@ def _varlen_bwd_dq_kernel(
             V + k_start * stride_vs + off_hkv * stride_vh, DQ + (q_start * H + off_h) * HEAD_DIM,  # contiguous
             stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
             len_k - len_q, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo,
-            head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo, HEAD_DIM,
-            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW)
+            head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo,
+            drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM,
+            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
 
 
 def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
@@ -224,10 +232,12 @@ def varlen_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None, dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen FA2 forward (``window_size`` per sequence, bottom-right aligned like causal;
-    ``sink`` (H,) fp32 attention-sink logits).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
+    ``sink`` (H,) fp32 attention-sink logits; dropout as :func:`.fa2_fwd.fa2_forward`, the
+    row counters of head h and packed token t being ``h * Tq + t``).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
     cu_seqlens_q/k (B + 1,) int32 on q's device; ``seqused_k`` (B,) int32 or None: sequence
     ``b`` uses only its first ``seqused_k[b]`` keys.  ``block_table`` (B, pages_per_seq) int32
     or None: k/v are a paged cache (num_pages, page, H_kv, D) and sequence ``b``'s keys are its
@@ -257,9 +267,10 @@ def varlen_forward(
         q.stride(0), q.stride(1), *kv_strides, block_table.stride(0) if paged else 0,
         b, h, h // h_kv, tq, tk, k.shape[0], n_table, *_common.qk_scale(softmax_scale, softcap),
         *_common.alibi_args(alibi_slopes, q), win_l, win_r, _common.sink_args(sink, q),
+        *_common.dropout_args(dropout_p, rng, q),
         HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
         PAGED=paged, PAGE=page, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, SINK=sink is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DROPOUT=bool(dropout_p), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         **flags, **_common.kernel_flags(q),
     )
     return out, lse
@@ -286,10 +297,11 @@ def varlen_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, softmax_scale: float, causal: bool,
     seqused_k: torch.Tensor | None = None, dlse: torch.Tensor | None = None, softcap: float = 0.0,
-    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Varlen FA2 backward from :func:`varlen_forward`'s ``(out, lse)``; ``dout`` like ``out``,
-    ``dlse`` (H, Tq) or None: a gradient flowing into ``lse``.
+    ``dlse`` (H, Tq) or None: a gradient flowing into ``lse``; dropout as the forward had it.
 
     Returns ``dq`` (Tq, H, D) and ``dk``/``dv`` (Tk, H_kv, D), contiguous; rows that belong to
     no sequence (or keys past ``seqused_k``) get zero gradients.
@@ -309,9 +321,9 @@ def varlen_backward(
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
     scales = (*_common.qk_scale(softmax_scale, softcap), *_common.alibi_args(alibi_slopes, q),
-              *_common.split_scale(softmax_scale), win_l, win_r)
+              *_common.split_scale(softmax_scale), win_l, win_r, *_common.dropout_args(dropout_p, rng, q))
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-                  ALIBI=alibi_slopes is not None, WINDOW=window, **flags,
+                  ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), **flags,
                   **_common.kernel_flags(q))
     if tk > 0:
         _varlen_bwd_dkdv_kernel[(cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
