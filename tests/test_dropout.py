@@ -218,6 +218,7 @@ def test_op_needs_its_seed(device):
         ops.attention_fwd(q, k, v, 0.25, False, True, "fa2", 0, "auto", dropout_p=0.1)
 
 
+@pytest.mark.slow  # opcheck: CI's slow run and the GPU check
 def test_opcheck_with_dropout(device):
     q, k, v = make_qkv(1, 19, 27, 2, 1, 16, torch.float32, device)
     rng = dropout_seed(torch.device(device))
