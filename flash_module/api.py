@@ -179,7 +179,7 @@ def _attention(
     q: Tensor, k: Tensor, v: Tensor, softmax_scale: float | None, causal: bool, bottom_right: bool,
     mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
     alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
-    learnable_sink: Tensor | None = None, dropout_p: float = 0.0,
+    learnable_sink: Tensor | None = None, dropout_p: float = 0.0, attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float, Tensor | None]:
     """Run the op on validated bshd views. Returns (out, lse, scale, rng): ``rng`` is the dropout
     seed drawn for this call (None without dropout)."""
@@ -192,7 +192,7 @@ def _attention(
     rng = dropout_seed(q.device) if dropout_p else None
     out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
                         float(softcap), alibi_slopes, int(window_size[0]), int(window_size[1]),
-                        learnable_sink, float(dropout_p), rng)
+                        learnable_sink, float(dropout_p), rng, attn_mask)
     return out, lse, scale, rng
 
 
@@ -223,12 +223,6 @@ def _get_block_size_n(device: torch.device | str | None, head_dim: int, is_dropo
             return 64 if (not is_dropout and is_causal) else 32
         return 32 if is_dropout else 64
     return 64
-
-
-def _unsupported(**features: bool) -> None:
-    for name, used in features.items():
-        if used:
-            raise NotImplementedError(f"flash_module: {name} is not supported yet")
 
 
 def flash_attn_func(
@@ -844,7 +838,13 @@ def scaled_dot_product_attention(
             :func:`flash_attn_func`.
         dropout_p: dropout on the attention probabilities whenever > 0, as torch's SDPA does
             (pass 0 at evaluation); the kernels' Philox mask, as in :func:`flash_attn_func`.
-        attn_mask: not implemented yet (NotImplementedError unless None).
+        attn_mask: torch's mask, broadcastable to (batch, nheads, seqlen_q, seqlen_k): boolean
+            (True = take part in attention) or float (added to the scaled scores; -inf hides a
+            key), any float dtype.  It is read in place by tiles (broadcast dims cost nothing,
+            no (Sq, Sk) tensor is made beyond it), forward and backward; a float mask that
+            requires grad gets its gradient (dS, summed over broadcast dims).  Rows it hides
+            entirely give 0 and zero gradients (torch's math backend gives NaN).  Not with
+            ``is_causal`` (as in torch); ``mode="fa2"`` only.
 
     Returns:
         (batch, nheads, seqlen_q, headdim) in query's dtype: a transposed view of a contiguous
@@ -857,11 +857,9 @@ def scaled_dot_product_attention(
     _check_real("dropout_p", dropout_p)
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
-    if attn_mask is not None and not isinstance(attn_mask, Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-    _unsupported(attn_mask=attn_mask is not None)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     _check_qkv_bshd(q, k, v, ("query", "key", "value"), layout, shown=(query, key, value))
+    attn_mask = _check_attn_mask(attn_mask, is_causal, q, k)
     if q.shape[2] != k.shape[2] and not enable_gqa:
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
@@ -870,8 +868,33 @@ def scaled_dot_product_attention(
         _check_variants(0.0, window_size, softcap, None)
     _check_sink(learnable_sink, q, q.shape[2])
     out = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap, None,
-                     tuple(window_size), learnable_sink, float(dropout_p))[0]
+                     tuple(window_size), learnable_sink, float(dropout_p), attn_mask)[0]
     return out.transpose(1, 2)
+
+
+def _check_attn_mask(attn_mask: object, is_causal: bool, q: Tensor, k: Tensor) -> Tensor | None:
+    """SDPA's ``attn_mask``: a bool or floating tensor broadcastable to (B, H, Sq, Sk), on q's
+    device, not together with ``is_causal`` (torch's rule).  Returned as a 4-D view."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if is_causal:
+        raise ValueError("attn_mask and is_causal=True cannot be combined (as in torch): put the causal "
+                         "mask into attn_mask")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise TypeError(f"attn_mask must be bool or floating, got {attn_mask.dtype}")
+    b, sq, h, _ = q.shape
+    target = (b, h, sq, k.shape[1])
+    try:
+        if attn_mask.dim() > 4 or torch.broadcast_shapes(attn_mask.shape, target) != target:
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(f"attn_mask must be broadcastable to (batch, nheads, seqlen_q, seqlen_k) = "
+                         f"{target}, got {tuple(attn_mask.shape)}") from None
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask must be on the query's device {q.device}, got {attn_mask.device}")
+    return attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape))
 
 
 def merge_attention_states(

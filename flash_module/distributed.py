@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import ops
+from . import ops, reference
 from ._runtime import acc_dtype, lse_dtype
-from .api import _check_qkv_bshd, _check_tensor
+from .api import _check_qkv_bshd, _check_sink, _check_tensor, _check_variants
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -123,7 +123,7 @@ def _wait(reqs) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group):
+    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
         n = len(q_ids)
@@ -138,7 +138,7 @@ class _RingAttention(torch.autograd.Function):
             k_ids = _chunk_ids(src, world, layout)
             ks, vs = kv[0].chunk(n, dim=1), kv[1].chunk(n, dim=1)
             for i, j, diag in _pairs(q_ids, k_ids, causal):
-                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0, impl)
+                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0, impl, softcap)
                 if outs[i] is None:
                     outs[i], lses[i] = o, lse
                 else:
@@ -153,14 +153,16 @@ class _RingAttention(torch.autograd.Function):
                                      dtype=lse_dtype(q.dtype))
         out = torch.cat(outs, dim=1)
         lse = torch.cat(lses, dim=2)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, layout, mode, impl, group)
+        if sink is not None:  # the sink joins each row's denominator once, after every key chunk
+            out, lse = reference.add_sink(out, lse, sink.detach())
+        ctx.save_for_backward(q, k, v, out, lse, sink)
+        ctx.args = (scale, causal, layout, mode, impl, group, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, layout, mode, impl, group = ctx.args
+        q, k, v, out, lse, sink = ctx.saved_tensors
+        scale, causal, layout, mode, impl, group, softcap = ctx.args
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
         n = len(q_ids)
@@ -182,7 +184,7 @@ class _RingAttention(torch.autograd.Function):
             dks, dvs = state[2].chunk(n, dim=1), state[3].chunk(n, dim=1)
             for i, j, diag in _pairs(q_ids, k_ids, causal):
                 dqi, dkj, dvj = ops.attention_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
-                                                  None, scale, diag, True, mode, impl)
+                                                  None, scale, diag, True, mode, impl, softcap)
                 dqs[i].add_(dqi)
                 dks[j].add_(dkj)
                 dvs[j].add_(dvj)
@@ -197,7 +199,14 @@ class _RingAttention(torch.autograd.Function):
                 _wait(reqs_kv)
             _wait(reqs_d)
             state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
-        return dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), None, None, None, None, None, None
+        # The sink's gradient from this rank's rows (the LSE above already includes the sink, so
+        # every P was right); summing it over the group, as data-parallel gradient reduction
+        # does, gives the full sequence's.
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[10]:
+            dsink = ops.sink_grad(sink, out, dout, lse, None)
+        nones = (None,) * 7  # scale, causal, layout, mode, impl, group, softcap
+        return (dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), *nones, dsink)
 
 
 def ring_attention(
@@ -211,6 +220,8 @@ def ring_attention(
     mode: str = "fa2",
     *,
     impl: str = "auto",
+    softcap: float = 0.0,
+    learnable_sink: Tensor | None = None,
 ) -> Tensor:
     """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
 
@@ -225,6 +236,11 @@ def ring_attention(
             shard length must be even).  Use :func:`shard_sequence` to cut full tensors.
         mode: the attention algorithm of every step (``flash_module.MODES``).
         impl: its implementation (``flash_module.IMPLS``; ``"torch"`` forces the PyTorch path).
+        softcap: as in :func:`flash_module.flash_attn_func` (applied in every step).
+        learnable_sink: (nheads,) attention-sink logits as in :func:`flash_module.flash_attn_func`,
+            joined once after all key chunks; its gradient on each rank covers that rank's query
+            rows (sum it over the group, as data-parallel gradient reduction does).
+        (Sliding windows, ALiBi and dropout are not supported here yet.)
 
     Returns:
         (batch, seqlen_local, nheads, headdim): this rank's rows of the full attention output.
@@ -246,4 +262,7 @@ def ring_attention(
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
     _check_equal_shards(q, k, group)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group)
+    _check_variants(0.0, (-1, -1), softcap, None)
+    _check_sink(learnable_sink, q, q.shape[2])
+    return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group, float(softcap),
+                                learnable_sink)

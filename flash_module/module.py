@@ -37,7 +37,7 @@ class FlashAttention(nn.Module):
         impl: implementation, one of ``flash_module.IMPLS`` (``"torch"`` forces the PyTorch path).
         num_splits: key chunks for ``mode="tiling"`` (0 = automatic).
         softcap: > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma 2);
-            0 (default) is off.  Not with context parallelism yet.
+            0 (default) is off.  Also with context parallelism (every ring step).
         window_size: ``(left, right)`` sliding-window attention (Mistral, Gemma), -1 =
             unbounded, aligned like ``causal`` (see :func:`flash_module.flash_attn_func`).  Not
             with context parallelism yet.
@@ -70,8 +70,7 @@ class FlashAttention(nn.Module):
         mode, impl = ops.check_mode(mode, impl)
         _check_dropout(dropout)
         window_size = tuple(window_size)
-        for name, used in (("softcap", bool(softcap)), ("window_size", window_size != (-1, -1)),
-                           ("dropout", bool(dropout))):
+        for name, used in (("window_size", window_size != (-1, -1)), ("dropout", bool(dropout))):
             if used and context_parallel_group is not None:
                 raise NotImplementedError(f"flash_module: {name} with context parallelism is not "
                                           "supported yet")
@@ -93,15 +92,12 @@ class FlashAttention(nn.Module):
         """Attention of q over k, v in the module's layout; ``learnable_sink`` (H,) or None:
         attention-sink logits (see :func:`flash_module.flash_attn_func`)."""
         if self.context_parallel_group is not None:
-            if learnable_sink is not None:
-                raise NotImplementedError("flash_module: learnable_sink with context parallelism is not "
-                                          "supported yet")
             from .distributed import ring_attention
 
             to_bshd = (lambda t: t) if self.layout == "bshd" else (lambda t: t.transpose(1, 2))
             out = ring_attention(to_bshd(q), to_bshd(k), to_bshd(v), self.context_parallel_group,
                                  self.causal, self.softmax_scale, self.context_parallel_layout, self.mode,
-                                 impl=self.impl)
+                                 impl=self.impl, softcap=self.softcap, learnable_sink=learnable_sink)
             return to_bshd(out)
         dropout_p = self.dropout if self.training else 0.0
         if self.layout == "bshd":

@@ -80,6 +80,7 @@ class AttentionArgs:
     sink: Tensor | None = None  # fp32 (H,): attention-sink logits, in every row's denominator
     dropout_p: float = 0.0  # probability of dropping each attention probability (Philox, in the kernels)
     rng: Tensor | None = None  # int64 (1,) seed of the dropout mask, drawn from torch's generator
+    attn_mask: Tensor | None = None  # SDPA's mask: bool (True = attend) or additive float, 4-D, broadcastable
 
     def dropout(self) -> reference.Dropout | None:
         """The PyTorch path's dropout (dense row counters), or None."""
@@ -120,13 +121,13 @@ def routes_to_split_kv(q: Tensor, k: Tensor) -> bool:
 
 
 def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
-    if routes_to_split_kv(q, k) and not a.dropout_p:
+    if routes_to_split_kv(q, k) and not a.dropout_p and a.attn_mask is None:
         return _tiling_fwd_triton(q, k, v, dataclasses.replace(a, num_splits=0))
     from .kernels.fa2_fwd import fa2_forward
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
                        alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink, dropout_p=a.dropout_p,
-                       rng=a.rng)
+                       rng=a.rng, attn_mask=a.attn_mask)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -134,7 +135,7 @@ def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
                         softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
-                        dropout_p=a.dropout_p, rng=a.rng)
+                        dropout_p=a.dropout_p, rng=a.rng, attn_mask=a.attn_mask)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
@@ -147,9 +148,11 @@ def _no_variants(mode: str, a: AttentionArgs) -> None:
 
 
 def _no_dropout(mode: str, a: AttentionArgs) -> None:
-    """NotImplementedError for dropout in a mode without it (only FA2's kernels draw the mask)."""
+    """NotImplementedError for dropout or an attention mask in a mode without them (FA2 only)."""
     if a.dropout_p:
         raise NotImplementedError(f"mode={mode!r} does not support dropout_p > 0 (use mode='fa2')")
+    if a.attn_mask is not None:
+        raise NotImplementedError(f"mode={mode!r} does not support attn_mask (use mode='fa2')")
 
 
 def _fa1_fwd_triton(q, k, v, a: AttentionArgs):
@@ -180,7 +183,7 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
                                  alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink,
-                                 dropout=a.dropout())
+                                 dropout=a.dropout(), attn_mask=a.attn_mask)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
@@ -198,7 +201,7 @@ def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
                                   dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes,
-                                  window_size=a.window, dropout=a.dropout())
+                                  window_size=a.window, dropout=a.dropout(), attn_mask=a.attn_mask)
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -284,10 +287,11 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
           window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
-          rng: Tensor | None = None) -> AttentionArgs:
+          rng: Tensor | None = None, attn_mask: Tensor | None = None) -> AttentionArgs:
     offset = k.shape[1] - q.shape[1] if bottom_right else 0
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
-                         alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng)
+                         alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng,
+                         attn_mask)
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -417,6 +421,7 @@ def attention_fwd(
     sink: Tensor | None = None,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     _check_rng(dropout_p, rng)
@@ -425,13 +430,16 @@ def attention_fwd(
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
         lse = _lse_without_work(q, k, causal, bottom_right, window)
+        if attn_mask is not None and k.shape[1]:  # head dim 0: scores 0, the mask alone decides
+            mask = reference.additive_mask(attn_mask, lse.dtype).expand(b, h, sq, k.shape[1])
+            lse = torch.logsumexp(mask, -1)
         if sink is not None:
             lse = torch.logaddexp(lse, sink.to(lse.dtype).view(1, -1, 1))
         return out, lse
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window,
-                     sink, dropout_p, rng)
+                     sink, dropout_p, rng, attn_mask)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
@@ -439,7 +447,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
                         softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None,
-                        dropout_p=0.0, rng=None):
+                        dropout_p=0.0, rng=None, attn_mask=None):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -466,6 +474,7 @@ def attention_bwd(
     window_right: int = -1,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _implementation(mode, impl, q).backward
     _check_rng(dropout_p, rng)
@@ -475,25 +484,25 @@ def attention_bwd(
     lse = lse.contiguous()
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
-        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, _args(q, k, softmax_scale, causal, bottom_right,
-                                                             softcap=softcap, alibi_slopes=alibi_slopes,
-                                                             window=(window_left, window_right),
-                                                             dropout_p=dropout_p, rng=rng))
+        args = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
+                     window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask)
+        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
                         impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1,
-                        dropout_p=0.0, rng=None):
+                        dropout_p=0.0, rng=None, attn_mask=None):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right, sink, dropout_p, rng) = inputs
+     window_left, window_right, sink, dropout_p, rng, attn_mask) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng)
+    ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask)
+    ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.window = (window_left, window_right)
     ctx.dropout_p = dropout_p
@@ -503,13 +512,26 @@ def _fwd_setup_context(ctx, inputs, output) -> None:
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, alibi_slopes, sink, rng = ctx.saved_tensors
+    q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
-                               ctx.dropout_p, rng)
+                               ctx.dropout_p, rng, attn_mask)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None
+    dmask = (_mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask) if ctx.mask_grad
+             else None)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask
+
+
+def _mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask) -> Tensor:
+    """The gradient of a float ``attn_mask`` that requires grad: dS (w.r.t. the scaled scores),
+    summed over the dims the mask broadcasts.  It runs the PyTorch path's blocked backward
+    (torch ops, O(Sq * block) memory beyond the mask-sized result; a kernel is future work)."""
+    softmax_scale, causal, bottom_right, _mode, _impl, softcap = ctx.args
+    dropout = reference.Dropout(ctx.dropout_p, rng) if ctx.dropout_p else None
+    return reference.fa2_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right, dlse=dlse,
+                                  softcap=softcap, alibi_slopes=alibi_slopes, window_size=ctx.window,
+                                  dropout=dropout, attn_mask=attn_mask.detach(), mask_grad=True)[3]
 
 
 def _check_rng(dropout_p: float, rng: Tensor | None) -> None:

@@ -197,6 +197,26 @@ def dropout_mask(rng: torch.Tensor, dropout_p: float, batch: int, nheads: int, s
     return dropout_keep(rng, dropout_p, rows, torch.arange(seqlen_k, device=dev))
 
 
+def additive_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """SDPA's ``attn_mask`` as an additive mask in ``dtype``: a boolean mask (True = attend, as
+    in torch) becomes 0 / -inf; a float mask is cast.  Shape unchanged (still broadcastable)."""
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros((), dtype=dtype, device=attn_mask.device).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.to(dtype)
+
+
+def mask_columns(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], start: int, end: int,
+                 dtype: torch.dtype) -> torch.Tensor | None:
+    """Key columns [start, end) of an attention mask broadcast to ``shape`` (B, H, Sq, Sk), as an
+    additive mask in ``dtype``: (B or 1, H or 1, Sq or 1, end - start), O(Sq * block) memory."""
+    if attn_mask is None:
+        return None
+    m = attn_mask.expand(*attn_mask.shape[:3], shape[3])[..., start:end]
+    return additive_mask(m, dtype)
+
+
 def batch_slopes(alibi_slopes: torch.Tensor | None, b: int) -> torch.Tensor | None:
     """Batch ``b``'s row of (B, H) slopes as (1, H); (H,) slopes and None as they are."""
     if alibi_slopes is None or alibi_slopes.dim() == 1:
@@ -227,8 +247,11 @@ def attention_ref(
     sink: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Naive attention, materialising the (Sq, Sk) score matrix. Returns ``(out, lse)``.
+    ``attn_mask``: SDPA's mask (bool, True = attend; or additive float), broadcastable to
+    (B, H, Sq, Sk), added after the bias; rows it hides entirely give 0 (LSE -inf).
     ``dropout_mask`` (bool, broadcastable to (B, H, Sq, Sk), True = kept; e.g.
     :func:`dropout_mask`): dropout of the probabilities with rate ``dropout_p``.
 
@@ -244,6 +267,8 @@ def attention_ref(
     # softmax runs in the accumulator dtype.
     s = cap_scores(torch.einsum("bqhd,bkhd->bhqk", q, k).to(acc_dtype(q.dtype)) * scale, softcap)
     s = _bias_and_mask(s, causal, bottom_right, alibi_slopes, window_size)
+    if attn_mask is not None:
+        s = s + additive_mask(attn_mask, s.dtype)
     if sink is not None:  # one more column in the denominator, with no value
         column = sink.to(s.dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)
         lse = torch.logsumexp(torch.cat([s, column], -1), dim=-1)
@@ -268,6 +293,7 @@ def attention_probs(
     window_size: tuple[int, int] = (-1, -1),
     dropout: Dropout | None = None,
     block_n: int = 64,
+    attn_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Recompute the softmax probabilities P = exp(S - lse), (B, H, Sq, Sk), from a saved LSE.
 
@@ -284,6 +310,8 @@ def attention_probs(
     s = torch.einsum("bqhd,bkhd->bhqk", q.to(acc), _expand_kv(k, h).to(acc)) * softmax_scale
     s = cap_scores(s, softcap)
     s = _bias_and_mask(s, causal, bottom_right, alibi_slopes, window_size)
+    if attn_mask is not None:
+        s = s + additive_mask(attn_mask, s.dtype)
     if dropout is None:
         safe_lse = lse.masked_fill(torch.isinf(lse), float("inf"))
         return torch.exp((s - safe_lse[..., None]).to(acc))
@@ -491,6 +519,7 @@ def fa2_forward(
     window_size: tuple[int, int] = (-1, -1),
     sink: torch.Tensor | None = None,
     dropout: Dropout | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -505,14 +534,24 @@ def fa2_forward(
     1 / (1 - p): the kernels' mask (:func:`dropout_keep`), bit for bit.
     """
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
-                         block_m, block_n, softcap, alibi_slopes, window_size, dropout)
+                         block_m, block_n, softcap, alibi_slopes, window_size, dropout, attn_mask)
     out, lse = add_sink(out, lse, sink)
     return out.to(q.dtype), lse
 
 
+def _blocked_mask(attn_mask, q, sk, start, block_n, rows, block_m, dtype):
+    """Key block [start, start + block_n) of the mask in the loops' blocked layout (B or 1, H or
+    1, nQ or 1, Br or 1, Bc): padded to ``rows`` query rows and ``block_n`` columns with 0."""
+    mj = mask_columns(attn_mask, (q.shape[0], q.shape[2], q.shape[1], sk), start, start + block_n, dtype)
+    per_row = mj.shape[2] > 1
+    mj = torch.nn.functional.pad(mj, (0, block_n - mj.shape[3], 0, rows - mj.shape[2] if per_row else 0))
+    return mj.view(*mj.shape[:2], rows // block_m if per_row else 1, block_m if per_row else 1, block_n)
+
+
 def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0, alibi_slopes=None,
-              window_size=(-1, -1), dropout=None):
-    """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype."""
+              window_size=(-1, -1), dropout=None, attn_mask=None):
+    """FA2's loops with an explicit causal offset; ``out`` stays in the accumulator dtype.
+    ``attn_mask`` (broadcastable to (B, H, Sq, Sk)) is read one key block at a time."""
     sk = k.shape[1]
     # All query blocks at once (the kernel's grid); acc, l, m stay "on chip" per query block.
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
@@ -523,6 +562,9 @@ def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, so
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
         s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap,
                           alibi_slopes, window_size)
+        if attn_mask is not None:
+            s = s + _blocked_mask(attn_mask, q, sk, j * block_n, block_n, qb.shape[2] * block_m, block_m,
+                                  s.dtype)
         m_new = torch.maximum(m, s.amax(dim=-1))
         m_new_safe = _neg_inf_to_zero(m_new)
         p = torch.exp(s - m_new_safe[..., None])
@@ -555,8 +597,12 @@ def fa2_backward(
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
     dropout: Dropout | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``.
+    attn_mask: torch.Tensor | None = None,
+    mask_grad: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``, and
+    with ``mask_grad`` also the gradient of the (float) ``attn_mask``, shaped like it: dS
+    itself, summed over the dims it broadcasts.
 
     Never stores P: each K/V block recomputes ``P = exp(S - lse)`` for all queries, then
 
@@ -584,6 +630,7 @@ def fa2_backward(
         delta = delta - dlse.to(acc)
     lse_safe = lse.masked_fill(torch.isinf(lse), float("inf"))  # empty rows: P = 0
     dq = torch.zeros_like(qf)
+    dmask = torch.zeros(attn_mask.shape, dtype=acc, device=q.device) if mask_grad else None
     dk = torch.empty_like(kf)
     dv = torch.empty_like(vf)
     offset = _causal_offset(sq, sk, bottom_right)
@@ -602,6 +649,8 @@ def fa2_backward(
         s = s + alibi_bias(alibi_slopes, rows, cols, offset, acc)
         if causal or tuple(window_size) != (-1, -1):  # this block's (Sq, Bc) mask only: O(Sq * block_n)
             s = s.masked_fill(~_visible(rows, cols, sk, offset, causal, window_size), float("-inf"))
+        if attn_mask is not None:
+            s = s + mask_columns(attn_mask, (b, h, sq, sk), start, end, acc)
         p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
         if dropout is not None:
@@ -611,6 +660,8 @@ def fa2_backward(
         else:
             dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
         ds = p * (dp - delta[..., None])
+        if mask_grad:  # the mask is added after the cap: its gradient is dS before the cap's factor
+            dmask = _accumulate_mask_grad(dmask, ds, attn_mask, start, end)
         if softcap:
             ds = ds * (1 - t * t)
         dq += torch.einsum("bhqk,bhkd->bhqd", ds, kj) * scale
@@ -618,7 +669,23 @@ def fa2_backward(
     dq = dq.transpose(1, 2).to(q.dtype)
     dk = _reduce_kv(dk.transpose(1, 2), h_kv).to(k.dtype)
     dv = _reduce_kv(dv.transpose(1, 2), h_kv).to(v.dtype)
+    if mask_grad:
+        return dq, dk, dv, dmask.to(attn_mask.dtype)
     return dq, dk, dv
+
+
+def _accumulate_mask_grad(dmask: torch.Tensor, ds: torch.Tensor, attn_mask: torch.Tensor, start: int,
+                          end: int) -> torch.Tensor:
+    """Add key block [start, end)'s dS (B, H, Sq, w) into the mask's gradient, summed over the
+    dims the mask broadcasts (size 1, or missing in front)."""
+    lead = ds.dim() - dmask.dim()
+    g = ds.sum(dim=tuple(range(lead))) if lead else ds
+    dims = tuple(i for i in range(g.dim() - 1) if dmask.shape[i] == 1 and g.shape[i] != 1)
+    g = g.sum(dim=dims, keepdim=True) if dims else g
+    if dmask.shape[-1] == 1:
+        return dmask + g.sum(-1, keepdim=True)
+    dmask[..., start:end] += g
+    return dmask
 
 
 def merge_states(

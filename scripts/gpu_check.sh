@@ -78,27 +78,29 @@ for step in $steps; do
       # compile once, outside the sanitizer, one process per shard (serially it took 9 minutes
       # on a fresh H100 machine with 60 cases)
       for i in $(seq 0 $(( shards - 1 ))); do
-        python3 scripts/sanitize_cases.py --shard "$i/$shards" > "$OUT/sanitize_warm_$i.log" 2>&1 &
+        python3 scripts/sanitize_cases.py --shard "$i/$shards" > "/tmp/sanitize_warm_$i.log" 2>&1 &
       done
       wait
-      echo "warm: $(cat "$OUT"/sanitize_warm_*.log | grep -c '^ok') cases ok, $(( $(date +%s) - start ))s" \
+      cat /tmp/sanitize_warm_*.log > "$OUT/sanitize_warm.log"
+      echo "warm: $(grep -c '^ok' "$OUT/sanitize_warm.log") cases ok, $(( $(date +%s) - start ))s" \
         | tee -a "$OUT/sanitize.txt"
+      # Shard logs go to /tmp and only the per-tool concatenations to $OUT: the device returns a
+      # limited number of files.  Keep SANITIZE_TIMEOUT + the warm-up under the call's limit, or
+      # nothing below runs.
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
         for i in $(seq 0 $(( shards - 1 ))); do  # every tool and shard at once: one GPU, many CPUs
           PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-500}" compute-sanitizer --tool "$tool" \
             --error-exitcode 1 --target-processes application-only \
-            python3 scripts/sanitize_cases.py --shard "$i/$shards" > "$OUT/sanitize_${tool}_$i.log" 2>&1 &
+            python3 scripts/sanitize_cases.py --shard "$i/$shards" > "/tmp/sanitize_${tool}_$i.log" 2>&1 &
         done
       done
       wait
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
-        cat "$OUT"/sanitize_"${tool}"_*.log > "$OUT/sanitize_$tool.log"  # (a timeout keeps the shards' logs)
+        cat /tmp/sanitize_"${tool}"_*.log > "$OUT/sanitize_$tool.log"
         echo "$tool: $(grep -c '^ok' "$OUT/sanitize_$tool.log") cases ok;" \
-          "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT"/sanitize_"${tool}"_*.log | sort | uniq -c | tr -s ' ')" \
+          "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitize_"${tool}"_*.log | sort | uniq -c | tr -s ' ')" \
           | tee -a "$OUT/sanitize.txt"
-        rm -f "$OUT"/sanitize_"${tool}"_*.log  # the device returns a limited number of files
       done
-      cat "$OUT"/sanitize_warm_*.log > "$OUT/sanitize_warm.log" && rm -f "$OUT"/sanitize_warm_*.log
       ;;
     subset)  # SUBSET: pytest arguments (files, -k); -v into $OUT, so a timeout keeps the test names
       timeout "${SUBSET_TIMEOUT:-500}" python3 -m pytest ${SUBSET:?set SUBSET to pytest arguments} -q -v \

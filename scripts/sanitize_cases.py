@@ -45,6 +45,21 @@ def _attention_case(mode, dtype, shape, causal, softcap=0.0, alibi=False, window
     return f"{mode} {str(dtype)[6:]} {shape} causal={causal}{variants}", run
 
 
+def _mask_case(dtype, shape, mask_shape, kind):
+    """SDPA's attn_mask (bool or a float mask with its gradient), broadcast dims read in place."""
+    def run():
+        b, sq, sk, h, h_kv, d = shape
+        q = torch.randn(b, h, sq, d, device="cuda", dtype=dtype, requires_grad=True)
+        k, v = (torch.randn(b, h_kv, sk, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+        if kind == "bool":
+            mask = torch.rand(mask_shape, device="cuda") > 0.3
+        else:
+            mask = torch.randn(mask_shape, device="cuda", dtype=dtype, requires_grad=True)
+        out = fm.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        out.backward(torch.randn_like(out))
+    return f"sdpa {str(dtype)[6:]} {shape} attn_mask={kind}{tuple(mask_shape)}", run
+
+
 def _varlen_case(lens_q, lens_k, h, h_kv, d, causal, cu_q_bad=None):
     """The varlen kernels (issue #12) on ragged sequences, zero lengths included; ``cu_q_bad``
     replaces cu_seqlens_q with offsets past the tensor (the kernels clamp them)."""
@@ -122,6 +137,9 @@ def cases() -> list:
     out += [_attention_case("fa2", dtype, SHAPES[1], True, dropout=0.2)
             for dtype in (torch.bfloat16, torch.float32)]
     out.append(_attention_case("fa2", torch.bfloat16, SHAPES[0], False, window=(30, 5), dropout=0.5))
+    # SDPA masks: a key-padding bool mask, a per-head float mask with its gradient
+    out.append(_mask_case(torch.bfloat16, SHAPES[0], (1, 1, 1, 203), "bool"))
+    out.append(_mask_case(torch.float32, SHAPES[1], (2, 2, 203, 77), "float"))
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 

@@ -211,20 +211,6 @@ def test_inputs_on_different_devices(no_launch, api):
 
 
 # ---------------------------------------------------------------------------------------------
-# Not implemented yet: must raise, never be ignored
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kwargs, name", [
-    pytest.param({"attn_mask": torch.ones(4, 4, dtype=torch.bool)}, "attn_mask", id="attn_mask"),
-])
-def test_sdpa_unsupported_features(no_launch, kwargs, name):
-    q = k = v = _t(1, 2, 4, 8)
-    with pytest.raises(NotImplementedError, match=rf"\b{name}\b"):
-        scaled_dot_product_attention(q, k, v, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
 # Causal alignment
 # ---------------------------------------------------------------------------------------------
 

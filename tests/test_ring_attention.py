@@ -64,6 +64,9 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         seq, h, h_kv, d, causal, layout, mode, *rest = case
         dtype = rest[0] if rest else torch.float32
         storage = rest[1] if len(rest) > 1 else "bshd"  # "bhsd": non-contiguous (B, S, H, D) views
+        variants = rest[2] if len(rest) > 2 else {}  # softcap / sinks
+        softcap = variants.get("softcap", 0.0)
+        sink = torch.linspace(-1.0, 1.0, h, device=device) if variants.get("sink") else None
         q, k, v, dout = (t.to(device) for t in _full_inputs(seq, h, h_kv, d, dtype))
         shard = lambda t: shard_sequence(t, rank, world, layout)  # noqa: E731
         if storage == "bhsd":
@@ -71,13 +74,24 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
                           for t in (q, k, v))
         else:
             ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
-        out = ring_attention(ql, kl, vl, causal=causal, layout=layout, mode=mode)
-        ours = [out, *torch.autograd.grad(out, (ql, kl, vl), shard(dout))]
+        sl = sink.clone().requires_grad_() if sink is not None else None
+        out = ring_attention(ql, kl, vl, causal=causal, layout=layout, mode=mode, softcap=softcap,
+                             learnable_sink=sl)
+        inputs = (ql, kl, vl, sl) if sink is not None else (ql, kl, vl)
+        ours = [out, *torch.autograd.grad(out, inputs, shard(dout))]
+        if sink is not None:  # each rank's dsink covers its rows: the group's sum is the full gradient
+            dist.all_reduce(ours[-1])
 
         def single_process(ref_dtype):  # the full sequence on one device, PyTorch path
             qf, kf, vf = (t.to(ref_dtype).requires_grad_() for t in (q, k, v))
-            ref = fm.flash_attn_func(qf, kf, vf, causal=causal, impl="torch")
-            return [ref, *torch.autograd.grad(ref, (qf, kf, vf), dout.to(ref_dtype))]
+            sf = sink.clone().requires_grad_() if sink is not None else None
+            ref = fm.flash_attn_func(qf, kf, vf, causal=causal, impl="torch", softcap=softcap,
+                                     learnable_sink=sf)
+            inputs = (qf, kf, vf, sf) if sink is not None else (qf, kf, vf)
+            return [ref, *torch.autograd.grad(ref, inputs, dout.to(ref_dtype))]
+
+        def shard(t, full=shard):  # the sink's gradient is not sharded
+            return t if t.dim() == 1 else full(t)
 
         def err(a, b):
             return max((x.double() - shard(y).double()).abs().max().item() for x, y in zip(a, b))
@@ -110,6 +124,11 @@ CASES = [
     # (B, H, S, D) storage, i.e. non-contiguous K/V with H_kv > 1 (FlashAttention(layout="bhsd")).
     pytest.param(2, (16, 2, 2, 16, True, "contiguous", "fa2", torch.float32, "bhsd"), id="w2-causal-bhsd",
                  marks=pytest.mark.slow),
+    # softcap in every step, the sink once after all chunks (its gradient summed over the ranks)
+    pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.float32, "bshd",
+                     dict(softcap=3.0, sink=True)), id="w2-causal-zigzag-softcap-sink"),
+    pytest.param(4, (32, 2, 2, 16, False, "contiguous", "tiling", torch.float32, "bshd", dict(sink=True)),
+                 id="w4-full-tiling-sink", marks=pytest.mark.slow),
 ]
 
 

@@ -131,6 +131,16 @@ def dropout_args(dropout_p: float, rng: torch.Tensor | None, like: torch.Tensor)
     return (rng, dropout_thresh(dropout_p), *split_scale(1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0))
 
 
+def mask_args(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor) -> tuple:
+    """``(Mask, stride_b, stride_h, stride_i, stride_j, MASK)`` for an attention mask broadcastable
+    to ``shape`` = (B, H, Sq, Sk): its strides as broadcast (0 on broadcast dims, no copy) and
+    the kind (1 bool, 2 additive float); a stand-in pointer and kind 0 without one."""
+    if attn_mask is None:
+        return like, 0, 0, 0, 0, 0
+    m = attn_mask.expand(shape)
+    return (m, *m.stride(), 1 if m.dtype == torch.bool else 2)
+
+
 def alibi_args(alibi_slopes: torch.Tensor | None, like: torch.Tensor) -> tuple:
     """``(Alibi, stride_b, stride_h)`` kernel arguments for fp32 slopes of shape (H,) or (B, H);
     without slopes a stand-in pointer (never read: ``ALIBI`` is off) and zero strides."""
@@ -356,6 +366,24 @@ def alibi(s, slope2, rows, cols, causal_offset, ALIBI: tl.constexpr):
         return s
 
 
+@triton.jit
+def attn_mask(s, Mask_bh, stride_mi, stride_mj, rows, cols, n_rows, n_cols, MASK: tl.constexpr):
+    """SDPA's ``attn_mask`` on a log2-domain score tile: ``MASK`` 1, a boolean mask (False hides
+    the key, as in torch); 2, an additive float mask (added to the scaled scores, so times
+    log2 e here; -inf hides the key); 0, none.  ``Mask_bh`` points at this (batch, head)'s
+    (Sq, Sk) slice of the mask broadcast to (B, H, Sq, Sk) (stride 0 on broadcast dims: the
+    mask is read in place, never expanded); ``rows``/``cols`` broadcast as for :func:`visible`,
+    and entries outside ``n_rows`` x ``n_cols`` are not read."""
+    if MASK == 0:
+        return s
+    ok = (rows < n_rows) & (cols < n_cols)
+    ptrs = Mask_bh + rows.to(tl.int64) * stride_mi + cols.to(tl.int64) * stride_mj
+    if MASK == 1:
+        return tl.where(tl.load(ptrs, mask=ok, other=0) != 0, s, float("-inf"))
+    else:
+        return s + tl.load(ptrs, mask=ok, other=0.0).to(s.dtype) * tl.full([], LOG2E_C, s.dtype)
+
+
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -493,9 +521,9 @@ def add_sink(acc, l_i, m_i, Sink, heads, SINK: tl.constexpr):
 @triton.jit
 def attend_block(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """FA2's inner-loop body: fold the key block at ``start_n`` (its K/V tiles at ``k_ptrs`` /
     ``v_ptrs``, (BLOCK_N, BLOCK_D)) into the running (acc, l, m) of the query rows ``rows``.
@@ -507,10 +535,12 @@ def attend_block(
     s = score(q, tl.trans(k), qk_scale, qk_scale_lo)  # (BLOCK_M, BLOCK_N), log2 domain
     s, _ = cap(s, cap2, cap2_lo, SOFTCAP, q.dtype)
     s = alibi(s, slope2[:, None], rows[:, None], cols[None, :], causal_offset, ALIBI)  # slope2: (BLOCK_M,)
+    s = attn_mask(s, Mask_bh, stride_mi, stride_mj, rows[:, None], cols[None, :], mask_rows, mask_cols, MASK)
     if MASKED:
         s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW), s,
                      float("-inf"))
-    p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED)
+    # (a mask may hide whole rows in any block: then every block needs the -inf-safe update)
+    p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED or MASK != 0)
     if DROPOUT:
         p = tl.where(dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N), p, 0.0)
     acc = acc * alpha[:, None]
@@ -523,9 +553,9 @@ def attend_block(
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """FA2's inner loop: fold key blocks [n_start, n_end) into the running (acc, l, m) of the
     query rows ``rows``.  ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key
@@ -533,8 +563,8 @@ def attend_kv(
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
     for start_n in range(n_start, n_end, BLOCK_N):
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk, causal_offset, win_l, win_r,
-                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh,
-                                     HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
+                                     HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i
@@ -564,10 +594,10 @@ def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_
 def attend_keys(
     acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr = False,
+    DROPOUT: tl.constexpr = False, MASK: tl.constexpr = 0,
 ):
     """Key blocks [n_start, n_end) of a head whose keys start at ``K_head``/``V_head``: contiguous
     (:func:`attend_kv`), or with ``PAGED`` a paged cache (``K_head``/``V_head``: the head's row 0
@@ -587,24 +617,24 @@ def attend_keys(
                                     BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk,
                                          causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                                         drop_seed, drop_row0, drop_thresh, HEAD_DIM, MASKED, IS_CAUSAL,
-                                         SOFTCAP, ALIBI, WINDOW, DROPOUT)
+                                         drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL,
+                                         SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     else:
         acc, l_i, m_i = attend_kv(
             acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
             tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
             rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-            drop_seed, drop_row0, drop_thresh, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+            drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return acc, l_i, m_i
 
 
 @triton.jit
 def attend_rows(
     q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    Pages, stride_kpage, stride_vpage, num_pages, n_table, drop_seed, drop_row0, drop_thresh,
+    Pages, stride_kpage, stride_vpage, num_pages, n_table, drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """FA2's forward for one query block: ``(acc, l, m)`` over every key it sees, in
     :func:`kv_range`'s order: the window's left edge masked, the full key blocks without masks,
@@ -623,8 +653,8 @@ def attend_rows(
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
                 n_table, rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale,
-                qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh, HEAD_DIM, BLOCK_N, part != 1,
-                IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+                qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, BLOCK_N, part != 1,
+                IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return acc, l_i, m_i
 
 
@@ -897,9 +927,9 @@ def probs(s, lse2, lse2_lo, q):
 def dkdv_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
     start_n, m_start, m_end, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """Fold query blocks [m_start, m_end) of one head into the dK/dV of the key block at ``start_n``.
     With ``DROPOUT`` (the forward's mask, regenerated: :func:`dropout_keep`) dV gets the kept
@@ -917,6 +947,7 @@ def dkdv_loop(
         lse2, lse2_lo, delta = row_stats(Stats_head, stats_stride, rows, Sq, q, MASKED)  # rows past Sq: P = 0
         s_t, t_t = cap(score(k, tl.trans(q), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP, q.dtype)  # S^T
         s_t = alibi(s_t, slope2, rows[None, :], cols[:, None], causal_offset, ALIBI)  # one head: a scalar
+        s_t = attn_mask(s_t, Mask_bh, stride_mi, stride_mj, rows[None, :], cols[:, None], mask_rows, mask_cols, MASK)
         p_t = probs(s_t, lse2[None, :], lse2_lo[None, :], q)  # P^T
         if MASKED:
             if IS_CAUSAL or WINDOW:  # keys past Sk need no mask here: their dK/dV rows are never stored
@@ -943,9 +974,9 @@ def dkdv_loop(
 def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows`` (dropout as
     :func:`dkdv_loop`).
@@ -958,6 +989,7 @@ def dq_loop(
         v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
         s, t = cap(score(q, tl.trans(k), qk_scale, qk_scale_lo), cap2, cap2_lo, SOFTCAP, q.dtype)
         s = alibi(s, slope2, rows[:, None], cols[None, :], causal_offset, ALIBI)  # one head: a scalar
+        s = attn_mask(s, Mask_bh, stride_mi, stride_mj, rows[:, None], cols[None, :], mask_rows, mask_cols, MASK)
         p = probs(s, lse2[:, None], lse2_lo[:, None], q)  # (M, N)
         if MASKED:
             p = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW),
@@ -979,9 +1011,9 @@ def dq_loop(
 def dkdv_head(
     dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
     start_n, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """One query head's part of a key block's dK/dV, over :func:`q_range`'s ranges: the
     diagonal tiles (masked), the full tiles (no mask), then the window's left edge and the
@@ -993,8 +1025,8 @@ def dkdv_head(
             dk, dv, k, v, tile_ptrs(Q_head, a, stride_qs, BLOCK_M, BLOCK_D),
             tile_ptrs(DO_head, a, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
             start_n, a, b, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-            drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM,
-            part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+            drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo, HEAD_DIM,
+            part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return dk, dv
 
 
@@ -1003,10 +1035,11 @@ def dkdv_block(
     K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
     stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset, win_l, win_r,
     qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
-    drop_seed, drop_row_b, drop_head_rows, drop_thresh, drop_scale, drop_scale_lo,
+    drop_seed, drop_row_b, drop_head_rows, drop_thresh, drop_scale, drop_scale_lo, Mask_b, stride_mh, stride_mi,
+    stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """A key block's dK/dV (dense and varlen kernels): load it, sum every query head of its
     group in registers (:func:`dkdv_head`), scale dK, store both.  ``*_seq`` point at the
@@ -1026,7 +1059,7 @@ def dkdv_block(
             dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
             Stats_seq + off_h * 3 * stats_len, stats_len, start_n, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r,
             qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row_b + off_h * drop_head_rows, drop_thresh,
-            drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+            Mask_b + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     if DROPOUT:
         dv = scaled(dv, drop_scale, drop_scale_lo)  # the kept P, rescaled once
@@ -1038,9 +1071,9 @@ def dkdv_block(
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
     rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """A query block's dQ over :func:`kv_range`'s ranges: keys [n0, n1) masked (window only),
     [n1, n2) without masks, then [n2, n3) masked.  ``K_head``/``V_head`` point at the head's key 0."""
@@ -1051,8 +1084,8 @@ def dq_rows(
             dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, a, stride_ks, BLOCK_N, BLOCK_D),
                          tile_ptrs(V_head, a, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                          rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                         drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
-                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+                         drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return dq
 
 
@@ -1060,10 +1093,10 @@ def dq_rows(
 def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
     stride_dqs, start_m, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
-    drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     """A query block's whole dQ (dense and varlen kernels): load Q, dO and the rows' statistics,
     :func:`dq_rows`, scale, store.  ``*_head`` point at the head's row 0 / key 0; DQ rows are
@@ -1076,7 +1109,7 @@ def dq_block(
     n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
                  rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                 drop_seed, drop_row0, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL,
-                 SOFTCAP, ALIBI, WINDOW, DROPOUT)
+                 drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                 SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

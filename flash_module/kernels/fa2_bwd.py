@@ -41,9 +41,10 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    Mask, stride_mb, stride_mh, stride_mi, stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     # GROUP (= H / H_KV) is an argument, not computed here: Triton specialises an int argument
     # equal to 1, so without GQA the head loop below disappears (measured: computing it in the
@@ -56,8 +57,9 @@ def _bwd_dkdv_kernel(
         DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh, stats_len,
         H_KV * HEAD_DIM, off_hkv, GROUP, tl.program_id(0) * BLOCK_N, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo,
         cap2, cap2_lo, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
-        drop_seed_of(Rng, DROPOUT), off_b * H * Sq, Sq, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M,
-        BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+        drop_seed_of(Rng, DROPOUT), off_b * H * Sq, Sq, drop_thresh, drop_scale, drop_scale_lo, Mask + off_b * stride_mb,
+        stride_mh, stride_mi, stride_mj, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW,
+        DROPOUT, MASK)
 
 
 @triton.jit
@@ -67,9 +69,10 @@ def _bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh,
     H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    Mask, stride_mb, stride_mh, stride_mi, stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
+    WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP
@@ -80,8 +83,9 @@ def _bwd_dq_kernel(
         V + off_b * stride_vb + off_hkv * stride_vh, DQ + (off_b * Sq * H + off_h) * HEAD_DIM,  # new contiguous
         stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset, win_l, win_r,
         qk_scale, qk_scale_lo, cap2, cap2_lo, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
-        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), (off_b * H + off_h) * Sq, drop_thresh, drop_scale,
-        drop_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), (off_b * H + off_h) * Sq, drop_thresh,
+        Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo, HEAD_DIM,
+        BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
 
 
 def fa2_backward(
@@ -101,10 +105,11 @@ def fa2_backward(
     window_size: tuple[int, int] = (-1, -1),
     dropout_p: float = 0.0,
     rng: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the FA2 backward. Shapes as :func:`.fa2_fwd.fa2_forward`; ``dout`` like ``out``;
-    ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p`` and ``rng`` as the forward had
-    them (the same seed regenerates the same dropout mask).
+    ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p``, ``rng`` and ``attn_mask`` as
+    the forward had them (the same seed regenerates the same dropout mask).
 
     Returns ``dq`` (B, Sq, H, D), ``dk``/``dv`` (B, Sk, H_kv, D), all contiguous.
     """
@@ -116,11 +121,14 @@ def fa2_backward(
     stats = _common.bwd_preprocess(out, dout, lse, dlse)
     dkdv_cfg, dq_cfg = configs or bwd_configs(q.dtype, d, q.device)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
+    mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     args = _common.bsh_strides(q, k, v, dout)
     scales = (*_common.qk_scale(softmax_scale, softcap), *_common.alibi_args(alibi_slopes, q),
-              *_common.split_scale(softmax_scale), win_l, win_r, *_common.dropout_args(dropout_p, rng, q))
+              *_common.split_scale(softmax_scale), win_l, win_r, *_common.dropout_args(dropout_p, rng, q),
+              *mask[:5])
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-                  ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), **_common.kernel_flags(q))
+                  ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],
+                  **_common.kernel_flags(q))
     _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
         q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,

@@ -144,8 +144,9 @@ def _varlen_fwd_kernel(
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
                                     win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
                                     BlockTable + b * stride_bt, stride_kpage, stride_vpage, num_pages, n_table,
-                                    drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh,
-                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+                                    drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh, Q, 0, 0, 0, 0,
+                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT,
+                                    0)
 
         acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, off_h, SINK)
         l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
@@ -181,8 +182,8 @@ def _varlen_bwd_dkdv_kernel(
             DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
             stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, win_l, win_r, qk_scale,
             qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
-            drop_seed_of(Rng, DROPOUT), q_start, Tq, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M, BLOCK_N,
-            BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+            drop_seed_of(Rng, DROPOUT), q_start, Tq, drop_thresh, drop_scale, drop_scale_lo, Q, 0, 0, 0, HEAD_DIM,
+            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0)
 
 
 @triton.jit
@@ -208,8 +209,8 @@ def _varlen_bwd_dq_kernel(
             stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
             len_k - len_q, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo,
             head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo,
-            drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh, drop_scale, drop_scale_lo, HEAD_DIM,
-            BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT)
+            drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh, Q, 0, 0, 0, 0, drop_scale, drop_scale_lo,
+            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0)
 
 
 def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
