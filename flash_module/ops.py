@@ -22,7 +22,9 @@ impl="auto") -> (dq, dk, dv)``
 Trailing arguments, all with defaults, carry the variants (:class:`AttentionArgs`): ``softcap``,
 ``alibi_slopes``, ``window_left`` / ``window_right``, ``sink`` (forward only: the LSE includes
 it), ``dropout_p`` and ``rng`` (the dropout seed, an int64 (1,) tensor the public functions draw
-from torch's generator; the backward gets the same seed and regenerates the mask).
+from torch's generator; the backward gets the same seed and regenerates the mask) and
+``attn_mask`` (SDPA's mask, 4-D and broadcastable to (B, H, Sq, Sk); its gradient, for a float
+mask that requires grad, comes from autograd's backward, not from ``attention_bwd``).
 
 ``mode`` names the algorithm (:data:`MODES`): ``fa2`` (default), ``fa1`` (FA1's loop order,
 O/l/m in HBM) or ``tiling`` (split-KV: key chunks in parallel, merged like the tiling softmax).
@@ -144,11 +146,11 @@ def _no_variants(mode: str, a: AttentionArgs) -> None:
                        ("window_size", a.window != (-1, -1)), ("learnable_sink", a.sink is not None)):
         if used:
             raise NotImplementedError(f"mode={mode!r} does not support {name} (use mode='fa2' or 'tiling')")
-    _no_dropout(mode, a)
+    _fa2_only(mode, a)
 
 
-def _no_dropout(mode: str, a: AttentionArgs) -> None:
-    """NotImplementedError for dropout or an attention mask in a mode without them (FA2 only)."""
+def _fa2_only(mode: str, a: AttentionArgs) -> None:
+    """NotImplementedError for the variants only FA2 has (dropout, an attention mask) in ``mode``."""
     if a.dropout_p:
         raise NotImplementedError(f"mode={mode!r} does not support dropout_p > 0 (use mode='fa2')")
     if a.attn_mask is not None:
@@ -172,7 +174,7 @@ def _fa1_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.split_kv import split_kv_forward
 
-    _no_dropout("tiling", a)
+    _fa2_only("tiling", a)
     return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap,
                             a.alibi_slopes, a.window, a.sink)
 
@@ -192,7 +194,7 @@ def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
 
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
-    _no_dropout("tiling", a)
+    _fa2_only("tiling", a)
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
                                       softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
                                       sink=a.sink)
@@ -370,7 +372,7 @@ def _sink_grad_torch(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse:
 def sink_grad_op(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None) -> Tensor:
     """The attention sinks' gradient (:func:`sink_grad`) on the dense layout: ``out``/``dout``
     (B, Sq, H, D), ``lse``/``dlse`` (B, H, Sq)."""
-    if q_is_triton(out):
+    if use_triton(out):
         from .kernels._common import sink_grad as kernel
 
         with device_guard(out):
@@ -382,11 +384,6 @@ def sink_grad_op(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Ten
 @sink_grad_op.register_fake
 def _sink_grad_fake(sink, out, dout, lse, dlse):
     return sink.new_empty(sink.shape)
-
-
-def q_is_triton(t: Tensor) -> bool:
-    """Whether the kernels run on tensors like ``t`` (``impl="auto"``)."""
-    return resolve_impl(t, "auto") == "triton"
 
 
 def sink_grad(sink: Tensor, out: Tensor, dout: Tensor, lse: Tensor, dlse: Tensor | None,

@@ -181,20 +181,21 @@ class Dropout:
     head_rows: int | None = None
     row0: int = 0
 
-    def row_ids(self, b: int, h: int, sq: int, device: torch.device) -> torch.Tensor:
-        """(B, H, 1) counters of each (batch, head)'s row 0 (add the row index)."""
+    def row_ids(self, b: int, h: int, sq: int, device: torch.device,
+                n_rows: int | None = None) -> torch.Tensor:
+        """(B, H, n_rows, 1) counters of rows 0 .. n_rows - 1 (default Sq) of every (batch, head),
+        for :func:`dropout_keep`."""
         per_head = self.head_rows if self.head_rows is not None else sq
         heads = torch.arange(b, device=device)[:, None] * h + torch.arange(h, device=device)
-        return (heads * per_head + self.row0)[..., None]
+        rows = torch.arange(sq if n_rows is None else n_rows, device=device)
+        return ((heads * per_head + self.row0)[..., None] + rows)[..., None]
 
 
 def dropout_mask(rng: torch.Tensor, dropout_p: float, batch: int, nheads: int, seqlen_q: int,
                  seqlen_k: int) -> torch.Tensor:
     """The whole (B, H, Sq, Sk) keep mask of a (B, Sq, H, D) call (O(Sq * Sk): for tests)."""
-    dev = rng.device
-    rows = ((torch.arange(batch, device=dev)[:, None] * nheads + torch.arange(nheads, device=dev)) * seqlen_q)
-    rows = rows[:, :, None, None] + torch.arange(seqlen_q, device=dev)[:, None]
-    return dropout_keep(rng, dropout_p, rows, torch.arange(seqlen_k, device=dev))
+    rows = Dropout(dropout_p, rng).row_ids(batch, nheads, seqlen_q, rng.device)
+    return dropout_keep(rng, dropout_p, rows, torch.arange(seqlen_k, device=rng.device))
 
 
 def additive_mask(attn_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -320,8 +321,7 @@ def attention_probs(
     m = blocks.amax(-1).flip(-1).cummax(-1).values.flip(-1)  # (B, H, Sq, nblocks): max of blocks >= j
     m = m.repeat_interleave(block_n, -1)[..., :sk]
     vals = torch.exp(s - _neg_inf_to_zero(m))  # exp(-inf) = 0 where masked
-    rows = dropout.row_ids(s.shape[0], h, sq, s.device)[..., None] + \
-        torch.arange(sq, device=s.device)[:, None]
+    rows = dropout.row_ids(s.shape[0], h, sq, s.device)
     keep = dropout_keep(dropout.rng, dropout.p, rows, torch.arange(sk, device=s.device))
     return torch.where(keep, vals, -vals)
 
@@ -557,8 +557,7 @@ def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, so
     scale, qb, kb, vb, acc, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     if dropout is not None:  # (B, H, nQ, Br, 1) row counters of the blocked rows
         b, h = q.shape[0], q.shape[2]
-        rows = dropout.row_ids(b, h, q.shape[1], q.device)[..., None, None] + torch.arange(
-            qb.shape[2] * block_m, device=q.device).view(qb.shape[2], block_m, 1)
+        rows = dropout.row_ids(b, h, q.shape[1], q.device, qb.shape[2] * block_m).view(b, h, -1, block_m, 1)
     for j in range(kb.shape[2]):  # inner loop of the kernel: K/V blocks
         s = _block_scores(qb, kb[:, :, j], scale, sk, j * block_n, block_m, causal, offset, softcap,
                           alibi_slopes, window_size)
@@ -636,7 +635,7 @@ def fa2_backward(
     offset = _causal_offset(sq, sk, bottom_right)
     rows = torch.arange(sq, device=q.device)[:, None]
     if dropout is not None:
-        drop_rows = dropout.row_ids(b, h, sq, q.device)[..., None] + rows  # (B, H, Sq, 1)
+        drop_rows = dropout.row_ids(b, h, sq, q.device)  # (B, H, Sq, 1)
         keep_scale = dropout_scale(dropout.p)
     for start in range(0, sk, block_n):
         end = min(start + block_n, sk)

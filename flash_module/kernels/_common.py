@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from .._runtime import INTERPRET as _INTERPRET
 from .._runtime import acc_dtype, cdiv, next_power_of_2
 
@@ -115,20 +116,13 @@ def window_args(window_size: tuple[int, int], causal: bool) -> tuple[int, int, b
     return bound(left), bound(right), True, False
 
 
-def dropout_thresh(dropout_p: float) -> int:
-    """The 16-bit threshold of :func:`dropout_keep`: a probability is dropped iff its uniform
-    16-bit draw is below ``round(p * 65536)`` (clamped to 65535: p = 1 has a zero scale, so the
-    mask no longer matters)."""
-    return min(65535, int(round(dropout_p * 65536)))
-
-
 def dropout_args(dropout_p: float, rng: torch.Tensor | None, like: torch.Tensor) -> tuple:
     """``(Rng, thresh, scale, scale_lo)`` kernel arguments: the int64 seed tensor (a stand-in
     pointer without dropout), the threshold and ``1 / (1 - p)`` split like the score scale
     (0 for p = 1: everything dropped)."""
     if not dropout_p:
         return like, 0, 1.0, 0.0
-    return (rng, dropout_thresh(dropout_p), *split_scale(1.0 / (1.0 - dropout_p) if dropout_p < 1 else 0.0))
+    return (rng, reference.dropout_thresh(dropout_p), *split_scale(reference.dropout_scale(dropout_p)))
 
 
 def mask_args(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor) -> tuple:
