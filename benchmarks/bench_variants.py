@@ -10,8 +10,11 @@ forward, halved when causal; 2.5x that backward), so a slower variant shows as a
 Rows: ``plain``, ``softcap`` (c = 50, Gemma 2's attention cap) and ``alibi`` (BLOOM's slopes),
 budget <= 10% overhead each; ``sink`` (gpt-oss's per-head logits), budget 3%; ``dropout``
 (p = 0.1), budget 30%, next to torch SDPA's flash backend with and without the same dropout
-(FlexAttention has none).  The sliding window, which saves work rather than adding it, has
-``benchmarks/bench_window.py``.
+(FlexAttention has none); ``mask``: SDPA's ``attn_mask`` holding the causal pattern (boolean, and
+additive float with a gradient), next to torch SDPA's own dispatcher and FlexAttention given the
+same tensor (its block mask skips the tiles the mask hides; ours and SDPA's read every tile,
+since a mask's content is not known before the kernel runs; N = 8k: a 64 MiB mask).  The sliding
+window, which saves work rather than adding it, has ``benchmarks/bench_window.py``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,28 @@ def measure(b: int, n: int, h: int, d: int, causal: bool) -> list[dict]:
     }
     for name, p in (("sdpa-flash plain", 0.0), ("sdpa-flash dropout", DROPOUT)):
         impls[name] = (lambda p=p: _sdpa_flash(qt, kt, vt, p, causal), (qt, kt, vt))
+    # attn_mask rows: the causal pattern as a tensor (a mask excludes is_causal), read tile by tile
+    allowed = torch.ones(n, n, device="cuda", dtype=torch.bool).tril_()[None, None]  # (1, 1, N, N)
+    additive = torch.zeros(n, n, device="cuda", dtype=torch.bfloat16)
+    additive = additive.masked_fill_(~allowed[0, 0], float("-inf"))[None, None].requires_grad_()
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    impls["ours mask bool"] = (lambda: fm.scaled_dot_product_attention(qt, kt, vt, attn_mask=allowed),
+                               (qt, kt, vt))
+    impls["ours mask float"] = (lambda: fm.scaled_dot_product_attention(qt, kt, vt, attn_mask=additive),
+                                (qt, kt, vt, additive))
+    impls["sdpa mask bool"] = (lambda: sdpa(qt, kt, vt, attn_mask=allowed), (qt, kt, vt))
+    impls["sdpa mask float"] = (lambda: sdpa(qt, kt, vt, attn_mask=additive), (qt, kt, vt, additive))
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        flex_c = torch.compile(flex_attention, dynamic=False)
+        def from_tensor(b_, h_, q_idx, kv_idx):
+            return allowed[0, 0, q_idx, kv_idx]
+
+        tensor_mask = create_block_mask(from_tensor, None, None, n, n, device="cuda")
+        impls["flex mask bool"] = (lambda: flex_c(qt, kt, vt, block_mask=tensor_mask), (qt, kt, vt))
+    except Exception as e:  # noqa: BLE001 - no FlexAttention in this torch
+        print(f"flex mask unavailable: {e}")
     try:
         plain, capped = _flex(None, causal, n), _flex(_softcap_mod, causal, n)
 
@@ -98,7 +123,7 @@ def measure(b: int, n: int, h: int, d: int, causal: bool) -> list[dict]:
         except Exception as e:  # noqa: BLE001 - a peer that refuses the shape
             rec["error"] = str(e)[:200]
         rows.append(rec)
-        print(f"{name:14} " + (f"fwd {rec['fwd_tflops']:6.1f}  bwd {rec['bwd_tflops']:6.1f} TFLOP/s"
+        print(f"{name:18} " + (f"fwd {rec['fwd_tflops']:6.1f}  bwd {rec['bwd_tflops']:6.1f} TFLOP/s"
                                if "fwd_tflops" in rec else f"n/a ({rec['error']})"), flush=True)
     return rows
 

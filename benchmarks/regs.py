@@ -38,8 +38,9 @@ KERNELS = {
     "dkdv": fa2_bwd._bwd_dkdv_kernel,
     "dq": fa2_bwd._bwd_dq_kernel,
 }
-_INT_NAMES = {"H", "H_KV", "GROUP", "Sq", "Sk", "causal_offset", "stats_len"}
-_FP32_POINTERS = {"Lse", "Lse2", "Delta", "DLse", "Stats"}
+_INT_NAMES = {"H", "H_KV", "GROUP", "Sq", "Sk", "causal_offset", "stats_len", "win_l", "win_r", "drop_thresh"}
+_FP32_POINTERS = {"Lse", "Lse2", "Delta", "DLse", "Stats", "Sink", "Alibi"}
+_FP32_NAMES = {"cap2", "cap2_lo"}
 
 
 def parse_config(text: str) -> KernelConfig:
@@ -59,22 +60,25 @@ def _signature(fn, constexprs: dict, elem: str) -> tuple[dict, dict]:
             sig[name] = "i32"
             if name.startswith("stride_") or name == "stats_len":
                 attrs[(i,)] = [["tt.divisibility", 16]]
-        elif "scale" in name:
+        elif "scale" in name or name in _FP32_NAMES:
             sig[name] = "fp32"
         else:
-            sig[name] = "*fp32" if name in _FP32_POINTERS else f"*{elem}"
+            sig[name] = "*fp32" if name in _FP32_POINTERS else ("*i64" if name == "Rng" else f"*{elem}")
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
 
 
-def ptxas_report(kernel: str, head_dim: int, cfg: KernelConfig, causal: bool, elem: str = "bf16") -> dict:
-    """Compile one kernel for sm_90a; return registers, spill bytes and shared memory per program."""
+def ptxas_report(kernel: str, head_dim: int, cfg: KernelConfig, causal: bool, elem: str = "bf16",
+                 dropout: bool = False) -> dict:
+    """Compile one kernel for sm_90a; return registers, spill bytes, shared memory per program and
+    the layout conversions / barriers in its IR (what moving a tile between layouts costs)."""
     fn = KERNELS[kernel]
     bd = _common.block_d(head_dim)
     constexprs = dict(
         HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
         EVEN_D=head_dim == bd, ACC_DTYPE=tl.float32, DOT_PRECISION="tf32", UPCAST=False,
-        ROUND_BF16=False, EXACT=False,
+        ROUND_BF16=False, EXACT=False, DROPOUT=dropout, SOFTCAP=False, ALIBI=False, WINDOW=False, SINK=False,
+        MASK=0,
     )
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     sig, attrs = _signature(fn, constexprs, elem)
@@ -95,6 +99,8 @@ def ptxas_report(kernel: str, head_dim: int, cfg: KernelConfig, causal: bool, el
         stack=int(usage.get("STACK", 0)) + int(usage.get("LOCAL", 0)),
         shared=compiled.metadata.shared,
         ptx_lines=compiled.asm["ptx"].count("\n"),
+        converts=compiled.asm["ttgir"].count("ttg.convert_layout"),
+        barriers=compiled.asm["ptx"].count("bar.sync") + compiled.asm["ptx"].count("barrier.sync"),
     )
 
 
@@ -104,17 +110,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-d", "--head-dim", type=int, default=128)
     p.add_argument("--causal", action="store_true")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
+    p.add_argument("--dropout", action="store_true", help="compile the DROPOUT=True variant")
     p.add_argument("--configs", type=lambda s: [parse_config(c) for c in s.split(",")], required=True)
     args = p.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90a, {args.kernel} D={args.head_dim} causal={args.causal}")
-    print(f"{'config':<16} {'regs':>5} {'stack B':>8} {'smem KiB':>9}")
+    print(f"{'config':<16} {'regs':>5} {'stack B':>8} {'smem KiB':>9} {'converts':>8} {'barriers':>8}")
     for cfg in args.configs:
         try:
-            r = ptxas_report(args.kernel, args.head_dim, cfg, args.causal, args.dtype)
+            r = ptxas_report(args.kernel, args.head_dim, cfg, args.causal, args.dtype, args.dropout)
         except Exception as exc:  # noqa: BLE001 - report and go on, like the benchmark does
             print(f"{str(cfg):<16} error: {str(exc).splitlines()[0][:100]}")
             continue
-        print(f"{r['config']:<16} {r['registers']:>5} {r['stack']:>8} {r['shared'] / 1024:>9.1f}")
+        print(f"{r['config']:<16} {r['registers']:>5} {r['stack']:>8} {r['shared'] / 1024:>9.1f}"
+              f" {r['converts']:>8} {r['barriers']:>8}")
     return 0
 
 

@@ -426,7 +426,7 @@ def _varlen_probs(q: Tensor, k: Tensor, lse: Tensor, cu_q: Tensor, cu_k: Tensor,
         if block_table is not None:
             keys = k[block_table[b].long().clamp(0, k.shape[0] - 1)].flatten(0, 1)
         if lq and lk:
-            dropout = reference.Dropout(dropout_p, rng, q.shape[0], qs) if dropout_p else None
+            dropout = reference.Dropout(dropout_p, rng, b) if dropout_p else None
             probs[b, :, :lq, :lk] = reference.attention_probs(
                 q[None, qs:qs + lq], keys[None, ks:ks + lk], lse[None, :, qs:qs + lq], scale, causal, True,
                 softcap, reference.batch_slopes(alibi_slopes, b), window_size, dropout,
@@ -489,8 +489,8 @@ def flash_attn_varlen_func(
         softcap, alibi_slopes, window_size: as in :func:`flash_attn_func` (forward and backward;
             (batch, nheads) slopes per sequence; the window is aligned per sequence, like causal).
         learnable_sink: as in :func:`flash_attn_func` (gradient included).
-        dropout_p: as in :func:`flash_attn_func` (the mask's row counters are the packed token
-            indices, so it does not depend on how the tokens are split into sequences).
+        dropout_p: as in :func:`flash_attn_func`; sequence b draws the mask that batch row b of
+            a dense call with the same seed and heads would draw (rows counted within the sequence).
 
     Values of ``cu_seqlens_*`` / ``seqused_k`` are not checked (that would need a sync): the
     kernels clamp them to the tensors, so bad values give wrong answers, never out-of-bounds

@@ -150,18 +150,22 @@ def dropout_thresh(dropout_p: float) -> int:
 
 def dropout_keep(rng: torch.Tensor, dropout_p: float, row_ids: torch.Tensor,
                  cols: torch.Tensor) -> torch.Tensor:
-    """The kernels' dropout keep mask (:func:`flash_module.kernels._common.dropout_keep`): True
-    where the probability of query row counter ``row_ids`` and key ``cols`` is kept (int64
-    tensors, broadcast together).  Key ``n`` is lane ``n % 8`` of the Philox counter ``(n // 8,
-    row lo, row hi, 0)``; lane ``l`` reads half ``l % 2`` of word ``l // 2``.  Row counters are
-    ``(b * H + h) * Sq + i`` for (B, Sq, H, D) inputs and ``h * Tq + t`` for packed (varlen) ones."""
+    """The kernels' dropout keep mask (:func:`flash_module.kernels._common.dropout_keep`, which
+    says why it is laid out so): True where the probability of query row counter ``row_ids`` and
+    key ``cols`` is kept (int64 tensors, broadcast together).  Row counters are ``stream << 32 |
+    i``, ``stream = b * H + h`` for batch (or varlen sequence) b and query head h, ``i`` the row
+    within the sequence (:meth:`Dropout.row_ids`).  Row ``i`` and key ``j`` use the Philox
+    counter ``(key quad, row pair, stream, 0)`` with row pair ``(i // 16) * 8 + i % 8`` and key
+    quad ``(j // 16) * 4 + (j % 8) // 2``, and read half ``j % 2`` of word ``2 ((i // 8) % 2) +
+    (j // 8) % 2``."""
     row_ids, cols = torch.broadcast_tensors(row_ids.to(torch.int64), cols.to(torch.int64))
-    words = philox(rng.to(row_ids.device), cols >> 3, row_ids & _M32, row_ids >> 32, torch.zeros_like(cols))
-    lane = cols & 7
-    word = lane >> 1
+    i, stream = row_ids & _M32, row_ids >> 32
+    quad, pair = (cols >> 4) * 4 + ((cols & 7) >> 1), (i >> 4) * 8 + (i & 7)
+    words = philox(rng.to(row_ids.device), quad, pair, stream, torch.zeros_like(cols))
+    word = ((i >> 3) & 1) * 2 + ((cols >> 3) & 1)
     w = torch.where(word == 0, words[0],
                     torch.where(word == 1, words[1], torch.where(word == 2, words[2], words[3])))
-    return ((w >> ((lane & 1) * 16)) & 0xFFFF) >= dropout_thresh(dropout_p)
+    return ((w >> ((cols & 1) * 16)) & 0xFFFF) >= dropout_thresh(dropout_p)
 
 
 def dropout_scale(dropout_p: float) -> float:
@@ -171,24 +175,22 @@ def dropout_scale(dropout_p: float) -> float:
 
 @dataclass(frozen=True)
 class Dropout:
-    """Dropout of the blocked loops: probability ``p``, the int64 seed ``rng``, and where this
-    call's rows sit in the counter space: row ``i`` of (batch b, head h) is counter ``b * H *
-    head_rows + h * head_rows + row0 + i`` (``head_rows`` None: Sq, the dense layout; varlen
-    sequences pass the packed total Tq and their first token)."""
+    """Dropout of the blocked loops: probability ``p``, the int64 seed ``rng``, and ``batch0``, the
+    batch index of this call's first batch row (a varlen sequence, run as a batch of one, passes
+    its index in the pack): row ``i`` of batch row b, head h has the counter ``((batch0 + b) * H
+    + h) << 32 | i`` (:func:`dropout_keep`)."""
 
     p: float
     rng: torch.Tensor
-    head_rows: int | None = None
-    row0: int = 0
+    batch0: int = 0
 
     def row_ids(self, b: int, h: int, sq: int, device: torch.device,
                 n_rows: int | None = None) -> torch.Tensor:
         """(B, H, n_rows, 1) counters of rows 0 .. n_rows - 1 (default Sq) of every (batch, head),
         for :func:`dropout_keep`."""
-        per_head = self.head_rows if self.head_rows is not None else sq
-        heads = torch.arange(b, device=device)[:, None] * h + torch.arange(h, device=device)
+        streams = (torch.arange(b, device=device)[:, None] + self.batch0) * h + torch.arange(h, device=device)
         rows = torch.arange(sq if n_rows is None else n_rows, device=device)
-        return ((heads * per_head + self.row0)[..., None] + rows)[..., None]
+        return ((streams << 32)[..., None] + rows)[..., None]
 
 
 def dropout_mask(rng: torch.Tensor, dropout_p: float, batch: int, nheads: int, seqlen_q: int,
@@ -768,9 +770,9 @@ def varlen_sequences(
     return seqs
 
 
-def _varlen_dropout(dropout_p: float, rng: torch.Tensor | None, total_q: int, q_start: int) -> Dropout | None:
-    """A packed sequence's dropout: head h's token t is row counter ``h * Tq + t``."""
-    return Dropout(dropout_p, rng, total_q, q_start) if dropout_p else None
+def _varlen_dropout(dropout_p: float, rng: torch.Tensor | None, seq: int) -> Dropout | None:
+    """Packed sequence ``seq``'s dropout: its rows count as batch row ``seq`` of a dense call."""
+    return Dropout(dropout_p, rng, seq) if dropout_p else None
 
 
 def varlen_forward(
@@ -808,7 +810,7 @@ def varlen_forward(
         o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
                            softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b),
                            window_size=window_size, sink=sink,
-                           dropout=_varlen_dropout(dropout_p, rng, tq, qs))
+                           dropout=_varlen_dropout(dropout_p, rng, b))
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 
@@ -833,7 +835,7 @@ def varlen_backward(
                              lse[None, :, rq], softmax_scale, causal,
                              dlse=dlse[None, :, rq] if dlse is not None else None, softcap=softcap,
                              alibi_slopes=batch_slopes(alibi_slopes, b), window_size=window_size,
-                             dropout=_varlen_dropout(dropout_p, rng, q.shape[0], qs))
+                             dropout=_varlen_dropout(dropout_p, rng, b))
         dq[rq], dk[rk], dv[rk] = (g[0] for g in grads)
     return dq, dk, dv
 

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
-#        [decode] [varlen] [subset] [variants] [window]
+#        [decode] [varlen] [subset] [variants] [window] [ablation]
 #        (default: tests bench)
+# ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full join pairs).
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
-# subset: pytest $SUBSET (files, -k ...) with -v into $OUT/subset.log (SUBSET_TIMEOUT, default 500 s).
+# subset: pytest $SUBSET (files; SUBSET_K: a -k expression, kept as one argument) with -v into $OUT/subset.log
+# (SUBSET_TIMEOUT, default 500 s).
 # sanitize: compute-sanitizer memcheck, racecheck and initcheck over scripts/sanitize_cases.py (every
-# kernel and mode, fwd+bwd, ragged shapes); million: benchmarks/million_tokens.py (1M tokens, one GPU).
+# kernel and mode, fwd+bwd, ragged shapes; SANITIZE_ONLY: comma-separated case-name substrings,
+# SANITIZE_TOOLS: a subset of the three); million: benchmarks/million_tokens.py (1M tokens, one GPU).
 # decode: benchmarks/bench_decode.py (DECODE_ARGS; KV cache contiguous and paged, the peers, a copy);
 # varlen: benchmarks/bench_varlen.py (VARLEN_ARGS; packed documents, fwd + bwd, the peers).
 # ring (a machine with several GPUs): the NCCL ring-attention tests and the 1->2->4->8 GPU
@@ -78,7 +81,7 @@ for step in $steps; do
       # compile once, outside the sanitizer, one process per shard (serially it took 9 minutes
       # on a fresh H100 machine with 60 cases)
       for i in $(seq 0 $(( shards - 1 ))); do
-        python3 scripts/sanitize_cases.py --shard "$i/$shards" > "/tmp/sanitize_warm_$i.log" 2>&1 &
+        python3 scripts/sanitize_cases.py --shard "$i/$shards" --only "${SANITIZE_ONLY:-}" > "/tmp/sanitize_warm_$i.log" 2>&1 &
       done
       wait
       cat /tmp/sanitize_warm_*.log > "$OUT/sanitize_warm.log"
@@ -89,21 +92,25 @@ for step in $steps; do
       # nothing below runs.
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
         for i in $(seq 0 $(( shards - 1 ))); do  # every tool and shard at once: one GPU, many CPUs
+          # --launch-timeout: with 24 processes starting at once, the default 10 s to attach was too
+          # short for 4 of them on an H200 (no case ran; reported below as "not attached").
           PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-500}" compute-sanitizer --tool "$tool" \
-            --error-exitcode 1 --target-processes application-only \
-            python3 scripts/sanitize_cases.py --shard "$i/$shards" > "/tmp/sanitize_${tool}_$i.log" 2>&1 &
+            --error-exitcode 1 --target-processes application-only --launch-timeout 300 \
+            python3 scripts/sanitize_cases.py --shard "$i/$shards" --only "${SANITIZE_ONLY:-}" \
+            > "/tmp/sanitize_${tool}_$i.log" 2>&1 &
         done
       done
       wait
       for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
         cat /tmp/sanitize_"${tool}"_*.log > "$OUT/sanitize_$tool.log"
-        echo "$tool: $(grep -c '^ok' "$OUT/sanitize_$tool.log") cases ok;" \
+        echo "$tool: $(grep -c '^ok' "$OUT/sanitize_$tool.log") of $(grep -c '^ok' "$OUT/sanitize_warm.log") cases ok;" \
+          "$(grep -l 'No attachable process' /tmp/sanitize_"${tool}"_*.log | wc -l) shards not attached;" \
           "$(grep -hE 'ERROR SUMMARY|RACECHECK SUMMARY' /tmp/sanitize_"${tool}"_*.log | sort | uniq -c | tr -s ' ')" \
           | tee -a "$OUT/sanitize.txt"
       done
       ;;
     subset)  # SUBSET: pytest arguments (files, -k); -v into $OUT, so a timeout keeps the test names
-      timeout "${SUBSET_TIMEOUT:-500}" python3 -m pytest ${SUBSET:?set SUBSET to pytest arguments} -q -v \
+      timeout "${SUBSET_TIMEOUT:-500}" python3 -m pytest ${SUBSET:?set SUBSET to pytest arguments} ${SUBSET_K:+-k "$SUBSET_K"} -q -v \
         -n "${PYTEST_WORKERS:-4}" --dist loadgroup -p no:cacheprovider -m "gpu or not gpu" 2>&1 \
         | tee "$OUT/subset.log" | grep -E "FAILED|ERROR|[0-9]+ (passed|failed)" | tail -40
       ;;
@@ -122,6 +129,11 @@ for step in $steps; do
     varlen)
       python3 benchmarks/bench_varlen.py --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 | grep -v -i warn \
         | tee "$OUT/varlen.log"
+      ;;
+    ablation)  # benchmarks/dropout_ablation.py, one process per variant (ABLATION_VARIANTS)
+      for variant in ${ABLATION_VARIANTS:-plain full join pairs}; do
+        python3 benchmarks/dropout_ablation.py "$variant" 2>&1 | grep -v -i warn | tee -a "$OUT/ablation.log"
+      done
       ;;
     million)
       python3 benchmarks/million_tokens.py --json "$OUT/million.json" 2>&1 | tail -40 | tee "$OUT/million.log"

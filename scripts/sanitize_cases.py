@@ -146,9 +146,12 @@ def cases() -> list:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shard", default="0/1", help="i/n: run cases i, i+n, i+2n, ... (parallel runs)")
-    i, n = (int(x) for x in p.parse_args().shard.split("/"))
+    p.add_argument("--only", default="", help="comma-separated substrings: only cases whose name has one")
+    args = p.parse_args()
+    i, n = (int(x) for x in args.shard.split("/"))
     torch.manual_seed(0)
-    mine = cases()[i::n]
+    keys = [k for k in args.only.split(",") if k]
+    mine = [c for c in cases() if not keys or any(k in c[0] for k in keys)][i::n]
     for name, run in mine:
         run()
         torch.cuda.synchronize()

@@ -37,7 +37,8 @@ SHAPES = [
     pytest.param(1, 203, 113, 4, 1, 80, "bhsd", True, id="203x113-mqa-d80-bhsd", marks=pytest.mark.slow),
     pytest.param(1, 203, 113, 2, 2, 24, "bshd", False, id="203x113-d24-topleft"),
     pytest.param(1, 128, 128, 2, 2, 128, "bshd", True, id="128x128-d128"),
-    pytest.param(2, 1, 203, 4, 2, 64, "bhsd", True, id="decode-1x203-gqa2-bhsd"),
+    # (decode shapes run by default in test_dispatch.py and test_kvcache.py)
+    pytest.param(2, 1, 203, 4, 2, 64, "bhsd", True, id="decode-1x203-gqa2-bhsd", marks=pytest.mark.slow),
     pytest.param(1, 70, 33, 3, 3, 72, "bshd", False, id="70x33-d72-topleft"),
 ]
 
@@ -82,8 +83,7 @@ def test_rows_without_keys_are_zero(mode, device):
     assert torch.all(dq[:, :empty] == 0)
 
 
-@pytest.mark.parametrize("mode", ["fa2", pytest.param("fa1", marks=pytest.mark.slow),
-                                  pytest.param("tiling", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow) for m in ("fa2", "fa1", "tiling")])
 def test_backward_is_deterministic(mode, device):
     q, k, v = make_qkv(2, 113, 203, 4, 1, 64, torch.float16, device)
     dout = torch.randn(2, 113, 4, 64, dtype=torch.float16, device=device)
@@ -143,7 +143,8 @@ def test_modes_agree_with_fa2(mode, impl, device):
                                         pytest.param(7, marks=pytest.mark.slow),
                                         pytest.param(64, marks=pytest.mark.slow)],
                          ids=lambda n: f"splits{n}")
-@pytest.mark.parametrize("sq", [1, pytest.param(5, marks=pytest.mark.slow), 70], ids=lambda n: f"sq{n}")
+@pytest.mark.parametrize("sq", [1] + [pytest.param(n, marks=pytest.mark.slow) for n in (5, 70)],
+                         ids=lambda n: f"sq{n}")
 def test_tiling_num_splits(num_splits, sq, device):
     """Any split count (more splits than key blocks included) gives the same answer."""
     q, k, v = make_qkv(2, sq, 203, 4, 2, 32, torch.float32, device)

@@ -151,8 +151,8 @@ def test_s_dmask_is_flash_attns(d, impl, device):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_varlen_dropout_per_sequence(impl, device):
-    """Packed sequences: token t of head h draws the row counter h * Tq + t, so each sequence
-    matches the oracle with its rows of that mask."""
+    """Packed sequences: sequence b draws the mask of batch row b of a dense call (row counters
+    ``(b * H + h) << 32 | i``), so each sequence matches the oracle with that mask."""
     lens_q, lens_k, h, d, p = [5, 0, 19, 33], [9, 4, 19, 20], 2, 24, 0.3
     cu_q = torch.tensor([0, *torch.tensor(lens_q).cumsum(0).tolist()], dtype=torch.int32, device=device)
     cu_k = torch.tensor([0, *torch.tensor(lens_k).cumsum(0).tolist()], dtype=torch.int32, device=device)
@@ -171,8 +171,8 @@ def test_varlen_dropout_per_sequence(impl, device):
         rq, rk = slice(qs, qs + lens_q[b]), slice(ks, ks + lens_k[b])
         if not lens_q[b]:
             continue
-        rows = (torch.arange(h, device=device)[:, None] * tq + qs + torch.arange(lens_q[b], device=device))
-        mask = reference.dropout_keep(rng, p, rows[None, :, :, None], torch.arange(lens_k[b], device=device))
+        rows = reference.Dropout(p, rng, b).row_ids(1, h, lens_q[b], torch.device(device))  # (1, H, Sq, 1)
+        mask = reference.dropout_keep(rng, p, rows, torch.arange(lens_k[b], device=device))
         ours = (out[None, rq], None, dq[None, rq], dk[None, rk], dv[None, rk])
         assert_matches_reference(ours, q[None, rq], k[None, rk], v[None, rk], dout[None, rq], True, True,
                                  torch.float32, dropout_p=p, dropout_mask=mask)

@@ -109,12 +109,13 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
 
 
 CASES = [
-    # The default run keeps one case (it spawns processes: ~7-25 s); the rest are `slow`.
+    # The default run keeps one case (it spawns processes: ~7-25 s), the softcap-sink one below;
+    # the rest are `slow`.
     pytest.param(1, (16, 2, 2, 16, True, "contiguous", "fa2"), id="w1-causal", marks=pytest.mark.slow),
     pytest.param(2, (32, 4, 2, 16, False, "contiguous", "fa2"), id="w2-full-contig-gqa",
                  marks=pytest.mark.slow),
     pytest.param(2, (32, 4, 4, 16, True, "contiguous", "fa2"), id="w2-causal-contig", marks=pytest.mark.slow),
-    pytest.param(2, (32, 4, 1, 16, True, "zigzag", "fa2"), id="w2-causal-zigzag-mqa"),
+    pytest.param(2, (32, 4, 1, 16, True, "zigzag", "fa2"), id="w2-causal-zigzag-mqa", marks=pytest.mark.slow),
     pytest.param(4, (64, 2, 2, 16, True, "zigzag", "fa2"), id="w4-causal-zigzag", marks=pytest.mark.slow),
     pytest.param(4, (32, 2, 1, 16, False, "contiguous", "tiling"), id="w4-full-contig-tiling",
                  marks=pytest.mark.slow),

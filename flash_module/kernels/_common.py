@@ -408,41 +408,73 @@ def philox(seed, c0, c1, c2, c3):
 
 
 @triton.jit
-def _keep16(word, shift: tl.constexpr, thresh32):
-    """One 16-bit dropout decision of a random word: kept iff its bits [shift, shift + 16) are
-    >= thresh, compared as ``word << (16 - shift) >= thresh << 16`` (one or two ops: the bits
-    below the half only break ties that cannot change the answer); int8 0/1 for the join."""
-    if shift == 0:
-        word = word << 16
-    return (word >= thresh32).to(tl.int8)
+def _keep_bits(word, lane: tl.constexpr, thresh32):
+    """Lanes ``lane`` (the word's low half) and ``lane + 1`` (its high half) as keep bits at those
+    positions: a half is kept iff it is >= thresh, compared as ``half << 16 >= thresh << 16`` (the
+    bits below the half only break ties that cannot change the answer)."""
+    lo = ((word << 16) >= thresh32).to(tl.int32)
+    hi = (word >= thresh32).to(tl.int32)
+    return (lo << lane) | (hi << (lane + 1))
 
 
 @triton.jit
-def dropout_keep(seed, row_ids, start_n, thresh, BLOCK_N: tl.constexpr):
-    """Dropout's keep mask of a (rows, BLOCK_N) score tile: True where the probability of query
-    row ``row_ids`` (int64 counters unique per (batch, head, row), (M,)) and key ``start_n + j``
-    is kept.  Every pass (forward, dK/dV, dQ) regenerates the same mask from the same counters.
+def dropout_keep(seed, row0, M: tl.constexpr, start_n, thresh, BLOCK_N: tl.constexpr, TRANS: tl.constexpr = False):
+    """Dropout's keep mask of an (M, BLOCK_N) score tile (``TRANS``: of its transpose,
+    (BLOCK_N, M)): True where the probability of query row ``row0 + r`` and key ``start_n + j``
+    is kept.  Row counters (int64) are ``stream << 32 | i``: ``stream = b * H + h`` names the
+    (batch or varlen sequence, query head) and ``i`` is the row within that sequence
+    (:func:`drop_row_base`); ``row0`` (the tile's first row) and ``start_n`` are multiples of 16.  Every pass
+    (forward, dK/dV, dQ) regenerates the same mask; :func:`flash_module.reference.dropout_keep`
+    is the same function in PyTorch.
 
-    Key ``n`` is lane ``n % 8`` of the Philox counter ``(n // 8, row lo, row hi, 0)``: one call
-    gives four 32-bit words, i.e. eight 16-bit uniforms, and lane ``l`` uses half ``l % 2`` of
-    word ``l // 2``; kept iff that 16-bit value is ``>= thresh`` (``round(p * 65536)``: the keep
-    rate is exact to 2^-17).  ``start_n`` is a multiple of 8.
+    One Philox-4x32-7 call gives four 32-bit words, eight 16-bit uniforms; a probability is kept
+    iff its uniform is ``>= thresh`` (``round(p * 65536)``: the keep rate is exact to 2^-17).  The
+    call with counter ``(key quad, row pair, stream, 0)`` serves the eight (row, key) pairs
+    ``{i, i + 8} x {j, j + 1, j + 8, j + 9}`` (i % 16 < 8, j % 16 < 8, j even): row pair
+    ``(i // 16) * 8 + i % 8``, key quad ``(j // 16) * 4 + (j % 8) // 2``; row ``i + 8s`` and key
+    ``j + 8k + h`` read half ``h`` of word ``2s + k``.
+
+    Why this shape: it is the set of accumulator entries one thread holds in the tensor cores'
+    layout (rows r and r + 8, column pairs 8 apart), so each thread runs the calls for its own
+    entries, and the broadcasts and reshapes below put the bits in place without moving data
+    between threads.  Joining eight lanes per key group instead cost 48% of the forward at N=8k
+    (conversions between layouts); this form, 32% (``docs/performance.md``).
     """
-    G: tl.constexpr = BLOCK_N // 8
-    rid = row_ids.to(tl.int64)[:, None]
-    zero = tl.zeros([row_ids.shape[0], G], tl.uint32)
-    c0 = (start_n // 8 + tl.arange(0, G)).to(tl.uint32)[None, :] + zero  # (M, G): the 8-key group
-    c1 = (rid & 0xFFFFFFFF).to(tl.uint32) + zero
-    c2 = (rid >> 32).to(tl.uint32) + zero
+    A: tl.constexpr = M // 16
+    B: tl.constexpr = BLOCK_N // 16
+    row0 = tl.zeros([], tl.int64) + row0
+    stream = (row0 >> 32).to(tl.uint32)
+    pair = ((row0 & 0xFFFFFFFF) // 2 + tl.arange(0, A)[:, None] * 8 + tl.arange(0, 8)[None, :]).to(tl.uint32)  # (A, 8)
+    quad = ((start_n // 16 + tl.arange(0, B))[:, None] * 4 + tl.arange(0, 4)[None, :]).to(tl.uint32)  # (B, 4)
+    zero = tl.zeros([A, 8, B, 4], tl.uint32)
+    c0 = quad[None, None, :, :] + zero
+    c1 = pair[:, :, None, None] + zero
+    c2 = stream + zero
     w0, w1, w2, w3 = philox(seed, c0, c1, c2, zero)
     thresh = (tl.zeros([], tl.int32) + thresh).to(tl.uint32) << 16  # (an int arg of 1 arrives as a constexpr)
-    # join(a, b) appends an axis of 2; three joins give (M, G, 2, 2, 2), whose reshape puts
-    # leaf 4w + 2u + t at lane 4t + 2u + w: the leaves below land lane l on word l // 2, half l % 2.
-    lanes = tl.join(tl.join(tl.join(_keep16(w0, 0, thresh), _keep16(w2, 0, thresh)),
-                            tl.join(_keep16(w1, 0, thresh), _keep16(w3, 0, thresh))),
-                    tl.join(tl.join(_keep16(w0, 16, thresh), _keep16(w2, 16, thresh)),
-                            tl.join(_keep16(w1, 16, thresh), _keep16(w3, 16, thresh))))
-    return tl.reshape(lanes, [row_ids.shape[0], BLOCK_N]) != 0
+    # (A, 8, B, 4): bit 4s + 2k + h of a call = row i + 8s, key j + 8k + h
+    bits = _keep_bits(w0, 0, thresh) | _keep_bits(w1, 2, thresh) | _keep_bits(w2, 4, thresh) | _keep_bits(w3, 6, thresh)
+    s = tl.arange(0, 2)
+    k = tl.arange(0, 2)
+    h = tl.arange(0, 2)
+    if TRANS:  # axes (key block, k, quad, h, row block, s, row) -> (BLOCK_N, M)
+        b7 = tl.reshape(tl.permute(bits, (2, 3, 0, 1)), [B, 1, 4, 1, A, 1, 8])
+        shift = (s[None, None, None, None, None, :, None] * 4 + k[None, :, None, None, None, None, None] * 2
+                 + h[None, None, None, :, None, None, None])
+        keep = tl.reshape((b7 >> shift) & 1, [BLOCK_N, M])
+    else:  # axes (row block, s, row, key block, k, quad, h) -> (M, BLOCK_N)
+        b7 = tl.reshape(bits, [A, 1, 8, B, 1, 4, 1])
+        shift = (s[None, :, None, None, None, None, None] * 4 + k[None, None, None, None, :, None, None] * 2
+                 + h[None, None, None, None, None, None, :])
+        keep = tl.reshape((b7 >> shift) & 1, [M, BLOCK_N])
+    return keep != 0
+
+
+@triton.jit
+def drop_row_base(stream):
+    """Dropout's row counter of row 0 of ``stream = b * H + h`` (batch or varlen sequence b,
+    query head h): ``stream << 32`` (:func:`dropout_keep`)."""
+    return (tl.zeros([], tl.int64) + stream) << 32
 
 
 @triton.jit
@@ -536,7 +568,9 @@ def attend_block(
     # (a mask may hide whole rows in any block: then every block needs the -inf-safe update)
     p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED or MASK != 0)
     if DROPOUT:
-        p = tl.where(dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N), p, 0.0)
+        # (rows are one tile, consecutive: the reduction is loop-invariant, hoisted by the compiler)
+        keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], start_n, drop_thresh, BLOCK_N)
+        p = tl.where(keep, p, 0.0)
     acc = acc * alpha[:, None]
     v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
     acc = mma(p, v, acc)  # (BLOCK_M, BLOCK_D)
@@ -565,23 +599,33 @@ def attend_kv(
 
 
 @triton.jit
-def page_tile_ptrs(Cache_head, Pages, start_n, cols, stride_page, stride_s, num_pages, PAGE: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """Pointers to the (BLOCK_N, BLOCK_D) tile of keys ``cols`` (block ``start_n``, a multiple
-    of BLOCK_N) of a paged cache: key ``n`` is row ``n % PAGE`` of page ``Pages[n // PAGE]``
-    (clamped into the cache).  Pages of BLOCK_N keys or more hold whole blocks: one table entry
-    per block, and the tile is a plain strided one.  Smaller pages: each row finds its own page,
-    so a tile spans pages.  Either way the key blocks are those of a contiguous cache."""
-    BLOCK_N: tl.constexpr = cols.shape[0]
+def page_entries(Pages, start_n, n_table, num_pages, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The block-table entries of key block ``start_n`` (a multiple of BLOCK_N), clamped into the
+    cache: one page (a scalar) when pages hold whole blocks (PAGE >= BLOCK_N), else one per key
+    (BLOCK_N,).  Keys past the table (the last block of a full cache, masked by Sk) read its last
+    entry."""
     if PAGE >= BLOCK_N:
-        page = tl.load(Pages + start_n // PAGE)  # the block's one page
-        page = tl.minimum(tl.maximum(page, 0), num_pages - 1).to(tl.int64)
-        first = page * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_s
-        return tile_ptrs(Cache_head + first, 0, stride_s, BLOCK_N, BLOCK_D)
-    pages = tl.load(Pages + cols // PAGE)  # (BLOCK_N,): one table entry per PAGE keys
-    pages = tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
-    rows = pages * stride_page + (cols % PAGE).to(tl.int64) * stride_s
-    return Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
+        pages = tl.load(Pages + tl.minimum(start_n, n_table - 1) // PAGE)
+    else:
+        pages = tl.load(Pages + tl.minimum(start_n + tl.arange(0, BLOCK_N), n_table - 1) // PAGE)
+    return tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
+
+
+@triton.jit
+def page_tile_ptrs(Cache_head, pages, start_n, stride_page, stride_s, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Pointers to the (BLOCK_N, BLOCK_D) tile of key block ``start_n`` of a paged cache whose
+    table entries for it are ``pages`` (:func:`page_entries`): key ``n`` is row ``n % PAGE`` of
+    page ``Pages[n // PAGE]``.  Pages of BLOCK_N keys or more hold whole blocks: a plain strided
+    tile.  Smaller pages: each row finds its own page, so a tile spans pages.  Either way the key
+    blocks are those of a contiguous cache."""
+    if PAGE >= BLOCK_N:
+        first = pages * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_s
+        ptrs = tile_ptrs(Cache_head + first, 0, stride_s, BLOCK_N, BLOCK_D)
+    else:
+        rows = pages * stride_page + ((start_n + tl.arange(0, BLOCK_N)) % PAGE).to(tl.int64) * stride_s
+        ptrs = Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
+    return ptrs
 
 
 @triton.jit
@@ -600,15 +644,15 @@ def attend_keys(
     so a paged cache gives the contiguous result bit for bit."""
     BLOCK_D: tl.constexpr = q.shape[1]
     if PAGED:
-        offs_n = tl.arange(0, BLOCK_N)
+        # The table entries are read one block ahead (a loop-carried value): when a block's K/V
+        # addresses depend on a table read in the same iteration, the compiler pipelines the K/V
+        # loads only one block deep instead of num_stages - 1.
+        pages = page_entries(Pages, n_start, n_table, num_pages, PAGE, BLOCK_N)
         for start_n in range(n_start, n_end, BLOCK_N):
-            # Keys past the table (the last block of a full cache) are masked by Sk: point them
-            # at the table's last entry.
-            cols = tl.minimum(start_n + offs_n, n_table - 1)
-            k_ptrs = page_tile_ptrs(K_head, Pages, start_n, cols, stride_kpage, stride_ks, num_pages, PAGE,
-                                    BLOCK_D)
-            v_ptrs = page_tile_ptrs(V_head, Pages, start_n, cols, stride_vpage, stride_vs, num_pages, PAGE,
-                                    BLOCK_D)
+            cur = pages
+            pages = page_entries(Pages, start_n + BLOCK_N, n_table, num_pages, PAGE, BLOCK_N)
+            k_ptrs = page_tile_ptrs(K_head, cur, start_n, stride_kpage, stride_ks, PAGE, BLOCK_N, BLOCK_D)
+            v_ptrs = page_tile_ptrs(V_head, cur, start_n, stride_vpage, stride_vs, PAGE, BLOCK_N, BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk,
                                          causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
                                          drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL,
@@ -948,7 +992,7 @@ def dkdv_loop(
                 p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, IS_CAUSAL, win_l, win_r,
                                        WINDOW), p_t, 0.0)
         if DROPOUT:
-            keep_t = tl.trans(dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N))
+            keep_t = dropout_keep(drop_seed, drop_row0 + start_m, BLOCK_M, start_n, drop_thresh, BLOCK_N, True)  # (N, M)
             dv = mma(tl.where(keep_t, p_t, 0.0), do, dv)
         else:
             dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
@@ -990,7 +1034,7 @@ def dq_loop(
                          p, 0.0)
         dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
         if DROPOUT:
-            keep = dropout_keep(drop_seed, drop_row0 + rows, start_n, drop_thresh, BLOCK_N)
+            keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], start_n, drop_thresh, BLOCK_N)
             dp = tl.where(keep, scaled(dp, drop_scale, drop_scale_lo), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
@@ -1039,7 +1083,7 @@ def dkdv_block(
     group in registers (:func:`dkdv_head`), scale dK, store both.  ``*_seq`` point at the
     sequence's row 0 (Q/dO: of head 0; statistics: of head 0, (3, stats_len) per head);
     ``*_head`` at this K/V head's key 0; DK/DV rows are ``stride_dks`` apart.  Dropout's row
-    counters of query head h start at ``drop_row_b + h * drop_head_rows``."""
+    counters of query head h start at ``drop_row_b + h * drop_head_rows`` (:func:`drop_row_base`)."""
     cols = start_n + tl.arange(0, BLOCK_N)
     k = load_tile(tile_ptrs(K_head, start_n, stride_ks, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)
     v = load_tile(tile_ptrs(V_head, start_n, stride_vs, BLOCK_N, BLOCK_D), cols, Sk, HEAD_DIM, True)

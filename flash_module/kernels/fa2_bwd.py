@@ -27,6 +27,7 @@ from . import _common
 from ._common import (
     dkdv_block,
     dq_block,
+    drop_row_base,
     drop_seed_of,
     head_slope,
     program_bh,
@@ -57,7 +58,7 @@ def _bwd_dkdv_kernel(
         DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh, stats_len,
         H_KV * HEAD_DIM, off_hkv, GROUP, tl.program_id(0) * BLOCK_N, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo,
         cap2, cap2_lo, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
-        drop_seed_of(Rng, DROPOUT), off_b * H * Sq, Sq, drop_thresh, drop_scale, drop_scale_lo, Mask + off_b * stride_mb,
+        drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H), drop_row_base(1), drop_thresh, drop_scale, drop_scale_lo, Mask + off_b * stride_mb,
         stride_mh, stride_mi, stride_mj, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW,
         DROPOUT, MASK)
 
@@ -83,7 +84,7 @@ def _bwd_dq_kernel(
         V + off_b * stride_vb + off_hkv * stride_vh, DQ + (off_b * Sq * H + off_h) * HEAD_DIM,  # new contiguous
         stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset, win_l, win_r,
         qk_scale, qk_scale_lo, cap2, cap2_lo, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
-        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), (off_b * H + off_h) * Sq, drop_thresh,
+        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h), drop_thresh,
         Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo, HEAD_DIM,
         BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
 

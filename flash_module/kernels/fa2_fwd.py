@@ -23,6 +23,7 @@ from . import _common
 from ._common import (
     add_sink,
     attend_rows,
+    drop_row_base,
     drop_seed_of,
     head_slope,
     load_tile,
@@ -57,7 +58,7 @@ def _fa2_fwd_kernel(
 
     acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, win_l,
                                 win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, K, 0, 0, 0, 0,
-                                drop_seed_of(Rng, DROPOUT), (off_b * H + off_h) * Sq, drop_thresh,
+                                drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h), drop_thresh,
                                 Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, HEAD_DIM,
                                 BLOCK_N, IS_CAUSAL, ACC_DTYPE, False, 1, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
 

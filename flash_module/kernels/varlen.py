@@ -27,6 +27,7 @@ from ._common import (
     attend_rows,
     dkdv_block,
     dq_block,
+    drop_row_base,
     drop_seed_of,
     head_slope,
     load_tile,
@@ -144,7 +145,7 @@ def _varlen_fwd_kernel(
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
                                     win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
                                     BlockTable + b * stride_bt, stride_kpage, stride_vpage, num_pages, n_table,
-                                    drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh, Q, 0, 0, 0, 0,
+                                    drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h), drop_thresh, Q, 0, 0, 0, 0,
                                     HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT,
                                     0)
 
@@ -182,7 +183,7 @@ def _varlen_bwd_dkdv_kernel(
             DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
             stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, win_l, win_r, qk_scale,
             qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
-            drop_seed_of(Rng, DROPOUT), q_start, Tq, drop_thresh, drop_scale, drop_scale_lo, Q, 0, 0, 0, HEAD_DIM,
+            drop_seed_of(Rng, DROPOUT), drop_row_base(b * H_KV * GROUP), drop_row_base(1), drop_thresh, drop_scale, drop_scale_lo, Q, 0, 0, 0, HEAD_DIM,
             BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0)
 
 
@@ -209,7 +210,7 @@ def _varlen_bwd_dq_kernel(
             stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
             len_k - len_q, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo,
             head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo,
-            drop_seed_of(Rng, DROPOUT), off_h * Tq + q_start, drop_thresh, Q, 0, 0, 0, 0, drop_scale, drop_scale_lo,
+            drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h), drop_thresh, Q, 0, 0, 0, 0, drop_scale, drop_scale_lo,
             HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0)
 
 
@@ -238,7 +239,7 @@ def varlen_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen FA2 forward (``window_size`` per sequence, bottom-right aligned like causal;
     ``sink`` (H,) fp32 attention-sink logits; dropout as :func:`.fa2_fwd.fa2_forward`, the
-    row counters of head h and packed token t being ``h * Tq + t``).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
+    row counters of sequence b, head h, row i being ``(b * H + h) << 32 | i``).  q (Tq, H, D), k/v (Tk, H_kv, D) with a contiguous last dim;
     cu_seqlens_q/k (B + 1,) int32 on q's device; ``seqused_k`` (B,) int32 or None: sequence
     ``b`` uses only its first ``seqused_k[b]`` keys.  ``block_table`` (B, pages_per_seq) int32
     or None: k/v are a paged cache (num_pages, page, H_kv, D) and sequence ``b``'s keys are its
