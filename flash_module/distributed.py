@@ -20,7 +20,10 @@ Sharding layouts (``layout=``):
   chunks r and 2W-1-r, so every rank has the same amount of causal work.
 
 Causal masking is decided per (query chunk, key chunk) pair: a key chunk before the query
-chunk is fully visible, the same chunk is the causal diagonal, a later chunk is skipped.
+chunk is fully visible, the same chunk is the causal diagonal, a later chunk is skipped.  A
+sliding window and ALiBi measure distances in the global sequence: each pair's step passes the
+ops the key chunk's distance behind the query chunk (``shift``), and pairs the window leaves
+without a single visible key are skipped.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from torch import Tensor
 
 from . import ops, reference
 from ._runtime import acc_dtype, lse_dtype
-from .api import _check_qkv_bshd, _check_sink, _check_tensor, _check_variants
+from .api import _check_alibi, _check_qkv_bshd, _check_sink, _check_tensor, _check_variants
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -93,16 +96,23 @@ def _check_equal_shards(q: Tensor, k: Tensor, group) -> None:
         raise ValueError(f"ring_attention needs shards of one shape and dtype on every rank; got {shapes}")
 
 
-def _pairs(q_ids: list[int], k_ids: list[int], causal: bool):
-    """(qi, ki, causal_flag) for every pair of local query chunk i and visiting key chunk k that
-    contributes: all pairs without causal; with causal, key chunks before (full) or equal to
-    (diagonal, causal) the query chunk."""
+def _pairs(q_ids: list[int], k_ids: list[int], causal: bool, chunk: int = 1,
+           window: tuple[int, int] = (-1, -1)):
+    """(qi, ki, causal_flag, shift) for every pair of local query chunk i and visiting key chunk k
+    (``chunk`` tokens each) that contributes: all pairs without causal; with causal, key chunks
+    before (full) or equal to (diagonal, causal) the query chunk; with a window ``(left,
+    right)`` (right already 0 when causal), only pairs with a key inside some query's window.
+    ``shift``: how far the key chunk sits behind the query chunk, in tokens."""
+    left, right = window
     for i, qc in enumerate(q_ids):
         for j, kc in enumerate(k_ids):
-            if not causal or kc < qc:
-                yield i, j, False
-            elif kc == qc:
-                yield i, j, True
+            if causal and kc > qc:
+                continue
+            if left >= 0 and (kc + 1) * chunk - 1 < qc * chunk - left:  # every key left of every window
+                continue
+            if right >= 0 and kc * chunk > (qc + 1) * chunk - 1 + right:  # every key right of it
+                continue
+            yield i, j, causal and kc == qc, (qc - kc) * chunk
 
 
 def _ring_exchange(tensors: list[Tensor], group, rank: int, world: int):
@@ -123,7 +133,7 @@ def _wait(reqs) -> None:
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink):
+    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink, alibi_slopes, window):
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
         n = len(q_ids)
@@ -137,8 +147,9 @@ class _RingAttention(torch.autograd.Function):
             src = (rank - step) % world
             k_ids = _chunk_ids(src, world, layout)
             ks, vs = kv[0].chunk(n, dim=1), kv[1].chunk(n, dim=1)
-            for i, j, diag in _pairs(q_ids, k_ids, causal):
-                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0, impl, softcap)
+            for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
+                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0, impl, softcap,
+                                           alibi_slopes, *window, shift=shift)
                 if outs[i] is None:
                     outs[i], lses[i] = o, lse
                 else:
@@ -155,18 +166,19 @@ class _RingAttention(torch.autograd.Function):
         lse = torch.cat(lses, dim=2)
         if sink is not None:  # the sink joins each row's denominator once, after every key chunk
             out, lse = reference.add_sink(out, lse, sink.detach())
-        ctx.save_for_backward(q, k, v, out, lse, sink)
-        ctx.args = (scale, causal, layout, mode, impl, group, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes)
+        ctx.args = (scale, causal, layout, mode, impl, group, softcap, window)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sink = ctx.saved_tensors
-        scale, causal, layout, mode, impl, group, softcap = ctx.args
+        q, k, v, out, lse, sink, alibi_slopes = ctx.saved_tensors
+        scale, causal, layout, mode, impl, group, softcap, window = ctx.args
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
         n = len(q_ids)
         qs, dos = q.chunk(n, dim=1), dout.contiguous().chunk(n, dim=1)
+        sq = q.shape[1] // n
         os_, lses = out.chunk(n, dim=1), lse.chunk(n, dim=2)
         dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
         dqs = dq.chunk(n, dim=1)
@@ -182,9 +194,10 @@ class _RingAttention(torch.autograd.Function):
                 nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
             ks, vs = state[0].chunk(n, dim=1), state[1].chunk(n, dim=1)
             dks, dvs = state[2].chunk(n, dim=1), state[3].chunk(n, dim=1)
-            for i, j, diag in _pairs(q_ids, k_ids, causal):
+            for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
                 dqi, dkj, dvj = ops.attention_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
-                                                  None, scale, diag, True, mode, impl, softcap)
+                                                  None, scale, diag, True, mode, impl, softcap, alibi_slopes,
+                                                  *window, shift=shift)
                 dqs[i].add_(dqi)
                 dks[j].add_(dkj)
                 dvs[j].add_(dvj)
@@ -206,7 +219,7 @@ class _RingAttention(torch.autograd.Function):
         if sink is not None and ctx.needs_input_grad[10]:
             dsink = ops.sink_grad(sink, out, dout, lse, None)
         nones = (None,) * 7  # scale, causal, layout, mode, impl, group, softcap
-        return (dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), *nones, dsink)
+        return (dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), *nones, dsink, None, None)
 
 
 def ring_attention(
@@ -222,6 +235,8 @@ def ring_attention(
     impl: str = "auto",
     softcap: float = 0.0,
     learnable_sink: Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
+    alibi_slopes: Tensor | None = None,
 ) -> Tensor:
     """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
 
@@ -240,7 +255,12 @@ def ring_attention(
         learnable_sink: (nheads,) attention-sink logits as in :func:`flash_module.flash_attn_func`,
             joined once after all key chunks; its gradient on each rank covers that rank's query
             rows (sum it over the group, as data-parallel gradient reduction does).
-        (Sliding windows, ALiBi and dropout are not supported here yet.)
+        window_size: ``(left, right)`` sliding window over the *global* positions, -1 =
+            unbounded (causal forces right = 0), as in :func:`flash_module.flash_attn_func`; key
+            chunks wholly outside every query's window are skipped.
+        alibi_slopes: fp32 (nheads,) or (batch, nheads): bias ``-slope * |i - j|`` over global
+            positions (flash-attn's ALiBi with Sq == Sk).
+        (Dropout is not supported here yet.)
 
     Returns:
         (batch, seqlen_local, nheads, headdim): this rank's rows of the full attention output.
@@ -262,7 +282,11 @@ def ring_attention(
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
     _check_equal_shards(q, k, group)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    _check_variants(0.0, (-1, -1), softcap, None)
+    _check_variants(0.0, window_size, softcap, alibi_slopes)
     _check_sink(learnable_sink, q, q.shape[2])
+    _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
+    left, right = (int(w) for w in window_size)
+    # flash-attn: causal overrides the right bound; causal alone is no window (the pairs decide)
+    window = (-1, -1) if causal and left < 0 else (left, 0 if causal else right)
     return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group, float(softcap),
-                                learnable_sink)
+                                learnable_sink, alibi_slopes, window)

@@ -39,8 +39,8 @@ class FlashAttention(nn.Module):
         softcap: > 0 caps the scaled scores at ``softcap * tanh(s / softcap)`` (Gemma 2);
             0 (default) is off.  Also with context parallelism (every ring step).
         window_size: ``(left, right)`` sliding-window attention (Mistral, Gemma), -1 =
-            unbounded, aligned like ``causal`` (see :func:`flash_module.flash_attn_func`).  Not
-            with context parallelism yet.
+            unbounded, aligned like ``causal`` (see :func:`flash_module.flash_attn_func`); with
+            context parallelism over the global positions.
         context_parallel_group: a ``torch.distributed`` process group: the inputs are this
             rank's shards of a sequence split across the group, and attention runs as ring
             attention (:func:`flash_module.distributed.ring_attention`; causal is global).
@@ -70,10 +70,8 @@ class FlashAttention(nn.Module):
         mode, impl = ops.check_mode(mode, impl)
         _check_dropout(dropout)
         window_size = tuple(window_size)
-        for name, used in (("window_size", window_size != (-1, -1)), ("dropout", bool(dropout))):
-            if used and context_parallel_group is not None:
-                raise NotImplementedError(f"flash_module: {name} with context parallelism is not "
-                                          "supported yet")
+        if dropout and context_parallel_group is not None:
+            raise NotImplementedError("flash_module: dropout with context parallelism is not supported yet")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.causal = causal
@@ -97,7 +95,8 @@ class FlashAttention(nn.Module):
             to_bshd = (lambda t: t) if self.layout == "bshd" else (lambda t: t.transpose(1, 2))
             out = ring_attention(to_bshd(q), to_bshd(k), to_bshd(v), self.context_parallel_group,
                                  self.causal, self.softmax_scale, self.context_parallel_layout, self.mode,
-                                 impl=self.impl, softcap=self.softcap, learnable_sink=learnable_sink)
+                                 impl=self.impl, softcap=self.softcap, learnable_sink=learnable_sink,
+                                 window_size=self.window_size)
             return to_bshd(out)
         dropout_p = self.dropout if self.training else 0.0
         if self.layout == "bshd":

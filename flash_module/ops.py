@@ -24,7 +24,10 @@ Trailing arguments, all with defaults, carry the variants (:class:`AttentionArgs
 it), ``dropout_p`` and ``rng`` (the dropout seed, an int64 (1,) tensor the public functions draw
 from torch's generator; the backward gets the same seed and regenerates the mask) and
 ``attn_mask`` (SDPA's mask, 4-D and broadcastable to (B, H, Sq, Sk); its gradient, for a float
-mask that requires grad, comes from autograd's backward, not from ``attention_bwd``).
+mask that requires grad, comes from autograd's backward, not from ``attention_bwd``) and
+``shift`` (an int, default 0: query ``i``'s diagonal key moves from ``i + Sk - Sq`` / ``i`` to
+that plus ``shift``, and with it the causal mask, the window and ALiBi's distances; ring
+attention passes how far behind the query chunk the key chunk sits in the sequence).
 
 ``mode`` names the algorithm (:data:`MODES`): ``fa2`` (default), ``fa1`` (FA1's loop order,
 O/l/m in HBM) or ``tiling`` (split-KV: key chunks in parallel, merged like the tiling softmax).
@@ -74,7 +77,7 @@ class AttentionArgs:
 
     softmax_scale: float
     causal: bool
-    causal_offset: int  # query i sees key j <= i + causal_offset (Sk - Sq bottom-right, 0 top-left)
+    causal_offset: int  # query i sees key j <= i + causal_offset (Sk - Sq bottom-right, 0 top-left; + shift)
     num_splits: int = 0  # tiling: key chunks (0 = automatic)
     softcap: float = 0.0  # > 0: scores -> softcap * tanh(scores / softcap) (flash-attn's softcap)
     alibi_slopes: Tensor | None = None  # fp32 (H,) or (B, H): bias -slope * |i + Sk - Sq - j|
@@ -83,6 +86,7 @@ class AttentionArgs:
     dropout_p: float = 0.0  # probability of dropping each attention probability (Philox, in the kernels)
     rng: Tensor | None = None  # int64 (1,) seed of the dropout mask, drawn from torch's generator
     attn_mask: Tensor | None = None  # SDPA's mask: bool (True = attend) or additive float, 4-D, broadcastable
+    shift: int = 0  # the part of causal_offset beyond the alignment (ring attention's chunk distance)
 
     def dropout(self) -> reference.Dropout | None:
         """The PyTorch path's dropout (dense row counters), or None."""
@@ -90,8 +94,9 @@ class AttentionArgs:
 
     @property
     def bottom_right(self) -> bool:
-        """The PyTorch path's flag: its offset is Sk - Sq when set, else 0 (equal when Sq == Sk)."""
-        return self.causal_offset != 0
+        """The PyTorch path's flag: its offset is Sk - Sq when set, else 0 (equal when Sq == Sk),
+        plus ``shift``."""
+        return self.causal_offset - self.shift != 0
 
 
 @dataclass(frozen=True)
@@ -185,25 +190,26 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
                                  alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink,
-                                 dropout=a.dropout(), attn_mask=a.attn_mask)
+                                 dropout=a.dropout(), attn_mask=a.attn_mask, shift=a.shift)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
     _no_variants("fa1", a)
-    return reference.fa1_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right)
+    return reference.fa1_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, shift=a.shift)
 
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
     _fa2_only("tiling", a)
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
                                       softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
-                                      sink=a.sink)
+                                      sink=a.sink, shift=a.shift)
 
 
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
                                   dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes,
-                                  window_size=a.window, dropout=a.dropout(), attn_mask=a.attn_mask)
+                                  window_size=a.window, dropout=a.dropout(), attn_mask=a.attn_mask,
+                                  shift=a.shift)
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -289,15 +295,15 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
           window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
-          rng: Tensor | None = None, attn_mask: Tensor | None = None) -> AttentionArgs:
-    offset = k.shape[1] - q.shape[1] if bottom_right else 0
+          rng: Tensor | None = None, attn_mask: Tensor | None = None, shift: int = 0) -> AttentionArgs:
+    offset = (k.shape[1] - q.shape[1] if bottom_right else 0) + int(shift)
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
                          alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng,
-                         attn_mask)
+                         attn_mask, int(shift))
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
-                      window: tuple[int, int] = (-1, -1)) -> Tensor:
+                      window: tuple[int, int] = (-1, -1), shift: int = 0) -> Tensor:
     """The (B, H, Sq) LSE when there is nothing to compute: -inf without keys; with head dim 0
     every score is 0, so the LSE is log(number of visible keys) (shapes only, no sync)."""
     b, sq, h, d = q.shape
@@ -307,7 +313,7 @@ def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
         return torch.full((b, h, sq), float("-inf"), dtype=acc, device=q.device)
     left, right = window
     right = 0 if causal else right
-    diag = torch.arange(sq, device=q.device, dtype=acc) + (sk - sq if bottom_right else 0)
+    diag = torch.arange(sq, device=q.device, dtype=acc) + (sk - sq if bottom_right else 0) + shift
     first = (diag - left).clamp(min=0) if left >= 0 else torch.zeros_like(diag)
     end = (diag + right + 1).clamp(max=sk) if right >= 0 else torch.full_like(diag, sk)
     seen = (end - first).clamp(min=0)
@@ -419,6 +425,7 @@ def attention_fwd(
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    shift: int = 0,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     _check_rng(dropout_p, rng)
@@ -426,7 +433,7 @@ def attention_fwd(
     window = (window_left, window_right)
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
         out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
-        lse = _lse_without_work(q, k, causal, bottom_right, window)
+        lse = _lse_without_work(q, k, causal, bottom_right, window, shift)
         if attn_mask is not None and k.shape[1]:  # head dim 0: scores 0, the mask alone decides
             mask = reference.additive_mask(attn_mask, lse.dtype).expand(b, h, sq, k.shape[1])
             lse = torch.logsumexp(mask, -1)
@@ -436,7 +443,7 @@ def attention_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window,
-                     sink, dropout_p, rng, attn_mask)
+                     sink, dropout_p, rng, attn_mask, shift)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
@@ -444,7 +451,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
                         softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None,
-                        dropout_p=0.0, rng=None, attn_mask=None):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d))
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -472,6 +479,7 @@ def attention_bwd(
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    shift: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     fn = _implementation(mode, impl, q).backward
     _check_rng(dropout_p, rng)
@@ -482,7 +490,8 @@ def attention_bwd(
     dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
-                     window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask)
+                     window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask,
+                     shift=shift)
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
@@ -490,19 +499,20 @@ def attention_bwd(
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
                         impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1,
-                        dropout_p=0.0, rng=None, attn_mask=None):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right, sink, dropout_p, rng, attn_mask) = inputs
+     window_left, window_right, sink, dropout_p, rng, attn_mask, shift) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask)
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.window = (window_left, window_right)
     ctx.dropout_p = dropout_p
+    ctx.shift = shift
     # (needs_input_grad covers only the arguments the caller passed: ask the sink itself)
     ctx.sink_grad = sink is not None and sink.requires_grad
     ctx.set_materialize_grads(False)  # dlse stays None unless the caller used lse
@@ -513,11 +523,12 @@ def _fwd_backward(ctx, dout, dlse):
     if dout is None:
         dout = torch.zeros_like(out)
     dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
-                               ctx.dropout_p, rng, attn_mask)
+                               ctx.dropout_p, rng, attn_mask, ctx.shift)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
     dmask = (_mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask) if ctx.mask_grad
              else None)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask
+    return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask,
+            None)
 
 
 def _mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask) -> Tensor:
@@ -528,7 +539,8 @@ def _mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask)
     dropout = reference.Dropout(ctx.dropout_p, rng) if ctx.dropout_p else None
     return reference.fa2_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right, dlse=dlse,
                                   softcap=softcap, alibi_slopes=alibi_slopes, window_size=ctx.window,
-                                  dropout=dropout, attn_mask=attn_mask.detach(), mask_grad=True)[3]
+                                  dropout=dropout, attn_mask=attn_mask.detach(), mask_grad=True,
+                                  shift=ctx.shift)[3]
 
 
 def _check_rng(dropout_p: float, rng: Tensor | None) -> None:

@@ -10,7 +10,10 @@ Everything here works on the *bshd* layout used by the ops:
 
 Causal masking has two alignments.  With ``bottom_right=True`` (flash-attn) query ``i`` sees
 keys ``j <= i + Sk - Sq``; with ``bottom_right=False`` (torch SDPA) it sees ``j <= i``.  A query
-row that sees no key at all gets output 0 and LSE ``-inf`` (and zero gradients).
+row that sees no key at all gets output 0 and LSE ``-inf`` (and zero gradients).  The blocked
+algorithms also take a ``shift`` that moves that diagonal (and the window and ALiBi distances
+measured from it) by a further ``shift`` keys: ring attention's steps, whose key chunk sits
+``shift`` positions behind the query chunk in the sequence.
 
 The blocked algorithms (:func:`fa1_forward`, :func:`fa2_forward`, :func:`fa2_backward`) follow
 the papers' loops literally, but every loop that the GPU runs *in parallel* (the Q blocks of FA2,
@@ -396,9 +399,10 @@ def _blocks(x: torch.Tensor, block: int, value: float = 0.0) -> torch.Tensor:
     return x.view(b, n, block, h, d).permute(0, 3, 1, 2, 4)
 
 
-def _causal_offset(sq: int, sk: int, bottom_right: bool) -> int:
-    """Query ``i`` sees key ``j <= i + offset``: Sk - Sq bottom-right (flash-attn), 0 top-left."""
-    return (sk - sq) if bottom_right else 0
+def _causal_offset(sq: int, sk: int, bottom_right: bool, shift: int = 0) -> int:
+    """Query ``i`` sees key ``j <= i + offset``: Sk - Sq bottom-right (flash-attn), 0 top-left,
+    plus ``shift`` (ring attention: the key chunk's distance behind the query chunk)."""
+    return ((sk - sq) if bottom_right else 0) + shift
 
 
 def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: bool,
@@ -474,6 +478,7 @@ def fa1_forward(
     bottom_right: bool = True,
     block_m: int = 64,
     block_n: int = 64,
+    shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v1 (Algorithm 1 of the FA1 paper). Returns ``(out, lse)``.
 
@@ -487,7 +492,7 @@ def fa1_forward(
         O_i  = (l_i exp(m_i - m_new) O_i + exp(m_ij - m_new) P_ij V_j) / l_new
     """
     sq, sk = q.shape[1], k.shape[1]
-    offset = _causal_offset(sq, sk, bottom_right)
+    offset = _causal_offset(sq, sk, bottom_right, shift)
     # O, l, m: full-size tensors, i.e. "in HBM", read and written back for every K/V block.
     scale, qb, kb, vb, o, l, m = _tiled_start(q, k, v, softmax_scale, block_m, block_n)
     for j in range(kb.shape[2]):  # outer loop: K/V blocks
@@ -522,6 +527,7 @@ def fa2_forward(
     sink: torch.Tensor | None = None,
     dropout: Dropout | None = None,
     attn_mask: torch.Tensor | None = None,
+    shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
 
@@ -535,8 +541,9 @@ def fa2_forward(
     With ``dropout`` the dropped entries of P_j leave ``acc`` (not ``l``) and O is rescaled by
     1 / (1 - p): the kernels' mask (:func:`dropout_keep`), bit for bit.
     """
-    out, lse = _fa2_loop(q, k, v, softmax_scale, causal, _causal_offset(q.shape[1], k.shape[1], bottom_right),
-                         block_m, block_n, softcap, alibi_slopes, window_size, dropout, attn_mask)
+    offset = _causal_offset(q.shape[1], k.shape[1], bottom_right, shift)
+    out, lse = _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m, block_n, softcap, alibi_slopes,
+                         window_size, dropout, attn_mask)
     out, lse = add_sink(out, lse, sink)
     return out.to(q.dtype), lse
 
@@ -600,6 +607,7 @@ def fa2_backward(
     dropout: Dropout | None = None,
     attn_mask: torch.Tensor | None = None,
     mask_grad: bool = False,
+    shift: int = 0,
 ) -> tuple[torch.Tensor, ...]:
     """FlashAttention v2 backward from the saved ``(out, lse)``. Returns ``(dq, dk, dv)``, and
     with ``mask_grad`` also the gradient of the (float) ``attn_mask``, shaped like it: dS
@@ -634,7 +642,7 @@ def fa2_backward(
     dmask = torch.zeros(attn_mask.shape, dtype=acc, device=q.device) if mask_grad else None
     dk = torch.empty_like(kf)
     dv = torch.empty_like(vf)
-    offset = _causal_offset(sq, sk, bottom_right)
+    offset = _causal_offset(sq, sk, bottom_right, shift)
     rows = torch.arange(sq, device=q.device)[:, None]
     if dropout is not None:
         drop_rows = dropout.row_ids(b, h, sq, q.device)  # (B, H, Sq, 1)
@@ -719,6 +727,7 @@ def split_kv_forward(
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
     sink: torch.Tensor | None = None,
+    shift: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
 
@@ -727,7 +736,7 @@ def split_kv_forward(
     """
     sq, sk = q.shape[1], k.shape[1]
     chunk = math.ceil(sk / max(1, min(num_splits, sk)))
-    offset = _causal_offset(sq, sk, bottom_right)
+    offset = _causal_offset(sq, sk, bottom_right, shift)
     out, lse = None, None
     for start in range(0, sk, chunk):
         kc, vc = k[:, start:start + chunk], v[:, start:start + chunk]

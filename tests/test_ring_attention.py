@@ -64,9 +64,12 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         seq, h, h_kv, d, causal, layout, mode, *rest = case
         dtype = rest[0] if rest else torch.float32
         storage = rest[1] if len(rest) > 1 else "bshd"  # "bhsd": non-contiguous (B, S, H, D) views
-        variants = rest[2] if len(rest) > 2 else {}  # softcap / sinks
+        variants = rest[2] if len(rest) > 2 else {}  # softcap / sinks / window / ALiBi
         softcap = variants.get("softcap", 0.0)
         sink = torch.linspace(-1.0, 1.0, h, device=device) if variants.get("sink") else None
+        window = variants.get("window", (-1, -1))
+        slopes = (torch.tensor([2.0 ** (-(i + 1)) for i in range(h)], device=device) if variants.get("alibi")
+                  else None)
         q, k, v, dout = (t.to(device) for t in _full_inputs(seq, h, h_kv, d, dtype))
         shard = lambda t: shard_sequence(t, rank, world, layout)  # noqa: E731
         if storage == "bhsd":
@@ -76,7 +79,7 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
             ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
         sl = sink.clone().requires_grad_() if sink is not None else None
         out = ring_attention(ql, kl, vl, causal=causal, layout=layout, mode=mode, softcap=softcap,
-                             learnable_sink=sl)
+                             learnable_sink=sl, window_size=window, alibi_slopes=slopes)
         inputs = (ql, kl, vl, sl) if sink is not None else (ql, kl, vl)
         ours = [out, *torch.autograd.grad(out, inputs, shard(dout))]
         if sink is not None:  # each rank's dsink covers its rows: the group's sum is the full gradient
@@ -86,7 +89,7 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
             qf, kf, vf = (t.to(ref_dtype).requires_grad_() for t in (q, k, v))
             sf = sink.clone().requires_grad_() if sink is not None else None
             ref = fm.flash_attn_func(qf, kf, vf, causal=causal, impl="torch", softcap=softcap,
-                                     learnable_sink=sf)
+                                     learnable_sink=sf, window_size=window, alibi_slopes=slopes)
             inputs = (qf, kf, vf, sf) if sink is not None else (qf, kf, vf)
             return [ref, *torch.autograd.grad(ref, inputs, dout.to(ref_dtype))]
 
@@ -130,6 +133,15 @@ CASES = [
                      dict(softcap=3.0, sink=True)), id="w2-causal-zigzag-softcap-sink"),
     pytest.param(4, (32, 2, 2, 16, False, "contiguous", "tiling", torch.float32, "bshd", dict(sink=True)),
                  id="w4-full-tiling-sink", marks=pytest.mark.slow),
+    # a window narrower than a chunk (zigzag: 4 chunks of 8 per rank pair): whole key chunks
+    # skipped, rows of a step with no visible key; ALiBi over global distances
+    pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.float32, "bshd",
+                     dict(window=(5, 0), alibi=True)), id="w2-causal-zigzag-window-alibi"),
+    pytest.param(4, (32, 2, 1, 16, False, "contiguous", "fa2", torch.float32, "bshd",
+                     dict(window=(3, 9))), id="w4-full-window", marks=pytest.mark.slow),
+    pytest.param(2, (32, 2, 2, 16, False, "zigzag", "tiling", torch.float32, "bshd",
+                     dict(window=(20, -1), alibi=True, sink=True)),
+                 id="w2-full-zigzag-tiling-window-alibi-sink", marks=pytest.mark.slow),
 ]
 
 
@@ -246,8 +258,9 @@ def _module_worker(rank, world, port, layout, errors):
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     try:
         torch.manual_seed(3)
-        full = fm.MultiheadFlashAttention(32, 4, 2, causal=True, rotary=True)
-        cp = fm.MultiheadFlashAttention(32, 4, 2, causal=True, rotary=True,
+        window = (5, 0) if layout == "zigzag" else (-1, -1)  # zigzag: a window over global positions
+        full = fm.MultiheadFlashAttention(32, 4, 2, causal=True, rotary=True, window_size=window)
+        cp = fm.MultiheadFlashAttention(32, 4, 2, causal=True, rotary=True, window_size=window,
                                         context_parallel_group=dist.group.WORLD,
                                         context_parallel_layout=layout)
         cp.load_state_dict(full.state_dict())
@@ -271,7 +284,8 @@ def _module_worker(rank, world, port, layout, errors):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 def test_module_context_parallel(layout):
-    """MultiheadFlashAttention(context_parallel_group=...) with RoPE on global positions."""
+    """MultiheadFlashAttention(context_parallel_group=...) with RoPE on global positions (and,
+    zigzag, a sliding window)."""
     errors = mp.get_context("spawn").Manager().list([float("nan")] * 2)
     mp.spawn(_module_worker, args=(2, _free_port(), layout, errors), nprocs=2, join=True)
     assert all(e < 1e-4 for e in errors), list(errors)

@@ -202,3 +202,31 @@ def test_window_opcheck_and_compile(device):
         return fm.flash_attn_func(q, k, v, causal=True, window_size=(20, 0))
 
     assert_compiles_like_eager(f, q, k, v)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("causal, window, alibi", [
+    pytest.param(True, (-1, -1), False, id="causal"),
+    pytest.param(True, (9, -1), True, id="causal-window9-alibi"),
+    pytest.param(False, (4, 6), False, id="window4-6"),
+])
+def test_shift_moves_the_diagonal(impl, causal, window, alibi, device):
+    """The ops' ``shift`` (ring attention's chunk distance): query i's diagonal key moves to
+    i + shift, with the causal mask, the window and ALiBi's distances.  Equal to the same
+    attention with ``shift`` unseen query rows in front (top-left alignment), whose last Sq
+    rows are ours."""
+    b, sq, sk, h, d, shift = 1, 19, 90, 2, 16, 70
+    q, k, v = make_qkv(b, sq, sk, h, h, d, torch.float32, device)
+    dout = torch.randn(b, sq, h, d, device=device)
+    slopes = torch.tensor([0.25, 0.5], device=device) if alibi else None
+    variants = (0.0, slopes, *window)  # softcap, alibi_slopes, window_left, window_right
+    out, lse = ops.attention_fwd(q, k, v, 0.3, causal, False, "fa2", 0, impl, *variants, shift=shift)
+    dq, dk, dv = ops.attention_bwd(dout, q, k, v, out, lse, None, 0.3, causal, False, "fa2", impl, *variants,
+                                   shift=shift)
+    pad = torch.randn(b, shift, h, d, device=device)
+    qp, kp, vp = (t.double().requires_grad_() for t in (torch.cat([pad, q], 1), k, v))
+    ref, ref_lse = attention_ref(qp, kp, vp, 0.3, causal, False, alibi_slopes=slopes, window_size=window)
+    grads = torch.autograd.grad(ref, (qp, kp, vp), torch.cat([torch.zeros_like(pad), dout], 1).double())
+    for ours, theirs in ((out, ref[:, shift:]), (lse, ref_lse[:, :, shift:]), (dq, grads[0][:, shift:]),
+                         (dk, grads[1]), (dv, grads[2])):
+        torch.testing.assert_close(ours.double(), theirs, atol=2e-5, rtol=1e-4)
