@@ -62,7 +62,8 @@ from . import reference
 from ._runtime import device_guard, interpreting, lse_dtype, use_triton
 
 __all__ = ["ALGORITHMS", "IMPLS", "MODES", "VARLEN_ALGORITHMS", "AttentionArgs", "Implementation",
-           "VarlenImplementation", "attention_bwd", "attention_fwd", "check_mode", "check_varlen_mode",
+           "VarlenImplementation", "attention_bwd", "attention_bwd_mask", "attention_fwd", "check_mode",
+           "check_varlen_mode",
            "interpreting", "kvcache_append", "kvcache_fwd", "merge_attention_states", "resolve_impl",
            "routes_to_split_kv", "varlen_bwd", "varlen_fwd"]
 
@@ -503,6 +504,75 @@ def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bo
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
+@_op("attention_bwd_mask")
+def attention_bwd_mask(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    dlse: Tensor | None,
+    attn_mask: Tensor,
+    softmax_scale: float,
+    causal: bool,
+    bottom_right: bool,
+    mode: str,
+    impl: str = "auto",
+    softcap: float = 0.0,
+    alibi_slopes: Tensor | None = None,
+    window_left: int = -1,
+    window_right: int = -1,
+    dropout_p: float = 0.0,
+    rng: Tensor | None = None,
+    shift: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`attention_bwd` for a float ``attn_mask`` that requires grad: also returns the mask's
+    gradient, shaped and typed like the mask (dS w.r.t. the scaled scores, summed over the dims
+    it broadcasts).  The Triton path adds it up in the dQ kernel (atomics where the mask
+    broadcasts, so those sums are not bitwise reproducible: under
+    ``torch.use_deterministic_algorithms(True)`` such masks take the PyTorch path)."""
+    check_mode(mode, impl)
+    _check_rng(dropout_p, rng)
+    if q.numel() == 0 or k.numel() == 0:
+        grads = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+        return (*grads, torch.zeros_like(attn_mask, memory_format=torch.contiguous_format))
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
+    a = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
+              window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask,
+              shift=shift)
+    if mode != "fa2":
+        raise NotImplementedError(f"mode={mode!r} does not support attn_mask (use mode='fa2')")
+    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (B, H, Sq, Sk)
+    broadcast = any(m == 1 < n for m, n in zip(attn_mask.shape, shape))
+    kernels = resolve_impl(q, impl) == "triton" and not (
+        broadcast and torch.are_deterministic_algorithms_enabled())
+    with device_guard(q):
+        if kernels:
+            from .kernels.fa2_bwd import fa2_backward
+
+            dq, dk, dv, dmask = fa2_backward(
+                dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
+                alibi_slopes=a.alibi_slopes, window_size=a.window, dropout_p=a.dropout_p, rng=a.rng,
+                attn_mask=attn_mask, mask_grad=True)
+        else:
+            dq, dk, dv, dmask = reference.fa2_backward(
+                dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right, dlse=dlse,
+                softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window, dropout=a.dropout(),
+                attn_mask=attn_mask, mask_grad=True, shift=a.shift)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.to(attn_mask.dtype).contiguous()
+
+
+@attention_bwd_mask.register_fake
+def _attention_bwd_mask_fake(dout, q, k, v, out, lse, dlse, attn_mask, softmax_scale, causal, bottom_right,
+                             mode, impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1,
+                             window_right=-1, dropout_p=0.0, rng=None, shift=0):
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            attn_mask.new_empty(attn_mask.shape))
+
+
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
      window_left, window_right, sink, dropout_p, rng, attn_mask, shift) = inputs
@@ -522,25 +592,16 @@ def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
-                               ctx.dropout_p, rng, attn_mask, ctx.shift)
+    dmask = None
+    if ctx.mask_grad:  # one backward that also sums dS into the mask's gradient
+        dq, dk, dv, dmask = attention_bwd_mask(dout, q, k, v, out, lse, dlse, attn_mask.detach(), *ctx.args,
+                                               alibi_slopes, *ctx.window, ctx.dropout_p, rng, ctx.shift)
+    else:
+        dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
+                                   ctx.dropout_p, rng, attn_mask, ctx.shift)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
-    dmask = (_mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask) if ctx.mask_grad
-             else None)
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask,
             None)
-
-
-def _mask_grad(ctx, dout, q, k, v, out, lse, dlse, alibi_slopes, rng, attn_mask) -> Tensor:
-    """The gradient of a float ``attn_mask`` that requires grad: dS (w.r.t. the scaled scores),
-    summed over the dims the mask broadcasts.  It runs the PyTorch path's blocked backward
-    (torch ops, O(Sq * block) memory beyond the mask-sized result; a kernel is future work)."""
-    softmax_scale, causal, bottom_right, _mode, _impl, softcap = ctx.args
-    dropout = reference.Dropout(ctx.dropout_p, rng) if ctx.dropout_p else None
-    return reference.fa2_backward(dout, q, k, v, out, lse, softmax_scale, causal, bottom_right, dlse=dlse,
-                                  softcap=softcap, alibi_slopes=alibi_slopes, window_size=ctx.window,
-                                  dropout=dropout, attn_mask=attn_mask.detach(), mask_grad=True,
-                                  shift=ctx.shift)[3]
 
 
 def _check_rng(dropout_p: float, rng: Tensor | None) -> None:
@@ -564,6 +625,8 @@ def _bwd_setup_context(ctx, inputs, output) -> None:
 torch.library.register_autograd("flash_module::attention_fwd", _fwd_backward,
                                 setup_context=_fwd_setup_context)
 torch.library.register_autograd("flash_module::attention_bwd", _no_double_backward,
+                                setup_context=_bwd_setup_context)
+torch.library.register_autograd("flash_module::attention_bwd_mask", _no_double_backward,
                                 setup_context=_bwd_setup_context)
 
 

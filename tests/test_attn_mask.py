@@ -77,9 +77,13 @@ def test_mask_matches_oracle(b, sq, sk, h, h_kv, d, kind, shape, dtype, impl, de
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [pytest.param((1, 2, 29, 41), id="per-head"),
                                    pytest.param((29, 41), id="2d-broadcast"),
-                                   pytest.param((2, 1, 1, 41), id="key-padding")])
+                                   pytest.param((2, 1, 1, 41), id="key-padding"),
+                                   pytest.param((2, 2, 29, 41), id="full"),
+                                   pytest.param((2, 1, 29, 1), id="per-query"),
+                                   pytest.param((1, 1, 1, 1), id="scalar")])
 def test_float_mask_gradient(shape, impl, device):
-    """A float mask that requires grad gets dS, summed over the dims it broadcasts."""
+    """A float mask that requires grad gets dS, summed over the dims it broadcasts (the kernels
+    add it up in the dQ pass: every broadcast kind of ``_common.mask_grad_add``)."""
     q, k, v = make_qkv(2, 29, 41, 2, 2, 16, torch.float32, device)
     mask = _mask("float", shape, device, requires_grad=True)
     out = _sdpa(q, k, v, mask, impl)
@@ -162,6 +166,11 @@ def test_mask_opcheck_and_compile(device):
     for mask in (_mask("bool", (1, 1, 19, 33), device), _mask("float", (1, 2, 19, 33), device, True)):
         args = (q, k, v, 0.25, False, False, "fa2", 0, "auto", 0.0, None, -1, -1, None, 0.0, None, mask)
         torch.library.opcheck(ops.attention_fwd, args)
+    qd, kd, vd, md = (t.detach() for t in (q, k, v, mask))  # (the backward op has no derivative)
+    out, lse = ops.attention_fwd(qd, kd, vd, 0.25, False, False, "fa2", 0, "auto", 0.0, None, -1, -1, None,
+                                 0.0, None, md)
+    bwd_args = (torch.randn_like(out), qd, kd, vd, out, lse, None, md, 0.25, False, False, "fa2")
+    torch.library.opcheck(ops.attention_bwd_mask, bwd_args)
     mask = _mask("float", (19, 33), device)
 
     def f(q, k, v):

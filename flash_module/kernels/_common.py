@@ -378,6 +378,28 @@ def attn_mask(s, Mask_bh, stride_mi, stride_mj, rows, cols, n_rows, n_cols, MASK
         return s + tl.load(ptrs, mask=ok, other=0.0).to(s.dtype) * tl.full([], LOG2E_C, s.dtype)
 
 
+@triton.jit
+def mask_grad_add(ds, DMask_bh, stride_dmi, stride_dmj, rows, cols, n_rows, n_cols, MASK_GRAD: tl.constexpr):
+    """Add a (BLOCK_M, BLOCK_N) tile of dS (the gradient w.r.t. the scaled scores, which is the
+    additive mask's own gradient) to the mask's gradient at ``DMask_bh``: the fp32/fp64 buffer of
+    the mask's shape, this (batch, head)'s slice (stride 0 over the batch / head dims the mask
+    broadcasts).  ``MASK_GRAD`` 1: one entry per (row, key); 2: the mask broadcasts over rows,
+    so the tile's rows are summed first; 3: over keys (the keys are summed); 4: both; 0: off.
+    Atomic adds: several programs meet in one entry exactly where the mask broadcasts."""
+    if MASK_GRAD != 0:
+        ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        g = tl.where(ok, ds, 0.0)
+        if MASK_GRAD == 1:
+            ptrs = DMask_bh + rows.to(tl.int64)[:, None] * stride_dmi + cols.to(tl.int64)[None, :] * stride_dmj
+            tl.atomic_add(ptrs, g, mask=ok)
+        elif MASK_GRAD == 2:
+            tl.atomic_add(DMask_bh + cols.to(tl.int64) * stride_dmj, tl.sum(g, 0), mask=cols < n_cols)
+        elif MASK_GRAD == 3:
+            tl.atomic_add(DMask_bh + rows.to(tl.int64) * stride_dmi, tl.sum(g, 1), mask=rows < n_rows)
+        else:
+            tl.atomic_add(DMask_bh, tl.sum(tl.sum(g, 1), 0))
+
+
 # Philox-4x32 constants (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", 2011).
 PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
@@ -1013,11 +1035,13 @@ def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    DMask_bh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr, MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
 ):
     """Fold key blocks [n_start, n_end) into the dQ of the query rows ``rows`` (dropout as
-    :func:`dkdv_loop`).
+    :func:`dkdv_loop`; with ``MASK_GRAD`` also add dS to the float mask's gradient,
+    :func:`mask_grad_add`).
     ``k_ptrs``/``v_ptrs`` point at the (BLOCK_N, BLOCK_D) tile of key ``n_start``."""
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
     offs_n = tl.arange(0, BLOCK_N)
@@ -1037,6 +1061,7 @@ def dq_loop(
             keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], start_n, drop_thresh, BLOCK_N)
             dp = tl.where(keep, scaled(dp, drop_scale, drop_scale_lo), 0.0)
         ds = p * (dp - delta[:, None])
+        mask_grad_add(ds, DMask_bh, stride_dmi, stride_dmj, rows, cols, mask_rows, mask_cols, MASK_GRAD)
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
             ds = ds * (1.0 - t * t)
         dq = mma(ds, k, dq)  # (BLOCK_M, BLOCK_D)
@@ -1110,8 +1135,9 @@ def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
     rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
     drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    DMask_bh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
-    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
+    ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
 ):
     """A query block's dQ over :func:`kv_range`'s ranges: keys [n0, n1) masked (window only),
     [n1, n2) without masks, then [n2, n3) masked.  ``K_head``/``V_head`` point at the head's key 0."""
@@ -1123,7 +1149,8 @@ def dq_rows(
                          tile_ptrs(V_head, a, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                          rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
                          drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
-                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
+                         DMask_bh, stride_dmi, stride_dmj,
+                         HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK, MASK_GRAD)
     return dq
 
 
@@ -1132,9 +1159,10 @@ def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
     stride_dqs, start_m, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
     drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    DMask_bh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    DROPOUT: tl.constexpr, MASK: tl.constexpr,
+    DROPOUT: tl.constexpr, MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
 ):
     """A query block's whole dQ (dense and varlen kernels): load Q, dO and the rows' statistics,
     :func:`dq_rows`, scale, store.  ``*_head`` point at the head's row 0 / key 0; DQ rows are
@@ -1147,7 +1175,8 @@ def dq_block(
     n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
                  rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                 drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_N, IS_CAUSAL,
-                 SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
+                 drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+                 DMask_bh, stride_dmi, stride_dmj, HEAD_DIM, BLOCK_N, IS_CAUSAL,
+                 SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK, MASK_GRAD)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     store_tile(tile_ptrs(DQ_head, start_m, stride_dqs, BLOCK_M, BLOCK_D), dq, rows, Sq, HEAD_DIM)

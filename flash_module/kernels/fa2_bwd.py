@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import cdiv
+from .._runtime import acc_dtype, cdiv
 from ..configs import KernelConfig, bwd_configs
 from . import _common
 from ._common import (
@@ -70,10 +70,10 @@ def _bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh,
     H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
     sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
-    Mask, stride_mb, stride_mh, stride_mi, stride_mj,
+    Mask, stride_mb, stride_mh, stride_mi, stride_mj, DMask, stride_dmb, stride_dmh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
+    WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
 ):
     off_b, off_h = program_bh(H)
     off_hkv = off_h // GROUP
@@ -85,8 +85,9 @@ def _bwd_dq_kernel(
         stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset, win_l, win_r,
         qk_scale, qk_scale_lo, cap2, cap2_lo, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
         sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h), drop_thresh,
-        Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo, HEAD_DIM,
-        BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
+        Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo,
+        DMask + off_b * stride_dmb + off_h * stride_dmh, stride_dmi, stride_dmj, HEAD_DIM,
+        BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK, MASK_GRAD)
 
 
 def fa2_backward(
@@ -107,12 +108,17 @@ def fa2_backward(
     dropout_p: float = 0.0,
     rng: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask_grad: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Launch the FA2 backward. Shapes as :func:`.fa2_fwd.fa2_forward`; ``dout`` like ``out``;
     ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p``, ``rng`` and ``attn_mask`` as
     the forward had them (the same seed regenerates the same dropout mask).
 
-    Returns ``dq`` (B, Sq, H, D), ``dk``/``dv`` (B, Sk, H_kv, D), all contiguous.
+    Returns ``dq`` (B, Sq, H, D), ``dk``/``dv`` (B, Sk, H_kv, D), all contiguous; with
+    ``mask_grad`` (a float ``attn_mask``) also the mask's gradient, shaped like the mask and in
+    the accumulator dtype: dS summed over the dims the mask broadcasts, added up by the dQ
+    kernel (:func:`._common.mask_grad_add`; atomics, so a broadcast mask's sums are not
+    bitwise reproducible).
     """
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
@@ -135,9 +141,28 @@ def fa2_backward(
         BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
     )
+    dmask, dmask_args = _mask_grad_args(attn_mask if mask_grad else None, (b, h, sq, sk), q)
     _bwd_dq_kernel[(cdiv(sq, dq_cfg.block_m), b * h)](
         q, k, v, dout, stats, dq, *args, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
-        BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+        *dmask_args[:5], BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, MASK_GRAD=dmask_args[5],
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )
+    if mask_grad:
+        return dq, dk, dv, dmask
     return dq, dk, dv
+
+
+def _mask_grad_args(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int],
+                    like: torch.Tensor) -> tuple[torch.Tensor | None, tuple]:
+    """The zeroed gradient buffer of a 4-D float mask broadcastable to ``shape`` (B, H, Sq, Sk),
+    in the accumulator dtype, and the dQ kernel's ``(DMask, stride_b, stride_h, stride_i,
+    stride_j, MASK_GRAD)`` for it: stride 0 where the mask broadcasts over batch or heads, and
+    the kind of :func:`._common.mask_grad_add` for broadcast rows / keys.  Without a mask: a
+    stand-in pointer and kind 0."""
+    if attn_mask is None:
+        return None, (like, 0, 0, 0, 0, 0)
+    dmask = torch.zeros(attn_mask.shape, dtype=acc_dtype(like.dtype), device=like.device)
+    strides = [0 if attn_mask.shape[i] == 1 else dmask.stride(i) for i in range(4)]
+    rows_b, keys_b = attn_mask.shape[2] == 1 and shape[2] > 1, attn_mask.shape[3] == 1 and shape[3] > 1
+    kind = 4 if rows_b and keys_b else 2 if rows_b else 3 if keys_b else 1
+    return dmask, (dmask, *strides, kind)

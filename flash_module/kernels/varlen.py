@@ -211,7 +211,7 @@ def _varlen_bwd_dq_kernel(
             len_k - len_q, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo,
             head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo,
             drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h), drop_thresh, Q, 0, 0, 0, 0, drop_scale, drop_scale_lo,
-            HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0)
+            Q, 0, 0, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0, 0)
 
 
 def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
