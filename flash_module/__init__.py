@@ -18,6 +18,8 @@ Public entry points:
   PyTorch, which are also the CPU path.
 * :func:`which_implementation`: what a call on given tensors runs (compiled Triton kernels, the
   Triton interpreter, or the PyTorch path).
+* :func:`sdpa_override` / :func:`enable_sdpa_override`: route ``torch.nn.functional.
+  scaled_dot_product_attention`` to flash_module where it can run the call (:mod:`.integrations`).
 
 ``mode=`` picks the algorithm (:data:`MODES`: ``fa2``, ``fa1``, ``tiling``) and ``impl=`` the
 implementation (:data:`IMPLS`: ``auto``, ``triton``, ``torch``) in every entry point.
@@ -37,6 +39,7 @@ from .api import (
 )
 from .checks import check_values, set_check_values
 from .distributed import ring_attention
+from .integrations import disable_sdpa_override, enable_sdpa_override, sdpa_override, sdpa_override_enabled
 from .module import FlashAttention, MultiheadFlashAttention, RotaryEmbedding
 from .ops import IMPLS, MODES, which_implementation
 
@@ -54,6 +57,8 @@ __all__ = [
     "RotaryEmbedding",
     "check_values",
     "checks",
+    "disable_sdpa_override",
+    "enable_sdpa_override",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
@@ -66,6 +71,8 @@ __all__ = [
     "reference",
     "ring_attention",
     "scaled_dot_product_attention",
+    "sdpa_override",
+    "sdpa_override_enabled",
     "set_check_values",
     "softmax",
     "which_implementation",
