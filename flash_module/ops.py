@@ -485,16 +485,26 @@ def attention_bwd(
     fn = _implementation(mode, impl, q).backward
     _check_rng(dropout_p, rng)
     if q.numel() == 0 or k.numel() == 0:
-        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    lse = lse.contiguous()
-    dlse = dlse.contiguous() if dlse is not None else None
+        return _zero_grads(q, k, v)
+    dout, q, k, v, out, lse, dlse = _bwd_inputs(dout, q, k, v, out, lse, dlse)
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
                      window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask,
                      shift=shift)
         dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, args)
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+def _zero_grads(*ts: Tensor) -> tuple[Tensor, ...]:
+    """Zero gradients shaped like ``ts`` (contiguous): a backward with nothing to compute."""
+    return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in ts)
+
+
+def _bwd_inputs(dout, q, k, v, out, lse, dlse) -> tuple:
+    """The backward's tensors as the kernels take them: last dims contiguous, statistics
+    contiguous."""
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    return dout, q, k, v, out, lse.contiguous(), dlse.contiguous() if dlse is not None else None
 
 
 @attention_bwd.register_fake
@@ -535,11 +545,8 @@ def attention_bwd_mask(
     check_mode(mode, impl)
     _check_rng(dropout_p, rng)
     if q.numel() == 0 or k.numel() == 0:
-        grads = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-        return (*grads, torch.zeros_like(attn_mask, memory_format=torch.contiguous_format))
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    lse = lse.contiguous()
-    dlse = dlse.contiguous() if dlse is not None else None
+        return _zero_grads(q, k, v, attn_mask)
+    dout, q, k, v, out, lse, dlse = _bwd_inputs(dout, q, k, v, out, lse, dlse)
     a = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
               window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask,
               shift=shift)
