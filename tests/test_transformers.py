@@ -1,0 +1,173 @@
+"""The transformers attention backend (issue #14): tiny random models built from configs (no
+downloads) with ``attn_implementation="fm_triton"`` against transformers' own ``eager``
+attention: logits, loss and every parameter gradient by flash-attn's rule (oracle: the eager
+model in float64), with left padding, sliding windows (Mistral, Gemma 2), softcap (Gemma 2),
+attention sinks (gpt-oss), packed sequences; greedy ``generate()``; a control without the mask
+function must fail the same check.  On CPU the kernels run under the Triton interpreter.
+Skipped without transformers (``pip install flash_module[hf]``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import AttentionInterface, AttentionMaskInterface  # noqa: E402
+
+from flash_module.integrations import transformers as fm_hf  # noqa: E402
+
+from .helpers import assert_flash_rule  # noqa: E402
+
+NAME = fm_hf.register()
+VOCAB, SEQ = 97, 21
+
+
+def _eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, s_aux=None,
+             **kwargs):
+    """The oracle's attention: transformers' eager attention (softcap before the mask, sinks as
+    an extra column) with the softmax in the input dtype.  (transformers' eager takes the
+    softmax in fp32, where a float64 mask's minimum is -inf: left padding's all-masked rows
+    became NaN.)"""
+    groups = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
+    w = query @ key.transpose(2, 3) * scaling
+    if softcap:
+        w = softcap * torch.tanh(w / softcap)
+    if attention_mask is not None:
+        w = w + attention_mask[:, :, :, : key.shape[2]]
+    if s_aux is not None:
+        sink = s_aux.reshape(1, -1, 1, 1).to(w.dtype).expand(*w.shape[:3], 1)
+        p = torch.softmax(torch.cat([w, sink], -1), -1)[..., :-1]
+    else:
+        p = torch.softmax(w, -1)
+    return (p @ value).transpose(1, 2).contiguous(), p
+
+
+AttentionInterface.register("eager64", _eager64)
+AttentionMaskInterface.register("eager64", AttentionMaskInterface._global_mapping["eager"])
+
+
+def _config(kind: str):
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common)
+    if kind == "mistral":
+        return transformers.MistralConfig(**common, sliding_window=6)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**common, use_sliding_window=True, sliding_window=6,
+                                        max_window_layers=1)
+    if kind == "gemma2":
+        return transformers.Gemma2Config(**common, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
+                                         final_logit_softcapping=None, query_pre_attn_scalar=16)
+    if kind == "gpt_oss":
+        return transformers.GptOssConfig(**common, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                         sliding_window=6,
+                                         layer_types=["sliding_attention", "full_attention"])
+    raise ValueError(kind)
+
+
+def _models(kind: str, attn: str = NAME):
+    """(ours, eager fp32, eager fp64) with the same random weights."""
+    torch.manual_seed(0)
+    cfg = _config(kind)
+    cfg._attn_implementation = "eager"
+    ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
+    ref.eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn).eval()
+    ours.load_state_dict(ref.state_dict())
+    oracle = copy.deepcopy(ref).double()
+    oracle.set_attn_implementation("eager64")
+    return ours, ref, oracle
+
+
+def _batch(pad: bool):
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=gen)
+    mask = torch.ones(2, SEQ, dtype=torch.long)
+    if pad:
+        mask[1, :7] = 0  # left padding
+    # no loss on padding, nor on the first real token: it is predicted from a padded row, whose
+    # output is arbitrary (its query sees no key; eager gives a uniform average, we give 0)
+    seen = torch.cat([torch.zeros(2, 1, dtype=torch.long), mask[:, :-1]], 1)
+    labels = ids.masked_fill((mask == 0) | (seen == 0), -100)
+    return ids, mask, labels
+
+
+def _run(model, ids, mask, labels):
+    model.zero_grad()
+    out = model(ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    keep = mask.bool()
+    grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+    return [out.logits.detach()[keep], out.loss.detach(), *grads]
+
+
+def _check(kind: str, pad: bool, attn: str = NAME):
+    ours, ref, oracle = _models(kind, attn)
+    batch = _batch(pad)
+    got, low = _run(ours, *batch), _run(ref, *batch)
+    if kind == "gpt_oss":  # its experts' grouped matmul has no float64: eager fp32 is the reference
+        for i, (a, p) in enumerate(zip(got, low)):
+            torch.testing.assert_close(a, p, atol=1e-4, rtol=1e-3, msg=f"tensor {i} (logits, loss, grads)")
+        return
+    want = _run(oracle, *batch)
+    assert len(got) == len(want)
+    for i, (a, o, p) in enumerate(zip(got, want, low)):
+        assert_flash_rule(f"tensor {i} (logits, loss, grads)", a, o, p, torch.float32)
+
+
+# (kind, left padding): the default run keeps one case per feature (GQA + padding, softcap +
+# windows, sinks); the rest are slow (CI's slow run and the GPU check)
+CASES = [
+    pytest.param(kind, pad, id=f"{kind}-{'left-padding' if pad else 'no-padding'}",
+                 marks=() if (kind, pad) in {("llama", False), ("llama", True), ("gemma2", True),
+                                             ("gpt_oss", True)} else pytest.mark.slow)
+    for kind in ("llama", "mistral", "qwen2", "gemma2", "gpt_oss") for pad in (False, True)
+]
+
+
+@pytest.mark.parametrize("kind, pad", CASES)
+def test_logits_loss_and_gradients_match_eager(kind, pad):
+    before = fm_hf.calls
+    _check(kind, pad)
+    assert fm_hf.calls > before  # the model really ran our attention
+
+
+def test_control_without_the_mask_function_fails():
+    """Registering the attention function alone makes transformers pass no mask: padding is
+    dropped, and the same check must catch it."""
+    AttentionInterface.register("fm_nomask", fm_hf.attention_forward)
+    with pytest.raises(AssertionError):
+        _check("llama", True, attn="fm_nomask")
+
+
+def test_packed_sequences_by_position_ids():
+    """Two documents in one row (position_ids restart, no attention_mask): each sees only itself."""
+    ours, ref, _ = _models("llama")
+    gen = torch.Generator().manual_seed(9)
+    a, b = torch.randint(0, VOCAB, (1, 9), generator=gen), torch.randint(0, VOCAB, (1, 12), generator=gen)
+    packed = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(9), torch.arange(12)])[None]
+    with torch.no_grad():
+        got = ours(packed, position_ids=pos, use_cache=False).logits  # (packing is read without a cache)
+        alone = torch.cat([ref(a).logits, ref(b).logits], 1)
+    torch.testing.assert_close(got, alone, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_greedy_generate_gives_the_same_tokens():
+    ours, ref, _ = _models("llama")
+    ids, mask, _ = _batch(True)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        got = ours.generate(ids, **kw)
+        want = ref.generate(ids, **kw)
+    assert torch.equal(got, want)
+
+
+def test_register_refuses_names_transformers_takes_for_its_own():
+    with pytest.raises(ValueError, match="containing 'flash'"):
+        fm_hf.register("flash_module")
