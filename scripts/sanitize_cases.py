@@ -140,6 +140,7 @@ def cases() -> list:
     # SDPA masks: a key-padding bool mask, a per-head float mask with its gradient
     out.append(_mask_case(torch.bfloat16, SHAPES[0], (1, 1, 1, 203), "bool"))
     out.append(_mask_case(torch.float32, SHAPES[1], (2, 2, 203, 77), "float"))
+    out.append(_mask_case(torch.bfloat16, SHAPES[0], (1, 1, 1, 203), "float"))  # its gradient: atomics
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 
