@@ -139,9 +139,7 @@ def test_modes_agree_with_fa2(mode, impl, device):
     assert max_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("num_splits", [1, 3, pytest.param(2, marks=pytest.mark.slow),
-                                        pytest.param(7, marks=pytest.mark.slow),
-                                        pytest.param(64, marks=pytest.mark.slow)],
+@pytest.mark.parametrize("num_splits", [1] + [pytest.param(n, marks=pytest.mark.slow) for n in (3, 2, 7, 64)],
                          ids=lambda n: f"splits{n}")
 @pytest.mark.parametrize("sq", [1] + [pytest.param(n, marks=pytest.mark.slow) for n in (5, 70)],
                          ids=lambda n: f"sq{n}")

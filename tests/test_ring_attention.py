@@ -113,7 +113,7 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
 
 CASES = [
     # The default run keeps one case (it spawns processes: ~7-25 s), the softcap-sink one below;
-    # the rest are `slow`.
+    # the rest are `slow` (the shift the window / ALiBi cases need: test_window.py, by default).
     pytest.param(1, (16, 2, 2, 16, True, "contiguous", "fa2"), id="w1-causal", marks=pytest.mark.slow),
     pytest.param(2, (32, 4, 2, 16, False, "contiguous", "fa2"), id="w2-full-contig-gqa",
                  marks=pytest.mark.slow),
@@ -136,7 +136,8 @@ CASES = [
     # a window narrower than a chunk (zigzag: 4 chunks of 8 per rank pair): whole key chunks
     # skipped, rows of a step with no visible key; ALiBi over global distances
     pytest.param(2, (32, 4, 2, 16, True, "zigzag", "fa2", torch.float32, "bshd",
-                     dict(window=(5, 0), alibi=True)), id="w2-causal-zigzag-window-alibi"),
+                     dict(window=(5, 0), alibi=True)), id="w2-causal-zigzag-window-alibi",
+                 marks=pytest.mark.slow),
     pytest.param(4, (32, 2, 1, 16, False, "contiguous", "fa2", torch.float32, "bshd",
                      dict(window=(3, 9))), id="w4-full-window", marks=pytest.mark.slow),
     pytest.param(2, (32, 2, 2, 16, False, "zigzag", "tiling", torch.float32, "bshd",

@@ -31,7 +31,7 @@ def _restore():
 @pytest.mark.parametrize("kwargs, gqa", [
     pytest.param(dict(is_causal=True), False, id="causal"),
     pytest.param(dict(enable_gqa=True), True, id="gqa"),
-    pytest.param(dict(scale=0.3), False, id="scale"),
+    pytest.param(dict(scale=0.3), False, id="scale", marks=pytest.mark.slow),
     pytest.param(dict(attn_mask="bool"), False, id="bool-mask"),
 ])
 def test_routed_calls_run_our_kernels_and_match_torch(kwargs, gqa, device):
