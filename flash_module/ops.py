@@ -23,8 +23,9 @@ Trailing arguments, all with defaults, carry the variants (:class:`AttentionArgs
 ``alibi_slopes``, ``window_left`` / ``window_right``, ``sink`` (forward only: the LSE includes
 it), ``dropout_p`` and ``rng`` (the dropout seed, an int64 (1,) tensor the public functions draw
 from torch's generator; the backward gets the same seed and regenerates the mask) and
-``attn_mask`` (SDPA's mask, 4-D and broadcastable to (B, H, Sq, Sk); its gradient, for a float
-mask that requires grad, comes from autograd's backward, not from ``attention_bwd``) and
+``attn_mask`` (SDPA's mask, 4-D and broadcastable to (B, H, Sq, Sk); for a float mask that
+requires grad, autograd calls ``attention_bwd_mask``, the same backward that also returns the
+mask's gradient) and
 ``shift`` (an int, default 0: query ``i``'s diagonal key moves from ``i + Sk - Sq`` / ``i`` to
 that plus ``shift``, and with it the causal mask, the window and ALiBi's distances; ring
 attention passes how far behind the query chunk the key chunk sits in the sequence).
@@ -88,6 +89,7 @@ class AttentionArgs:
     rng: Tensor | None = None  # int64 (1,) seed of the dropout mask, drawn from torch's generator
     attn_mask: Tensor | None = None  # SDPA's mask: bool (True = attend) or additive float, 4-D, broadcastable
     shift: int = 0  # the part of causal_offset beyond the alignment (ring attention's chunk distance)
+    mask_grad: bool = False  # backward: also return the float attn_mask's gradient (fa2 only)
 
     def dropout(self) -> reference.Dropout | None:
         """The PyTorch path's dropout (dense row counters), or None."""
@@ -143,7 +145,7 @@ def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
                         softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
-                        dropout_p=a.dropout_p, rng=a.rng, attn_mask=a.attn_mask)
+                        dropout_p=a.dropout_p, rng=a.rng, attn_mask=a.attn_mask, mask_grad=a.mask_grad)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
@@ -210,7 +212,7 @@ def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return reference.fa2_backward(dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right,
                                   dlse=dlse, softcap=a.softcap, alibi_slopes=a.alibi_slopes,
                                   window_size=a.window, dropout=a.dropout(), attn_mask=a.attn_mask,
-                                  shift=a.shift)
+                                  mask_grad=a.mask_grad, shift=a.shift)
 
 
 #: algorithm -> implementation -> (forward, backward).  The split-KV forward's merged LSE is the
@@ -296,11 +298,12 @@ def _implementation(mode: str, impl: str, t: Tensor) -> Implementation:
 def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right: bool,
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
           window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
-          rng: Tensor | None = None, attn_mask: Tensor | None = None, shift: int = 0) -> AttentionArgs:
+          rng: Tensor | None = None, attn_mask: Tensor | None = None, shift: int = 0,
+          mask_grad: bool = False) -> AttentionArgs:
     offset = (k.shape[1] - q.shape[1] if bottom_right else 0) + int(shift)
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
                          alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng,
-                         attn_mask, int(shift))
+                         attn_mask, int(shift), bool(mask_grad))
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -482,29 +485,30 @@ def attention_bwd(
     attn_mask: Tensor | None = None,
     shift: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    fn = _implementation(mode, impl, q).backward
+    return _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
+                     alibi_slopes, (window_left, window_right), dropout_p, rng, attn_mask, shift)
+
+
+def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
+              alibi_slopes, window, dropout_p, rng, attn_mask, shift, mask_grad: bool = False) -> tuple:
+    """The body of both backward ops: ``(dq, dk, dv)``, and with ``mask_grad`` the float mask's
+    gradient too (shaped and typed like the mask), from the algorithm table's backward."""
     _check_rng(dropout_p, rng)
     if q.numel() == 0 or k.numel() == 0:
-        return _zero_grads(q, k, v)
-    dout, q, k, v, out, lse, dlse = _bwd_inputs(dout, q, k, v, out, lse, dlse)
+        masks = (attn_mask,) if mask_grad else ()
+        return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, *masks))
+    fn = _implementation(mode, impl, q).backward
+    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
+    lse = lse.contiguous()
+    dlse = dlse.contiguous() if dlse is not None else None
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
-                     window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask,
-                     shift=shift)
-        dq, dk, dv = fn(dout, q, k, v, out, lse, dlse, args)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous()
-
-
-def _zero_grads(*ts: Tensor) -> tuple[Tensor, ...]:
-    """Zero gradients shaped like ``ts`` (contiguous): a backward with nothing to compute."""
-    return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in ts)
-
-
-def _bwd_inputs(dout, q, k, v, out, lse, dlse) -> tuple:
-    """The backward's tensors as the kernels take them: last dims contiguous, statistics
-    contiguous."""
-    dout, q, k, v, out = (_last_dim_contiguous(t) for t in (dout, q, k, v, out))
-    return dout, q, k, v, out, lse.contiguous(), dlse.contiguous() if dlse is not None else None
+                     window=window, dropout_p=dropout_p, rng=rng, attn_mask=attn_mask, shift=shift,
+                     mask_grad=mask_grad)
+        grads = fn(dout, q, k, v, out, lse, dlse, args)
+    if mask_grad:
+        grads = (*grads[:3], grads[3].to(attn_mask.dtype))
+    return tuple(g.contiguous() for g in grads)
 
 
 @attention_bwd.register_fake
@@ -542,34 +546,15 @@ def attention_bwd_mask(
     it broadcasts).  The Triton path adds it up in the dQ kernel (atomics where the mask
     broadcasts, so those sums are not bitwise reproducible: under
     ``torch.use_deterministic_algorithms(True)`` such masks take the PyTorch path)."""
-    check_mode(mode, impl)
-    _check_rng(dropout_p, rng)
-    if q.numel() == 0 or k.numel() == 0:
-        return _zero_grads(q, k, v, attn_mask)
-    dout, q, k, v, out, lse, dlse = _bwd_inputs(dout, q, k, v, out, lse, dlse)
-    a = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
-              window=(window_left, window_right), dropout_p=dropout_p, rng=rng, attn_mask=attn_mask,
-              shift=shift)
-    if mode != "fa2":
+    if check_mode(mode, impl)[0] != "fa2":
         raise NotImplementedError(f"mode={mode!r} does not support attn_mask (use mode='fa2')")
     shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])  # (B, H, Sq, Sk)
     broadcast = any(m == 1 < n for m, n in zip(attn_mask.shape, shape))
-    kernels = resolve_impl(q, impl) == "triton" and not (
-        broadcast and torch.are_deterministic_algorithms_enabled())
-    with device_guard(q):
-        if kernels:
-            from .kernels.fa2_bwd import fa2_backward
-
-            dq, dk, dv, dmask = fa2_backward(
-                dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
-                alibi_slopes=a.alibi_slopes, window_size=a.window, dropout_p=a.dropout_p, rng=a.rng,
-                attn_mask=attn_mask, mask_grad=True)
-        else:
-            dq, dk, dv, dmask = reference.fa2_backward(
-                dout, q, k, v, out, lse, a.softmax_scale, a.causal, a.bottom_right, dlse=dlse,
-                softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window, dropout=a.dropout(),
-                attn_mask=attn_mask, mask_grad=True, shift=a.shift)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.to(attn_mask.dtype).contiguous()
+    if broadcast and torch.are_deterministic_algorithms_enabled():
+        impl = "torch"  # the kernels' atomic sums over broadcast dims are not bitwise reproducible
+    return _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
+                     alibi_slopes, (window_left, window_right), dropout_p, rng, attn_mask, shift,
+                     mask_grad=True)
 
 
 @attention_bwd_mask.register_fake
