@@ -67,9 +67,12 @@ def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: li
                   f"{nbytes / graph / 1e9:5.2f} TB/s  err {err:.1e}  {ks}", flush=True)
 
 
-def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200) -> None:
+def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200, profile: bool = False) -> None:
     """Host time per call (us) of each decode entry point: the Python work that must stay below
-    the kernel time, or the GPU waits for the CPU."""
+    the kernel time, or the GPU waits for the CPU.  With ``profile``, where that time goes
+    (cProfile, the functions with the most time of their own)."""
+    import cProfile
+    import pstats
     import time
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -105,6 +108,16 @@ def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200) -> None:
         host = (time.perf_counter() - t0) / calls
         torch.cuda.synchronize()
         print(f"  {name:26} {host * 1e6:7.1f} us", flush=True)
+    if profile:
+        for name in ("flash_attn_with_kvcache", "flash_attn_func (routed)"):
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(calls):
+                fns[name]()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"\n{name}: {calls} calls, top functions by own time")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(18)
 
 
 def main() -> None:
@@ -114,6 +127,7 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="besides the default, e.g. N128_w4_s3,N64_w4_s4")
     ap.add_argument("--splits", default="0", help="num_splits values (0 = automatic)")
     ap.add_argument("--overhead", action="store_true", help="also the host time per call")
+    ap.add_argument("--profile", action="store_true", help="with --overhead: where the host time goes")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     configs = [None] + [c for c in args.configs.split(",") if c]  # the default first
@@ -121,7 +135,7 @@ def main() -> None:
         b, nk = (int(x) for x in shape.split("x"))
         tune_shape(b, nk, args.page, configs, [int(s) for s in args.splits.split(",")])
     if args.overhead:
-        host_overhead()
+        host_overhead(profile=args.profile)
 
 
 if __name__ == "__main__":

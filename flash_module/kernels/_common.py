@@ -623,13 +623,15 @@ def attend_kv(
 @triton.jit
 def page_entries(Pages, start_n, n_table, num_pages, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The block-table entries of key block ``start_n`` (a multiple of BLOCK_N), clamped into the
-    cache: one page (a scalar) when pages hold whole blocks (PAGE >= BLOCK_N), else one per key
-    (BLOCK_N,).  Keys past the table (the last block of a full cache, masked by Sk) read its last
-    entry."""
+    cache: one page (a scalar) when pages hold whole blocks (PAGE >= BLOCK_N), else the block's
+    BLOCK_N // PAGE pages, (BLOCK_N // PAGE,).  Pages past the table (the last block of a full
+    cache, masked by Sk) read its last entry."""
     if PAGE >= BLOCK_N:
         pages = tl.load(Pages + tl.minimum(start_n, n_table - 1) // PAGE)
     else:
-        pages = tl.load(Pages + tl.minimum(start_n + tl.arange(0, BLOCK_N), n_table - 1) // PAGE)
+        # One entry per page, not per key row: a per-row read costs BLOCK_N loads and 64-bit
+        # products per tile (page 16 ran at 0.78x a contiguous cache on an H200).
+        pages = tl.load(Pages + tl.minimum(start_n // PAGE + tl.arange(0, BLOCK_N // PAGE), n_table // PAGE - 1))
     return tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
 
 
@@ -645,7 +647,10 @@ def page_tile_ptrs(Cache_head, pages, start_n, stride_page, stride_s, PAGE: tl.c
         first = pages * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_s
         ptrs = tile_ptrs(Cache_head + first, 0, stride_s, BLOCK_N, BLOCK_D)
     else:
-        rows = pages * stride_page + ((start_n + tl.arange(0, BLOCK_N)) % PAGE).to(tl.int64) * stride_s
+        # (BLOCK_N // PAGE, PAGE) row offsets, flattened: row j * PAGE + i is row i of page j
+        # (start_n is a multiple of PAGE).
+        within = tl.arange(0, PAGE).to(tl.int64) * stride_s
+        rows = tl.reshape(pages[:, None] * stride_page + within[None, :], (BLOCK_N,))
         ptrs = Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
     return ptrs
 
