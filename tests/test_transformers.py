@@ -129,10 +129,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind, pad", CASES)
-def test_logits_loss_and_gradients_match_eager(kind, pad):
+def test_logits_loss_and_gradients_match_eager(kind, pad, monkeypatch):
     before = fm_hf.calls
+    unpadded = []
+    real = fm_hf._unpadded
+    monkeypatch.setattr(fm_hf, "_unpadded", lambda *a, **kw: unpadded.append(1) or real(*a, **kw))
     _check(kind, pad)
     assert fm_hf.calls > before  # the model really ran our attention
+    assert bool(unpadded) == pad  # padding goes through the varlen kernels, not a 4-D mask
 
 
 def test_control_without_the_mask_function_fails():
@@ -170,3 +174,115 @@ def test_greedy_generate_gives_the_same_tokens():
 def test_register_refuses_names_transformers_takes_for_its_own():
     with pytest.raises(ValueError, match="containing 'flash'"):
         fm_hf.register("flash_module")
+
+
+def test_mask_function_gives_2d_padding_or_the_4d_mask():
+    """Plain causal / sliding patterns aligned bottom-right: the 2-D padding mask (None without
+    one); packing and other overlays: transformers' SDPA 4-D mask."""
+    from transformers import masking_utils as mu
+
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :3] = False
+    causal = mu.causal_mask_function
+    got = fm_hf.build_mask(2, 7, 7, mask_function=causal, attention_mask=pad)
+    assert got.shape == (2, 7) and torch.equal(got, pad)
+    assert fm_hf.build_mask(2, 7, 7, mask_function=causal, attention_mask=None) is None
+    sliding = mu.sliding_window_causal_mask_function(3)
+    assert fm_hf.build_mask(2, 1, 7, q_offset=6, mask_function=sliding, attention_mask=pad).shape == (2, 7)
+    packed = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1, 1]])))
+    four_d = fm_hf.build_mask(1, 7, 7, mask_function=packed, attention_mask=None, allow_is_causal_skip=False)
+    assert four_d.shape == (1, 1, 7, 7) and not four_d[0, 0, 4, :3].any()  # (as transformers calls it)
+    # a static cache: keys past the queries (not aligned) -> the 4-D mask
+    assert fm_hf.build_mask(2, 1, 16, q_offset=torch.tensor(6), mask_function=causal,
+                            attention_mask=pad).dim() == 4
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_unpadding_equals_the_masked_kernels(causal):
+    """Padding by unpadding into the varlen kernels (left, right padding and a hole) equals the
+    dense kernels with the same key-padding mask on every real row, forward and backward; padded
+    rows give 0."""
+    from flash_module.api import _attention
+
+    torch.manual_seed(3)
+    b, h, h_kv, s, d = 3, 4, 2, 19, 16
+    q = torch.randn(b, h, s, d, requires_grad=True)
+    k, v = (torch.randn(b, h_kv, s, d, requires_grad=True) for _ in range(2))
+    mask = torch.ones(b, s, dtype=torch.bool)
+    mask[0, :5] = False  # left padding
+    mask[1, 13:] = False  # right padding
+    mask[2, 4:6] = False  # a hole
+    got = fm_hf._unpadded(q, k, v, mask, softmax_scale=0.3, causal=causal)
+    # reference: the compacted tokens of each row attend among themselves (causal in order)
+    want = torch.zeros_like(got)
+    for i in range(b):
+        idx = mask[i].nonzero()[:, 0]
+        qi, ki, vi = (t[i : i + 1, :, idx].transpose(1, 2) for t in (q, k, v))
+        want[i, idx] = _attention(qi, ki, vi, 0.3, causal, True, "fa2")[0][0]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert not got[~mask].any()
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for a, w in zip(grads, want_grads):
+        torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_sequences_by_cu_seq_lens(monkeypatch):
+    """Packed documents given as cu_seq_lens_q/k (DataCollatorWithFlattening's flash kwargs) run
+    the varlen kernels: each document sees only itself."""
+    import flash_module.api as api
+
+    varlen = []
+    real = api.flash_attn_varlen_func
+    monkeypatch.setattr(api, "flash_attn_varlen_func", lambda *a, **kw: varlen.append(1) or real(*a, **kw))
+    ours, ref, _ = _models("llama")
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randint(0, VOCAB, (1, 8), generator=gen), torch.randint(0, VOCAB, (1, 13), generator=gen)
+    cu = torch.tensor([0, 8, 21], dtype=torch.int32)
+    pos = torch.cat([torch.arange(8), torch.arange(13)])[None]
+    with torch.no_grad():
+        got = ours(torch.cat([a, b], 1), position_ids=pos, use_cache=False, cu_seq_lens_q=cu,
+                   cu_seq_lens_k=cu, max_length_q=13, max_length_k=13).logits
+        alone = torch.cat([ref(a).logits, ref(b).logits], 1)
+    torch.testing.assert_close(got, alone, atol=2e-5, rtol=1e-4)
+    assert len(varlen) == 2  # both layers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_greedy_generate_with_a_static_cache(kind):
+    """Generation with transformers' static cache (keys past the queries: the 4-D mask path) and
+    the dynamic cache give eager's tokens."""
+    ours, ref, _ = _models(kind)
+    ids, mask, _ = _batch(True)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = ref.generate(ids, **kw)
+        got = ours.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.slow
+def test_unpadding_compiles_without_graph_breaks():
+    """The padded path (mask function + unpadding + varlen kernels) under
+    torch.compile(fullgraph=True): no host read, and a new padding pattern does not recompile."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import masking_utils as mu
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+
+    def step(q, k, v, pad):
+        mask = fm_hf.build_mask(2, q.shape[2], k.shape[2], mask_function=mu.causal_mask_function,
+                                attention_mask=pad)
+        return fm_hf.attention_forward(None, q, k, v, mask, scaling=0.25, is_causal=True)[0]
+
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    for first in (3, 5):
+        pad = torch.ones(2, 9, dtype=torch.long)
+        pad[1, :first] = 0
+        torch.testing.assert_close(compiled(q, k, v, pad), step(q, k, v, pad), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1

@@ -78,7 +78,8 @@ def routed_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | N
         from ..api import scaled_dot_product_attention
 
         global routed_calls
-        routed_calls += 1
+        if not torch.compiler.is_compiling():  # (a changing global would recompile every call)
+            routed_calls += 1
         return scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                             enable_gqa)
     return _ORIGINAL(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,

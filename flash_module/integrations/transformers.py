@@ -1,4 +1,4 @@
-"""A Hugging Face transformers attention backend (issue #14, first version).
+"""A Hugging Face transformers attention backend (issue #14).
 
     import flash_module.integrations.transformers as fm_hf
     fm_hf.register()                                   # once; returns the name, "fm_triton"
@@ -10,21 +10,30 @@ own flash-attention kernels (and tries to load them from its hub), so ours is ``
 
 What :func:`register` registers:
 
-* the attention function (:func:`attention_forward`) with ``AttentionInterface``: it runs
-  :func:`flash_module.scaled_dot_product_attention` on the (B, H, S, D) query/key/value the model
-  hands over, with GQA (no key/value repetition), the model's ``scaling``, ``dropout`` in
-  training, ``softcap`` (Gemma 2), and ``s_aux`` (gpt-oss's attention sinks) as our
-  ``learnable_sink``;
-* a mask function with ``AttentionMaskInterface``: transformers' SDPA mask builder, so padding,
-  causality, sliding windows (Mistral, Gemma 2/3, Qwen 2) and packed sequences (``position_ids``
-  that restart) reach us as SDPA's boolean 4-D mask, or as ``None`` where plain causal attention
-  is exact (then ``is_causal``).  Registering the attention function alone would make
-  transformers pass ``attention_mask=None`` and silently drop padding.
+* the attention function (:func:`attention_forward`) with ``AttentionInterface``, taking what the
+  model hands over: (B, H, S, D) query/key/value, GQA (no key/value repetition), ``scaling``,
+  ``dropout`` in training, ``sliding_window`` (Mistral, Gemma 2/3, Qwen 2, gpt-oss), ``softcap``
+  (Gemma 2), ``s_aux`` (gpt-oss's attention sinks, as our ``learnable_sink``);
+* a mask function (:func:`build_mask`) with ``AttentionMaskInterface``.  Registering the
+  attention function alone would make transformers pass ``attention_mask=None`` and silently drop
+  padding.
 
-This first version takes the mask as a tensor, read tile by tile by the kernels (O(mask) memory,
-as transformers' own SDPA path); unpadding to the varlen kernels (no mask at all) and a
-static-cache decode path through ``flash_attn_with_kvcache`` are the next steps (docs/
-integrations.md).  transformers is an optional dependency (``pip install flash_module[hf]``).
+Which mask reaches the attention, and what runs (all without a host sync):
+
+* **No padding** (``None``): causal attention (:func:`flash_module.flash_attn_func`'s kernels);
+  packed documents given as ``cu_seq_lens_q``/``cu_seq_lens_k`` (transformers'
+  ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``) run the varlen kernels.
+* **Padding** (the 2-D (B, S_k) mask, as transformers' flash path gets): with as many queries as
+  keys (training, prefill) the tokens are **unpadded** into the varlen kernels (one stable sort on
+  the device, no per-sequence loop) and the output padded back, zeros on padded rows; with fewer
+  queries (decoding with a cache) the mask is read as a (B, 1, 1, S_k) key mask with causal
+  attention aligned bottom-right.  O(N) memory either way.
+* **Everything else** transformers can ask for (packed sequences detected from ``position_ids``,
+  static caches whose keys are not aligned with the queries, token-type overlays, chunked
+  attention) gets transformers' SDPA boolean 4-D mask, which the kernels read by tiles: exact,
+  O(mask) memory, as transformers' own SDPA path.
+
+transformers is an optional dependency (``pip install flash_module[hf]``).
 """
 
 from __future__ import annotations
@@ -38,6 +47,77 @@ NAME = "fm_triton"
 calls = 0
 
 
+def _plain_mask_function(fn) -> bool:
+    """Whether transformers' mask function ``fn`` is causal (optionally with its sliding window)
+    or bidirectional attention with nothing on top: then a 2-D padding mask plus the layer's
+    ``sliding_window`` say everything.  Anything else (packing, overlays, chunks) is not."""
+    from transformers import masking_utils as mu
+
+    if fn in (mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None)):
+        return True
+    name = getattr(fn, "__qualname__", "")
+    if name.startswith("sliding_window_overlay."):
+        return True
+    if name.startswith("and_masks.") and fn.__closure__:
+        parts = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, tuple)]
+        return len(parts) == 1 and all(callable(f) and _plain_mask_function(f) for f in parts[0])
+    return False
+
+
+def _may_sync(t: Tensor) -> bool:
+    """Whether reading ``t`` on the host is harmless: eager code, not compiling, not capturing a
+    CUDA graph.  Then, once per forward (the mask function runs once per mask type, not per
+    layer), an all-ones padding mask is dropped, as transformers does for its own backends."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
+               attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+    """transformers' mask-interface contract.  Returns the 2-D boolean padding mask (B, kv_length)
+    (or None without padding) when the pattern is plain causal / sliding / bidirectional and the
+    keys end where the queries end (bottom-right alignment); else transformers' SDPA 4-D mask.
+    In eager code an all-ones padding mask becomes None (one host read per forward, as in
+    transformers' own mask functions); compiled or captured, the mask is kept: no host sync."""
+    from transformers.masking_utils import sdpa_mask
+
+    aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
+               and kv_offset + kv_length == q_offset + q_length)
+    if mask_function is not None and aligned and _plain_mask_function(mask_function):
+        if attention_mask is None:
+            return None
+        attention_mask = attention_mask[:, -kv_length:].bool()
+        if attention_mask.shape[1] == kv_length:
+            if _may_sync(attention_mask) and bool(attention_mask.all()):
+                return None  # no padding after all: skip the unpadding's gathers
+            return attention_mask
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                     **kwargs)
+
+
+def _unpadded(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, **kw) -> Tensor:
+    """Attention of (B, H, S, D) tensors whose tokens ``mask`` (B, S) marks as real: the real
+    tokens are packed first (a stable sort of the flattened mask; the padded ones after them,
+    outside every sequence) into the varlen kernels, and the output is scattered back, zeros on
+    padded rows.  Static shapes only: no host sync, nothing recompiles when the padding changes.
+    Returns (B, S, H, D)."""
+    from ..api import flash_attn_varlen_func
+
+    b, _, s, _ = query.shape
+    flat = mask.reshape(-1)
+    order = torch.argsort((~flat).to(torch.uint8), stable=True)  # packed slot -> token
+    where = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    lens = mask.sum(1, dtype=torch.int32)
+    cu = torch.cat([lens.new_zeros(1), torch.cumsum(lens, 0, dtype=torch.int32)])
+    rows, cols = order // s, order % s
+    q, k, v = (t.transpose(1, 2)[rows, cols] for t in (query, key, value))  # (B*S, H, D) gathers
+    out = flash_attn_varlen_func(q, k, v, cu, cu, s, s, **kw)[where]  # back in token order
+    out = torch.where(flat[:, None, None], out, out.new_zeros(()))  # padded rows: 0, never garbage
+    return out.view(b, s, *out.shape[1:])
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -49,30 +129,52 @@ def attention_forward(
     is_causal: bool | None = None,
     softcap: float | None = None,
     s_aux: Tensor | None = None,
+    sliding_window: int | None = None,
     **kwargs,
 ) -> tuple[Tensor, None]:
     """transformers' attention-function contract: query (B, H, Sq, D), key/value (B, H_kv, Sk, D),
-    ``attention_mask`` from the registered mask function (4-D boolean, True = attend, or None);
+    ``attention_mask`` from :func:`build_mask` (2-D padding mask, 4-D boolean mask, or None);
     returns ``(attn_output (B, Sq, H, D), None)`` (no attention weights)."""
-    from ..api import scaled_dot_product_attention
+    from ..api import _attention, flash_attn_varlen_func, scaled_dot_product_attention
 
     global calls
-    calls += 1
+    if not torch.compiler.is_compiling():  # (a global that changes would recompile every call)
+        calls += 1
     if kwargs.get("output_attentions", False):
         raise ValueError(f"attn_implementation={NAME!r} does not return attention weights "
                          "(output_attentions=True): use 'eager' for that")
     q_len, kv_len = query.shape[2], key.shape[2]
-    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    # as transformers' SDPA path: causal only where the mask builder left the mask out
-    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if attention_mask is not None:
-        attention_mask = attention_mask[:, :, :, :kv_len]  # a static cache's mask covers its capacity
-    elif is_causal and kv_len > q_len:  # prefill into an empty static cache: only the first q_len keys
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
     sink = s_aux.float() if s_aux is not None else None
-    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=float(dropout),
-                                       is_causal=is_causal, scale=scaling, enable_gqa=True,
-                                       softcap=float(softcap) if softcap else 0.0, learnable_sink=sink)
+    softcap = float(softcap) if softcap else 0.0
+    window = (-1, -1)
+    if sliding_window and causal:  # transformers' causal window: keys (i - W, i]
+        window = (int(sliding_window) - 1, 0)
+    kw = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=causal, window_size=window,
+              softcap=softcap, learnable_sink=sink)
+    if attention_mask is not None and attention_mask.dim() == 2 and q_len == kv_len:  # padding: unpad
+        return _unpadded(query, key, value, attention_mask, **kw), None
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None and cu_k is not None and query.shape[0] == 1 and q_len == kv_len:
+        # (the documents' mask, if transformers also built one from position_ids, says the same)
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (S, H, D): one packed row
+        out = flash_attn_varlen_func(q, k, v, cu_q.int(), cu_k.int(), kwargs.get("max_length_q"),
+                                     kwargs.get("max_length_k"), **kw)
+        return out[None], None
+    if attention_mask is None or attention_mask.dim() == 2:
+        # Keys end where the queries end (the mask function checked it): causal bottom-right, so
+        # a decoding step with a cache sees every cached key (or the window's last ones); a
+        # padding mask with fewer queries than keys (decoding) is read as a (B, 1, 1, Sk) key mask.
+        key_mask = attention_mask[:, None, None, :] if attention_mask is not None else None
+        q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        out = _attention(q, k, v, scaling, causal, True, "fa2", 0, "auto", softcap, None, window, sink,
+                         float(dropout), key_mask)[0]
+        return out, None
+    # transformers' 4-D boolean mask (causality and windows in it); a static cache's mask
+    # covers its capacity
+    out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask[:, :, :, :kv_len],
+                                       dropout_p=float(dropout), scale=scaling, enable_gqa=True,
+                                       softcap=softcap, learnable_sink=sink)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -88,5 +190,5 @@ def register(name: str = NAME) -> str:
         raise ValueError(f"name={name!r}: transformers routes implementation names containing 'flash' to its "
                          "own flash-attention loader; pick another (default 'fm_triton')")
     AttentionInterface.register(name, attention_forward)
-    AttentionMaskInterface.register(name, AttentionMaskInterface._global_mapping["sdpa"])
+    AttentionMaskInterface.register(name, build_mask)
     return name
