@@ -286,3 +286,19 @@ def test_unpadding_compiles_without_graph_breaks():
         pad[1, :first] = 0
         torch.testing.assert_close(compiled(q, k, v, pad), step(q, k, v, pad), atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1
+
+
+@pytest.mark.slow
+def test_hf_example_trains_and_generates_like_sdpa(device):
+    """examples/hf_train_generate.py: a Llama-shaped model trained with our backend and with
+    transformers' "sdpa" from the same weights gives the same losses step by step (fp32 here)
+    and the same greedy tokens from left-padded prompts."""
+    from .helpers import example_module
+
+    with example_module("hf_train_generate") as example:
+        res = example.main(["--device", device, "--dtype", "fp32", "--steps", "3", "--new-tokens", "4",
+                            "--corpus-chars", "20000"])
+    tol = 1e-4 if device == "cpu" else 2e-3  # (on a GPU both backends may use TF32 matmuls)
+    torch.testing.assert_close(torch.tensor(res[NAME]["losses"]), torch.tensor(res["sdpa"]["losses"]),
+                               atol=tol, rtol=tol)
+    assert res["tokens_agree"] == 1.0
