@@ -49,7 +49,6 @@ the registered op.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import warnings
@@ -131,8 +130,11 @@ def routes_to_split_kv(q: Tensor, k: Tensor) -> bool:
 
 
 def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
-    if routes_to_split_kv(q, k) and not a.dropout_p and a.attn_mask is None:
-        return _tiling_fwd_triton(q, k, v, dataclasses.replace(a, num_splits=0))
+    if routes_to_split_kv(q, k) and not a.dropout_p:
+        from .kernels.split_kv import split_kv_forward
+
+        return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, 0, a.softcap,
+                                a.alibi_slopes, a.window, a.sink, a.attn_mask)  # (masks too; not dropout)
     from .kernels.fa2_fwd import fa2_forward
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,

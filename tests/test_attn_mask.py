@@ -74,6 +74,44 @@ def test_mask_matches_oracle(b, sq, sk, h, h_kv, d, kind, shape, dtype, impl, de
         assert_flash_rule(name, a, o, p, dtype)
 
 
+# Decode shapes (few queries, >= ops.DECODE_MIN_KEYS keys): the split-KV kernel reads the mask,
+# with the GQA group's query heads packed into one tile (each row its own head's mask).
+DECODE_CASES = [
+    pytest.param(2, 1, 300, 4, 2, 32, "bool", (2, 1, 1, 300), False, id="key-padding-gqa"),
+    pytest.param(2, 3, 290, 4, 2, 32, "bool", (2, 1, 1, 290), True, id="key-padding-causal-gqa"),
+    pytest.param(1, 2, 260, 4, 1, 24, "float", (1, 4, 2, 260), False, id="float-per-head-mqa"),
+    pytest.param(2, 1, 270, 2, 2, 16, "bool", (2, 2, 1, 270), True, id="bool-per-head-mha"),
+]
+
+
+@pytest.mark.parametrize("b,sq,sk,h,h_kv,d,kind,shape,causal", DECODE_CASES)
+def test_decode_with_a_mask_runs_split_kv(b, sq, sk, h, h_kv, d, kind, shape, causal, device, monkeypatch):
+    """A mask at decode shapes: the split-KV kernel (not the one-query-block FA2 grid), with
+    causal aligned bottom-right as transformers' decode path asks; forward and backward against
+    the float64 oracle."""
+    from flash_module.api import _attention
+    from flash_module.kernels import split_kv
+
+    assert ops.routes_to_split_kv(torch.empty(b, sq, h, d), torch.empty(b, sk, h_kv, d))
+    launched = []
+    real = split_kv._split_kv
+    monkeypatch.setattr(split_kv, "_split_kv", lambda *a, **kw: launched.append(1) or real(*a, **kw))
+    q, k, v = make_qkv(b, sq, sk, h, h_kv, d, torch.float32, device)
+    mask = _mask(kind, shape, device)
+    out = _attention(q, k, v, None, causal, True, "fa2", impl="triton", attn_mask=mask)[0]
+    assert launched
+    dout = torch.randn_like(out)
+    ours = (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    def ref(dtype):
+        qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        o, _ = attention_ref(qr, kr, vr, None, causal, True, attn_mask=mask)
+        return (o, *torch.autograd.grad(o, (qr, kr, vr), dout.to(dtype)))
+
+    for name, a, o, p in zip(["out", "dq", "dk", "dv"], ours, ref(torch.float64), ref(torch.float32)):
+        assert_flash_rule(name, a, o, p, torch.float32)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [pytest.param((1, 2, 29, 41), id="per-head"),
                                    pytest.param((29, 41), id="2d-broadcast"),

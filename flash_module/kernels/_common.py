@@ -623,15 +623,19 @@ def attend_kv(
 @triton.jit
 def page_entries(Pages, start_n, n_table, num_pages, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The block-table entries of key block ``start_n`` (a multiple of BLOCK_N), clamped into the
-    cache: one page (a scalar) when pages hold whole blocks (PAGE >= BLOCK_N), else the block's
-    BLOCK_N // PAGE pages, (BLOCK_N // PAGE,).  Pages past the table (the last block of a full
-    cache, masked by Sk) read its last entry."""
-    if PAGE >= BLOCK_N:
+    cache: one page (a scalar) when pages hold whole blocks (PAGE a multiple of BLOCK_N); the
+    block's BLOCK_N // PAGE pages, (BLOCK_N // PAGE,), when blocks hold whole pages; else (a page
+    size that is not a power of two, which only the op itself accepts) one entry per key,
+    (BLOCK_N,).  Keys past the table (the last block of a full cache, masked by Sk) read its last
+    entry."""
+    if PAGE % BLOCK_N == 0:
         pages = tl.load(Pages + tl.minimum(start_n, n_table - 1) // PAGE)
-    else:
+    elif BLOCK_N % PAGE == 0:
         # One entry per page, not per key row: a per-row read costs BLOCK_N loads and 64-bit
-        # products per tile (page 16 ran at 0.78x a contiguous cache on an H200).
+        # products per tile.
         pages = tl.load(Pages + tl.minimum(start_n // PAGE + tl.arange(0, BLOCK_N // PAGE), n_table // PAGE - 1))
+    else:
+        pages = tl.load(Pages + tl.minimum(start_n + tl.arange(0, BLOCK_N), n_table - 1) // PAGE)
     return tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
 
 
@@ -640,17 +644,19 @@ def page_tile_ptrs(Cache_head, pages, start_n, stride_page, stride_s, PAGE: tl.c
                    BLOCK_D: tl.constexpr):
     """Pointers to the (BLOCK_N, BLOCK_D) tile of key block ``start_n`` of a paged cache whose
     table entries for it are ``pages`` (:func:`page_entries`): key ``n`` is row ``n % PAGE`` of
-    page ``Pages[n // PAGE]``.  Pages of BLOCK_N keys or more hold whole blocks: a plain strided
-    tile.  Smaller pages: each row finds its own page, so a tile spans pages.  Either way the key
-    blocks are those of a contiguous cache."""
-    if PAGE >= BLOCK_N:
+    page ``Pages[n // PAGE]``.  Pages holding whole blocks: a plain strided tile.  Smaller pages:
+    the tile spans pages.  Either way the key blocks are those of a contiguous cache."""
+    if PAGE % BLOCK_N == 0:
         first = pages * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_s
         ptrs = tile_ptrs(Cache_head + first, 0, stride_s, BLOCK_N, BLOCK_D)
-    else:
+    elif BLOCK_N % PAGE == 0:
         # (BLOCK_N // PAGE, PAGE) row offsets, flattened: row j * PAGE + i is row i of page j
         # (start_n is a multiple of PAGE).
         within = tl.arange(0, PAGE).to(tl.int64) * stride_s
         rows = tl.reshape(pages[:, None] * stride_page + within[None, :], (BLOCK_N,))
+        ptrs = Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
+    else:
+        rows = pages * stride_page + ((start_n + tl.arange(0, BLOCK_N)) % PAGE).to(tl.int64) * stride_s
         ptrs = Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
     return ptrs
 

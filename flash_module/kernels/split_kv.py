@@ -43,12 +43,12 @@ def _split_kv_fwd_kernel(
     Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab,
-    stride_ah, chunk, part_stride, win_l, win_r, Sink,
+    stride_ah, chunk, part_stride, win_l, win_r, Sink, Mask, stride_mb, stride_mh, stride_mi, stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    SINK: tl.constexpr,
+    SINK: tl.constexpr, MASK: tl.constexpr = 0,
 ):
     """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
     result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
@@ -58,7 +58,8 @@ def _split_kv_fwd_kernel(
     With ``HAS_LEFTPAD`` (contiguous caches) batch ``b``'s keys start at ``LeftPad[b]``: the
     kernel sees keys [LeftPad[b], SeqLens[b]) as a sequence of their own (flash-attn's
     cache_leftpad: causal alignment against that sequence's length, which in cache positions
-    is the same bottom-right alignment)."""
+    is the same bottom-right alignment).  ``MASK`` (not with ``CACHE``): SDPA's attn_mask
+    (:func:`._common.attn_mask`), read by tiles; packed GQA rows read their own head's mask."""
     split = tl.program_id(2)
     offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -104,6 +105,12 @@ def _split_kv_fwd_kernel(
     if not PAGED:
         K_head += kv_row * stride_kb
         V_head += kv_row * stride_vb
+    # this tile's (batch, head) slice of the mask: one pointer per row when rows are packed heads
+    Mask_bh = Mask + off_b * stride_mb
+    if PACK_GQA:
+        Mask_bh = Mask_bh + tl.minimum(head, H - 1)[:, None].to(tl.int64) * stride_mh
+    else:
+        Mask_bh = Mask_bh + head * stride_mh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
@@ -120,9 +127,8 @@ def _split_kv_fwd_kernel(
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
                 stride_vb, num_kv_rows, capacity, rows, tl.maximum(a, c_lo), tl.minimum(b, c_hi), Sk, causal_offset,
-                win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, 0, 0, 0, Q, 0, 0, 0, 0, HEAD_DIM, BLOCK_N,
-                part != 1,
-                IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW)
+                win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, 0, 0, 0, Mask_bh, stride_mi, stride_mj, Sq,
+                Sk, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, False, MASK)
 
     # The sink joins once: here with one chunk (SINK is only set then), else in the combine.
     acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, tl.minimum(head, H - 1), SINK)
@@ -213,13 +219,14 @@ def split_kv_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
     causal_offset: int, num_splits: int = 0, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV forward; same contract as :func:`.fa2_fwd.fa2_forward`.
 
     ``num_splits=0`` picks the count from the SM count, B·H·cdiv(Sq, BLOCK_M) and Sk.
     """
     return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, softcap=softcap,
-                     alibi_slopes=alibi_slopes, window_size=window_size, sink=sink)
+                     alibi_slopes=alibi_slopes, window_size=window_size, sink=sink, attn_mask=attn_mask)
 
 
 def split_kv_cache_forward(
@@ -241,7 +248,7 @@ def split_kv_cache_forward(
 
 
 def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None, softcap=0.0,
-              alibi_slopes=None, window_size=(-1, -1), sink=None):
+              alibi_slopes=None, window_size=(-1, -1), sink=None, attn_mask=None):
     b, sq, h, d = q.shape
     h_kv = k.shape[2]
     seqlens, batch_idx, table, leftpad = cache if cache is not None else (None, None, None, None)
@@ -275,6 +282,7 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
         o_part = torch.empty((num_splits, b * h, sq, bd), dtype=acc, device=q.device)
         lse_part = torch.empty((num_splits, b * h, sq), dtype=lse.dtype, device=q.device)
     stand_in = lse_part  # for absent metadata tensors; never read
+    mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     _split_kv_fwd_kernel[(m_blocks, b * heads, num_splits)](
         q, k, v, o_part, lse_part, seqlens if seqlens is not None else stand_in,
         batch_idx if batch_idx is not None else stand_in, table if paged else stand_in,
@@ -282,7 +290,7 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
         table.stride(0) if paged else 0,
         h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale, softcap),
         *_common.alibi_args(alibi_slopes, q), chunk,
-        b * h * sq, win_l, win_r, _common.sink_args(sink, q),
+        b * h * sq, win_l, win_r, _common.sink_args(sink, q), *mask[:5], MASK=mask[5],
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
         CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page, DIRECT=direct,
         HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window,
