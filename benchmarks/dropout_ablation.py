@@ -8,7 +8,10 @@ by a shift), ``join`` (the sixth session's mask: the eight lanes joined as tenso
 dK/dV), ``rounds0`` / ``rounds3`` (Philox with fewer rounds), ``nojoin`` (a cheap arithmetic mask
 built in place: no Philox, no join), ``elem`` (Philox per element: 8x the Philox work), ``pairs``
 (a timing sketch of a mask laid out like the MMA accumulator: one call per query pair {i, i+8} and
-key quad {j, j+1, j+8, j+9}; not the real mask).
+key quad {j, j+1, j+8, j+9}; not the real mask), ``transpose`` (the real mask, but dK/dV draws it
+in the forward's orientation, each Philox call once, and transposes it: a layout conversion
+instead of computing each call twice), ``dkdv=BMxBNwWsS`` (the real mask under another dK/dV launch
+config, e.g. ``dkdv=32x128w8s2``).
 Results: docs/performance.md.
 """
 import sys
@@ -81,6 +84,17 @@ elif variant == "pairs":  # timing sketch: one call per (query pair {i, i+8}, ke
             keep = tl.reshape((b7 >> sh) & 1, [M, BLOCK_N])
         return keep != 0
     _common.dropout_keep = pairs
+elif variant == "transpose":  # dK/dV draws the mask as the forward does (each call once), then transposes
+    _orig_keep = _common.dropout_keep
+
+    @triton.jit
+    def transposed(seed, row0, M: tl.constexpr, start_n, thresh, BLOCK_N: tl.constexpr,
+                   TRANS: tl.constexpr = False):
+        keep = _orig_keep(seed, row0, M, start_n, thresh, BLOCK_N, False)
+        if TRANS:
+            keep = tl.trans(keep)
+        return keep
+    _common.dropout_keep = transposed
 elif variant == "join":  # the sixth session's mask: lanes joined as tensors
     @triton.jit
     def _keep16(word, shift: tl.constexpr, thresh32):
@@ -107,6 +121,14 @@ elif variant == "join":  # the sixth session's mask: lanes joined as tensors
             keep = tl.trans(keep)
         return keep
     _common.dropout_keep = joined
+
+if variant.startswith("dkdv="):  # the real mask under another dK/dV launch config, e.g. dkdv=32x128w8s2
+    import re
+
+    from flash_module.configs import KernelConfig, override
+
+    sizes = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)", variant[5:]).groups()
+    override(dkdv=KernelConfig(*(int(x) for x in sizes))).__enter__()  # for the whole run
 
 b, n, h, d = 2, 8192, 16, 128
 q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
