@@ -264,7 +264,7 @@ def test_greedy_generate_with_a_static_cache(kind):
 
 
 @pytest.mark.slow
-def test_unpadding_compiles_without_graph_breaks():
+def test_unpadding_compiles_without_graph_breaks(device):
     """The padded path (mask function + unpadding + varlen kernels) under
     torch.compile(fullgraph=True): no host read, and a new padding pattern does not recompile."""
     from torch._dynamo.testing import CompileCounter
@@ -280,9 +280,9 @@ def test_unpadding_compiles_without_graph_breaks():
 
     compiled = torch.compile(step, fullgraph=True, backend=counter)
     torch.manual_seed(4)
-    q, k, v = torch.randn(2, 4, 9, 16), torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    q, k, v = (torch.randn(2, h, 9, 16, device=device) for h in (4, 2, 2))
     for first in (3, 5):
-        pad = torch.ones(2, 9, dtype=torch.long)
+        pad = torch.ones(2, 9, dtype=torch.long, device=device)
         pad[1, :first] = 0
         torch.testing.assert_close(compiled(q, k, v, pad), step(q, k, v, pad), atol=1e-5, rtol=1e-5)
     assert counter.frame_count == 1

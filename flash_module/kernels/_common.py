@@ -623,17 +623,13 @@ def attend_kv(
 @triton.jit
 def page_entries(Pages, start_n, n_table, num_pages, PAGE: tl.constexpr, BLOCK_N: tl.constexpr):
     """The block-table entries of key block ``start_n`` (a multiple of BLOCK_N), clamped into the
-    cache: one page (a scalar) when pages hold whole blocks (PAGE a multiple of BLOCK_N); the
-    block's BLOCK_N // PAGE pages, (BLOCK_N // PAGE,), when blocks hold whole pages; else (a page
-    size that is not a power of two, which only the op itself accepts) one entry per key,
-    (BLOCK_N,).  Keys past the table (the last block of a full cache, masked by Sk) read its last
-    entry."""
+    cache: one page (a scalar) when pages hold whole blocks (PAGE a multiple of BLOCK_N), else one
+    per key, (BLOCK_N,).  Keys past the table (the last block of a full cache, masked by Sk) read
+    its last entry.  (Reading one entry per page as a (BLOCK_N // PAGE,) vector and broadcasting
+    it to the rows ran at 0.33x a contiguous cache on an H200, against 0.78x per row:
+    ``docs/performance.md``.)"""
     if PAGE % BLOCK_N == 0:
         pages = tl.load(Pages + tl.minimum(start_n, n_table - 1) // PAGE)
-    elif BLOCK_N % PAGE == 0:
-        # One entry per page, not per key row: a per-row read costs BLOCK_N loads and 64-bit
-        # products per tile.
-        pages = tl.load(Pages + tl.minimum(start_n // PAGE + tl.arange(0, BLOCK_N // PAGE), n_table // PAGE - 1))
     else:
         pages = tl.load(Pages + tl.minimum(start_n + tl.arange(0, BLOCK_N), n_table - 1) // PAGE)
     return tl.minimum(tl.maximum(pages, 0), num_pages - 1).to(tl.int64)
@@ -644,17 +640,12 @@ def page_tile_ptrs(Cache_head, pages, start_n, stride_page, stride_s, PAGE: tl.c
                    BLOCK_D: tl.constexpr):
     """Pointers to the (BLOCK_N, BLOCK_D) tile of key block ``start_n`` of a paged cache whose
     table entries for it are ``pages`` (:func:`page_entries`): key ``n`` is row ``n % PAGE`` of
-    page ``Pages[n // PAGE]``.  Pages holding whole blocks: a plain strided tile.  Smaller pages:
-    the tile spans pages.  Either way the key blocks are those of a contiguous cache."""
+    page ``Pages[n // PAGE]``.  Pages holding whole blocks: a plain strided tile.  Otherwise each
+    row finds its own page, so a tile spans pages (any page size).  Either way the key blocks
+    are those of a contiguous cache."""
     if PAGE % BLOCK_N == 0:
         first = pages * stride_page + tl.cast(start_n % PAGE, tl.int64) * stride_s
         ptrs = tile_ptrs(Cache_head + first, 0, stride_s, BLOCK_N, BLOCK_D)
-    elif BLOCK_N % PAGE == 0:
-        # (BLOCK_N // PAGE, PAGE) row offsets, flattened: row j * PAGE + i is row i of page j
-        # (start_n is a multiple of PAGE).
-        within = tl.arange(0, PAGE).to(tl.int64) * stride_s
-        rows = tl.reshape(pages[:, None] * stride_page + within[None, :], (BLOCK_N,))
-        ptrs = Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
     else:
         rows = pages * stride_page + ((start_n + tl.arange(0, BLOCK_N)) % PAGE).to(tl.int64) * stride_s
         ptrs = Cache_head + rows[:, None] + tl.arange(0, BLOCK_D)[None, :]
