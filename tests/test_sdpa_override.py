@@ -127,3 +127,50 @@ def test_compile_fullgraph_through_the_override(device):
     with fm.sdpa_override():
         assert_compiles_like_eager(f, q, k, v)
         torch.testing.assert_close(f(q, k, v), fm.scaled_dot_product_attention(q, k, v, is_causal=True) * 2)
+
+
+def test_torch_flash_registry_hook_registers_where_torch_has_it():
+    """register_torch_flash_impl: True and listed where torch has the registry, else False."""
+    has = hasattr(torch.nn.attention, "register_flash_attention_impl")
+    assert override.register_torch_flash_impl() is has
+    if has:
+        assert override.TORCH_IMPL_NAME in torch.nn.attention.list_flash_attention_impls()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_torch_flash_backend_runs_our_kernels(causal):
+    """Activated through torch's registry, SDPA's own flash backend runs our kernels: forward and
+    backward by flash-attn's rule, dropout reproducible under the same seed."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not override.register_torch_flash_impl():
+        pytest.skip("this torch has no flash-attention registry")
+    q, k, v = _qkv(2, 4, 4, 301, 301, 64, "cuda", torch.bfloat16)
+    dout = torch.randn_like(q)
+    torch.nn.attention.activate_flash_attention_impl(override.TORCH_IMPL_NAME)
+    try:
+        before = override.torch_impl_calls
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            grads = torch.autograd.grad(out, (q, k, v), dout)
+            runs = []
+            for _ in range(2):
+                torch.manual_seed(7)
+                o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.2, is_causal=causal)
+                runs.append((o, *torch.autograd.grad(o, (q, k, v), dout)))
+        assert override.torch_impl_calls >= before + 3
+    finally:
+        torch.nn.attention.restore_flash_attention_impl()
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    ours = (out, *grads)
+
+    def ref(dtype):
+        qr, kr, vr = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.MATH):
+            o = F.scaled_dot_product_attention(qr, kr, vr, is_causal=causal)
+        return (o, *torch.autograd.grad(o, (qr, kr, vr), dout.to(dtype)))
+
+    for name, a, o, p in zip(["out", "dq", "dk", "dv"], ours, ref(torch.float64), ref(torch.bfloat16)):
+        assert_flash_rule(name, a, o, p, torch.bfloat16)

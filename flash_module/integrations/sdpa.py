@@ -22,9 +22,13 @@ CPU under the interpreter) with one floating dtype, equal head dims, ``key.shape
 and no autograd transform (functorch) active.  Everything else goes to torch's SDPA unchanged,
 errors included.
 
-(Recent torch releases also have ``torch.nn.attention.register_flash_attention_impl``, which
-swaps the kernels behind SDPA's own flash backend on CUDA; plugging in there is future work: it
-cannot be tested without a GPU, and it only covers the inputs torch's flash backend accepts.)
+torch's own hook, where the installed torch has it (``torch.nn.attention.
+register_flash_attention_impl``): :func:`register_torch_flash_impl` registers flash_module as a
+provider of the kernels behind SDPA's **flash backend** on CUDA; the user then opts in with
+``torch.nn.attention.activate_flash_attention_impl("flash_module")`` (providers must not
+activate themselves) and ``restore_flash_attention_impl()`` undoes it.  SDPA's dispatcher still
+decides when its flash backend runs (fp16/bf16, no mask), so that path covers less than the
+router above, which is the fallback for older torch and for masks.
 """
 
 from __future__ import annotations
@@ -111,3 +115,93 @@ def sdpa_override(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = before
+
+
+# -- torch's flash-attention provider hook ------------------------------------------------------
+
+TORCH_IMPL_NAME = "flash_module"
+
+#: Eager forward calls of SDPA's flash backend that ran flash_module's kernels (for tests).
+torch_impl_calls = 0
+
+
+def register_torch_flash_impl() -> bool:
+    """Register flash_module with ``torch.nn.attention``'s flash-attention registry under
+    ``"flash_module"``; False (nothing registered) where the installed torch has no registry.
+    Then ``torch.nn.attention.activate_flash_attention_impl("flash_module")`` makes SDPA's flash
+    backend on CUDA run our kernels, forward and backward (dropout included: our seed travels in
+    the ``rng_state`` output, which torch hands back to the backward)."""
+    try:
+        from torch.nn.attention import register_flash_attention_impl
+    except ImportError:
+        return False
+    register_flash_attention_impl(TORCH_IMPL_NAME, register_fn=_register_aten_kernels)
+    return True
+
+
+class _Handle:
+    """What torch's registry keeps while our kernels are active; ``remove`` drops them."""
+
+    def __init__(self, library: torch.library.Library) -> None:
+        self.library: torch.library.Library | None = library
+
+    def remove(self) -> None:
+        if self.library is not None:
+            getattr(self.library, "_destroy", lambda: None)()  # (else the registrations go with the object)
+            self.library = None
+
+
+def _register_aten_kernels() -> _Handle:
+    lib = torch.library.Library("aten", "IMPL", "CUDA")
+    lib.impl("_scaled_dot_product_flash_attention", _aten_flash_fwd, "CUDA")
+    lib.impl("_scaled_dot_product_flash_attention_backward", _aten_flash_bwd, "CUDA")
+    return _Handle(lib)
+
+
+def _like(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` with ``like``'s strides (what torch's meta functions promise: ``empty_like``)."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
+
+
+def _aten_flash_fwd(query: Tensor, key: Tensor, value: Tensor, dropout_p: float = 0.0,
+                    is_causal: bool = False, return_debug_mask: bool = False, *, scale: float | None = None):
+    """``aten::_scaled_dot_product_flash_attention`` on (B, H, S, D) tensors (causal top-left,
+    as torch's flash backend)."""
+    from .. import ops
+    from ..api import dropout_seed
+
+    if return_debug_mask:
+        raise RuntimeError("flash_module's SDPA flash backend does not return the debug attention mask")
+    global torch_impl_calls
+    if not torch.compiler.is_compiling():
+        torch_impl_calls += 1
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    sm = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    rng = dropout_seed(query.device) if dropout_p > 0 else None
+    out, lse = ops.call(ops.attention_fwd, q, k, v, sm, bool(is_causal), False, "fa2", 0, "triton", 0.0, None,
+                        -1, -1, None, float(dropout_p), rng, None, 0)
+    rng_state = torch.zeros(2, dtype=torch.uint64, device=query.device)
+    if rng is not None:
+        rng_state.view(torch.int64)[:1] = rng
+    unused = torch.empty((), dtype=torch.uint64, device=query.device)
+    debug = torch.empty(0, dtype=query.dtype, device=query.device)
+    return (_like(out.transpose(1, 2), query), lse.float(), None, None, query.shape[2], key.shape[2],
+            rng_state, unused, debug)
+
+
+def _aten_flash_bwd(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor,
+                    logsumexp: Tensor, cum_seq_q, cum_seq_k, max_q: int, max_k: int, dropout_p: float,
+                    is_causal: bool, philox_seed: Tensor, philox_offset: Tensor, *,
+                    scale: float | None = None):
+    """``aten::_scaled_dot_product_flash_attention_backward``: (dq, dk, dv), each laid out like
+    its input."""
+    from .. import ops
+
+    q, k, v, o, do = (t.transpose(1, 2) for t in (query, key, value, out, grad_out))
+    sm = float(scale) if scale is not None else query.shape[-1] ** -0.5
+    rng = philox_seed.view(torch.int64)[:1] if dropout_p > 0 else None
+    dq, dk, dv = ops.call(ops.attention_bwd, do, q, k, v, o, logsumexp, None, sm, bool(is_causal), False,
+                          "fa2", "triton", 0.0, None, -1, -1, float(dropout_p), rng, None, 0)
+    return tuple(_like(g.transpose(1, 2), t) for g, t in ((dq, query), (dk, key), (dv, value)))
