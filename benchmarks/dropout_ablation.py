@@ -142,3 +142,9 @@ dout = torch.randn_like(out)
 bwd = triton.testing.do_bench(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), warmup=10,
                               rep=50, return_mode="median")
 print(f"{variant:10} fwd {flops / fwd / 1e9:6.1f}  bwd {2.5 * flops / bwd / 1e9:6.1f} TFLOP/s", flush=True)
+if "--kernels" in sys.argv:  # where the backward's time goes, kernel by kernel
+    from benchmarks.kernel_times import profile_ms
+
+    times = profile_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True), 10)
+    for name, ms in times.items():
+        print(f"    {name[:60]:60} {ms * 1e3:8.1f} us")
