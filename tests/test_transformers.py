@@ -176,6 +176,27 @@ def test_register_refuses_names_transformers_takes_for_its_own():
         fm_hf.register("flash_module")
 
 
+def test_mask_function_compiles_for_windows_and_packing():
+    """transformers builds its mask functions inside compiled code (closures dynamo cannot open):
+    the choice must trace with fullgraph=True, for a sliding window and for packing."""
+    from transformers import masking_utils as mu
+
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[1, :3] = False
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1]])
+
+    def masks(pad, docs):
+        sliding = fm_hf.build_mask(2, 7, 7, mask_function=mu.sliding_window_causal_mask_function(3),
+                                   attention_mask=pad, local_size=3)
+        packed = mu.and_masks(mu.causal_mask_function, mu.packed_sequence_mask_function(docs))
+        return sliding, fm_hf.build_mask(1, 7, 7, mask_function=packed, attention_mask=None,
+                                         allow_is_causal_skip=False)
+
+    torch._dynamo.reset()
+    sliding, packed = torch.compile(masks, fullgraph=True, backend="eager")(pad, docs)
+    assert torch.equal(sliding, pad) and packed.shape == (1, 1, 7, 7)
+
+
 def test_mask_function_gives_2d_padding_or_the_4d_mask():
     """Plain causal / sliding patterns aligned bottom-right: the 2-D padding mask (None without
     one); packing and other overlays: transformers' SDPA 4-D mask."""
@@ -188,7 +209,8 @@ def test_mask_function_gives_2d_padding_or_the_4d_mask():
     assert got.shape == (2, 7) and torch.equal(got, pad)
     assert fm_hf.build_mask(2, 7, 7, mask_function=causal, attention_mask=None) is None
     sliding = mu.sliding_window_causal_mask_function(3)
-    assert fm_hf.build_mask(2, 1, 7, q_offset=6, mask_function=sliding, attention_mask=pad).shape == (2, 7)
+    assert fm_hf.build_mask(2, 1, 7, q_offset=6, mask_function=sliding, attention_mask=pad,
+                            local_size=3).shape == (2, 7)
     packed = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1, 1]])))
     four_d = fm_hf.build_mask(1, 7, 7, mask_function=packed, attention_mask=None, allow_is_causal_skip=False)
     assert four_d.shape == (1, 1, 7, 7) and not four_d[0, 0, 4, :3].any()  # (as transformers calls it)

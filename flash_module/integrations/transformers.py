@@ -46,22 +46,32 @@ NAME = "fm_triton"
 #: Eager calls of :func:`attention_forward` so far (for tests: the model really runs our kernels).
 calls = 0
 
+#: transformers' mask functions we need, looked up by :func:`register` (eager code): compiled
+#: code cannot import them (transformers' lazy modules are not modules to dynamo).
+_MASKING: dict = {}
 
-def _plain_mask_function(fn) -> bool:
-    """Whether transformers' mask function ``fn`` is causal (optionally with its sliding window)
-    or bidirectional attention with nothing on top: then a 2-D padding mask plus the layer's
-    ``sliding_window`` say everything.  Anything else (packing, overlays, chunks) is not."""
-    from transformers import masking_utils as mu
 
-    if fn in (mu.causal_mask_function, getattr(mu, "bidirectional_mask_function", None)):
-        return True
-    name = getattr(fn, "__qualname__", "")
-    if name.startswith("sliding_window_overlay."):
-        return True
-    if name.startswith("and_masks.") and fn.__closure__:
-        parts = [c.cell_contents for c in fn.__closure__ if isinstance(c.cell_contents, tuple)]
-        return len(parts) == 1 and all(callable(f) and _plain_mask_function(f) for f in parts[0])
-    return False
+def _plain_mask_function(fn, kwargs: dict) -> bool:
+    """Whether transformers' mask function ``fn`` (with the extra arguments transformers passes
+    the mask interface) is plain causal, causal with a sliding window, or bidirectional, with
+    nothing on top: then a 2-D padding mask plus the layer's ``sliding_window`` say everything.
+
+    Read from identities and transformers' own flags, not from closures (compiled code cannot
+    look inside them): packing, token-type or block overlays, and a static cache's decode step
+    set ``allow_is_causal_skip=False`` (or ``use_vmap``); a sliding window comes as the
+    ``and_masks`` of its overlay and causality with ``local_size``, as chunked attention does,
+    which the config's ``attention_chunk_size`` tells apart."""
+    if kwargs.get("use_vmap", False):
+        return False
+    if fn is _MASKING["bidirectional"]:
+        return bool(kwargs.get("allow_is_bidirectional_skip", False)) and kwargs.get("local_size") is None
+    if not kwargs.get("allow_is_causal_skip", True):
+        return False
+    if fn is _MASKING["causal"]:
+        return kwargs.get("local_size") is None
+    chunked = getattr(kwargs.get("config"), "attention_chunk_size", None)
+    return getattr(fn, "__code__", None) is _MASKING["and_code"] and kwargs.get("local_size") is not None \
+        and not chunked
 
 
 def _may_sync(t: Tensor) -> bool:
@@ -80,11 +90,9 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_of
     keys end where the queries end (bottom-right alignment); else transformers' SDPA 4-D mask.
     In eager code an all-ones padding mask becomes None (one host read per forward, as in
     transformers' own mask functions); compiled or captured, the mask is kept: no host sync."""
-    from transformers.masking_utils import sdpa_mask
-
     aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
                and kv_offset + kv_length == q_offset + q_length)
-    if mask_function is not None and aligned and _plain_mask_function(mask_function):
+    if mask_function is not None and aligned and _plain_mask_function(mask_function, kwargs):
         if attention_mask is None:
             return None
         attention_mask = attention_mask[:, -kv_length:].bool()
@@ -92,9 +100,9 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_of
             if _may_sync(attention_mask) and bool(attention_mask.all()):
                 return None  # no padding after all: skip the unpadding's gathers
             return attention_mask
-    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
-                     kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
-                     **kwargs)
+    return _MASKING["sdpa"](batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                            attention_mask=attention_mask, **kwargs)
 
 
 def _unpadded(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, **kw) -> Tensor:
@@ -182,13 +190,16 @@ def register(name: str = NAME) -> str:
     """Register the attention function and its mask function with transformers under ``name``
     (default ``"fm_triton"``); returns the name to pass as ``attn_implementation``."""
     try:
-        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers import AttentionInterface, AttentionMaskInterface, masking_utils
     except ImportError as exc:  # transformers missing, or older than its mask interface
         raise ImportError("flash_module's transformers backend needs transformers with AttentionInterface "
                           "and AttentionMaskInterface (>= 4.54): pip install 'flash_module[hf]'") from exc
     if "flash" in name:
         raise ValueError(f"name={name!r}: transformers routes implementation names containing 'flash' to its "
                          "own flash-attention loader; pick another (default 'fm_triton')")
+    _MASKING.update(causal=masking_utils.causal_mask_function, sdpa=masking_utils.sdpa_mask,
+                    bidirectional=getattr(masking_utils, "bidirectional_mask_function", None),
+                    and_code=masking_utils.and_masks(masking_utils.causal_mask_function).__code__)
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, build_mask)
     return name
