@@ -9,7 +9,8 @@ backend's).
 
     python examples/hf_train_generate.py                   # CPU: tiny model, fp32 (interpreter)
     python examples/hf_train_generate.py --device cuda --dtype bf16 --hidden 2048 --heads 16 \\
-        --kv-heads 8 --layers 4 --seq 4096 --batch 2 --steps 6 --gen-batch 8 --new-tokens 64
+        --kv-heads 8 --layers 4 --seq 4096 --batch 2 --steps 6 --gen-batch 8 --new-tokens 64 \\
+        [--cache static]     # static cache: transformers compiles the decode step
 
 Needs transformers (``pip install flash_module[hf]``).  ``main(argv)`` returns the results
 (used by the tests).
@@ -98,6 +99,8 @@ def generate(model, data: CharData, args) -> dict:
     model.eval()
     kw = dict(attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
               min_new_tokens=args.new_tokens)
+    if args.cache == "static":  # transformers compiles the decoding step itself on CUDA
+        kw["cache_implementation"] = "static"
     with torch.no_grad():
         model.generate(ids, **dict(kw, max_new_tokens=2, min_new_tokens=2))  # warm-up (compiles kernels)
         _sync(device)
@@ -125,6 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt", type=int, default=12)
     ap.add_argument("--new-tokens", type=int, default=4)
     ap.add_argument("--backends", default="fm_triton,sdpa")
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="generation cache; with static, transformers compiles the decode step on CUDA "
+                         "(torch.compile fullgraph, CUDA graphs)")
     ap.add_argument("--corpus-chars", type=int, default=200_000)
     args = ap.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(f"{dev} | Llama hidden {args.hidden}, heads {args.heads}/{args.kv_heads}, {args.layers} layers, "
           f"{args.dtype} | train: batch {args.batch} x {args.seq} | generate: {args.gen_batch} prompts of "
-          f"<= {args.prompt}, {args.new_tokens} new tokens")
+          f"<= {args.prompt}, {args.new_tokens} new tokens, {args.cache} cache")
     names = list(results)
     print(f"{'':22}" + "".join(f"{n:>14}" for n in names))
     for step in range(args.steps):
