@@ -102,7 +102,7 @@ def generate(model, data: CharData, args) -> dict:
     if args.cache == "static":  # transformers compiles the decoding step itself on CUDA
         kw["cache_implementation"] = "static"
     with torch.no_grad():
-        model.generate(ids, **dict(kw, max_new_tokens=2, min_new_tokens=2))  # warm-up (compiles kernels)
+        model.generate(ids, **kw)  # warm-up: compiles the kernels (and, static, the decode step at this size)
         _sync(device)
         t0 = time.perf_counter()
         out = model.generate(ids, **kw)
