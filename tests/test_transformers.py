@@ -147,9 +147,16 @@ def test_control_without_the_mask_function_fails():
         _check("llama", True, attn="fm_nomask")
 
 
-def test_packed_sequences_by_position_ids():
-    """Two documents in one row (position_ids restart, no attention_mask): each sees only itself."""
-    ours, ref, _ = _models("llama")
+@pytest.mark.parametrize("kind", ["llama", pytest.param("mistral", marks=pytest.mark.slow)])
+def test_packed_sequences_by_position_ids(kind, monkeypatch):
+    """Two documents in one row (position_ids restart, no attention_mask): each sees only itself,
+    through the varlen kernels (transformers' document ids, counted once per forward)."""
+    import flash_module.api as api
+
+    varlen = []
+    real = api.flash_attn_varlen_func
+    monkeypatch.setattr(api, "flash_attn_varlen_func", lambda *a, **kw: varlen.append(1) or real(*a, **kw))
+    ours, ref, _ = _models(kind)
     gen = torch.Generator().manual_seed(9)
     a, b = torch.randint(0, VOCAB, (1, 9), generator=gen), torch.randint(0, VOCAB, (1, 12), generator=gen)
     packed = torch.cat([a, b], 1)
@@ -158,6 +165,7 @@ def test_packed_sequences_by_position_ids():
         got = ours(packed, position_ids=pos, use_cache=False).logits  # (packing is read without a cache)
         alone = torch.cat([ref(a).logits, ref(b).logits], 1)
     torch.testing.assert_close(got, alone, atol=2e-5, rtol=1e-4)
+    assert len(varlen) == 2  # both layers
 
 
 @pytest.mark.slow
@@ -199,7 +207,7 @@ def test_mask_function_compiles_for_windows_and_packing():
 
 def test_mask_function_gives_2d_padding_or_the_4d_mask():
     """Plain causal / sliding patterns aligned bottom-right: the 2-D padding mask (None without
-    one); packing and other overlays: transformers' SDPA 4-D mask."""
+    one); packing in eager code: the document ids; other overlays: transformers' SDPA 4-D mask."""
     from transformers import masking_utils as mu
 
     pad = torch.ones(2, 7, dtype=torch.bool)
@@ -212,8 +220,12 @@ def test_mask_function_gives_2d_padding_or_the_4d_mask():
     assert fm_hf.build_mask(2, 1, 7, q_offset=6, mask_function=sliding, attention_mask=pad,
                             local_size=3).shape == (2, 7)
     packed = mu.and_masks(causal, mu.packed_sequence_mask_function(torch.tensor([[0, 0, 0, 1, 1, 1, 1]])))
-    four_d = fm_hf.build_mask(1, 7, 7, mask_function=packed, attention_mask=None, allow_is_causal_skip=False)
-    assert four_d.shape == (1, 1, 7, 7) and not four_d[0, 0, 4, :3].any()  # (as transformers calls it)
+    docs = fm_hf.build_mask(1, 7, 7, mask_function=packed, attention_mask=None, allow_is_causal_skip=False)
+    assert torch.equal(docs, torch.tensor([[0, 0, 0, 1, 1, 1, 1]]))  # eager: the document ids, for varlen
+    overlay = mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: kv != 2)  # (use_vmap: an overlay)
+    four_d = fm_hf.build_mask(1, 7, 7, mask_function=overlay, attention_mask=None, allow_is_causal_skip=False,
+                              use_vmap=True)
+    assert four_d.shape == (1, 1, 7, 7) and not four_d[0, 0, 4, 2] and four_d[0, 0, 4, 3]
     # a static cache: keys past the queries (not aligned) -> the 4-D mask
     assert fm_hf.build_mask(2, 1, 16, q_offset=torch.tensor(6), mask_function=causal,
                             attention_mask=pad).dim() == 4

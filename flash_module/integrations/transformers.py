@@ -28,10 +28,14 @@ Which mask reaches the attention, and what runs (all without a host sync):
   the device, no per-sequence loop) and the output padded back, zeros on padded rows; with fewer
   queries (decoding with a cache) the mask is read as a (B, 1, 1, S_k) key mask with causal
   attention aligned bottom-right.  O(N) memory either way.
-* **Everything else** transformers can ask for (packed sequences detected from ``position_ids``,
-  static caches whose keys are not aligned with the queries, token-type overlays, chunked
-  attention) gets transformers' SDPA boolean 4-D mask, which the kernels read by tiles: exact,
-  O(mask) memory, as transformers' own SDPA path.
+* **Packed documents from** ``position_ids`` (transformers detects them in eager code): the mask
+  function hands over transformers' (B, S) document ids and each document runs as one varlen
+  sequence (the documents are counted on the host once per forward, as transformers' flash
+  path does).
+* **Everything else** transformers can ask for (packing under ``torch.compile``, where it cannot
+  be told from plain batches without a sync; static caches whose keys are not aligned with the
+  queries; token-type overlays; chunked attention) gets transformers' SDPA boolean 4-D mask,
+  which the kernels read by tiles: exact, O(mask) memory, as transformers' own SDPA path.
 
 transformers is an optional dependency (``pip install flash_module[hf]``).
 """
@@ -74,6 +78,33 @@ def _plain_mask_function(fn, kwargs: dict) -> bool:
         and not chunked
 
 
+def _packed_documents(fn) -> Tensor | None:
+    """Eager code only (it opens closures): the (B, S) document ids inside transformers' mask
+    function when it is packing (``packed_sequence_mask_function``) over a plain causal or
+    sliding pattern (position remapping allowed); else None."""
+    docs: list[Tensor] = []
+
+    def plain(f) -> bool:
+        if f is _MASKING["causal"]:
+            return True
+        name = getattr(f, "__qualname__", "")
+        cells = [c.cell_contents for c in (getattr(f, "__closure__", None) or ())]
+        if name.startswith("packed_sequence_mask_function."):
+            docs.extend(c for c in cells if isinstance(c, Tensor))
+            return True
+        if name.startswith("sliding_window_overlay."):
+            return True
+        if name.startswith("remap_positions_for_packed_sequence."):
+            inner = [c for c in cells if callable(c)]
+            return len(inner) == 1 and plain(inner[0])
+        if name.startswith("and_masks."):
+            parts = [c for c in cells if isinstance(c, tuple)]
+            return len(parts) == 1 and all(plain(f) for f in parts[0])
+        return False
+
+    return docs[0] if plain(fn) and len(docs) == 1 and docs[0].dim() == 2 else None
+
+
 def _may_sync(t: Tensor) -> bool:
     """Whether reading ``t`` on the host is harmless: eager code, not compiling, not capturing a
     CUDA graph.  Then, once per forward (the mask function runs once per mask type, not per
@@ -92,6 +123,11 @@ def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_of
     transformers' own mask functions); compiled or captured, the mask is kept: no host sync."""
     aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
                and kv_offset + kv_length == q_offset + q_length)
+    if (attention_mask is None and aligned and q_length == kv_length > 1 and mask_function is not None
+            and not kwargs.get("use_vmap", False) and not torch.compiler.is_compiling()):
+        docs = _packed_documents(mask_function)  # packing: the document ids, for the varlen kernels
+        if docs is not None and docs.shape[1] == kv_length:
+            return docs
     if mask_function is not None and aligned and _plain_mask_function(mask_function, kwargs):
         if attention_mask is None:
             return None
@@ -124,6 +160,27 @@ def _unpadded(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, **kw) -> 
     out = flash_attn_varlen_func(q, k, v, cu, cu, s, s, **kw)[where]  # back in token order
     out = torch.where(flat[:, None, None], out, out.new_zeros(()))  # padded rows: 0, never garbage
     return out.view(b, s, *out.shape[1:])
+
+
+_DOCS: dict = {}  # the last document-id tensor and its cu_seqlens (every layer gets the same one)
+
+
+def _documents(query: Tensor, key: Tensor, value: Tensor, docs: Tensor, **kw) -> Tensor:
+    """Attention of (B, H, S, D) tensors packed with documents (``docs`` (B, S): document index
+    of each token, nondecreasing along a row, as transformers finds them from ``position_ids``):
+    each document one varlen sequence.  Counting the documents reads them on the host once per
+    forward (eager code only, as transformers' own flash path does).  Returns (B, S, H, D)."""
+    from ..api import flash_attn_varlen_func
+
+    b, _, s, d = query.shape
+    if _DOCS.get("ids") is not docs:
+        rows = docs.long() + torch.arange(b, device=docs.device)[:, None] * (s + 1)  # rows never share one
+        counts = torch.unique_consecutive(rows.reshape(-1), return_counts=True)[1]
+        cu = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32)
+        _DOCS.update(ids=docs, cu=cu)
+    cu = _DOCS["cu"]
+    q, k, v = (t.transpose(1, 2).reshape(b * s, t.shape[1], d) for t in (query, key, value))
+    return flash_attn_varlen_func(q, k, v, cu, cu, s, s, **kw).view(b, s, -1, d)
 
 
 def attention_forward(
@@ -160,6 +217,8 @@ def attention_forward(
         window = (int(sliding_window) - 1, 0)
     kw = dict(dropout_p=float(dropout), softmax_scale=scaling, causal=causal, window_size=window,
               softcap=softcap, learnable_sink=sink)
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.dtype != torch.bool:
+        return _documents(query, key, value, attention_mask, **kw), None  # packed documents
     if attention_mask is not None and attention_mask.dim() == 2 and q_len == kv_len:  # padding: unpad
         return _unpadded(query, key, value, attention_mask, **kw), None
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
