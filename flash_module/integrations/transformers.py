@@ -114,13 +114,18 @@ def _may_sync(t: Tensor) -> bool:
     return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def build_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0, mask_function=None,
-               attention_mask: Tensor | None = None, **kwargs) -> Tensor | None:
+def build_mask(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
+               kv_offset=0, mask_function=None, attention_mask: Tensor | None = None,
+               **kwargs) -> Tensor | None:
     """transformers' mask-interface contract.  Returns the 2-D boolean padding mask (B, kv_length)
     (or None without padding) when the pattern is plain causal / sliding / bidirectional and the
     keys end where the queries end (bottom-right alignment); else transformers' SDPA 4-D mask.
     In eager code an all-ones padding mask becomes None (one host read per forward, as in
     transformers' own mask functions); compiled or captured, the mask is kept: no host sync."""
+    if q_length is None:  # transformers before 5.x's (q_length, q_offset) interface: cache_position
+        # (the queries' positions, a tensor: where they end cannot be read without a sync)
+        return _MASKING["sdpa"](batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
+                                mask_function=mask_function, attention_mask=attention_mask, **kwargs)
     aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
                and kv_offset + kv_length == q_offset + q_length)
     if (attention_mask is None and aligned and q_length == kv_length > 1 and mask_function is not None
