@@ -510,53 +510,19 @@ def drop_seed_of(Rng, DROPOUT: tl.constexpr):
 
 
 @triton.jit
-def exp2_fma(x):
-    """``2^x`` for fp32 ``x <= 0`` (-inf included) on the FMA pipe, not the MUFU unit that
-    ``exp2`` and ``tanh`` share: ``x = n + f`` with n = round(x) (the 1.5 * 2^23 trick: an add,
-    no conversion instruction) and f in [-0.5, 0.5], ``2^f`` by a degree-4 polynomial (relative
-    error 8e-6, fitted on [-0.5, 0.5]), and ``2^n`` added to the exponent bits.  Below 2^-125 it
-    returns 0 (masked scores stay exactly 0)."""
-    xc = tl.maximum(x, -125.0)
-    t = xc + 12582912.0  # the low mantissa bits of t hold round(xc)
-    f = xc - (t - 12582912.0)
-    p = 0.009254948419735756 * f + 0.05585606626041138
-    p = p * f + 0.24031252746485976
-    p = p * f + 0.6931306346110181
-    p = p * f + 0.9999977898196671
-    bits = p.to(tl.int32, bitcast=True) + (t.to(tl.int32, bitcast=True) << 23)  # p * 2^round(xc)
-    return tl.where(x < -125.0, 0.0, bits.to(tl.float32, bitcast=True))
-
-
-@triton.jit
-def exp2_shared(x):
-    """``exp2`` of an (M, N) fp32 tile, the odd columns on the FMA pipe (:func:`exp2_fma`): with
-    softcapping every score needs two MUFU ops (tanh, exp2), which made the MUFU unit, not the
-    tensor cores, the forward's limit; this moves a quarter of them.  (A thread of the MMA
-    layout holds column pairs, so the split and join move no data.)"""
-    M: tl.constexpr = x.shape[0]
-    N: tl.constexpr = x.shape[1]
-    even, odd = tl.split(tl.reshape(x, (M, N // 2, 2)))
-    return tl.reshape(tl.join(tl.math.exp2(even), exp2_fma(odd)), (M, N))
-
-
-@triton.jit
-def softmax_update(m_i, l_i, s, MASKED: tl.constexpr, FMA_EXP2: tl.constexpr = False):
+def softmax_update(m_i, l_i, s, MASKED: tl.constexpr):
     """One online-softmax step over a score tile ``s`` (log2 domain, masked entries -inf).
 
     Returns ``(p, alpha, l_new, m_new)``: ``p = exp2(s - m_new)``, ``alpha = exp2(m_i - m_new)``
     (the rescale of everything accumulated so far) and the new running sum and max.  A row that
-    has seen only masked keys keeps ``m = -inf`` and subtracts 0 instead (no NaN).  ``FMA_EXP2``:
-    half of the tile's exp2 on the FMA pipe (:func:`exp2_shared`; fp32 tiles of 16-bit inputs).
+    has seen only masked keys keeps ``m = -inf`` and subtracts 0 instead (no NaN).
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
         m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_sub = m_new
-    if FMA_EXP2:
-        p = exp2_shared(s - m_sub[:, None])
-    else:
-        p = tl.math.exp2(s - m_sub[:, None])
+    p = tl.math.exp2(s - m_sub[:, None])
     alpha = tl.math.exp2(m_i - m_sub)
     l_new = l_i * alpha + tl.sum(p, 1)
     return p, alpha, l_new, m_new
@@ -622,8 +588,7 @@ def attend_block(
         s = tl.where(visible(rows[:, None], cols[None, :], Sk, causal_offset, IS_CAUSAL, win_l, win_r, WINDOW), s,
                      float("-inf"))
     # (a mask may hide whole rows in any block: then every block needs the -inf-safe update)
-    p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED or MASK != 0,
-                                        SOFTCAP and (q.dtype == tl.float16 or q.dtype == tl.bfloat16))
+    p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED or MASK != 0)
     if DROPOUT:
         # (rows are one tile, consecutive: the reduction is loop-invariant, hoisted by the compiler)
         keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], start_n, drop_thresh, BLOCK_N)
