@@ -9,18 +9,23 @@ Skipped without transformers (``pip install flash_module[hf]``)."""
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import AttentionInterface, AttentionMaskInterface  # noqa: E402
+from transformers import AttentionInterface, AttentionMaskInterface, masking_utils  # noqa: E402
 
 from flash_module.integrations import transformers as fm_hf  # noqa: E402
 
 from .helpers import assert_flash_rule  # noqa: E402
 
 NAME = fm_hf.register()
+# transformers' mask interface: (q_length, q_offset) since 5.x, cache_position before
+NEW_MASK_API = "q_length" in inspect.signature(masking_utils.sdpa_mask).parameters
+needs_new_mask_api = pytest.mark.skipif(not NEW_MASK_API, reason="transformers before the (q_length, "
+                                        "q_offset) mask interface: covered by the model tests")
 VOCAB, SEQ = 97, 21
 
 
@@ -63,6 +68,8 @@ def _config(kind: str):
         return transformers.Gemma2Config(**common, head_dim=16, sliding_window=6, attn_logit_softcapping=5.0,
                                          final_logit_softcapping=None, query_pre_attn_scalar=16)
     if kind == "gpt_oss":
+        if not hasattr(transformers, "GptOssConfig"):  # (transformers >= 4.55)
+            pytest.skip(f"transformers {transformers.__version__} has no gpt-oss")
         return transformers.GptOssConfig(**common, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
                                          sliding_window=6,
                                          layer_types=["sliding_attention", "full_attention"])
@@ -184,6 +191,7 @@ def test_register_refuses_names_transformers_takes_for_its_own():
         fm_hf.register("flash_module")
 
 
+@needs_new_mask_api
 def test_mask_function_compiles_for_windows_and_packing():
     """transformers builds its mask functions inside compiled code (closures dynamo cannot open):
     the choice must trace with fullgraph=True, for a sliding window and for packing."""
@@ -205,6 +213,7 @@ def test_mask_function_compiles_for_windows_and_packing():
     assert torch.equal(sliding, pad) and packed.shape == (1, 1, 7, 7)
 
 
+@needs_new_mask_api
 def test_mask_function_gives_2d_padding_or_the_4d_mask():
     """Plain causal / sliding patterns aligned bottom-right: the 2-D padding mask (None without
     one); packing in eager code: the document ids; other overlays: transformers' SDPA 4-D mask."""
@@ -298,6 +307,7 @@ def test_greedy_generate_with_a_static_cache(kind):
 
 
 @pytest.mark.slow
+@needs_new_mask_api
 def test_unpadding_compiles_without_graph_breaks(device):
     """The padded path (mask function + unpadding + varlen kernels) under
     torch.compile(fullgraph=True): no host read, and a new padding pattern does not recompile."""

@@ -122,12 +122,27 @@ def build_mask(batch_size: int, q_length: int | None = None, kv_length: int | No
     keys end where the queries end (bottom-right alignment); else transformers' SDPA 4-D mask.
     In eager code an all-ones padding mask becomes None (one host read per forward, as in
     transformers' own mask functions); compiled or captured, the mask is kept: no host sync."""
-    if q_length is None:  # transformers before 5.x's (q_length, q_offset) interface: cache_position
-        # (the queries' positions, a tensor: where they end cannot be read without a sync)
-        return _MASKING["sdpa"](batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset,
-                                mask_function=mask_function, attention_mask=attention_mask, **kwargs)
-    aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
-               and kv_offset + kv_length == q_offset + q_length)
+    if q_length is None:
+        # transformers before its (q_length, q_offset) interface passes cache_position, the
+        # queries' positions (a tensor, not read here): as many queries as keys from key 0 (no
+        # cache, or a cache's first fill) are aligned; anything else takes the 4-D mask
+        position = kwargs.pop("cache_position")
+        q_length = position.shape[0]
+        aligned = kv_offset == 0 and kv_length == q_length
+
+        def fallback() -> Tensor | None:
+            return _MASKING["sdpa"](batch_size=batch_size, cache_position=position, kv_length=kv_length,
+                                    kv_offset=kv_offset, mask_function=mask_function,
+                                    attention_mask=attention_mask, **kwargs)
+    else:
+        aligned = (isinstance(q_offset, int) and isinstance(kv_offset, int)
+                   and kv_offset + kv_length == q_offset + q_length)
+
+        def fallback() -> Tensor | None:
+            return _MASKING["sdpa"](batch_size=batch_size, q_length=q_length, kv_length=kv_length,
+                                    q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                                    attention_mask=attention_mask, **kwargs)
+
     if (attention_mask is None and aligned and q_length == kv_length > 1 and mask_function is not None
             and not kwargs.get("use_vmap", False) and not torch.compiler.is_compiling()):
         docs = _packed_documents(mask_function)  # packing: the document ids, for the varlen kernels
@@ -141,9 +156,7 @@ def build_mask(batch_size: int, q_length: int | None = None, kv_length: int | No
             if _may_sync(attention_mask) and bool(attention_mask.all()):
                 return None  # no padding after all: skip the unpadding's gathers
             return attention_mask
-    return _MASKING["sdpa"](batch_size=batch_size, q_length=q_length, kv_length=kv_length,
-                            q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
-                            attention_mask=attention_mask, **kwargs)
+    return fallback()
 
 
 def _unpadded(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, **kw) -> Tensor:
