@@ -346,3 +346,23 @@ def test_hf_example_trains_and_generates_like_sdpa(device):
     torch.testing.assert_close(torch.tensor(res[NAME]["losses"]), torch.tensor(res["sdpa"]["losses"]),
                                atol=tol, rtol=tol)
     assert res["tokens_agree"] == 1.0
+
+
+def test_attention_dropout_in_training():
+    """A model with attention dropout, in training mode with padding: the varlen kernels draw the
+    mask (fresh per step, reproducible under torch.manual_seed), and evaluation mode has none."""
+    torch.manual_seed(0)
+    cfg = _config("llama")
+    cfg.attention_dropout = 0.3
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)
+    ids, mask, labels = _batch(True)
+    model.train()
+    losses = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        losses.append(model(ids, attention_mask=mask, labels=labels).loss.item())
+    assert losses[0] == losses[1] != losses[2]
+    model.eval()
+    with torch.no_grad():
+        a, b = (model(ids, attention_mask=mask).logits for _ in range(2))
+    assert torch.equal(a, b)
