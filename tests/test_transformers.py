@@ -27,6 +27,14 @@ NEW_MASK_API = "q_length" in inspect.signature(masking_utils.sdpa_mask).paramete
 needs_new_mask_api = pytest.mark.skipif(not NEW_MASK_API, reason="transformers before the (q_length, "
                                         "q_offset) mask interface: covered by the model tests")
 VOCAB, SEQ = 97, 21
+DEV = "cpu"  # the suite's device (tests/conftest.py): CPU under the interpreter, or the GPU
+
+
+@pytest.fixture(autouse=True)
+def _on_the_suite_device(device):
+    global DEV
+    DEV = device
+    yield
 
 
 def _eager64(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, s_aux=None,
@@ -82,8 +90,9 @@ def _models(kind: str, attn: str = NAME):
     cfg = _config(kind)
     cfg._attn_implementation = "eager"
     ref = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="eager")
-    ref.eval()
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn).eval()
+    ref.to(DEV).eval()
+    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn)
+    ours.to(DEV).eval()
     ours.load_state_dict(ref.state_dict())
     oracle = copy.deepcopy(ref).double()
     oracle.set_attn_implementation("eager64")
@@ -100,7 +109,7 @@ def _batch(pad: bool):
     # output is arbitrary (its query sees no key; eager gives a uniform average, we give 0)
     seen = torch.cat([torch.zeros(2, 1, dtype=torch.long), mask[:, :-1]], 1)
     labels = ids.masked_fill((mask == 0) | (seen == 0), -100)
-    return ids, mask, labels
+    return ids.to(DEV), mask.to(DEV), labels.to(DEV)
 
 
 def _run(model, ids, mask, labels):
@@ -165,9 +174,9 @@ def test_packed_sequences_by_position_ids(kind, monkeypatch):
     monkeypatch.setattr(api, "flash_attn_varlen_func", lambda *a, **kw: varlen.append(1) or real(*a, **kw))
     ours, ref, _ = _models(kind)
     gen = torch.Generator().manual_seed(9)
-    a, b = torch.randint(0, VOCAB, (1, 9), generator=gen), torch.randint(0, VOCAB, (1, 12), generator=gen)
+    a, b = (torch.randint(0, VOCAB, (1, n), generator=gen).to(DEV) for n in (9, 12))
     packed = torch.cat([a, b], 1)
-    pos = torch.cat([torch.arange(9), torch.arange(12)])[None]
+    pos = torch.cat([torch.arange(9), torch.arange(12)])[None].to(DEV)
     with torch.no_grad():
         got = ours(packed, position_ids=pos, use_cache=False).logits  # (packing is read without a cache)
         alone = torch.cat([ref(a).logits, ref(b).logits], 1)
@@ -249,9 +258,9 @@ def test_unpadding_equals_the_masked_kernels(causal):
 
     torch.manual_seed(3)
     b, h, h_kv, s, d = 3, 4, 2, 19, 16
-    q = torch.randn(b, h, s, d, requires_grad=True)
-    k, v = (torch.randn(b, h_kv, s, d, requires_grad=True) for _ in range(2))
-    mask = torch.ones(b, s, dtype=torch.bool)
+    q = torch.randn(b, h, s, d, device=DEV, requires_grad=True)
+    k, v = (torch.randn(b, h_kv, s, d, device=DEV, requires_grad=True) for _ in range(2))
+    mask = torch.ones(b, s, dtype=torch.bool, device=DEV)
     mask[0, :5] = False  # left padding
     mask[1, 13:] = False  # right padding
     mask[2, 4:6] = False  # a hole
@@ -281,9 +290,9 @@ def test_packed_sequences_by_cu_seq_lens(monkeypatch):
     monkeypatch.setattr(api, "flash_attn_varlen_func", lambda *a, **kw: varlen.append(1) or real(*a, **kw))
     ours, ref, _ = _models("llama")
     gen = torch.Generator().manual_seed(11)
-    a, b = torch.randint(0, VOCAB, (1, 8), generator=gen), torch.randint(0, VOCAB, (1, 13), generator=gen)
-    cu = torch.tensor([0, 8, 21], dtype=torch.int32)
-    pos = torch.cat([torch.arange(8), torch.arange(13)])[None]
+    a, b = (torch.randint(0, VOCAB, (1, n), generator=gen).to(DEV) for n in (8, 13))
+    cu = torch.tensor([0, 8, 21], dtype=torch.int32, device=DEV)
+    pos = torch.cat([torch.arange(8), torch.arange(13)])[None].to(DEV)
     with torch.no_grad():
         got = ours(torch.cat([a, b], 1), position_ids=pos, use_cache=False, cu_seq_lens_q=cu,
                    cu_seq_lens_k=cu, max_length_q=13, max_length_k=13).logits
@@ -354,7 +363,7 @@ def test_attention_dropout_in_training():
     torch.manual_seed(0)
     cfg = _config("llama")
     cfg.attention_dropout = 0.3
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).to(DEV)
     ids, mask, labels = _batch(True)
     model.train()
     losses = []
