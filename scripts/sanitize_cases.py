@@ -141,6 +141,9 @@ def cases() -> list:
     out.append(_mask_case(torch.bfloat16, SHAPES[0], (1, 1, 1, 203), "bool"))
     out.append(_mask_case(torch.float32, SHAPES[1], (2, 2, 203, 77), "float"))
     out.append(_mask_case(torch.bfloat16, SHAPES[0], (1, 1, 1, 203), "float"))  # its gradient: atomics
+    # masks at decode shapes: the split-KV kernel reads them (packed GQA rows, per-head pointers)
+    out.append(_mask_case(torch.bfloat16, SHAPES[3], (2, 1, 1, 300), "bool"))
+    out.append(_mask_case(torch.float32, SHAPES[3], (2, 8, 1, 300), "float"))
     return out + [_softmax_case("online", None), _softmax_case("tiling", 3)]
 
 
