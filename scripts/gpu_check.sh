@@ -3,7 +3,7 @@
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
 #        [decode] [varlen] [subset] [variants] [window] [ablation]
 #        (default: tests bench)
-# ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full join pairs).
+# ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full transpose).
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
 # subset: pytest $SUBSET (files; SUBSET_K: a -k expression, kept as one argument) with -v into $OUT/subset.log
@@ -131,7 +131,7 @@ for step in $steps; do
         | tee "$OUT/varlen.log"
       ;;
     ablation)  # benchmarks/dropout_ablation.py, one process per variant (ABLATION_VARIANTS)
-      for variant in ${ABLATION_VARIANTS:-plain full join pairs}; do
+      for variant in ${ABLATION_VARIANTS:-plain full transpose}; do
         python3 benchmarks/dropout_ablation.py "$variant" 2>&1 | grep -v -i warn | tee -a "$OUT/ablation.log"
       done
       ;;
