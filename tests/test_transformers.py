@@ -244,6 +244,9 @@ def test_mask_function_gives_2d_padding_or_the_4d_mask():
     four_d = fm_hf.build_mask(1, 7, 7, mask_function=overlay, attention_mask=None, allow_is_causal_skip=False,
                               use_vmap=True)
     assert four_d.shape == (1, 1, 7, 7) and not four_d[0, 0, 4, 2] and four_d[0, 0, 4, 3]
+    # bidirectional (encoders, cross-attention: the padding is the keys' alone) -> the 4-D mask
+    assert fm_hf.build_mask(2, 7, 7, mask_function=mu.bidirectional_mask_function, attention_mask=pad,
+                            allow_is_causal_skip=False, allow_is_bidirectional_skip=True).dim() == 4
     # a static cache: keys past the queries (not aligned) -> the 4-D mask
     assert fm_hf.build_mask(2, 1, 16, q_offset=torch.tensor(6), mask_function=causal,
                             attention_mask=pad).dim() == 4

@@ -57,8 +57,10 @@ _MASKING: dict = {}
 
 def _plain_mask_function(fn, kwargs: dict) -> bool:
     """Whether transformers' mask function ``fn`` (with the extra arguments transformers passes
-    the mask interface) is plain causal, causal with a sliding window, or bidirectional, with
-    nothing on top: then a 2-D padding mask plus the layer's ``sliding_window`` say everything.
+    the mask interface) is plain causal or causal with a sliding window, with nothing on top:
+    then a 2-D padding mask plus the layer's ``sliding_window`` say everything.  (Bidirectional
+    masks take the 4-D mask: for cross-attention the padding mask is the keys' only, and the
+    unpadding would apply it to the queries.)
 
     Read from identities and transformers' own flags, not from closures (compiled code cannot
     look inside them): packing, token-type or block overlays, and a static cache's decode step
@@ -67,8 +69,6 @@ def _plain_mask_function(fn, kwargs: dict) -> bool:
     which the config's ``attention_chunk_size`` tells apart."""
     if kwargs.get("use_vmap", False):
         return False
-    if fn is _MASKING["bidirectional"]:
-        return bool(kwargs.get("allow_is_bidirectional_skip", False)) and kwargs.get("local_size") is None
     if not kwargs.get("allow_is_causal_skip", True):
         return False
     if fn is _MASKING["causal"]:
@@ -118,7 +118,7 @@ def build_mask(batch_size: int, q_length: int | None = None, kv_length: int | No
                kv_offset=0, mask_function=None, attention_mask: Tensor | None = None,
                **kwargs) -> Tensor | None:
     """transformers' mask-interface contract.  Returns the 2-D boolean padding mask (B, kv_length)
-    (or None without padding) when the pattern is plain causal / sliding / bidirectional and the
+    (or None without padding) when the pattern is plain causal or sliding and the
     keys end where the queries end (bottom-right alignment); else transformers' SDPA 4-D mask.
     In eager code an all-ones padding mask becomes None (one host read per forward, as in
     transformers' own mask functions); compiled or captured, the mask is kept: no host sync."""
@@ -275,7 +275,6 @@ def register(name: str = NAME) -> str:
         raise ValueError(f"name={name!r}: transformers routes implementation names containing 'flash' to its "
                          "own flash-attention loader; pick another (default 'fm_triton')")
     _MASKING.update(causal=masking_utils.causal_mask_function, sdpa=masking_utils.sdpa_mask,
-                    bidirectional=getattr(masking_utils, "bidirectional_mask_function", None),
                     and_code=masking_utils.and_masks(masking_utils.causal_mask_function).__code__)
     AttentionInterface.register(name, attention_forward)
     AttentionMaskInterface.register(name, build_mask)
