@@ -77,10 +77,12 @@ def test_mask_matches_oracle(b, sq, sk, h, h_kv, d, kind, shape, dtype, impl, de
 # Decode shapes (few queries, >= ops.DECODE_MIN_KEYS keys): the split-KV kernel reads the mask,
 # with the GQA group's query heads packed into one tile (each row its own head's mask).
 DECODE_CASES = [
-    pytest.param(2, 1, 300, 4, 2, 32, "bool", (2, 1, 1, 300), False, id="key-padding-gqa"),
+    pytest.param(2, 1, 300, 4, 2, 32, "bool", (2, 1, 1, 300), False, id="key-padding-gqa",
+                 marks=pytest.mark.slow),
     pytest.param(2, 3, 290, 4, 2, 32, "bool", (2, 1, 1, 290), True, id="key-padding-causal-gqa"),
     pytest.param(1, 2, 260, 4, 1, 24, "float", (1, 4, 2, 260), False, id="float-per-head-mqa"),
-    pytest.param(2, 1, 270, 2, 2, 16, "bool", (2, 2, 1, 270), True, id="bool-per-head-mha"),
+    pytest.param(2, 1, 270, 2, 2, 16, "bool", (2, 2, 1, 270), True, id="bool-per-head-mha",
+                 marks=pytest.mark.slow),
 ]
 
 

@@ -252,7 +252,8 @@ def test_mask_function_gives_2d_padding_or_the_4d_mask():
                             attention_mask=pad).dim() == 4
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("causal", [True, pytest.param(False, marks=pytest.mark.slow)],
+                         ids=["causal", "bidirectional"])
 def test_unpadding_equals_the_masked_kernels(causal):
     """Padding by unpadding into the varlen kernels (left, right padding and a hole) equals the
     dense kernels with the same key-padding mask on every real row, forward and backward; padded
@@ -283,6 +284,7 @@ def test_unpadding_equals_the_masked_kernels(causal):
         torch.testing.assert_close(a, w, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_packed_sequences_by_cu_seq_lens(monkeypatch):
     """Packed documents given as cu_seq_lens_q/k (DataCollatorWithFlattening's flash kwargs) run
     the varlen kernels: each document sees only itself."""
@@ -360,6 +362,7 @@ def test_hf_example_trains_and_generates_like_sdpa(device):
     assert res["tokens_agree"] == 1.0
 
 
+@pytest.mark.slow
 def test_attention_dropout_in_training():
     """A model with attention dropout, in training mode with padding: the varlen kernels draw the
     mask (fresh per step, reproducible under torch.manual_seed), and evaluation mode has none."""
