@@ -164,10 +164,16 @@ def mma(a, b, acc):
     """``acc + a @ b``.  ``a`` may be an fp32 tile (P or dS) and is cast to ``b``'s dtype.
 
     fp32/fp64 operands use IEEE products (no tf32).  Under the interpreter, fp16/bf16 operands go
-    to fp32 first (the interpreter's low-precision ``tl.dot`` is wrong).
+    to fp32 first (the interpreter's low-precision ``tl.dot`` is wrong), and fp32 products are
+    summed in fp64 and rounded once: numpy's fp32 matmul sums in an order that depends on the
+    BLAS build and on the operands' layout, so the backward's K Q^T could differ from the
+    forward's Q K^T in the last bit, which at logits ~1e3 is a 1e-3 error in P (seen with numpy
+    2.4 on an AMD EPYC).  On a GPU both come from the same MMA order.
     """
     if INTERPRET and (b.dtype == tl.float16 or b.dtype == tl.bfloat16):
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif INTERPRET and b.dtype == tl.float32:
+        return tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32) + acc
     elif b.dtype == tl.float16 or b.dtype == tl.bfloat16:
         return tl.dot(a.to(b.dtype), b, acc, input_precision="tf32", out_dtype=acc.dtype)
     else:
