@@ -311,6 +311,41 @@ def test_cuda_graph_decode_replays_for_new_lengths():
         assert torch.equal(out, want), lengths
 
 
+MERGE_CASES = [  # (B, Sq, H, H_kv, D, cache length, num_splits, sink): the in-kernel merge under load
+    pytest.param(1, 1, 32, 8, 128, 65536, 0, False, id="b1-64k-auto"),
+    pytest.param(4, 1, 32, 8, 128, 16384, 256, False, id="b4-16k-256splits"),
+    pytest.param(3, 5, 16, 16, 96, 7000, 7, True, id="b3-sq5-7splits-sink"),
+    pytest.param(2, 40, 8, 2, 64, 5000, 64, False, id="b2-sq40-64splits"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,sq,h,h_kv,d,n,num_splits,sink", MERGE_CASES)
+def test_split_merge_is_exact_and_deterministic(b, sq, h, h_kv, d, n, num_splits, sink):
+    """The last program of each row group merges the chunks (an arrival counter, one launch):
+    at real sizes, with many programs racing, the output matches the one-chunk kernel within the
+    2x rule and is bitwise the same on every run (a stale partial would show as a difference)."""
+    dt = torch.bfloat16
+    q = torch.randn(b, sq, h, d, device="cuda", dtype=dt)
+    kc, vc = (torch.randn(b, n, h_kv, d, device="cuda", dtype=dt) for _ in range(2))
+    lens = torch.randint(n // 2, n + 1, (b,), device="cuda", dtype=torch.int32)
+    s = torch.randn(h, device="cuda") if sink else None
+    run = (lambda k: fm.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, num_splits=k,
+                                                learnable_sink=s, return_softmax_lse=True))
+    out, lse = run(num_splits)
+    one, one_lse = run(1)
+    for _ in range(20):
+        again, again_lse = run(num_splits)
+        assert torch.equal(again, out) and torch.equal(again_lse, lse)
+    for i in range(b):
+        m = int(lens[i])
+        args = (q[i:i + 1], kc[i:i + 1, :m], vc[i:i + 1, :m])
+        ref, _ = attention_ref(*(t.double() for t in args), d ** -0.5, True, True, sink=s)
+        lowp, _ = attention_ref(*args, d ** -0.5, True, True, sink=s)
+        assert_flash_rule("out", out[i:i + 1], ref, lowp, dt)
+    torch.testing.assert_close(lse, one_lse, atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3, 7])
 def test_split_counts_and_bad_indices(num_splits, device):
     """Any split count gives the oracle's answer (chunks past a sequence's length do no work);
