@@ -5,16 +5,10 @@ The key sequence is cut into ``num_splits`` chunks processed by independent prog
 and writes a *partial* result: the chunk-normalised output O_c and the chunk's log-sum-exp
 lse_c (its local max and sum folded together; -inf for a chunk the row cannot see).
 
-The chunks are then merged exactly as the tiling softmax does, with the global max
+A combine kernel then merges the chunks exactly as the tiling softmax does, with the global max
 M = max_c lse_c:
 
     w_c = exp(lse_c - M),   O = sum_c w_c O_c / sum_c w_c,   lse = M + log(sum_c w_c)
-
-The merge runs in the same launch: each program takes a ticket from its row group's arrival
-counter after writing its partial result, and the program that arrives last (ticket
-num_splits - 1) reads every chunk's partial and writes the output.  Decode is host-bound at
-small batches, where a second launch (the combine kernel this replaced) cost ~27 us of the
-~150 us per call.
 
 With one query row and 64k keys, this spreads the keys over the whole GPU instead of one
 program per (batch, head).  For decode with GQA (Sq x group <= 64 rows) one tile holds all the
@@ -45,61 +39,8 @@ from ._common import (
 
 
 @triton.jit
-def _merge_chunks(
-    OPart, LsePart, Out, Lse, Sink, heads, lse_rows, o_rows, row_ok, num_splits, part_stride,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, SINK: tl.constexpr,
-):
-    """Merge the ``num_splits`` partial results of BLOCK_M rows (the tiling softmax's combine,
-    natural-log LSEs) into Out (rows ``o_rows`` of (B * Sq * H, HEAD_DIM)) and Lse (``lse_rows``).
-    With ``SINK`` the row's head's sink logit (``Sink[heads]``) joins as one more chunk with no
-    value (see :func:`._common.add_sink`).  BLOCK_S chunks are read per iteration, their loads
-    in flight together.  The partials were written by other programs: loads bypass L1 (``.cg``)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    lse_t: tl.constexpr = Lse.dtype.element_ty  # fp64 for fp32 inputs (see lse_epilogue)
-    log2e = tl.full([], LOG2E_C, lse_t)
-    # Pass 1: the global max over the chunks' LSEs.
-    big_m = tl.full([BLOCK_M], float("-inf"), lse_t)
-    for c0 in range(0, num_splits, BLOCK_S):
-        for s in tl.static_range(BLOCK_S):
-            chunk = c0 + s + tl.zeros([BLOCK_M], tl.int64)  # a vector: the interpreter's int1 broadcast is int32
-            ok = row_ok & (chunk < num_splits)
-            lse_c = tl.load(LsePart + chunk * part_stride + lse_rows, mask=ok, other=float("-inf"),
-                            cache_modifier=".cg")  # (BLOCK_M,)
-            big_m = tl.maximum(big_m, lse_c)
-    if SINK:
-        sink = tl.load(Sink + heads, mask=row_ok, other=0.0).to(lse_t)
-        big_m = tl.maximum(big_m, sink)
-    m_sub = tl.where(big_m == float("-inf"), 0.0, big_m)
-    # Pass 2: weights exp(lse_c - M), weighted sum of the chunk outputs.  (Both passes unroll
-    # BLOCK_S chunks per iteration; one (BLOCK_M, BLOCK_S, BLOCK_D) tile summed over its middle
-    # axis failed to compile for 64-row tiles, triton 3.6.)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
-    total = tl.zeros([BLOCK_M], ACC_DTYPE)
-    for c0 in range(0, num_splits, BLOCK_S):
-        for s in tl.static_range(BLOCK_S):
-            chunk = c0 + s + tl.zeros([BLOCK_M], tl.int64)  # a vector: the interpreter's int1 broadcast is int32
-            ok = row_ok & (chunk < num_splits)
-            part = chunk * part_stride + lse_rows  # (BLOCK_M,)
-            lse_c = tl.load(LsePart + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            w = tl.math.exp2(((lse_c - m_sub) * log2e).to(ACC_DTYPE))  # 0 for chunks a row cannot see
-            o_c = tl.load(OPart + part[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0,
-                          cache_modifier=".cg")  # (BLOCK_M, BLOCK_D)
-            acc += w[:, None] * o_c
-            total += w
-    if SINK:
-        total += tl.math.exp2(((sink - m_sub) * log2e).to(ACC_DTYPE))
-    seen = total > 0
-    t_safe = tl.where(seen, total, 1.0)
-    lse = tl.where(seen, big_m + tl.math.log2(t_safe).to(lse_t) * tl.full([], LN2, lse_t), float("-inf"))
-    tl.store(Out + o_rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / t_safe[:, None]).to(Out.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-    tl.store(Lse + lse_rows, lse, mask=row_ok)
-
-
-@triton.jit
 def _split_kv_fwd_kernel(
-    Q, K, V, Out, Lse, OPart, LsePart, Counter, num_splits, SeqLens, BatchIdx, BlockTable, LeftPad,
+    Q, K, V, OPart, LsePart, SeqLens, BatchIdx, BlockTable, LeftPad,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_bt, H, GROUP, Sq, Sk, causal_offset, num_kv_rows, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab,
     stride_ah, chunk, part_stride, win_l, win_r, Sink, Mask, stride_mb, stride_mh, stride_mi, stride_mj,
@@ -107,13 +48,10 @@ def _split_kv_fwd_kernel(
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, PACK_GQA: tl.constexpr, CACHE: tl.constexpr,
     HAS_BATCH_IDX: tl.constexpr, PAGED: tl.constexpr, PAGE: tl.constexpr, DIRECT: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
-    SINK: tl.constexpr, MASK: tl.constexpr = 0, MERGE_S: tl.constexpr = 1,
+    SINK: tl.constexpr, MASK: tl.constexpr = 0,
 ):
-    """One (query block, head, key chunk) partial result into OPart (num_splits, B * H, Sq,
-    BLOCK_D) / LsePart (num_splits, B * H, Sq); the last of a row group's ``num_splits``
-    programs to finish (``Counter``: one zeroed int32 per (query block, head) program pair)
-    merges them into Out (B, Sq, H, D) and Lse (B, H, Sq), MERGE_S chunks at a time.  With
-    ``DIRECT`` (one chunk) the program writes Out and Lse itself.  With ``CACHE`` the keys are a KV
+    """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
+    result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
     cache: batch ``b`` sees its first ``SeqLens[b]`` keys (clamped into [0, Sk], Sk = the
     capacity; causal bottom-right against that length) in cache row ``BatchIdx[b]`` (or ``b``),
     or, with ``PAGED``, in the pages of block-table row ``b`` (stride_kb: the page stride).
@@ -192,30 +130,76 @@ def _split_kv_fwd_kernel(
                 win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, 0, 0, 0, Mask_bh, stride_mi, stride_mj, Sq,
                 Sk, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, False, MASK)
 
-    # The sink joins once: here with one chunk, else in the merge.
-    if DIRECT:
-        acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, tl.minimum(head, H - 1), SINK)
+    # The sink joins once: here with one chunk (SINK is only set then), else in the combine.
+    acc, l_i, m_i = add_sink(acc, l_i, m_i, Sink, tl.minimum(head, H - 1), SINK)
     l_safe, lse = lse_epilogue(l_i, m_i, Q.dtype.element_ty == tl.float32)
     lse_rows = (off_b * H + head) * Sq + rows  # (B, H, Sq) row index
-    o_rows = (off_b * Sq + rows) * H + head  # (B, Sq, H) row index of Out
     if DIRECT:  # the only chunk: the output itself, (B, Sq, H, D) contiguous
-        o_ptrs = Out + o_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(o_ptrs, (acc / l_safe[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
-        tl.store(Lse + lse_rows, lse, mask=row_ok)
+        o_rows = (off_b * Sq + rows) * H + head
+        o_ptrs = OPart + o_rows[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, (acc / l_safe[:, None]).to(OPart.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+        tl.store(LsePart + lse_rows, lse, mask=row_ok)
     else:
         part = split.to(tl.int64) * part_stride
         o_ptrs = OPart + (part + lse_rows[:, None]) * BLOCK_D + offs_d[None, :]
         tl.store(o_ptrs, acc / l_safe[:, None], mask=row_ok[:, None])
         tl.store(LsePart + part + lse_rows, lse, mask=row_ok)
-        # Arrival: a barrier so every thread's stores precede the ticket (a release at GPU
-        # scope); the program holding the last ticket acquires them all and merges.
-        tl.debug_barrier()
-        ticket = tl.atomic_add(Counter + tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), 1,
-                               sem="acq_rel", scope="gpu")
-        if ticket == num_splits - 1:
-            _merge_chunks(OPart, LsePart, Out, Lse, Sink, tl.minimum(head, H - 1) + tl.zeros_like(rows),
-                          lse_rows, o_rows, row_ok, num_splits, part_stride, HEAD_DIM, BLOCK_D, BLOCK_M,
-                          MERGE_S, ACC_DTYPE, SINK)
+
+
+@triton.jit
+def _combine_kernel(
+    OPart, LsePart, Out, Lse, Sink, H, Sq, n_rows, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, SINK: tl.constexpr,
+):
+    """Merge the chunks of BLOCK_M rows (row = (b * H + h) * Sq + s, of n_rows), as the tiling
+    softmax does (natural-log LSEs).  With ``SINK`` the head's sink logit joins as one more
+    chunk with no value (see :func:`._common.add_sink`).
+
+    BLOCK_S chunks are read at once, as one (BLOCK_M, BLOCK_S, BLOCK_D) tile, so a row's loads
+    are issued together rather than one chunk after another (64 chunks one by one took 30 us)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    row_ok = rows < n_rows
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_t: tl.constexpr = Lse.dtype.element_ty  # fp64 for fp32 inputs (see lse_epilogue)
+    log2e = tl.full([], LOG2E_C, lse_t)
+    # Pass 1: the global max over the chunks' LSEs.
+    big_m = tl.full([BLOCK_M], float("-inf"), lse_t)
+    for c0 in range(0, num_splits, BLOCK_S):
+        chunks = c0 + offs_s
+        ok = row_ok[:, None] & (chunks < num_splits)[None, :]
+        lse_c = tl.load(LsePart + chunks[None, :].to(tl.int64) * n_rows + rows[:, None], mask=ok,
+                        other=float("-inf"))  # (BLOCK_M, BLOCK_S)
+        big_m = tl.maximum(big_m, tl.max(lse_c, 1))
+    bh = rows // Sq
+    if SINK:
+        sink = tl.load(Sink + bh % H, mask=row_ok, other=0.0).to(lse_t)
+        big_m = tl.maximum(big_m, sink)
+    m_sub = tl.where(big_m == float("-inf"), 0.0, big_m)
+    # Pass 2: weights exp(lse_c - M), weighted sum of the chunk outputs.
+    acc = tl.zeros([BLOCK_M, BLOCK_D], ACC_DTYPE)
+    total = tl.zeros([BLOCK_M], ACC_DTYPE)
+    for c0 in range(0, num_splits, BLOCK_S):
+        chunks = c0 + offs_s
+        ok = row_ok[:, None] & (chunks < num_splits)[None, :]
+        part = chunks[None, :].to(tl.int64) * n_rows + rows[:, None]  # (BLOCK_M, BLOCK_S)
+        lse_c = tl.load(LsePart + part, mask=ok, other=float("-inf"))
+        w = tl.math.exp2(((lse_c - m_sub[:, None]) * log2e).to(ACC_DTYPE))  # 0 for chunks a row cannot see
+        o_c = tl.load(OPart + part[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=ok[:, :, None],
+                      other=0.0)  # (BLOCK_M, BLOCK_S, BLOCK_D)
+        acc += tl.sum(w[:, :, None] * o_c, 1)
+        total += tl.sum(w, 1)
+    if SINK:
+        total += tl.math.exp2(((sink - m_sub) * log2e).to(ACC_DTYPE))
+    seen = total > 0
+    t_safe = tl.where(seen, total, 1.0)
+    lse = tl.where(seen, big_m + tl.math.log2(t_safe).to(lse_t) * tl.full([], LN2, lse_t), float("-inf"))
+    # Out is a new contiguous (B, Sq, H, D) tensor.
+    out_rows = ((bh // H) * Sq + rows % Sq) * H + bh % H
+    tl.store(Out + out_rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / t_safe[:, None]).to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+    tl.store(Lse + rows, lse, mask=row_ok)
 
 
 def auto_num_splits(programs: int, sk: int, block_n: int, device: torch.device) -> int:
@@ -293,31 +277,38 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     direct = num_splits == 1  # the kernel writes out and lse itself: no partials, no merge
     if direct:
-        o_part = lse_part = counter = lse  # stand-ins, never touched
-        merge_s = 1
+        o_part, lse_part = out, lse
     else:
         o_part = torch.empty((num_splits, b * h, sq, bd), dtype=acc, device=q.device)
         lse_part = torch.empty((num_splits, b * h, sq), dtype=lse.dtype, device=q.device)
-        counter = torch.zeros(m_blocks * b * heads, dtype=torch.int32, device=q.device)
-        # Chunks merged at once: a (block_m, merge_s, bd) tile of at most 8k elements on a GPU
-        # (~64 registers a thread); under the interpreter, whose cost is per operation, up to 64.
-        cap = 8192 // (block_m * bd) if q.device.type == "cuda" else 64
-        merge_s = max(1, min(cap, next_power_of_2(num_splits)))
-    stand_in = lse  # for absent metadata tensors; never read
+    stand_in = lse_part  # for absent metadata tensors; never read
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     _split_kv_fwd_kernel[(m_blocks, b * heads, num_splits)](
-        q, k, v, out, lse, o_part, lse_part, counter, num_splits, seqlens if seqlens is not None else stand_in,
+        q, k, v, o_part, lse_part, seqlens if seqlens is not None else stand_in,
         batch_idx if batch_idx is not None else stand_in, table if paged else stand_in,
         leftpad if leftpad is not None else stand_in, *_common.bsh_strides(q, k, v),
         table.stride(0) if paged else 0,
         h, group, sq, sk, causal_offset, k.shape[0], *_common.qk_scale(softmax_scale, softcap),
         *_common.alibi_args(alibi_slopes, q), chunk,
-        b * h * sq, win_l, win_r, _common.sink_args(sink, q), *mask[:5], MASK=mask[5], MERGE_S=merge_s,
+        b * h * sq, win_l, win_r, _common.sink_args(sink, q), *mask[:5], MASK=mask[5],
         HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, PACK_GQA=pack,
         CACHE=cache is not None, HAS_BATCH_IDX=batch_idx is not None, PAGED=paged, PAGE=page, DIRECT=direct,
         HAS_LEFTPAD=leftpad is not None, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window,
-        SINK=sink is not None,
+        SINK=sink is not None and direct,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **_common.kernel_flags(q),
+    )
+    if direct:
+        return out, lse
+    # One row per program on a GPU (loads in flight on many SMs); 16 under the interpreter,
+    # whose cost is per operation, not per element.
+    interpreted = q.device.type != "cuda"
+    comb_m = 16 if interpreted else 1
+    comb_s = min(64 if interpreted else 32, next_power_of_2(num_splits))
+    n_rows = b * h * sq
+    _combine_kernel[(cdiv(n_rows, comb_m),)](
+        o_part, lse_part, out, lse, _common.sink_args(sink, q), h, sq, n_rows, num_splits,
+        HEAD_DIM=d, BLOCK_D=bd, BLOCK_M=comb_m, BLOCK_S=comb_s, SINK=sink is not None,
         **_common.kernel_flags(q),
     )
     return out, lse
