@@ -17,6 +17,13 @@ It reports global tokens/s (forward + backward), TFLOP/s per GPU (FLOPs of the g
 communication hidden behind compute, ``(compute + comm - ring) / comm`` clamped to [0, 1].
 Medians over ``--iters`` iterations (CUDA events on GPU, perf_counter on CPU).
 
+With ``--docs N`` the global sequence is a packed sequence of N documents of random lengths
+(the same on every rank; each a multiple of the piece count) and the call is
+``ring_attention_varlen`` with ``--method ring`` or ``allgather`` (Llama 3's all-gather of K/V);
+FLOPs count attention within documents only.  For ``allgather`` "compute" replaces the
+all-gather with the rank's own K/V repeated and skips the dK/dV all-reduce, and "comm" is one
+all-gather of K and V plus the all-reduce of the fp32 dK/dV of the whole sequence.
+
 NCCL's NVLink multicast is kept off (NCCL_NVLS_ENABLE=0 and friends) as the device notes ask.
 """
 
@@ -55,6 +62,17 @@ def ring_flops(batch: int, heads: int, seq_total: int, head_dim: int, causal: bo
     """Forward + backward FLOPs of attention over the whole (global) sequence."""
     fwd = 4.0 * batch * heads * seq_total * seq_total * head_dim / (2.0 if causal else 1.0)
     return 3.5 * fwd
+
+
+def document_lengths(n_docs: int, total: int, multiple: int, seed: int = 0) -> list[int]:
+    """``n_docs`` random lengths, multiples of ``multiple``, summing to ``total`` (itself a multiple
+    of ``multiple``); the same for a given seed on every rank."""
+    gen = torch.Generator().manual_seed(seed)
+    units = total // multiple
+    cuts = torch.randperm(units - 1, generator=gen)[: n_docs - 1].add(1).tolist() if n_docs > 1 else []
+    cuts.sort()
+    bounds = [0, *cuts, units]
+    return [(b - a) * multiple for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 class _Timer:
@@ -102,32 +120,51 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
     try:
         dtype = DTYPES[args.dtype]
         gen = torch.Generator(device=device).manual_seed(1234 + rank)
-        shape_q = (args.batch, args.seq_per_rank, args.heads, args.head_dim)
-        shape_kv = (args.batch, args.seq_per_rank, args.kv_heads or args.heads, args.head_dim)
+        packed = args.docs > 0
+        lead = () if packed else (args.batch,)
+        shape_q = (*lead, args.seq_per_rank, args.heads, args.head_dim)
+        shape_kv = (*lead, args.seq_per_rank, args.kv_heads or args.heads, args.head_dim)
         q, dout = (torch.randn(shape_q, generator=gen, device=device, dtype=dtype) for _ in range(2))
         k, v = (torch.randn(shape_kv, generator=gen, device=device, dtype=dtype) for _ in range(2))
         q, k, v = (t.requires_grad_() for t in (q, k, v))
         group = dist.group.WORLD
         timer = _Timer(device)
+        pieces = world if args.layout == "contiguous" else 2 * world
+        lengths = document_lengths(args.docs, world * args.seq_per_rank, pieces) if packed else []
+        cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
+                          dtype=torch.int32, device=device)
 
         def step() -> None:
-            out = fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode,
-                                     impl=args.impl)
+            if packed:
+                out = fmd.ring_attention_varlen(q, k, v, cu, causal=args.causal, layout=args.layout,
+                                                mode=args.mode, impl=args.impl, method=args.method)
+            else:
+                out = fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode,
+                                         impl=args.impl)
             torch.autograd.grad(out, (q, k, v), dout)
 
         ring_ms = timer(step, args.iters, group)
-        real_exchange = fmd._ring_exchange
+        real = fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group
         fmd._ring_exchange = _local_exchange
+        fmd._gather_blocks = lambda x, group, world, layout: x.repeat(world, *[1] * (x.dim() - 1))
+        fmd._sum_over_group = lambda x, group: x
         try:
             compute_ms = timer(step, args.iters, group)
         finally:
-            fmd._ring_exchange = real_exchange
+            fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group = real
+        real_exchange = real[0]
 
         acc = acc_dtype(dtype)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         kd, vd = k.detach(), v.detach()
 
         def comm_only() -> None:
+            if packed and args.method == "allgather":
+                for t in (kd, vd):
+                    dist.all_gather([torch.empty_like(t) for _ in range(world)], t, group=group)
+                grads = torch.zeros((2, world * kd.shape[0], *kd.shape[1:]), dtype=acc, device=device)
+                dist.all_reduce(grads, group=group)
+                return
             # forward K/V hops, backward K/V hops, backward dK/dV hops (one more: the way home)
             hops = [([kd, vd], world - 1), ([kd, vd], world - 1), ([dk, dv], world)]
             for tensors, n in hops:
@@ -139,7 +176,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         comm_ms = timer(comm_only, args.iters, group) if world > 1 else 0.0
         if rank == 0:
             seq_total = world * args.seq_per_rank
-            flops = ring_flops(args.batch, args.heads, seq_total, args.head_dim, args.causal)
+            if packed:
+                flops = sum(ring_flops(1, args.heads, n, args.head_dim, args.causal) for n in lengths)
+            else:
+                flops = ring_flops(args.batch, args.heads, seq_total, args.head_dim, args.causal)
             hidden = None
             if comm_ms > 0:
                 hidden = min(1.0, max(0.0, (compute_ms + comm_ms - ring_ms) / comm_ms))
@@ -147,9 +187,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                 causal=args.causal, layout=args.layout, mode=args.mode, impl=args.impl, dtype=args.dtype,
+                docs=args.docs, method=args.method if packed else "ring",
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms,
-                tokens_per_s=args.batch * seq_total / (ring_ms * 1e-3),
+                tokens_per_s=(1 if packed else args.batch) * seq_total / (ring_ms * 1e-3),
                 tflops_per_gpu=flops / world / (ring_ms * 1e-3) / 1e12,
                 comm_hidden=hidden,
             ))
@@ -193,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="fa2", help="attention algorithm (flash_module.MODES)")
     p.add_argument("--impl", default="auto", help="implementation (flash_module.IMPLS): auto, triton, torch")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--docs", type=int, default=0,
+                   help="packed documents of random lengths (ring_attention_varlen); 0: one dense sequence")
+    p.add_argument("--method", choices=fmd.METHODS, default="ring", help="with --docs: ring or allgather")
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=("cuda", "cpu"), default=default_device)
     p.add_argument("--json", dest="json_path", default=None)

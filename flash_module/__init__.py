@@ -9,7 +9,8 @@ Public entry points:
   new keys/values in place (inference only).
 * :func:`scaled_dot_product_attention`: torch's SDPA signature on (B, H, S, D).
 * :class:`FlashAttention`, :class:`MultiheadFlashAttention`: nn.Module layers.
-* :func:`ring_attention`: context parallelism over ``torch.distributed`` (:mod:`.distributed`).
+* :func:`ring_attention`: context parallelism over ``torch.distributed`` (:mod:`.distributed`);
+  :func:`ring_attention_varlen` for packed documents.
 * :func:`softmax`: the online softmax (one streaming pass) and the tiling softmax (row chunks in
   parallel, then merged) as Triton ops (:mod:`.softmax` holds the ops).
 * ``torch.ops.flash_module.attention_fwd`` / ``attention_bwd`` / ``varlen_fwd`` / ``varlen_bwd``:
@@ -38,7 +39,7 @@ from .api import (
     scaled_dot_product_attention,
 )
 from .checks import check_values, set_check_values
-from .distributed import ring_attention
+from .distributed import ring_attention, ring_attention_varlen
 from .integrations import disable_sdpa_override, enable_sdpa_override, sdpa_override, sdpa_override_enabled
 from .module import FlashAttention, MultiheadFlashAttention, RotaryEmbedding
 from .ops import IMPLS, MODES, which_implementation
@@ -70,6 +71,7 @@ __all__ = [
     "ops",
     "reference",
     "ring_attention",
+    "ring_attention_varlen",
     "scaled_dot_product_attention",
     "sdpa_override",
     "sdpa_override_enabled",

@@ -37,6 +37,8 @@ from ._runtime import acc_dtype, lse_dtype
 from .api import _check_alibi, _check_qkv_bshd, _check_sink, _check_tensor, _check_variants
 
 LAYOUTS = ("contiguous", "zigzag")
+#: How :func:`ring_attention_varlen` moves K/V between ranks.
+METHODS = ("ring", "allgather")
 
 
 def _chunk_ids(rank: int, world: int, layout: str) -> list[int]:
@@ -290,3 +292,351 @@ def ring_attention(
     window = (-1, -1) if causal and left < 0 else (left, 0 if causal else right)
     return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group, float(softcap),
                                 learnable_sink, alibi_slopes, window)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed documents (varlen): ring attention over a sequence of many documents
+# ---------------------------------------------------------------------------------------------
+#
+# Every document is cut into ``world`` (contiguous) or ``2 * world`` (zigzag) equal pieces, and
+# rank r holds pieces _chunk_ids(r) of *every* document, so each rank holds the same share of
+# every document's causal work.  A rank's shard is grouped by piece: piece ids[0] of documents
+# 0..B-1, then (zigzag) piece ids[1] of documents 0..B-1.  Piece c of every document has the
+# same relation to piece c' of the same document (before, the diagonal, after), so one varlen
+# call per (query piece, key piece) pair covers all documents, with the pieces' cu_seqlens.
+
+
+def _n_chunks(world: int, layout: str) -> int:
+    return world if layout == "contiguous" else 2 * world
+
+
+def _piece_cu_seqlens(cu_seqlens: Tensor, n_chunks: int) -> Tensor:
+    """cu_seqlens (B+1,) of one piece of every document (document lengths / n_chunks), int32,
+    computed on the device (no host read)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]) // n_chunks
+    return torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(torch.int32)
+
+
+def _document_bounds(cu_seqlens: Tensor, n_chunks: int, name: str = "cu_seqlens") -> list[int]:
+    """cu_seqlens on the host, checked: non-decreasing from 0, every document length divisible
+    by ``n_chunks`` (ValueError naming the first one that is not)."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D tensor (num_documents + 1,), got "
+                         f"{getattr(cu_seqlens, 'shape', type(cu_seqlens).__name__)}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 (or int64), got {cu_seqlens.dtype}")
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    if cu[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {cu[0]}")
+    for d, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
+        if b < a:
+            raise ValueError(f"{name} must be non-decreasing; document {d} has length {b - a}")
+        if (b - a) % n_chunks:
+            raise ValueError(
+                f"document {d} has length {b - a}, which does not split into {n_chunks} equal pieces "
+                f"({n_chunks} = world for contiguous, 2 x world for zigzag); pad each document to a multiple "
+                f"of {n_chunks}")
+    return cu
+
+
+def shard_documents(x: Tensor, cu_seqlens: Tensor, rank: int, world: int, layout: str = "zigzag",
+                    dim: int = 0) -> Tensor:
+    """This rank's shard of a packed sequence of documents (``x``'s dim ``dim`` holds the
+    ``cu_seqlens[-1]`` tokens), in the layout :func:`ring_attention_varlen` expects: every
+    document cut into ``world`` (contiguous) or ``2 * world`` (zigzag) equal pieces, the rank's
+    pieces of all documents grouped by piece.  Reads ``cu_seqlens`` on the host (a data-loader
+    helper).  Every document length must divide into the pieces (pad documents to a multiple).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world), got rank={rank}, world={world}")
+    n = _n_chunks(world, layout)
+    cu = _document_bounds(cu_seqlens, n)
+    if x.shape[dim] != cu[-1]:
+        raise ValueError(f"x has {x.shape[dim]} tokens on dim {dim} ({tuple(x.shape)}), "
+                         f"cu_seqlens[-1] = {cu[-1]}")
+    parts = []
+    for c in _chunk_ids(rank, world, layout):
+        for a, b in zip(cu[:-1], cu[1:]):
+            p = (b - a) // n
+            parts.append(x.narrow(dim, a + c * p, p))
+    return torch.cat(parts, dim=dim) if parts else x.narrow(dim, 0, 0)
+
+
+def document_positions(cu_seqlens: Tensor, rank: int, world: int, layout: str = "zigzag",
+                       device=None) -> Tensor:
+    """Each local token's position inside its document (for RoPE), in :func:`shard_documents`'s
+    order, shape (local_tokens,)."""
+    n = _n_chunks(world, layout)
+    cu = _document_bounds(cu_seqlens, n)
+    pos = [torch.arange(c * ((b - a) // n), (c + 1) * ((b - a) // n), device=device)
+           for c in _chunk_ids(rank, world, layout) for a, b in zip(cu[:-1], cu[1:])]
+    return torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def _varlen_merge(out_a, lse_a, out_b, lse_b):
+    """merge_attention_states on varlen layouts: out (T, H, D), lse (H, T)."""
+    out, lse = ops.merge_attention_states(out_a[None], lse_a[None], out_b[None], lse_b[None])
+    return out[0], lse[0]
+
+
+class _RingAttentionVarlen(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale, causal, layout, mode, impl, group, softcap, sink):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        q_ids = _chunk_ids(rank, world, layout)
+        n = len(q_ids)
+        pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(world, layout))
+        qs, tp = q.chunk(n, dim=0), q.shape[0] // n
+        outs: list[Tensor | None] = [None] * n
+        lses: list[Tensor | None] = [None] * n
+        kv = [k.contiguous(), v.contiguous()]
+        for step in range(world):
+            if step + 1 < world:  # the next shard travels while this one computes
+                nxt, reqs = _ring_exchange(kv, group, rank, world)
+            k_ids = _chunk_ids((rank - step) % world, world, layout)
+            ks, vs = kv[0].chunk(n, dim=0), kv[1].chunk(n, dim=0)
+            for i, j, diag, _ in _pairs(q_ids, k_ids, causal):
+                o, lse = ops.varlen_fwd(qs[i], ks[j], vs[j], pcu, pcu, None, scale, diag, mode, impl, None,
+                                        softcap)
+                if outs[i] is None:
+                    outs[i], lses[i] = o, lse
+                else:
+                    outs[i], lses[i] = _varlen_merge(outs[i], lses[i], o, lse)
+            if step + 1 < world:
+                _wait(reqs)
+                kv = nxt
+        for i in range(n):  # a piece no key piece reaches: not with these layouts, kept for safety
+            if outs[i] is None:
+                outs[i] = torch.zeros_like(qs[i])
+                lses[i] = torch.full((q.shape[1], tp), float("-inf"), device=q.device,
+                                     dtype=lse_dtype(q.dtype))
+        out = torch.cat(outs, dim=0)
+        lse = torch.cat(lses, dim=1)
+        if sink is not None:  # once per row, after every key piece
+            out, lse = reference.add_sink(out, lse, sink.detach(), head_dim=0)
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, sink)
+        ctx.args = (scale, causal, layout, mode, impl, group, softcap)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, cu_seqlens, out, lse, sink = ctx.saved_tensors
+        scale, causal, layout, mode, impl, group, softcap = ctx.args
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        q_ids = _chunk_ids(rank, world, layout)
+        n = len(q_ids)
+        pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(world, layout))
+        qs, dos = q.chunk(n, dim=0), dout.contiguous().chunk(n, dim=0)
+        os_, lses = out.chunk(n, dim=0), lse.chunk(n, dim=1)
+        dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
+        dqs = dq.chunk(n, dim=0)
+        acc = dq.dtype
+        state = [k.contiguous(), v.contiguous(), torch.zeros(k.shape, dtype=acc, device=k.device),
+                 torch.zeros(v.shape, dtype=acc, device=v.device)]
+        for step in range(world):
+            k_ids = _chunk_ids((rank - step) % world, world, layout)
+            if step + 1 < world:
+                nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
+            ks, vs = state[0].chunk(n, dim=0), state[1].chunk(n, dim=0)
+            dks, dvs = state[2].chunk(n, dim=0), state[3].chunk(n, dim=0)
+            for i, j, diag, _ in _pairs(q_ids, k_ids, causal):
+                dqi, dkj, dvj = ops.varlen_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
+                                               None, pcu, pcu, None, scale, diag, mode, impl, softcap)
+                dqs[i].add_(dqi)
+                dks[j].add_(dkj)
+                dvs[j].add_(dvj)
+            if world > 1:  # dK/dV follow their K/V; the last hop brings them home
+                nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
+            else:
+                nxt_d, reqs_d = list(state[2:]), []
+            if step + 1 < world:
+                _wait(reqs_kv)
+            _wait(reqs_d)
+            state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[11]:
+            dsink = ops.sink_grad(sink, out[None], dout[None], lse[None], None)
+        nones = (None,) * 8  # cu_seqlens, scale, causal, layout, mode, impl, group, softcap
+        return (dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), *nones, dsink)
+
+
+def _doc_major_index(cu_seqlens: Tensor, pcu: Tensor, n_chunks: int, total: int) -> Tensor:
+    """Row of the block-major layout (block c = piece c of every document, blocks in order) for
+    each token of the packed sequence in document order, (total,) int64, from device ops alone
+    (no host read: the index is data-dependent but its shape is not)."""
+    j = torch.arange(total, device=cu_seqlens.device)
+    cu = cu_seqlens.to(torch.int64)
+    doc = torch.searchsorted(cu[1:].contiguous(), j, right=True)  # cu[doc] <= j < cu[doc + 1]
+    doc = doc.clamp(max=cu.numel() - 2)
+    piece_len = ((cu[doc + 1] - cu[doc]) // n_chunks).clamp(min=1)
+    offset = j - cu[doc]
+    c = offset // piece_len
+    return c * (total // n_chunks) + pcu.to(torch.int64)[doc] + (offset - c * piece_len)
+
+
+def _gather_blocks(x: Tensor, group, world: int, layout: str) -> Tensor:
+    """All ranks' shards of ``x`` (local_tokens, ...) in block-major order: block c (piece c of
+    every document) for c = 0 .. n_chunks - 1."""
+    shards = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(shards, x.contiguous(), group=group)
+    blocks: dict[int, Tensor] = {}
+    for r, shard in enumerate(shards):
+        ids = _chunk_ids(r, world, layout)
+        for c, piece in zip(ids, shard.chunk(len(ids), dim=0)):
+            blocks[c] = piece
+    return torch.cat([blocks[c] for c in range(_n_chunks(world, layout))], dim=0)
+
+
+def _sum_over_group(x: Tensor, group) -> Tensor:
+    """``x`` summed over the ranks of ``group`` (in place)."""
+    dist.all_reduce(x, group=group)
+    return x
+
+
+class _AllGatherAttentionVarlen(torch.autograd.Function):
+    """Llama 3's context parallelism for packed documents: every rank gathers all of K and V
+    (small with GQA), puts them in document order, and attends its own query pieces to them in
+    one varlen call per piece, each document's keys ending where the piece ends (causal: keys
+    before and inside the piece, through ``seqused_k``).  The backward computes dK/dV for the
+    whole sequence on every rank and sums them with one all-reduce."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale, causal, layout, mode, impl, group, softcap, sink):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        q_ids = _chunk_ids(rank, world, layout)
+        n, n_chunks = len(q_ids), _n_chunks(world, layout)
+        pcu = _piece_cu_seqlens(cu_seqlens, n_chunks)
+        cu = cu_seqlens.to(torch.int32)
+        total = q.shape[0] // n * n_chunks
+        index = _doc_major_index(cu_seqlens, pcu, n_chunks, total)
+        k_doc = _gather_blocks(k, group, world, layout).index_select(0, index)
+        v_doc = _gather_blocks(v, group, world, layout).index_select(0, index)
+        piece_len = pcu[1:] - pcu[:-1]
+        outs, lses, used = [], [], []
+        for i, qi in enumerate(q.chunk(n, dim=0)):
+            seqused = ((q_ids[i] + 1) * piece_len).to(torch.int32) if causal else None
+            o, lse = ops.varlen_fwd(qi, k_doc, v_doc, pcu, cu, seqused, scale, causal, mode, impl, None,
+                                    softcap)
+            outs.append(o)
+            lses.append(lse)
+            used.append(seqused)
+        out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=1)
+        if sink is not None:
+            out, lse = reference.add_sink(out, lse, sink.detach(), head_dim=0)
+        ctx.save_for_backward(q, k_doc, v_doc, cu, pcu, index, out, lse, sink,
+                              *[u for u in used if u is not None])
+        ctx.args = (scale, causal, layout, mode, impl, group, softcap, k.dtype, v.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k_doc, v_doc, cu, pcu, index, out, lse, sink, *used = ctx.saved_tensors
+        scale, causal, layout, mode, impl, group, softcap, k_dtype, v_dtype = ctx.args
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        q_ids = _chunk_ids(rank, world, layout)
+        n = len(q_ids)
+        acc = acc_dtype(q.dtype)
+        dk_doc = torch.zeros(k_doc.shape, dtype=acc, device=q.device)
+        dv_doc = torch.zeros(v_doc.shape, dtype=acc, device=q.device)
+        dqs = []
+        parts = zip(dout.contiguous().chunk(n, dim=0), q.chunk(n, dim=0), out.chunk(n, dim=0),
+                    lse.chunk(n, dim=1))
+        for i, (doi, qi, oi, lsei) in enumerate(parts):
+            seqused = used[i] if causal else None
+            dqi, dk, dv = ops.varlen_bwd(doi, qi, k_doc, v_doc, oi, lsei.contiguous(), None, pcu, cu, seqused,
+                                         scale, causal, mode, impl, softcap)
+            dqs.append(dqi)
+            dk_doc.add_(dk)
+            dv_doc.add_(dv)
+        # Back to block-major order, summed over the ranks; each rank keeps its own pieces.
+        grads = torch.stack([dk_doc, dv_doc])
+        blocks = _sum_over_group(torch.zeros_like(grads).index_copy_(1, index, grads), group)
+        tp = blocks.shape[1] // _n_chunks(world, layout)
+        mine = torch.cat([blocks[:, c * tp:(c + 1) * tp] for c in q_ids], dim=1)
+        dsink = None
+        if sink is not None and ctx.needs_input_grad[11]:
+            dsink = ops.sink_grad(sink, out[None], dout[None], lse[None], None)
+        nones = (None,) * 8
+        return (torch.cat(dqs, dim=0).to(q.dtype), mine[0].to(k_dtype), mine[1].to(v_dtype), *nones, dsink)
+
+
+def ring_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens: Tensor,
+    group: dist.ProcessGroup | None = None,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    layout: str = "zigzag",
+    mode: str = "fa2",
+    *,
+    impl: str = "auto",
+    softcap: float = 0.0,
+    learnable_sink: Tensor | None = None,
+    method: str = "ring",
+) -> Tensor:
+    """Attention within documents over a packed sequence sharded across the ranks of ``group``
+    (context parallelism for document-masked long-context training).
+
+    Args:
+        q: (local_tokens, nheads, headdim), this rank's shard of the packed queries, cut by
+            :func:`shard_documents` (every document in ``world`` or ``2 * world`` equal pieces,
+            the rank's pieces of all documents grouped by piece).
+        k, v: (local_tokens, nheads_kv, headdim), cut the same way (GQA: nheads % nheads_kv == 0).
+        cu_seqlens: (num_documents + 1,) int32, the *global* document boundaries, the same on
+            every rank; every document length divisible by the piece count (pad documents).
+            Length-0 documents are allowed.
+        group: the process group (default: the world).
+        causal: causal within each document (a token sees the earlier tokens of its document).
+        softmax_scale: default 1/sqrt(headdim).
+        layout: ``"zigzag"`` (balanced causal work) or ``"contiguous"``.
+        mode, impl: the varlen algorithm of every step and its implementation.
+        softcap: as in :func:`flash_module.flash_attn_varlen_func`.
+        learnable_sink: (nheads,) sink logits, joined once per row; its gradient on each rank
+            covers that rank's rows (sum it over the group).
+        method: ``"ring"``: K/V shards travel around the ring, one hop per step, while each step
+            computes (W steps).  ``"allgather"`` (Llama 3's way, for GQA/MQA where K/V are small):
+            every rank gathers all of K and V once and attends its query pieces to them; the
+            backward sums dK/dV over the group with one all-reduce.  The same result either way.
+        (Sliding windows, ALiBi and dropout are not supported here yet.)
+
+    Returns:
+        (local_tokens, nheads, headdim): this rank's rows of attention within documents.
+        Differentiable in q, k and v.
+    """
+    layout_s = "(local_tokens, nheads, headdim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t, layout_s, dim=3)
+    _check_qkv_bshd(q[None], k[None], v[None], ("q", "k", "v"), layout_s)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    mode, impl = ops.check_varlen_mode(mode, impl)
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must hold the same number of local tokens, got {tuple(q.shape)} and "
+                         f"{tuple(k.shape)}")
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be a tensor on q's device ({q.device}), got "
+                         f"{getattr(cu_seqlens, 'device', type(cu_seqlens).__name__)}")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("ring_attention_varlen needs an initialised torch.distributed process group")
+    world = dist.get_world_size(group)
+    n = _n_chunks(world, layout)
+    tracing = torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing())
+    if not tracing:  # reads cu_seqlens on the host: eager only (shapes are fixed under compile/capture)
+        cu = _document_bounds(cu_seqlens, n)
+        local = cu[-1] * len(_chunk_ids(0, world, layout)) // n
+        if q.shape[0] != local:
+            raise ValueError(f"q holds {q.shape[0]} tokens; this rank's shard of cu_seqlens ({cu[-1]} "
+                             f"tokens, {layout}, world={world}) has {local}: cut it with shard_documents")
+    _check_equal_shards(q[None], k[None], group)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    _check_variants(0.0, (-1, -1), softcap, None)
+    _check_sink(learnable_sink, q, q.shape[1])
+    fn = _RingAttentionVarlen if method == "ring" else _AllGatherAttentionVarlen
+    return fn.apply(q, k, v, cu_seqlens, scale, bool(causal), layout, mode, impl, group, float(softcap),
+                    learnable_sink)

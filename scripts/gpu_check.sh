@@ -13,8 +13,9 @@
 # SANITIZE_TOOLS: a subset of the three); million: benchmarks/million_tokens.py (1M tokens, one GPU).
 # decode: benchmarks/bench_decode.py (DECODE_ARGS; KV cache contiguous and paged, the peers, a copy);
 # varlen: benchmarks/bench_varlen.py (VARLEN_ARGS; packed documents, fwd + bwd, the peers).
-# ring (a machine with several GPUs): the NCCL ring-attention tests and the 1->2->4->8 GPU
-# weak-scaling benchmark (RING_ARGS, default: causal zigzag, 16k tokens per GPU).
+# ring (a machine with several GPUs): the NCCL ring-attention tests (dense, packed documents, torch's
+# context_parallel on our kernels) and the 1->2->4->8 GPU weak-scaling benchmark (RING_ARGS, default:
+# causal zigzag, 16k tokens per GPU; RING_PACKED="--docs N" adds packed documents by ring and all-gather).
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
 # TUNE_CONFIGS (only these candidates), TUNE_BUDGET (s), PYTEST_ARGS (extra pytest args, e.g. a -k filter), BENCH_ARGS (CLI args),
 # SPEED_ARGS (pytest-benchmark args, e.g. -k "d128-n16k"), PYTEST_WORKERS (default: one per 20 GB of GPU memory, <= 8).
@@ -57,10 +58,17 @@ for step in $steps; do
       ;;
     ring)
       export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # multicast stays off
-      python3 -m pytest tests/test_ring_attention.py -q -m gpu -p no:cacheprovider -k nccl \
-        2>&1 | tee "$OUT/ring_tests.log" | tail -15
+      python3 -m pytest tests/test_ring_attention.py tests/test_ring_varlen.py tests/test_torch_cp.py -q -m gpu \
+        -p no:cacheprovider -k "nccl or torch_context" 2>&1 | tee "$OUT/ring_tests.log" | tail -15
       python3 benchmarks/bench_ring.py --json "$OUT/ring.json" ${RING_ARGS:---causal --layout zigzag} \
         2>&1 | tee "$OUT/ring.log"
+      # RING_PACKED (e.g. "--docs 16"): packed documents too, by ring and by all-gather
+      if [ -n "${RING_PACKED:-}" ]; then
+        for method in ring allgather; do
+          python3 benchmarks/bench_ring.py --json "$OUT/ring_packed_$method.json" ${RING_ARGS:---causal --layout zigzag} \
+            $RING_PACKED --method $method 2>&1 | tee "$OUT/ring_packed_$method.log"
+        done
+      fi
       ;;
     ab)
       ab_args=${AB_ARGS:--d 64,128 -n 4096,16384 --causal both --passes fwd,bwd --impls ours --plain -q}

@@ -187,7 +187,8 @@ def test_ring_attention_nccl(world, case, monkeypatch):
 
 @pytest.mark.slow
 def test_bench_ring_cpu_smoke(tmp_path):
-    """benchmarks/bench_ring.py (weak scaling) runs end to end with gloo on CPU: 1 and 2 ranks."""
+    """benchmarks/bench_ring.py (weak scaling) runs end to end with gloo on CPU: 1 and 2 ranks,
+    a dense sequence and packed documents."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ring.py"
     out = tmp_path / "ring.json"
     argv = ["--device", "cpu", "--worlds", "1,2", "--seq-per-rank", "32", "--heads", "2", "--head-dim", "16",
@@ -202,6 +203,13 @@ def test_bench_ring_cpu_smoke(tmp_path):
         assert r["ring_ms"] > 0 and r["compute_ms"] > 0 and r["tokens_per_s"] > 0
     assert rows[0]["comm_hidden"] is None and rows[1]["comm_ms"] > 0
     assert 0.0 <= rows[1]["comm_hidden"] <= 1.0
+    # packed documents through ring_attention_varlen, K/V all-gathered
+    res = subprocess.run([sys.executable, str(path), *argv, "--docs", "3", "--method", "allgather"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["world"], r["docs"], r["method"]) for r in rows] == [(1, 3, "allgather"), (2, 3, "allgather")]
+    assert rows[1]["comm_ms"] > 0 and rows[1]["ring_ms"] > 0
 
 
 def test_shard_helpers():

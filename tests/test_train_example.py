@@ -80,3 +80,25 @@ def test_compiled_matches_eager(train_gpt):
     _assert_runs_agree(compiled)
     for name in ("flash", "sdpa"):
         assert compiled["losses"][name] == pytest.approx(eager["losses"][name], rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world, layout", [(2, "zigzag"), (4, "contiguous")])
+def test_context_parallel_training_matches_one_device(world, layout):
+    """examples/train_gpt_cp.py: the GPT trained with its sequence sharded over gloo ranks (ring
+    attention in every block) has the one-device run's loss at every step."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "train_gpt_cp.py"
+    argv = ["--world", str(world), "--layout", layout, "--steps", "4", "--seq-len", "32", "--batch-size", "2",
+            "--layers", "1", "--d-model", "32", "--heads", "2", "--kv-heads", "1", "--corpus-chars", "5000"]
+    res = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = re.findall(r"loss \d+ ranks ([\d.]+)\s+one device ([\d.]+)", res.stdout)
+    assert len(steps) == 4, res.stdout
+    for sharded, single in steps:
+        assert float(sharded) == pytest.approx(float(single), rel=1e-4, abs=1e-5)
+    assert "largest |loss difference|" in res.stdout
