@@ -133,39 +133,100 @@ def _wait(reqs) -> None:
         r.wait()
 
 
+def _merge(out_a, lse_a, out_b, lse_b):
+    """merge_attention_states on either layout: dense (B, S, H, D) / (B, H, S), or varlen
+    (T, H, D) / (H, T), given a batch dim of one."""
+    if out_a.dim() == 4:
+        return ops.merge_attention_states(out_a, lse_a, out_b, lse_b)
+    out, lse = ops.merge_attention_states(out_a[None], lse_a[None], out_b[None], lse_b[None])
+    return out[0], lse[0]
+
+
+def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
+    """The ring's forward on either layout (``seq_dim``: 1 for dense (B, S, H, D) shards, 0 for
+    varlen (T, H, D); the LSE's sequence dim is the next one).  ``attend(q, k, v, diag, shift)``
+    gives one (query chunk, key chunk) pair's ``(out, lse)``; the pairs' results are merged.
+    Returns this rank's merged ``(out, lse)``."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    q_ids = _chunk_ids(rank, world, layout)
+    n = len(q_ids)
+    qs, sq = q.chunk(n, dim=seq_dim), q.shape[seq_dim] // n
+    outs: list[Tensor | None] = [None] * n
+    lses: list[Tensor | None] = [None] * n
+    kv = [k.contiguous(), v.contiguous()]
+    for step in range(world):
+        if step + 1 < world:  # the next shard travels while this one computes
+            nxt, reqs = _ring_exchange(kv, group, rank, world)
+        k_ids = _chunk_ids((rank - step) % world, world, layout)
+        ks, vs = kv[0].chunk(n, dim=seq_dim), kv[1].chunk(n, dim=seq_dim)
+        for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
+            o, lse = attend(qs[i], ks[j], vs[j], diag, shift)
+            if outs[i] is None:
+                outs[i], lses[i] = o, lse
+            else:
+                outs[i], lses[i] = _merge(outs[i], lses[i], o, lse)
+        if step + 1 < world:
+            _wait(reqs)
+            kv = nxt
+    for i in range(n):  # only possible with causal and no visible chunk: not with these layouts
+        if outs[i] is None:
+            outs[i] = torch.zeros_like(qs[i])
+            shape = (*qs[i].shape[:seq_dim], qs[i].shape[seq_dim + 1], sq)  # (B, H, S) or (H, T)
+            lses[i] = torch.full(shape, float("-inf"), device=q.device, dtype=lse_dtype(q.dtype))
+    return torch.cat(outs, dim=seq_dim), torch.cat(lses, dim=seq_dim + 1)
+
+
+def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_dim, grad):
+    """The ring's backward (layouts as :func:`_ring_forward`): K/V travel again with the dK/dV
+    accumulated for them; ``grad(dout, q, k, v, out, lse, diag, shift)`` gives one pair's
+    ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  Returns ``(dq, dk, dv)`` in the
+    accumulator dtype, dK/dV home on the shard's owner."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    q_ids = _chunk_ids(rank, world, layout)
+    n = len(q_ids)
+    qs, dos = q.chunk(n, dim=seq_dim), dout.contiguous().chunk(n, dim=seq_dim)
+    sq = q.shape[seq_dim] // n
+    os_, lses = out.chunk(n, dim=seq_dim), lse.chunk(n, dim=seq_dim + 1)
+    dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
+    dqs = dq.chunk(n, dim=seq_dim)
+    acc = dq.dtype
+    # Travelling state: this shard's K, V and the dK, dV accumulated for it so far.
+    state = [k.contiguous(), v.contiguous(),
+             torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
+             torch.zeros(v.shape, dtype=acc, device=v.device)]
+    for step in range(world):
+        k_ids = _chunk_ids((rank - step) % world, world, layout)
+        if step + 1 < world:  # K/V of the next step can travel now; dK/dV after this step
+            nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
+        ks, vs = state[0].chunk(n, dim=seq_dim), state[1].chunk(n, dim=seq_dim)
+        dks, dvs = state[2].chunk(n, dim=seq_dim), state[3].chunk(n, dim=seq_dim)
+        for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
+            dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift)
+            dqs[i].add_(dqi)
+            dks[j].add_(dkj)
+            dvs[j].add_(dvj)
+        # dK/dV go to the next rank (with the K/V that rank receives); after the last step this
+        # hop brings each accumulator home to the shard's owner.  A group of one rank is already
+        # home (and gloo cannot send to itself).
+        if world > 1:
+            nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
+        else:
+            nxt_d, reqs_d = list(state[2:]), []
+        if step + 1 < world:
+            _wait(reqs_kv)
+        _wait(reqs_d)
+        state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
+    return dq, state[2], state[3]
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink, alibi_slopes, window):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        q_ids = _chunk_ids(rank, world, layout)
-        n = len(q_ids)
-        qs, sq = q.chunk(n, dim=1), q.shape[1] // n
-        outs: list[Tensor | None] = [None] * n
-        lses: list[Tensor | None] = [None] * n
-        kv = [k.contiguous(), v.contiguous()]
-        for step in range(world):
-            if step + 1 < world:  # the next shard travels while this one computes
-                nxt, reqs = _ring_exchange(kv, group, rank, world)
-            src = (rank - step) % world
-            k_ids = _chunk_ids(src, world, layout)
-            ks, vs = kv[0].chunk(n, dim=1), kv[1].chunk(n, dim=1)
-            for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
-                o, lse = ops.attention_fwd(qs[i], ks[j], vs[j], scale, diag, True, mode, 0, impl, softcap,
-                                           alibi_slopes, *window, shift=shift)
-                if outs[i] is None:
-                    outs[i], lses[i] = o, lse
-                else:
-                    outs[i], lses[i] = ops.merge_attention_states(outs[i], lses[i], o, lse)
-            if step + 1 < world:
-                _wait(reqs)
-                kv = nxt
-        for i in range(n):  # only possible with causal and no visible chunk: not with these layouts
-            if outs[i] is None:
-                outs[i] = torch.zeros_like(qs[i])
-                lses[i] = torch.full((q.shape[0], q.shape[2], sq), float("-inf"), device=q.device,
-                                     dtype=lse_dtype(q.dtype))
-        out = torch.cat(outs, dim=1)
-        lse = torch.cat(lses, dim=2)
+        def attend(qc, kc, vc, diag, shift):
+            return ops.attention_fwd(qc, kc, vc, scale, diag, True, mode, 0, impl, softcap, alibi_slopes,
+                                     *window, shift=shift)
+
+        out, lse = _ring_forward(q, k, v, group, layout, causal, window, 1, attend)
         if sink is not None:  # the sink joins each row's denominator once, after every key chunk
             out, lse = reference.add_sink(out, lse, sink.detach())
         ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes)
@@ -176,44 +237,12 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, sink, alibi_slopes = ctx.saved_tensors
         scale, causal, layout, mode, impl, group, softcap, window = ctx.args
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        q_ids = _chunk_ids(rank, world, layout)
-        n = len(q_ids)
-        qs, dos = q.chunk(n, dim=1), dout.contiguous().chunk(n, dim=1)
-        sq = q.shape[1] // n
-        os_, lses = out.chunk(n, dim=1), lse.chunk(n, dim=2)
-        dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
-        dqs = dq.chunk(n, dim=1)
-        acc = dq.dtype
-        # Travelling state: this shard's K, V and the dK, dV accumulated for it so far.
-        state = [k.contiguous(), v.contiguous(),
-                 torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
-                 torch.zeros(v.shape, dtype=acc, device=v.device)]
-        for step in range(world):
-            src = (rank - step) % world
-            k_ids = _chunk_ids(src, world, layout)
-            if step + 1 < world:  # K/V of the next step can travel now; dK/dV after this step
-                nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
-            ks, vs = state[0].chunk(n, dim=1), state[1].chunk(n, dim=1)
-            dks, dvs = state[2].chunk(n, dim=1), state[3].chunk(n, dim=1)
-            for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
-                dqi, dkj, dvj = ops.attention_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
-                                                  None, scale, diag, True, mode, impl, softcap, alibi_slopes,
-                                                  *window, shift=shift)
-                dqs[i].add_(dqi)
-                dks[j].add_(dkj)
-                dvs[j].add_(dvj)
-            # dK/dV go to the next rank (with the K/V that rank receives); after the last step
-            # this hop brings each accumulator home to the shard's owner.  A group of one rank
-            # is already home (and gloo cannot send to itself).
-            if world > 1:
-                nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
-            else:
-                nxt_d, reqs_d = list(state[2:]), []
-            if step + 1 < world:
-                _wait(reqs_kv)
-            _wait(reqs_d)
-            state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
+
+        def grad(do, qc, kc, vc, oc, lc, diag, shift):
+            return ops.attention_bwd(do, qc, kc, vc, oc, lc, None, scale, diag, True, mode, impl, softcap,
+                                     alibi_slopes, *window, shift=shift)
+
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, 1, grad)
         # The sink's gradient from this rank's rows (the LSE above already includes the sink, so
         # every P was right); summing it over the group, as data-parallel gradient reduction
         # does, gives the full sequence's.
@@ -221,7 +250,7 @@ class _RingAttention(torch.autograd.Function):
         if sink is not None and ctx.needs_input_grad[10]:
             dsink = ops.sink_grad(sink, out, dout, lse, None)
         nones = (None,) * 7  # scale, causal, layout, mode, impl, group, softcap
-        return (dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), *nones, dsink, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *nones, dsink, None, None)
 
 
 def ring_attention(
@@ -375,91 +404,36 @@ def document_positions(cu_seqlens: Tensor, rank: int, world: int, layout: str = 
     return torch.cat(pos) if pos else torch.zeros(0, dtype=torch.int64, device=device)
 
 
-def _varlen_merge(out_a, lse_a, out_b, lse_b):
-    """merge_attention_states on varlen layouts: out (T, H, D), lse (H, T)."""
-    out, lse = ops.merge_attention_states(out_a[None], lse_a[None], out_b[None], lse_b[None])
-    return out[0], lse[0]
-
-
 class _RingAttentionVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, scale, causal, layout, mode, impl, group, softcap, sink):
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        q_ids = _chunk_ids(rank, world, layout)
-        n = len(q_ids)
-        pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(world, layout))
-        qs, tp = q.chunk(n, dim=0), q.shape[0] // n
-        outs: list[Tensor | None] = [None] * n
-        lses: list[Tensor | None] = [None] * n
-        kv = [k.contiguous(), v.contiguous()]
-        for step in range(world):
-            if step + 1 < world:  # the next shard travels while this one computes
-                nxt, reqs = _ring_exchange(kv, group, rank, world)
-            k_ids = _chunk_ids((rank - step) % world, world, layout)
-            ks, vs = kv[0].chunk(n, dim=0), kv[1].chunk(n, dim=0)
-            for i, j, diag, _ in _pairs(q_ids, k_ids, causal):
-                o, lse = ops.varlen_fwd(qs[i], ks[j], vs[j], pcu, pcu, None, scale, diag, mode, impl, None,
-                                        softcap)
-                if outs[i] is None:
-                    outs[i], lses[i] = o, lse
-                else:
-                    outs[i], lses[i] = _varlen_merge(outs[i], lses[i], o, lse)
-            if step + 1 < world:
-                _wait(reqs)
-                kv = nxt
-        for i in range(n):  # a piece no key piece reaches: not with these layouts, kept for safety
-            if outs[i] is None:
-                outs[i] = torch.zeros_like(qs[i])
-                lses[i] = torch.full((q.shape[1], tp), float("-inf"), device=q.device,
-                                     dtype=lse_dtype(q.dtype))
-        out = torch.cat(outs, dim=0)
-        lse = torch.cat(lses, dim=1)
+        pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(dist.get_world_size(group), layout))
+
+        def attend(qc, kc, vc, diag, shift):
+            return ops.varlen_fwd(qc, kc, vc, pcu, pcu, None, scale, diag, mode, impl, None, softcap)
+
+        out, lse = _ring_forward(q, k, v, group, layout, causal, (-1, -1), 0, attend)
         if sink is not None:  # once per row, after every key piece
             out, lse = reference.add_sink(out, lse, sink.detach(), head_dim=0)
-        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, sink)
+        ctx.save_for_backward(q, k, v, pcu, out, lse, sink)
         ctx.args = (scale, causal, layout, mode, impl, group, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, cu_seqlens, out, lse, sink = ctx.saved_tensors
+        q, k, v, pcu, out, lse, sink = ctx.saved_tensors
         scale, causal, layout, mode, impl, group, softcap = ctx.args
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        q_ids = _chunk_ids(rank, world, layout)
-        n = len(q_ids)
-        pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(world, layout))
-        qs, dos = q.chunk(n, dim=0), dout.contiguous().chunk(n, dim=0)
-        os_, lses = out.chunk(n, dim=0), lse.chunk(n, dim=1)
-        dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
-        dqs = dq.chunk(n, dim=0)
-        acc = dq.dtype
-        state = [k.contiguous(), v.contiguous(), torch.zeros(k.shape, dtype=acc, device=k.device),
-                 torch.zeros(v.shape, dtype=acc, device=v.device)]
-        for step in range(world):
-            k_ids = _chunk_ids((rank - step) % world, world, layout)
-            if step + 1 < world:
-                nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
-            ks, vs = state[0].chunk(n, dim=0), state[1].chunk(n, dim=0)
-            dks, dvs = state[2].chunk(n, dim=0), state[3].chunk(n, dim=0)
-            for i, j, diag, _ in _pairs(q_ids, k_ids, causal):
-                dqi, dkj, dvj = ops.varlen_bwd(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(),
-                                               None, pcu, pcu, None, scale, diag, mode, impl, softcap)
-                dqs[i].add_(dqi)
-                dks[j].add_(dkj)
-                dvs[j].add_(dvj)
-            if world > 1:  # dK/dV follow their K/V; the last hop brings them home
-                nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
-            else:
-                nxt_d, reqs_d = list(state[2:]), []
-            if step + 1 < world:
-                _wait(reqs_kv)
-            _wait(reqs_d)
-            state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
+
+        def grad(do, qc, kc, vc, oc, lc, diag, shift):
+            return ops.varlen_bwd(do, qc, kc, vc, oc, lc, None, pcu, pcu, None, scale, diag, mode, impl,
+                                  softcap)
+
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, group, layout, causal, (-1, -1), 0, grad)
         dsink = None
         if sink is not None and ctx.needs_input_grad[11]:
             dsink = ops.sink_grad(sink, out[None], dout[None], lse[None], None)
         nones = (None,) * 8  # cu_seqlens, scale, causal, layout, mode, impl, group, softcap
-        return (dq.to(q.dtype), state[2].to(k.dtype), state[3].to(v.dtype), *nones, dsink)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *nones, dsink)
 
 
 def _doc_major_index(cu_seqlens: Tensor, pcu: Tensor, n_chunks: int, total: int) -> Tensor:
@@ -489,6 +463,12 @@ def _gather_blocks(x: Tensor, group, world: int, layout: str) -> Tensor:
     return torch.cat([blocks[c] for c in range(_n_chunks(world, layout))], dim=0)
 
 
+def _keys_through(pcu: Tensor, piece: int, causal: bool) -> Tensor | None:
+    """``seqused_k`` for query piece ``piece`` of every document: causal, the keys up to the
+    piece's end, (piece + 1) piece lengths; otherwise None (whole documents)."""
+    return ((piece + 1) * (pcu[1:] - pcu[:-1])).to(torch.int32) if causal else None
+
+
 def _sum_over_group(x: Tensor, group) -> Tensor:
     """``x`` summed over the ranks of ``group`` (in place)."""
     dist.all_reduce(x, group=group)
@@ -513,26 +493,22 @@ class _AllGatherAttentionVarlen(torch.autograd.Function):
         index = _doc_major_index(cu_seqlens, pcu, n_chunks, total)
         k_doc = _gather_blocks(k, group, world, layout).index_select(0, index)
         v_doc = _gather_blocks(v, group, world, layout).index_select(0, index)
-        piece_len = pcu[1:] - pcu[:-1]
-        outs, lses, used = [], [], []
+        outs, lses = [], []
         for i, qi in enumerate(q.chunk(n, dim=0)):
-            seqused = ((q_ids[i] + 1) * piece_len).to(torch.int32) if causal else None
-            o, lse = ops.varlen_fwd(qi, k_doc, v_doc, pcu, cu, seqused, scale, causal, mode, impl, None,
-                                    softcap)
+            o, lse = ops.varlen_fwd(qi, k_doc, v_doc, pcu, cu, _keys_through(pcu, q_ids[i], causal), scale,
+                                    causal, mode, impl, None, softcap)
             outs.append(o)
             lses.append(lse)
-            used.append(seqused)
         out, lse = torch.cat(outs, dim=0), torch.cat(lses, dim=1)
         if sink is not None:
             out, lse = reference.add_sink(out, lse, sink.detach(), head_dim=0)
-        ctx.save_for_backward(q, k_doc, v_doc, cu, pcu, index, out, lse, sink,
-                              *[u for u in used if u is not None])
+        ctx.save_for_backward(q, k_doc, v_doc, cu, pcu, index, out, lse, sink)
         ctx.args = (scale, causal, layout, mode, impl, group, softcap, k.dtype, v.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k_doc, v_doc, cu, pcu, index, out, lse, sink, *used = ctx.saved_tensors
+        q, k_doc, v_doc, cu, pcu, index, out, lse, sink = ctx.saved_tensors
         scale, causal, layout, mode, impl, group, softcap, k_dtype, v_dtype = ctx.args
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         q_ids = _chunk_ids(rank, world, layout)
@@ -544,9 +520,9 @@ class _AllGatherAttentionVarlen(torch.autograd.Function):
         parts = zip(dout.contiguous().chunk(n, dim=0), q.chunk(n, dim=0), out.chunk(n, dim=0),
                     lse.chunk(n, dim=1))
         for i, (doi, qi, oi, lsei) in enumerate(parts):
-            seqused = used[i] if causal else None
-            dqi, dk, dv = ops.varlen_bwd(doi, qi, k_doc, v_doc, oi, lsei.contiguous(), None, pcu, cu, seqused,
-                                         scale, causal, mode, impl, softcap)
+            dqi, dk, dv = ops.varlen_bwd(doi, qi, k_doc, v_doc, oi, lsei.contiguous(), None, pcu, cu,
+                                         _keys_through(pcu, q_ids[i], causal), scale, causal, mode, impl,
+                                         softcap)
             dqs.append(dqi)
             dk_doc.add_(dk)
             dv_doc.add_(dv)
