@@ -1,6 +1,7 @@
 """Decode tuning: the split-KV cache kernel under launch configs and split counts.
 
 Usage: PYTHONPATH=$PWD python benchmarks/tune_decode.py [--shapes 1x65536,64x2048] [--page 0]
+       [--page-order random|sorted|local]
        [--configs N128_w4_s3,N64_w4_s4] [--splits 0,16,32,64]
 
 For each (B, Nk) (GQA 32/8, D=128, bf16, one query token) and each config x split count, prints
@@ -27,7 +28,24 @@ def _cfg(name: str) -> KernelConfig:
     return KernelConfig(16, parts["N"], parts.get("w", 4), parts.get("s", 2))
 
 
-def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: list[int]) -> None:
+def page_table(b: int, per: int, order: str, page_bytes: int, dev: str) -> torch.Tensor:
+    """(b, per) int32 block table over ``b * per`` pages: ``random`` (a permutation of the whole
+    pool, the worst case for locality), ``sorted`` (page j of sequence b at b * per + j, as a
+    fresh allocator hands them out) or ``local`` (shuffled only within 2 MiB groups of pages:
+    scattered at the granularity of DRAM rows but not of the GPU's large pages)."""
+    n = b * per
+    if order == "sorted":
+        flat = torch.arange(n, device=dev)
+    elif order == "local":
+        group = max(1, (2 << 20) // page_bytes)
+        flat = torch.cat([s + torch.randperm(min(group, n - s), device=dev) for s in range(0, n, group)])
+    else:
+        flat = torch.randperm(n, device=dev)
+    return flat.view(b, per).to(torch.int32)
+
+
+def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: list[int],
+               order: str = "random") -> None:
     """Print one line per (config, split count) for one decode shape."""
     dev, dt, h, h_kv, d = "cuda", torch.bfloat16, 32, 8, 128
     q = torch.randn(b, 1, h, d, device=dev, dtype=dt)
@@ -35,16 +53,17 @@ def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: li
     v = torch.randn_like(k)
     lens = torch.full((b,), nk, dtype=torch.int32, device=dev)
     table = None
-    if page:  # shuffled pages: sequence b's page j lives at table[b, j]
+    if page:  # sequence b's page j lives at table[b, j]
         per = nk // page
-        table = torch.randperm(b * per, device=dev).view(b, per).to(torch.int32)
+        table = page_table(b, per, order, page * h_kv * d * k.element_size(), dev)
         inverse = torch.argsort(table.flatten().long())
         k, v = (t.view(b * per, page, h_kv, d)[inverse] for t in (k, v))
     nbytes = 2 * k.numel() * k.element_size()
     flat = torch.cat([k.flatten(), v.flatten()])
     dst = torch.empty_like(flat)
     copy = triton.testing.do_bench_cudagraph(lambda: dst.copy_(flat))
-    print(f"\nB={b} Nk={nk}: copy {2 * nbytes / copy / 1e9:.2f} TB/s (read+write)")
+    layout = f"page {page}, {order}" if page else "contiguous"
+    print(f"\nB={b} Nk={nk} ({layout}): copy {2 * nbytes / copy / 1e9:.2f} TB/s (read+write)")
     ref = None
     for cname in configs:
         for n in splits:
@@ -124,6 +143,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="1x65536,8x16384,32x8192,64x2048")
     ap.add_argument("--page", type=int, default=0, help="page size (0: contiguous cache)")
+    ap.add_argument("--page-order", default="random", help="random | sorted | local (see page_table)")
     ap.add_argument("--configs", default="", help="besides the default, e.g. N128_w4_s3,N64_w4_s4")
     ap.add_argument("--splits", default="0", help="num_splits values (0 = automatic)")
     ap.add_argument("--overhead", action="store_true", help="also the host time per call")
@@ -133,7 +153,7 @@ def main() -> None:
     configs = [None] + [c for c in args.configs.split(",") if c]  # the default first
     for shape in args.shapes.split(","):
         b, nk = (int(x) for x in shape.split("x"))
-        tune_shape(b, nk, args.page, configs, [int(s) for s in args.splits.split(",")])
+        tune_shape(b, nk, args.page, configs, [int(s) for s in args.splits.split(",")], args.page_order)
     if args.overhead:
         host_overhead(profile=args.profile)
 
