@@ -134,22 +134,27 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
                           dtype=torch.int32, device=device)
 
-        def step() -> None:
+        def forward() -> torch.Tensor:
             if packed:
-                out = fmd.ring_attention_varlen(q, k, v, cu, causal=args.causal, layout=args.layout,
-                                                mode=args.mode, impl=args.impl, method=args.method)
-            else:
-                out = fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode,
-                                         impl=args.impl)
-            torch.autograd.grad(out, (q, k, v), dout)
+                return fmd.ring_attention_varlen(q, k, v, cu, causal=args.causal, layout=args.layout,
+                                                 mode=args.mode, impl=args.impl, method=args.method)
+            return fmd.ring_attention(q, k, v, causal=args.causal, layout=args.layout, mode=args.mode,
+                                      impl=args.impl)
 
-        ring_ms = timer(step, args.iters, group)
+        def step() -> None:
+            torch.autograd.grad(forward(), (q, k, v), dout)
+
+        def step_fwd() -> None:
+            with torch.no_grad():
+                forward()
+
+        ring_ms, ring_fwd_ms = timer(step, args.iters, group), timer(step_fwd, args.iters, group)
         real = fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group
         fmd._ring_exchange = _local_exchange
         fmd._gather_blocks = lambda x, group, world, layout: x.repeat(world, *[1] * (x.dim() - 1))
         fmd._sum_over_group = lambda x, group: x
         try:
-            compute_ms = timer(step, args.iters, group)
+            compute_ms, compute_fwd_ms = timer(step, args.iters, group), timer(step_fwd, args.iters, group)
         finally:
             fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group = real
         real_exchange = real[0]
@@ -158,31 +163,34 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
         kd, vd = k.detach(), v.detach()
 
-        def comm_only() -> None:
+        def comm_only(forward_only: bool = False) -> None:
             if packed and args.method == "allgather":
                 for t in (kd, vd):
                     dist.all_gather([torch.empty_like(t) for _ in range(world)], t, group=group)
-                grads = torch.zeros((2, world * kd.shape[0], *kd.shape[1:]), dtype=acc, device=device)
-                dist.all_reduce(grads, group=group)
+                if not forward_only:
+                    grads = torch.zeros((2, world * kd.shape[0], *kd.shape[1:]), dtype=acc, device=device)
+                    dist.all_reduce(grads, group=group)
                 return
             # forward K/V hops, backward K/V hops, backward dK/dV hops (one more: the way home)
             hops = [([kd, vd], world - 1), ([kd, vd], world - 1), ([dk, dv], world)]
-            for tensors, n in hops:
+            for tensors, n in hops[:1] if forward_only else hops:
                 for _ in range(n):
                     _, reqs = real_exchange(tensors, group, rank, world)
                     for r in reqs:
                         r.wait()
 
         comm_ms = timer(comm_only, args.iters, group) if world > 1 else 0.0
+        comm_fwd_ms = timer(lambda: comm_only(True), args.iters, group) if world > 1 else 0.0
         if rank == 0:
             seq_total = world * args.seq_per_rank
             if packed:
                 flops = sum(ring_flops(1, args.heads, n, args.head_dim, args.causal) for n in lengths)
             else:
                 flops = ring_flops(args.batch, args.heads, seq_total, args.head_dim, args.causal)
-            hidden = None
-            if comm_ms > 0:
-                hidden = min(1.0, max(0.0, (compute_ms + comm_ms - ring_ms) / comm_ms))
+            def hidden_share(compute: float, comm: float, ring: float) -> float | None:
+                return min(1.0, max(0.0, (compute + comm - ring) / comm)) if comm > 0 else None
+
+            hidden = hidden_share(compute_ms, comm_ms, ring_ms)
             results.append(dict(
                 world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
@@ -193,6 +201,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 tokens_per_s=(1 if packed else args.batch) * seq_total / (ring_ms * 1e-3),
                 tflops_per_gpu=flops / world / (ring_ms * 1e-3) / 1e12,
                 comm_hidden=hidden,
+                # per pass: the backward's times are the step's minus the forward's
+                ring_fwd_ms=ring_fwd_ms, compute_fwd_ms=compute_fwd_ms, comm_fwd_ms=comm_fwd_ms,
+                comm_hidden_fwd=hidden_share(compute_fwd_ms, comm_fwd_ms, ring_fwd_ms),
+                comm_hidden_bwd=hidden_share(compute_ms - compute_fwd_ms, comm_ms - comm_fwd_ms,
+                                             ring_ms - ring_fwd_ms),
+                tflops_per_gpu_fwd=flops / 3.5 / world / (ring_fwd_ms * 1e-3) / 1e12,
+                tflops_per_gpu_bwd=flops * 2.5 / 3.5 / world / ((ring_ms - ring_fwd_ms) * 1e-3) / 1e12,
             ))
         dist.barrier(group)
     finally:
@@ -213,10 +228,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             mp.spawn(_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
             rows.extend(dict(r) for r in results)
             r = rows[-1]
-            hidden = "n/a" if r["comm_hidden"] is None else f"{100 * r['comm_hidden']:.0f}%"
+            def pct(x: float | None) -> str:
+                return "n/a" if x is None else f"{100 * x:.0f}%"
+
             print(f"W={world} N={r['seq_total']}: ring {r['ring_ms']:.2f} ms, compute {r['compute_ms']:.2f}, "
                   f"comm {r['comm_ms']:.2f} | {r['tokens_per_s']:.3g} tok/s, "
-                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {hidden}", flush=True)
+                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {pct(r['comm_hidden'])} | fwd: ring "
+                  f"{r['ring_fwd_ms']:.2f} compute {r['compute_fwd_ms']:.2f} comm {r['comm_fwd_ms']:.2f} "
+                  f"{r['tflops_per_gpu_fwd']:.1f} TFLOP/s hidden {pct(r['comm_hidden_fwd'])} | bwd: "
+                  f"{r['tflops_per_gpu_bwd']:.1f} TFLOP/s hidden {pct(r['comm_hidden_bwd'])}", flush=True)
     return rows
 
 

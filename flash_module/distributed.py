@@ -146,11 +146,15 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
     """The ring's forward on either layout (``seq_dim``: 1 for dense (B, S, H, D) shards, 0 for
     varlen (T, H, D); the LSE's sequence dim is the next one).  ``attend(q, k, v, diag, shift)``
     gives one (query chunk, key chunk) pair's ``(out, lse)``; the pairs' results are merged.
-    Returns this rank's merged ``(out, lse)``."""
+    Returns this rank's merged ``(out, lse)``, ``out`` still in the accumulator dtype (the caller
+    adds any sink, then rounds once)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     q_ids = _chunk_ids(rank, world, layout)
     n = len(q_ids)
     qs, sq = q.chunk(n, dim=seq_dim), q.shape[seq_dim] // n
+    # The merges accumulate in fp32 (fp64 for fp64 inputs) and round once at the end, as one
+    # kernel over the whole sequence would: merging 16-bit partials would round every step.
+    acc = acc_dtype(q.dtype)
     outs: list[Tensor | None] = [None] * n
     lses: list[Tensor | None] = [None] * n
     kv = [k.contiguous(), v.contiguous()]
@@ -162,7 +166,7 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
         for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
             o, lse = attend(qs[i], ks[j], vs[j], diag, shift)
             if outs[i] is None:
-                outs[i], lses[i] = o, lse
+                outs[i], lses[i] = o.to(acc), lse
             else:
                 outs[i], lses[i] = _merge(outs[i], lses[i], o, lse)
         if step + 1 < world:
@@ -170,17 +174,24 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
             kv = nxt
     for i in range(n):  # only possible with causal and no visible chunk: not with these layouts
         if outs[i] is None:
-            outs[i] = torch.zeros_like(qs[i])
+            outs[i] = torch.zeros_like(qs[i], dtype=acc)
             shape = (*qs[i].shape[:seq_dim], qs[i].shape[seq_dim + 1], sq)  # (B, H, S) or (H, T)
             lses[i] = torch.full(shape, float("-inf"), device=q.device, dtype=lse_dtype(q.dtype))
     return torch.cat(outs, dim=seq_dim), torch.cat(lses, dim=seq_dim + 1)
 
 
 def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_dim, grad):
-    """The ring's backward (layouts as :func:`_ring_forward`): K/V travel again with the dK/dV
-    accumulated for them; ``grad(dout, q, k, v, out, lse, diag, shift)`` gives one pair's
-    ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  Returns ``(dq, dk, dv)`` in the
-    accumulator dtype, dK/dV home on the shard's owner."""
+    """The ring's backward (layouts as :func:`_ring_forward`): K/V travel again, and so does the
+    dK/dV accumulated for them; ``grad(dout, q, k, v, out, lse, diag, shift)`` gives one pair's
+    ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  Returns ``dq`` in the accumulator
+    dtype and dK/dV, home on the shard's owner, in k's and v's dtype (the caller's rounding, done
+    before the last hop: half the bytes of fp32 for 16-bit inputs, the same values).
+
+    Hiding the dK/dV hops: each step accumulates its pairs' dK/dV for the visiting shard into a
+    fresh buffer, and only then adds the accumulator the previous rank sent at the end of its
+    own previous step (in flight meanwhile) and sends the sum on.  The last hop, which brings
+    each accumulator home, goes key chunk by key chunk, each as soon as its pairs are done, so
+    with two chunks per rank (zigzag) the first chunk's hop overlaps the second chunk's pairs."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     q_ids = _chunk_ids(rank, world, layout)
     n = len(q_ids)
@@ -190,45 +201,71 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
     dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
     dqs = dq.chunk(n, dim=seq_dim)
     acc = dq.dtype
-    # Travelling state: this shard's K, V and the dK, dV accumulated for it so far.
-    state = [k.contiguous(), v.contiguous(),
-             torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
-             torch.zeros(v.shape, dtype=acc, device=v.device)]
+    kv = [k.contiguous(), v.contiguous()]  # the visiting shard's K, V
+    d_in, reqs_d = None, []  # dK/dV of the visiting shard from the ranks before this one, in flight
     for step in range(world):
         k_ids = _chunk_ids((rank - step) % world, world, layout)
-        if step + 1 < world:  # K/V of the next step can travel now; dK/dV after this step
-            nxt_kv, reqs_kv = _ring_exchange(state[:2], group, rank, world)
-        ks, vs = state[0].chunk(n, dim=seq_dim), state[1].chunk(n, dim=seq_dim)
-        dks, dvs = state[2].chunk(n, dim=seq_dim), state[3].chunk(n, dim=seq_dim)
-        for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
-            dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift)
-            dqs[i].add_(dqi)
-            dks[j].add_(dkj)
-            dvs[j].add_(dvj)
-        # dK/dV go to the next rank (with the K/V that rank receives); after the last step this
-        # hop brings each accumulator home to the shard's owner.  A group of one rank is already
-        # home (and gloo cannot send to itself).
-        if world > 1:
-            nxt_d, reqs_d = _ring_exchange(state[2:], group, rank, world)
-        else:
-            nxt_d, reqs_d = list(state[2:]), []
-        if step + 1 < world:
+        last = step + 1 == world
+        if not last:  # K/V of the next step travel during this step
+            nxt_kv, reqs_kv = _ring_exchange(kv, group, rank, world)
+        ks, vs = kv[0].chunk(n, dim=seq_dim), kv[1].chunk(n, dim=seq_dim)
+        d = [torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
+             torch.zeros(v.shape, dtype=acc, device=v.device)]
+        dks, dvs = d[0].chunk(n, dim=seq_dim), d[1].chunk(n, dim=seq_dim)
+        pairs = list(_pairs(q_ids, k_ids, causal, sq, window))
+        # the last hop goes chunk by chunk: that step's pairs by key chunk, one group per chunk
+        by_chunk = last and world > 1
+        groups = [[p for p in pairs if p[1] == j] for j in range(n)] if by_chunk else [pairs]
+        home = []  # the last hop's received chunks (dk, dv) and requests
+        for g, group_pairs in enumerate(groups):
+            for i, j, diag, shift in group_pairs:
+                dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift)
+                dqs[i].add_(dqi)
+                dks[j].add_(dkj)
+                dvs[j].add_(dvj)
+            if g == 0 and d_in is not None:  # sent by the previous rank after its previous step
+                _wait(reqs_d)
+            if by_chunk:
+                dk_j, dv_j = dks[g], dvs[g]
+                if d_in is not None:
+                    dk_j = dk_j.add_(d_in[0].chunk(n, dim=seq_dim)[g])
+                    dv_j = dv_j.add_(d_in[1].chunk(n, dim=seq_dim)[g])
+                # (contiguous: with B > 1 a chunk of the sequence is a strided view)
+                send = [dk_j.to(k.dtype).contiguous(), dv_j.to(v.dtype).contiguous()]
+                home.append(_ring_exchange(send, group, rank, world))
+        if not by_chunk:
+            if d_in is not None:
+                d[0].add_(d_in[0])
+                d[1].add_(d_in[1])
+            # On to the rank that holds these K/V next.  A group of one rank is already home (and
+            # gloo cannot send to itself).
+            if world > 1:
+                d_in, reqs_d = _ring_exchange(d, group, rank, world)
+            else:
+                d_in, reqs_d = d, []
+        if not last:
             _wait(reqs_kv)
-        _wait(reqs_d)
-        state = (nxt_kv if step + 1 < world else state[:2]) + nxt_d
-    return dq, state[2], state[3]
+            kv = nxt_kv
+    if not home:  # one rank
+        return dq, d_in[0], d_in[1]
+    for _, reqs in home:
+        _wait(reqs)
+    return (dq, torch.cat([dk for (dk, _), _ in home], dim=seq_dim),
+            torch.cat([dv for (_, dv), _ in home], dim=seq_dim))
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink, alibi_slopes, window):
         def attend(qc, kc, vc, diag, shift):
+            # fp32 partials (acc_out): the merges then round once, not once per step
             return ops.attention_fwd(qc, kc, vc, scale, diag, True, mode, 0, impl, softcap, alibi_slopes,
-                                     *window, shift=shift)
+                                     *window, shift=shift, acc_out=True)
 
         out, lse = _ring_forward(q, k, v, group, layout, causal, window, 1, attend)
         if sink is not None:  # the sink joins each row's denominator once, after every key chunk
             out, lse = reference.add_sink(out, lse, sink.detach())
+        out = out.to(q.dtype)  # the one rounding of the merged output
         ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes)
         ctx.args = (scale, causal, layout, mode, impl, group, softcap, window)
         return out
@@ -410,11 +447,13 @@ class _RingAttentionVarlen(torch.autograd.Function):
         pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(dist.get_world_size(group), layout))
 
         def attend(qc, kc, vc, diag, shift):
-            return ops.varlen_fwd(qc, kc, vc, pcu, pcu, None, scale, diag, mode, impl, None, softcap)
+            return ops.varlen_fwd(qc, kc, vc, pcu, pcu, None, scale, diag, mode, impl, None, softcap,
+                                  acc_out=True)  # fp32 partials, as the dense ring
 
         out, lse = _ring_forward(q, k, v, group, layout, causal, (-1, -1), 0, attend)
         if sink is not None:  # once per row, after every key piece
             out, lse = reference.add_sink(out, lse, sink.detach(), head_dim=0)
+        out = out.to(q.dtype)  # the one rounding of the merged output
         ctx.save_for_backward(q, k, v, pcu, out, lse, sink)
         ctx.args = (scale, causal, layout, mode, impl, group, softcap)
         return out

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._runtime import device_guard, interpreting, lse_dtype, use_triton
+from ._runtime import acc_dtype, device_guard, interpreting, lse_dtype, use_triton
 
 __all__ = ["ALGORITHMS", "IMPLS", "MODES", "VARLEN_ALGORITHMS", "AttentionArgs", "Implementation",
            "VarlenImplementation", "attention_bwd", "attention_bwd_mask", "attention_fwd", "check_mode",
@@ -89,6 +89,7 @@ class AttentionArgs:
     attn_mask: Tensor | None = None  # SDPA's mask: bool (True = attend) or additive float, 4-D, broadcastable
     shift: int = 0  # the part of causal_offset beyond the alignment (ring attention's chunk distance)
     mask_grad: bool = False  # backward: also return the float attn_mask's gradient (fa2 only)
+    out_dtype: torch.dtype | None = None  # forward: O's dtype (None: q's; the ring merges fp32 partials)
 
     def dropout(self) -> reference.Dropout | None:
         """The PyTorch path's dropout (dense row counters), or None."""
@@ -134,12 +135,13 @@ def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
         from .kernels.split_kv import split_kv_forward
 
         return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, 0, a.softcap,
-                                a.alibi_slopes, a.window, a.sink, a.attn_mask)  # (masks too; not dropout)
+                                a.alibi_slopes, a.window, a.sink, a.attn_mask,  # (masks too; not dropout)
+                                out_dtype=a.out_dtype)
     from .kernels.fa2_fwd import fa2_forward
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
                        alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink, dropout_p=a.dropout_p,
-                       rng=a.rng, attn_mask=a.attn_mask)
+                       rng=a.rng, attn_mask=a.attn_mask, out_dtype=a.out_dtype)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -171,7 +173,7 @@ def _fa1_fwd_triton(q, k, v, a: AttentionArgs):
     from .kernels.fa1 import fa1_forward
 
     _no_variants("fa1", a)
-    return fa1_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset)
+    return fa1_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.out_dtype)
 
 
 def _fa1_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -186,7 +188,7 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 
     _fa2_only("tiling", a)
     return split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, a.num_splits, a.softcap,
-                            a.alibi_slopes, a.window, a.sink)
+                            a.alibi_slopes, a.window, a.sink, out_dtype=a.out_dtype)
 
 
 # -- PyTorch (any device) -----------------------------------------------------------------------
@@ -195,19 +197,21 @@ def _tiling_fwd_triton(q, k, v, a: AttentionArgs):
 def _fa2_fwd_torch(q, k, v, a: AttentionArgs):
     return reference.fa2_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, softcap=a.softcap,
                                  alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink,
-                                 dropout=a.dropout(), attn_mask=a.attn_mask, shift=a.shift)
+                                 dropout=a.dropout(), attn_mask=a.attn_mask, shift=a.shift,
+                                 out_dtype=a.out_dtype)
 
 
 def _fa1_fwd_torch(q, k, v, a: AttentionArgs):
     _no_variants("fa1", a)
-    return reference.fa1_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, shift=a.shift)
+    return reference.fa1_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, shift=a.shift,
+                                 out_dtype=a.out_dtype)
 
 
 def _tiling_fwd_torch(q, k, v, a: AttentionArgs):
     _fa2_only("tiling", a)
     return reference.split_kv_forward(q, k, v, a.softmax_scale, a.causal, a.bottom_right, a.num_splits or 4,
                                       softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
-                                      sink=a.sink, shift=a.shift)
+                                      sink=a.sink, shift=a.shift, out_dtype=a.out_dtype)
 
 
 def _fa2_bwd_torch(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -301,11 +305,11 @@ def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
           window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
           rng: Tensor | None = None, attn_mask: Tensor | None = None, shift: int = 0,
-          mask_grad: bool = False) -> AttentionArgs:
+          mask_grad: bool = False, out_dtype: torch.dtype | None = None) -> AttentionArgs:
     offset = (k.shape[1] - q.shape[1] if bottom_right else 0) + int(shift)
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
                          alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng,
-                         attn_mask, int(shift), bool(mask_grad))
+                         attn_mask, int(shift), bool(mask_grad), out_dtype)
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -432,13 +436,15 @@ def attention_fwd(
     rng: Tensor | None = None,
     attn_mask: Tensor | None = None,
     shift: int = 0,
+    acc_out: bool = False,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
+    out_dtype = acc_dtype(q.dtype) if acc_out else None
     _check_rng(dropout_p, rng)
     b, sq, h, d = q.shape
     window = (window_left, window_right)
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
-        out = torch.zeros((b, sq, h, d), dtype=q.dtype, device=q.device)
+        out = torch.zeros((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
         lse = _lse_without_work(q, k, causal, bottom_right, window, shift)
         if attn_mask is not None and k.shape[1]:  # head dim 0: scores 0, the mask alone decides
             mask = reference.additive_mask(attn_mask, lse.dtype).expand(b, h, sq, k.shape[1])
@@ -449,7 +455,7 @@ def attention_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window,
-                     sink, dropout_p, rng, attn_mask, shift)
+                     sink, dropout_p, rng, attn_mask, shift, out_dtype=out_dtype)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
@@ -457,9 +463,9 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
                         softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None,
-                        dropout_p=0.0, rng=None, attn_mask=None, shift=0):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, acc_out=False):
     b, sq, h, d = q.shape
-    out = q.new_empty((b, sq, h, d))
+    out = q.new_empty((b, sq, h, d), dtype=acc_dtype(q.dtype) if acc_out else q.dtype)
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
     return out, lse
 
@@ -569,7 +575,7 @@ def _attention_bwd_mask_fake(dout, q, k, v, out, lse, dlse, attn_mask, softmax_s
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right, sink, dropout_p, rng, attn_mask, shift) = inputs
+     window_left, window_right, sink, dropout_p, rng, attn_mask, shift, _acc_out) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask)
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
@@ -586,6 +592,7 @@ def _fwd_backward(ctx, dout, dlse):
     q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
+    out, dout = out.to(q.dtype), dout.to(q.dtype)  # (acc_out: the kernels take q's dtype)
     dmask = None
     if ctx.mask_grad:  # one backward that also sums dS into the mask's gradient
         dq, dk, dv, dmask = attention_bwd_mask(dout, q, k, v, out, lse, dlse, attn_mask.detach(), *ctx.args,
@@ -595,7 +602,7 @@ def _fwd_backward(ctx, dout, dlse):
                                    ctx.dropout_p, rng, attn_mask, ctx.shift)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask,
-            None)
+            None, None)
 
 
 def _check_rng(dropout_p: float, rng: Tensor | None) -> None:
@@ -648,11 +655,12 @@ class VarlenImplementation:
 
 
 def _varlen_fwd_triton(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                       alibi_slopes=None, window=(-1, -1), sink=None, dropout_p=0.0, rng=None):
+                       alibi_slopes=None, window=(-1, -1), sink=None, dropout_p=0.0, rng=None,
+                       out_dtype=None):
     from .kernels.varlen import varlen_forward
 
     return varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap, alibi_slopes,
-                          window, sink, dropout_p, rng)
+                          window, sink, dropout_p, rng, out_dtype)
 
 
 def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
@@ -664,9 +672,9 @@ def _varlen_bwd_triton(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, sca
 
 
 def _varlen_fwd_torch(q, k, v, cu_q, cu_k, seqused_k, scale, causal, block_table=None, softcap=0.0,
-                      alibi_slopes=None, window=(-1, -1), sink=None, dropout_p=0.0, rng=None):
+                      alibi_slopes=None, window=(-1, -1), sink=None, dropout_p=0.0, rng=None, out_dtype=None):
     return reference.varlen_forward(q, k, v, cu_q, cu_k, scale, causal, seqused_k, block_table, softcap,
-                                    alibi_slopes, window, sink, dropout_p, rng)
+                                    alibi_slopes, window, sink, dropout_p, rng, out_dtype)
 
 
 def _varlen_bwd_torch(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, scale, causal, softcap=0.0,
@@ -721,6 +729,7 @@ def varlen_fwd(
     sink: Tensor | None = None,
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
+    acc_out: bool = False,
 ) -> tuple[Tensor, Tensor]:
     fn = _varlen_implementation(mode, impl, q).forward
     _check_rng(dropout_p, rng)
@@ -728,16 +737,17 @@ def varlen_fwd(
     with device_guard(q):
         out, lse = fn(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, float(softmax_scale), bool(causal),
                       block_table, float(softcap), alibi_slopes, (int(window_left), int(window_right)), sink,
-                      float(dropout_p), rng)
+                      float(dropout_p), rng, acc_dtype(q.dtype) if acc_out else None)
     return out.contiguous(), lse.contiguous()
 
 
 @varlen_fwd.register_fake
 def _varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, softmax_scale, causal, mode="fa2",
                      impl="auto", block_table=None, softcap=0.0, alibi_slopes=None, window_left=-1,
-                     window_right=-1, sink=None, dropout_p=0.0, rng=None):
+                     window_right=-1, sink=None, dropout_p=0.0, rng=None, acc_out=False):
     tq, h, d = q.shape
-    return q.new_empty((tq, h, d)), q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
+    out = q.new_empty((tq, h, d), dtype=acc_dtype(q.dtype) if acc_out else q.dtype)
+    return out, q.new_empty((h, tq), dtype=lse_dtype(q.dtype))
 
 
 @torch.library.custom_op("flash_module::varlen_bwd", mutates_args=())
@@ -784,7 +794,7 @@ def _varlen_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, 
 
 def _varlen_setup_context(ctx, inputs, output) -> None:
     (q, k, v, cu_q, cu_k, seqused_k, softmax_scale, causal, mode, impl, block_table, softcap, alibi,
-     window_left, window_right, sink, dropout_p, rng) = inputs
+     window_left, window_right, sink, dropout_p, rng, _acc_out) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi, sink, rng)
     ctx.dropout_p = dropout_p
@@ -802,11 +812,12 @@ def _varlen_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k, seqused_k, alibi_slopes, sink, rng = ctx.saved_tensors
     if dout is None:
         dout = torch.zeros_like(out)
+    out, dout = out.to(q.dtype), dout.to(q.dtype)  # (acc_out: the kernels take q's dtype)
     dq, dk, dv = varlen_bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, seqused_k, *ctx.args, alibi_slopes,
                             *ctx.window, ctx.dropout_p, rng)
     dsink = sink_grad(sink, out, dout, lse, dlse, head_dim=0) if ctx.sink_grad else None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, dsink, None,
-            None)
+            None, None)
 
 
 torch.library.register_autograd("flash_module::varlen_fwd", _varlen_backward,

@@ -479,8 +479,10 @@ def fa1_forward(
     block_m: int = 64,
     block_n: int = 64,
     shift: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention v1 (Algorithm 1 of the FA1 paper). Returns ``(out, lse)``.
+    """FlashAttention v1 (Algorithm 1 of the FA1 paper). Returns ``(out, lse)``, ``out`` in
+    ``out_dtype`` (default: q's).
 
     Outer loop over K/V blocks ``j`` (size Bc = ``block_n``); inner loop over Q blocks ``i``
     (size Br = ``block_m``, vectorised here).  O, l and m live in "HBM" (full-size tensors):
@@ -509,7 +511,7 @@ def fa1_forward(
         l_div = torch.where(l_new > 0, l_new, torch.ones_like(l_new))
         o = ((alpha * l)[..., None] * o + beta[..., None] * pv) / l_div[..., None]
         l, m = l_new, m_new
-    return _tiled_finish(o, l, m, q)
+    return _tiled_finish(o, l, m, q, out_dtype)
 
 
 def fa2_forward(
@@ -528,8 +530,10 @@ def fa2_forward(
     dropout: Dropout | None = None,
     attn_mask: torch.Tensor | None = None,
     shift: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``.
+    """FlashAttention v2 forward (Algorithm 1 of the FA2 paper). Returns ``(out, lse)``, ``out``
+    in ``out_dtype`` (default: q's; the ring's merges ask for the accumulator dtype).
 
     Outer loop over Q blocks (parallel: vectorised here), inner loop over K/V blocks.  Each
     query block keeps an *unnormalised* accumulator and its running max/sum on chip:
@@ -545,7 +549,7 @@ def fa2_forward(
     out, lse = _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m, block_n, softcap, alibi_slopes,
                          window_size, dropout, attn_mask)
     out, lse = add_sink(out, lse, sink)
-    return out.to(q.dtype), lse
+    return out.to(out_dtype or q.dtype), lse
 
 
 def _blocked_mask(attn_mask, q, sk, start, block_n, rows, block_m, dtype):
@@ -728,6 +732,7 @@ def split_kv_forward(
     window_size: tuple[int, int] = (-1, -1),
     sink: torch.Tensor | None = None,
     shift: int = 0,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiling-softmax attention (split-KV): each key chunk gives (O_c, lse_c); merge them all.
 
@@ -746,7 +751,7 @@ def split_kv_forward(
                                  alibi_slopes=alibi_slopes, window_size=window_size)
         out, lse = (out_c, lse_c) if out is None else merge_states(out, lse, out_c, lse_c)
     out, lse = add_sink(out, lse, sink)  # the sink: one more chunk, with no value
-    return out.to(q.dtype), lse
+    return out.to(out_dtype or q.dtype), lse
 
 
 # -- varlen: packed sequences, one sequence at a time -----------------------------------------
@@ -789,7 +794,7 @@ def varlen_forward(
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None, dropout_p: float = 0.0,
-    rng: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA2's blocked forward on each packed sequence (causal and window bottom-right per sequence).
 
@@ -799,7 +804,7 @@ def varlen_forward(
     0 / -inf.
     """
     tq, h, d = q.shape
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    out = torch.zeros_like(q, dtype=out_dtype or q.dtype, memory_format=torch.contiguous_format)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     n_table = block_table.shape[1] * k.shape[1] if block_table is not None else 0
     total_k = (cu_seqlens_q.numel() - 1) * n_table if block_table is not None else k.shape[0]
@@ -819,7 +824,7 @@ def varlen_forward(
         o, s = fa2_forward(q[None, rq], keys[None, rk], values[None, rk], softmax_scale, causal,
                            softcap=softcap, alibi_slopes=batch_slopes(alibi_slopes, b),
                            window_size=window_size, sink=sink,
-                           dropout=_varlen_dropout(dropout_p, rng, b))
+                           dropout=_varlen_dropout(dropout_p, rng, b), out_dtype=out.dtype)
         out[rq], lse[:, rq] = o[0], s[0]
     return out, lse
 

@@ -36,6 +36,30 @@ def test_opcheck_attention_bwd(dtype, layout, causal, with_dlse, device):
     torch.library.opcheck(ops.attention_bwd, (dout, q, k, v, out, lse, dlse, 0.2, causal, False, "fa2"))
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
+def test_acc_out_is_the_output_before_its_rounding(mode, impl, device):
+    """``acc_out=True`` (ring attention's partials) returns O in the accumulator dtype: rounded
+    to the inputs' dtype it is the plain call's O bit for bit, with the same LSE; opcheck'd, and
+    its gradient is the plain call's (the backward rounds O and dO to q's dtype first)."""
+    q, k, v = make_qkv(1, 19, 33, 4, 2, 32, torch.bfloat16, device, requires_grad=False)
+    out, lse = ops.attention_fwd(q, k, v, 0.2, True, True, mode, 2, impl)
+    acc, acc_lse = ops.attention_fwd(q, k, v, 0.2, True, True, mode, 2, impl, acc_out=True)
+    assert acc.dtype == torch.float32 and out.dtype == torch.bfloat16
+    assert torch.equal(acc.to(torch.bfloat16), out) and torch.equal(acc_lse, lse)
+    assert (acc.double() - out.double()).abs().max().item() > 0  # not merely a copy of the rounded O
+    if mode == "fa2" and impl == "triton":
+        torch.library.opcheck(ops.attention_fwd, (q, k, v, 0.2, True, True, mode, 2), {"acc_out": True},
+                              test_utils=("test_schema", "test_faketensor"))
+        grads = []
+        for acc_out in (False, True):
+            qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+            o, _ = ops.attention_fwd(qg, kg, vg, 0.2, True, True, mode, 2, impl, acc_out=acc_out)
+            grads.append(torch.autograd.grad(o.float().sum(), (qg, kg, vg)))
+        for plain, wide in zip(*grads):
+            assert torch.equal(plain, wide)
+
+
 GRADCHECK_CASES = [
     pytest.param(9, 13, 2, 2, 8, False, id="9x13-full"),
     pytest.param(13, 9, 4, 2, 16, True, id="13x9-causal-gqa"),

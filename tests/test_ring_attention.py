@@ -104,8 +104,11 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         else:  # flash-attn's rule: ring error vs the PyTorch path's own error in this dtype
             oracle = [shard(t) for t in single_process(torch.float32)]
             lowp = [shard(t) for t in single_process(dtype)]
-            errors[rank] = (max((a.double() - o.double()).abs().max().item() for a, o in zip(ours, oracle)),
-                            max((a.double() - o.double()).abs().max().item() for a, o in zip(lowp, oracle)))
+            # per tensor (out, dq, dk, dv[, dsink]): each within 2x the PyTorch path's error
+            def gap(a, o):
+                return (a.double() - o.double()).abs().max().item()
+
+            errors[rank] = [(gap(a, o), gap(b, o)) for a, b, o in zip(ours, lowp, oracle)]
     finally:
         gc.collect()  # free pending gloo work while the group is alive (see test_ddp)
         dist.destroy_process_group()
@@ -153,8 +156,8 @@ def _spawn_and_check(world, case, backend="gloo", fp32_tol=1e-5):
     errors = list(errors)
     if len(case) < 8 or case[7] == torch.float32:
         assert all(e < fp32_tol for e, _ in errors), errors
-    else:  # 2x the PyTorch path's own error in this dtype, plus a small atol
-        assert all(e <= 2 * ref + 1e-2 for e, ref in errors), errors
+    else:  # 2x the PyTorch path's own error in this dtype, plus a small atol, for every tensor
+        assert all(e <= 2 * ref + 1e-2 for per_rank in errors for e, ref in per_rank), errors
 
 
 @pytest.mark.parametrize("world, case", CASES)
@@ -170,6 +173,18 @@ NCCL_CASES = [
     pytest.param(8, (8192, 8, 2, 128, True, "zigzag", "fa2", torch.bfloat16), id="w8-causal-zigzag-gqa-bf16"),
     pytest.param(2, (2000, 4, 1, 96, False, "contiguous", "tiling", torch.bfloat16),
                  id="w2-full-tiling-d96-bf16"),
+    # the variants at real sizes: a window narrower than a chunk (whole steps skipped), ALiBi over
+    # global distances, softcap in every step, the sink once.  With bf16 partial outputs per
+    # step this failed on two H200s (dsink, a sum over 8192 rows of dO.O, at 2.25x torch's
+    # error); the steps now return fp32 partials (acc_out) and round once after the merges.
+    pytest.param(2, (4096, 8, 2, 128, True, "zigzag", "fa2", torch.bfloat16, "bshd",
+                     dict(window=(700, 0), alibi=True, softcap=30.0, sink=True)),
+                 id="w2-causal-zigzag-window-alibi-softcap-sink-bf16"),
+    pytest.param(2, (4096, 8, 2, 128, True, "zigzag", "fa2", torch.bfloat16, "bshd",
+                     dict(window=(700, 0), alibi=True, softcap=30.0)),
+                 id="w2-causal-zigzag-window-alibi-softcap-bf16"),
+    pytest.param(4, (4096, 4, 4, 64, False, "contiguous", "fa2", torch.float16, "bshd",
+                     dict(window=(300, 1500))), id="w4-full-window-fp16"),
 ]
 
 

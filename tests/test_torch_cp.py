@@ -32,7 +32,7 @@ def _worker(rank, world, port, causal, results):
     try:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
-        from torch.distributed.tensor.experimental._attention import context_parallel_unshard
+        from torch.distributed.tensor.experimental._attention import _cp_options, context_parallel_unshard
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         from flash_module.integrations import sdpa as override
@@ -49,6 +49,9 @@ def _worker(rank, world, port, causal, results):
         try:
             before = override.torch_impl_calls
             cq, ck, cv = (t.clone() for t in (q, k, v))
+            # torch's load-balanced sharding (its default) is for causal attention only: it raises
+            # "Load balancing requires `is_causal=True`" otherwise
+            _cp_options.enable_load_balance = causal
             with context_parallel(mesh, buffers=[cq, ck, cv], buffer_seq_dims=[2, 2, 2]):
                 with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                     out = F.scaled_dot_product_attention(cq, ck, cv, is_causal=causal)

@@ -239,10 +239,25 @@ def test_opcheck_varlen_ops(with_seqused, device):
     k_pages, v_pages = (torch.randn(3, 16, 2, 16, device=device) for _ in range(2))
     torch.library.opcheck(ops.varlen_fwd, (q.detach(), k_pages, v_pages, cu_q, cu_k, used, 0.25, True, "fa2",
                                            "auto", pages), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops.varlen_fwd, (q.detach(), k.detach(), v.detach(), cu_q, cu_k, used, 0.25, True),
+                          {"acc_out": True}, test_utils=("test_schema", "test_faketensor"))
     out, lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, used, 0.25, True)
     dout, dlse = torch.randn_like(out), torch.randn_like(lse)
     saved = (t.detach() for t in (q, k, v, out, lse))
     torch.library.opcheck(ops.varlen_bwd, (dout, *saved, dlse, cu_q, cu_k, used, 0.25, True))
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_varlen_acc_out_is_the_output_before_its_rounding(impl, device):
+    """``acc_out=True`` (the packed-document ring's partials): O in fp32, which rounds to the
+    plain call's bf16 O bit for bit; rows of no sequence stay 0."""
+    q, cu_q = _pack([5, 0, 9], 4, 16, torch.bfloat16, device)
+    k, cu_k = _pack([7, 3, 9], 2, 16, torch.bfloat16, device)
+    v = torch.randn_like(k)
+    out, lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, None, 0.25, True, "fa2", impl)
+    acc, acc_lse = ops.varlen_fwd(q, k, v, cu_q, cu_k, None, 0.25, True, "fa2", impl, acc_out=True)
+    assert acc.dtype == torch.float32
+    assert torch.equal(acc.to(torch.bfloat16), out) and torch.equal(acc_lse, lse)
 
 
 def test_compile_does_not_recompile_when_lengths_change(device):

@@ -187,6 +187,7 @@ def _groups(work_blocks: int, programs_per_group_unit: int, device: torch.device
 
 def fa1_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """FA1 forward; same contract as :func:`.fa2_fwd.fa2_forward`."""
     b, sq, h, d = q.shape
@@ -194,7 +195,7 @@ def fa1_forward(
     bd = _common.block_d(d)
     acc = acc_dtype(q.dtype)
     block_r, block_c = fa1_blocks(q.dtype, d, q.device)
-    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     o_acc = torch.empty((b * h, sq, bd), dtype=acc, device=q.device)  # O in HBM
     l_ws = torch.empty((b * h, sq), dtype=acc, device=q.device)  # l in HBM

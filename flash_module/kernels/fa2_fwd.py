@@ -88,6 +88,7 @@ def fa2_forward(
     dropout_p: float = 0.0,
     rng: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1;
     ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``; ``alibi_slopes``
@@ -100,12 +101,12 @@ def fa2_forward(
     ``attn_mask`` (bool or float, broadcastable to (B, H, Sq, Sk)) is SDPA's mask
     (:func:`._common.attn_mask`), read in place.
 
-    Returns ``out`` (B, Sq, H, D) contiguous in q's dtype and ``lse`` (B, H, Sq) in
+    Returns ``out`` (B, Sq, H, D) contiguous in q's dtype (or ``out_dtype``) and ``lse`` (B, H, Sq) in
     ``lse_dtype(q.dtype)`` (float32 for fp16/bf16, float64 for fp32/fp64).
     """
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
-    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     cfg = config or fwd_config(q.dtype, d, causal, q.device)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)

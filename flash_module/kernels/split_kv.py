@@ -35,6 +35,7 @@ from ._common import (
     program_bh,
     range_part,
     tile_ptrs,
+    to_dtype,
 )
 
 
@@ -137,7 +138,7 @@ def _split_kv_fwd_kernel(
     if DIRECT:  # the only chunk: the output itself, (B, Sq, H, D) contiguous
         o_rows = (off_b * Sq + rows) * H + head
         o_ptrs = OPart + o_rows[:, None] * HEAD_DIM + offs_d[None, :]
-        tl.store(o_ptrs, (acc / l_safe[:, None]).to(OPart.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+        tl.store(o_ptrs, to_dtype(acc / l_safe[:, None], OPart.dtype.element_ty), mask=row_ok[:, None] & d_ok)
         tl.store(LsePart + lse_rows, lse, mask=row_ok)
     else:
         part = split.to(tl.int64) * part_stride
@@ -197,7 +198,7 @@ def _combine_kernel(
     lse = tl.where(seen, big_m + tl.math.log2(t_safe).to(lse_t) * tl.full([], LN2, lse_t), float("-inf"))
     # Out is a new contiguous (B, Sq, H, D) tensor.
     out_rows = ((bh // H) * Sq + rows % Sq) * H + bh % H
-    tl.store(Out + out_rows[:, None] * HEAD_DIM + offs_d[None, :], (acc / t_safe[:, None]).to(Out.dtype.element_ty),
+    tl.store(Out + out_rows[:, None] * HEAD_DIM + offs_d[None, :], to_dtype(acc / t_safe[:, None], Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
     tl.store(Lse + rows, lse, mask=row_ok)
 
@@ -219,14 +220,15 @@ def split_kv_forward(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
     causal_offset: int, num_splits: int = 0, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None,
-    attn_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV forward; same contract as :func:`.fa2_fwd.fa2_forward`.
 
     ``num_splits=0`` picks the count from the SM count, B·H·cdiv(Sq, BLOCK_M) and Sk.
     """
     return _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, softcap=softcap,
-                     alibi_slopes=alibi_slopes, window_size=window_size, sink=sink, attn_mask=attn_mask)
+                     alibi_slopes=alibi_slopes, window_size=window_size, sink=sink, attn_mask=attn_mask,
+                     out_dtype=out_dtype)
 
 
 def split_kv_cache_forward(
@@ -248,7 +250,7 @@ def split_kv_cache_forward(
 
 
 def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=None, softcap=0.0,
-              alibi_slopes=None, window_size=(-1, -1), sink=None, attn_mask=None):
+              alibi_slopes=None, window_size=(-1, -1), sink=None, attn_mask=None, out_dtype=None):
     b, sq, h, d = q.shape
     h_kv = k.shape[2]
     seqlens, batch_idx, table, leftpad = cache if cache is not None else (None, None, None, None)
@@ -273,7 +275,7 @@ def _split_kv(q, k, v, softmax_scale, causal, causal_offset, num_splits, cache=N
     # Chunks are whole key blocks, so the unmasked/masked split of each chunk stays aligned.
     chunk = cdiv(cdiv(max(span, 1), num_splits), block_n) * block_n
     num_splits = cdiv(max(span, 1), chunk)
-    out = torch.empty((b, sq, h, d), dtype=q.dtype, device=q.device)
+    out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     direct = num_splits == 1  # the kernel writes out and lse itself: no partials, no merge
     if direct:

@@ -235,7 +235,7 @@ def varlen_forward(
     softmax_scale: float, causal: bool, seqused_k: torch.Tensor | None = None,
     block_table: torch.Tensor | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1), sink: torch.Tensor | None = None, dropout_p: float = 0.0,
-    rng: torch.Tensor | None = None,
+    rng: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Varlen FA2 forward (``window_size`` per sequence, bottom-right aligned like causal;
     ``sink`` (H,) fp32 attention-sink logits; dropout as :func:`.fa2_fwd.fa2_forward`, the
@@ -245,7 +245,7 @@ def varlen_forward(
     or None: k/v are a paged cache (num_pages, page, H_kv, D) and sequence ``b``'s keys are its
     pages (``cu_seqlens_k`` still gives the key lengths).
 
-    Returns ``out`` (Tq, H, D) in q's dtype and ``lse`` (H, Tq) in ``lse_dtype(q.dtype)``;
+    Returns ``out`` (Tq, H, D) in q's dtype (or ``out_dtype``) and ``lse`` (H, Tq) in ``lse_dtype(q.dtype)``;
     rows that belong to no sequence get out = 0 and lse = -inf.
     """
     tq, h, d = q.shape
@@ -259,7 +259,7 @@ def varlen_forward(
         (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
     cfg = fwd_config(q.dtype, d, causal, q.device)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
-    out = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
+    out = torch.zeros((tq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     programs = cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
