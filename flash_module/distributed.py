@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import ops, reference
 from ._runtime import acc_dtype, lse_dtype
-from .api import _check_alibi, _check_qkv_bshd, _check_sink, _check_tensor, _check_variants
+from .api import _check_alibi, _check_qkv_bshd, _check_sink, _check_tensor, _check_variants, dropout_seed
 
 LAYOUTS = ("contiguous", "zigzag")
 #: How :func:`ring_attention_varlen` moves K/V between ranks.
@@ -144,8 +144,9 @@ def _merge(out_a, lse_a, out_b, lse_b):
 
 def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
     """The ring's forward on either layout (``seq_dim``: 1 for dense (B, S, H, D) shards, 0 for
-    varlen (T, H, D); the LSE's sequence dim is the next one).  ``attend(q, k, v, diag, shift)``
-    gives one (query chunk, key chunk) pair's ``(out, lse)``; the pairs' results are merged.
+    varlen (T, H, D); the LSE's sequence dim is the next one).  ``attend(q, k, v, diag, shift,
+    row0)`` gives one (query chunk, key chunk) pair's ``(out, lse)`` (``row0``: the query chunk's
+    first global row, for dropout's mask); the pairs' results are merged.
     Returns this rank's merged ``(out, lse)``, ``out`` still in the accumulator dtype (the caller
     adds any sink, then rounds once)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -164,7 +165,7 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
         k_ids = _chunk_ids((rank - step) % world, world, layout)
         ks, vs = kv[0].chunk(n, dim=seq_dim), kv[1].chunk(n, dim=seq_dim)
         for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
-            o, lse = attend(qs[i], ks[j], vs[j], diag, shift)
+            o, lse = attend(qs[i], ks[j], vs[j], diag, shift, q_ids[i] * sq)
             if outs[i] is None:
                 outs[i], lses[i] = o.to(acc), lse
             else:
@@ -182,8 +183,8 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
 
 def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_dim, grad):
     """The ring's backward (layouts as :func:`_ring_forward`): K/V travel again, and so does the
-    dK/dV accumulated for them; ``grad(dout, q, k, v, out, lse, diag, shift)`` gives one pair's
-    ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  Returns ``dq`` in the accumulator
+    dK/dV accumulated for them; ``grad(dout, q, k, v, out, lse, diag, shift, row0)`` gives one
+    pair's ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  Returns ``dq`` in the accumulator
     dtype and dK/dV, home on the shard's owner, in k's and v's dtype (the caller's rounding, done
     before the last hop: half the bytes of fp32 for 16-bit inputs, the same values).
 
@@ -219,7 +220,8 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
         home = []  # the last hop's received chunks (dk, dv) and requests
         for g, group_pairs in enumerate(groups):
             for i, j, diag, shift in group_pairs:
-                dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift)
+                dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift,
+                                     q_ids[i] * sq)
                 dqs[i].add_(dqi)
                 dks[j].add_(dkj)
                 dvs[j].add_(dvj)
@@ -256,28 +258,31 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink, alibi_slopes, window):
-        def attend(qc, kc, vc, diag, shift):
-            # fp32 partials (acc_out): the merges then round once, not once per step
+    def forward(ctx, q, k, v, scale, causal, layout, mode, impl, group, softcap, sink, alibi_slopes, window,
+                dropout_p, rng):
+        def attend(qc, kc, vc, diag, shift, row0):
+            # fp32 partials (acc_out): the merges then round once, not once per step; dropout's
+            # mask is the global sequence's (drop_offset: where this query chunk starts)
             return ops.attention_fwd(qc, kc, vc, scale, diag, True, mode, 0, impl, softcap, alibi_slopes,
-                                     *window, shift=shift, acc_out=True)
+                                     *window, None, dropout_p, rng, shift=shift, acc_out=True,
+                                     drop_offset=row0)
 
         out, lse = _ring_forward(q, k, v, group, layout, causal, window, 1, attend)
         if sink is not None:  # the sink joins each row's denominator once, after every key chunk
             out, lse = reference.add_sink(out, lse, sink.detach())
         out = out.to(q.dtype)  # the one rounding of the merged output
-        ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes)
-        ctx.args = (scale, causal, layout, mode, impl, group, softcap, window)
+        ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes, rng)
+        ctx.args = (scale, causal, layout, mode, impl, group, softcap, window, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sink, alibi_slopes = ctx.saved_tensors
-        scale, causal, layout, mode, impl, group, softcap, window = ctx.args
+        q, k, v, out, lse, sink, alibi_slopes, rng = ctx.saved_tensors
+        scale, causal, layout, mode, impl, group, softcap, window, dropout_p = ctx.args
 
-        def grad(do, qc, kc, vc, oc, lc, diag, shift):
+        def grad(do, qc, kc, vc, oc, lc, diag, shift, row0):
             return ops.attention_bwd(do, qc, kc, vc, oc, lc, None, scale, diag, True, mode, impl, softcap,
-                                     alibi_slopes, *window, shift=shift)
+                                     alibi_slopes, *window, dropout_p, rng, shift=shift, drop_offset=row0)
 
         dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, 1, grad)
         # The sink's gradient from this rank's rows (the LSE above already includes the sink, so
@@ -287,7 +292,7 @@ class _RingAttention(torch.autograd.Function):
         if sink is not None and ctx.needs_input_grad[10]:
             dsink = ops.sink_grad(sink, out, dout, lse, None)
         nones = (None,) * 7  # scale, causal, layout, mode, impl, group, softcap
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *nones, dsink, None, None)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), *nones, dsink, None, None, None, None)
 
 
 def ring_attention(
@@ -305,6 +310,7 @@ def ring_attention(
     learnable_sink: Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
     alibi_slopes: Tensor | None = None,
+    dropout_p: float = 0.0,
 ) -> Tensor:
     """Attention over a sequence sharded across the ranks of ``group`` (context parallelism).
 
@@ -328,7 +334,11 @@ def ring_attention(
             chunks wholly outside every query's window are skipped.
         alibi_slopes: fp32 (nheads,) or (batch, nheads): bias ``-slope * |i - j|`` over global
             positions (flash-attn's ALiBi with Sq == Sk).
-        (Dropout is not supported here yet.)
+        dropout_p: dropout probability (flash-attn's; use 0.0 in evaluation).  Each rank draws
+            its seed from torch's generator, as :func:`flash_module.flash_attn_func` does, and
+            the mask is laid over the *global* sequence, so ranks seeded alike drop exactly what
+            one device running the whole sequence with that seed drops.  The chunks must start
+            on the mask's 16-row tiles: shard length a multiple of 16 (32 with zigzag).
 
     Returns:
         (batch, seqlen_local, nheads, headdim): this rank's rows of the full attention output.
@@ -350,14 +360,21 @@ def ring_attention(
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
     _check_equal_shards(q, k, group)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    _check_variants(0.0, window_size, softcap, alibi_slopes)
+    _check_variants(dropout_p, window_size, softcap, alibi_slopes)
+    chunk = q.shape[1] // (2 if layout == "zigzag" else 1)
+    if dropout_p and chunk % 16:
+        raise ValueError(f"ring_attention with dropout_p > 0 needs chunks of a multiple of 16 tokens (the "
+                         f"dropout mask's tiles): shard length {q.shape[1]} with layout={layout!r} gives "
+                         f"{chunk}")
     _check_sink(learnable_sink, q, q.shape[2])
     _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
     left, right = (int(w) for w in window_size)
     # flash-attn: causal overrides the right bound; causal alone is no window (the pairs decide)
     window = (-1, -1) if causal and left < 0 else (left, 0 if causal else right)
+    dropout_p = float(dropout_p)
+    rng = dropout_seed(q.device) if dropout_p else None
     return _RingAttention.apply(q, k, v, scale, bool(causal), layout, mode, impl, group, float(softcap),
-                                learnable_sink, alibi_slopes, window)
+                                learnable_sink, alibi_slopes, window, dropout_p, rng)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +463,7 @@ class _RingAttentionVarlen(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, scale, causal, layout, mode, impl, group, softcap, sink):
         pcu = _piece_cu_seqlens(cu_seqlens, _n_chunks(dist.get_world_size(group), layout))
 
-        def attend(qc, kc, vc, diag, shift):
+        def attend(qc, kc, vc, diag, shift, _row0):
             return ops.varlen_fwd(qc, kc, vc, pcu, pcu, None, scale, diag, mode, impl, None, softcap,
                                   acc_out=True)  # fp32 partials, as the dense ring
 
@@ -463,7 +480,7 @@ class _RingAttentionVarlen(torch.autograd.Function):
         q, k, v, pcu, out, lse, sink = ctx.saved_tensors
         scale, causal, layout, mode, impl, group, softcap = ctx.args
 
-        def grad(do, qc, kc, vc, oc, lc, diag, shift):
+        def grad(do, qc, kc, vc, oc, lc, diag, shift, _row0):
             return ops.varlen_bwd(do, qc, kc, vc, oc, lc, None, pcu, pcu, None, scale, diag, mode, impl,
                                   softcap)
 

@@ -70,8 +70,6 @@ class FlashAttention(nn.Module):
         mode, impl = ops.check_mode(mode, impl)
         _check_dropout(dropout)
         window_size = tuple(window_size)
-        if dropout and context_parallel_group is not None:
-            raise NotImplementedError("flash_module: dropout with context parallelism is not supported yet")
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.causal = causal
@@ -89,6 +87,7 @@ class FlashAttention(nn.Module):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, learnable_sink: Tensor | None = None) -> Tensor:
         """Attention of q over k, v in the module's layout; ``learnable_sink`` (H,) or None:
         attention-sink logits (see :func:`flash_module.flash_attn_func`)."""
+        dropout_p = self.dropout if self.training else 0.0
         if self.context_parallel_group is not None:
             from .distributed import ring_attention
 
@@ -96,9 +95,8 @@ class FlashAttention(nn.Module):
             out = ring_attention(to_bshd(q), to_bshd(k), to_bshd(v), self.context_parallel_group,
                                  self.causal, self.softmax_scale, self.context_parallel_layout, self.mode,
                                  impl=self.impl, softcap=self.softcap, learnable_sink=learnable_sink,
-                                 window_size=self.window_size)
+                                 window_size=self.window_size, dropout_p=dropout_p)
             return to_bshd(out)
-        dropout_p = self.dropout if self.training else 0.0
         if self.layout == "bshd":
             return flash_attn_func(q, k, v, dropout_p, softmax_scale=self.softmax_scale, causal=self.causal,
                                    softcap=self.softcap, window_size=self.window_size, mode=self.mode,

@@ -28,7 +28,10 @@ requires grad, autograd calls ``attention_bwd_mask``, the same backward that als
 mask's gradient) and
 ``shift`` (an int, default 0: query ``i``'s diagonal key moves from ``i + Sk - Sq`` / ``i`` to
 that plus ``shift``, and with it the causal mask, the window and ALiBi's distances; ring
-attention passes how far behind the query chunk the key chunk sits in the sequence).
+attention passes how far behind the query chunk the key chunk sits in the sequence), then
+``acc_out`` (forward: O in the accumulator dtype, before its rounding) and ``drop_offset``
+(dropout: query row i and key j draw the mask bits of row ``i + drop_offset`` and key ``j +
+drop_offset - shift`` of a longer sequence; multiples of 16).
 
 ``mode`` names the algorithm (:data:`MODES`): ``fa2`` (default), ``fa1`` (FA1's loop order,
 O/l/m in HBM) or ``tiling`` (split-KV: key chunks in parallel, merged like the tiling softmax).
@@ -90,10 +93,20 @@ class AttentionArgs:
     shift: int = 0  # the part of causal_offset beyond the alignment (ring attention's chunk distance)
     mask_grad: bool = False  # backward: also return the float attn_mask's gradient (fa2 only)
     out_dtype: torch.dtype | None = None  # forward: O's dtype (None: q's; the ring merges fp32 partials)
+    drop_offset: int = 0  # dropout: query row 0 is row drop_offset of a longer sequence's mask (ring chunks)
+
+    @property
+    def drop_offsets(self) -> tuple[int, int]:
+        """Where this call's query rows and keys sit in the dropout mask: ``(drop_offset,
+        drop_offset - shift)`` (a ring step's query chunk and key chunk starts)."""
+        return self.drop_offset, self.drop_offset - self.shift
 
     def dropout(self) -> reference.Dropout | None:
         """The PyTorch path's dropout (dense row counters), or None."""
-        return reference.Dropout(self.dropout_p, self.rng) if self.dropout_p else None
+        if not self.dropout_p:
+            return None
+        rows, cols = self.drop_offsets
+        return reference.Dropout(self.dropout_p, self.rng, row0=rows, col0=cols)
 
     @property
     def bottom_right(self) -> bool:
@@ -141,7 +154,7 @@ def _fa2_fwd_triton(q, k, v, a: AttentionArgs):
 
     return fa2_forward(q, k, v, a.softmax_scale, a.causal, a.causal_offset, softcap=a.softcap,
                        alibi_slopes=a.alibi_slopes, window_size=a.window, sink=a.sink, dropout_p=a.dropout_p,
-                       rng=a.rng, attn_mask=a.attn_mask, out_dtype=a.out_dtype)
+                       rng=a.rng, attn_mask=a.attn_mask, out_dtype=a.out_dtype, drop_offsets=a.drop_offsets)
 
 
 def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
@@ -149,7 +162,8 @@ def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
 
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
                         softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
-                        dropout_p=a.dropout_p, rng=a.rng, attn_mask=a.attn_mask, mask_grad=a.mask_grad)
+                        dropout_p=a.dropout_p, rng=a.rng, attn_mask=a.attn_mask, mask_grad=a.mask_grad,
+                        drop_offsets=a.drop_offsets)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
@@ -305,11 +319,12 @@ def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right
           num_splits: int = 0, softcap: float = 0.0, alibi_slopes: Tensor | None = None,
           window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
           rng: Tensor | None = None, attn_mask: Tensor | None = None, shift: int = 0,
-          mask_grad: bool = False, out_dtype: torch.dtype | None = None) -> AttentionArgs:
+          mask_grad: bool = False, out_dtype: torch.dtype | None = None,
+          drop_offset: int = 0) -> AttentionArgs:
     offset = (k.shape[1] - q.shape[1] if bottom_right else 0) + int(shift)
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
                          alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng,
-                         attn_mask, int(shift), bool(mask_grad), out_dtype)
+                         attn_mask, int(shift), bool(mask_grad), out_dtype, int(drop_offset))
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -437,10 +452,12 @@ def attention_fwd(
     attn_mask: Tensor | None = None,
     shift: int = 0,
     acc_out: bool = False,
+    drop_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     out_dtype = acc_dtype(q.dtype) if acc_out else None
     _check_rng(dropout_p, rng)
+    _check_drop_offset(dropout_p, drop_offset, shift)
     b, sq, h, d = q.shape
     window = (window_left, window_right)
     if q.numel() == 0 or k.shape[1] == 0:  # nothing to compute: an empty output or no key
@@ -455,7 +472,7 @@ def attention_fwd(
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, num_splits, softcap, alibi_slopes, window,
-                     sink, dropout_p, rng, attn_mask, shift, out_dtype=out_dtype)
+                     sink, dropout_p, rng, attn_mask, shift, out_dtype=out_dtype, drop_offset=drop_offset)
         out, lse = fn(q, k, v, args)
     return out.contiguous(), lse.contiguous()
 
@@ -463,7 +480,7 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
                         softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None,
-                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, acc_out=False):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, acc_out=False, drop_offset=0):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d), dtype=acc_dtype(q.dtype) if acc_out else q.dtype)
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -492,16 +509,20 @@ def attention_bwd(
     rng: Tensor | None = None,
     attn_mask: Tensor | None = None,
     shift: int = 0,
+    drop_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
-                     alibi_slopes, (window_left, window_right), dropout_p, rng, attn_mask, shift)
+                     alibi_slopes, (window_left, window_right), dropout_p, rng, attn_mask, shift,
+                     drop_offset=drop_offset)
 
 
 def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
-              alibi_slopes, window, dropout_p, rng, attn_mask, shift, mask_grad: bool = False) -> tuple:
+              alibi_slopes, window, dropout_p, rng, attn_mask, shift, mask_grad: bool = False,
+              drop_offset: int = 0) -> tuple:
     """The body of both backward ops: ``(dq, dk, dv)``, and with ``mask_grad`` the float mask's
     gradient too (shaped and typed like the mask), from the algorithm table's backward."""
     _check_rng(dropout_p, rng)
+    _check_drop_offset(dropout_p, drop_offset, shift)
     if q.numel() == 0 or k.numel() == 0:
         masks = (attn_mask,) if mask_grad else ()
         return tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in (q, k, v, *masks))
@@ -512,7 +533,7 @@ def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
                      window=window, dropout_p=dropout_p, rng=rng, attn_mask=attn_mask, shift=shift,
-                     mask_grad=mask_grad)
+                     mask_grad=mask_grad, drop_offset=drop_offset)
         grads = fn(dout, q, k, v, out, lse, dlse, args)
     if mask_grad:
         grads = (*grads[:3], grads[3].to(attn_mask.dtype))
@@ -522,7 +543,7 @@ def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
                         impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1,
-                        dropout_p=0.0, rng=None, attn_mask=None, shift=0):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, drop_offset=0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
@@ -548,6 +569,7 @@ def attention_bwd_mask(
     dropout_p: float = 0.0,
     rng: Tensor | None = None,
     shift: int = 0,
+    drop_offset: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`attention_bwd` for a float ``attn_mask`` that requires grad: also returns the mask's
     gradient, shaped and typed like the mask (dS w.r.t. the scaled scores, summed over the dims
@@ -562,22 +584,23 @@ def attention_bwd_mask(
         impl = "torch"  # the kernels' atomic sums over broadcast dims are not bitwise reproducible
     return _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
                      alibi_slopes, (window_left, window_right), dropout_p, rng, attn_mask, shift,
-                     mask_grad=True)
+                     mask_grad=True, drop_offset=drop_offset)
 
 
 @attention_bwd_mask.register_fake
 def _attention_bwd_mask_fake(dout, q, k, v, out, lse, dlse, attn_mask, softmax_scale, causal, bottom_right,
                              mode, impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1,
-                             window_right=-1, dropout_p=0.0, rng=None, shift=0):
+                             window_right=-1, dropout_p=0.0, rng=None, shift=0, drop_offset=0):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
             attn_mask.new_empty(attn_mask.shape))
 
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right, sink, dropout_p, rng, attn_mask, shift, _acc_out) = inputs
+     window_left, window_right, sink, dropout_p, rng, attn_mask, shift, _acc_out, drop_offset) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask)
+    ctx.drop_offset = drop_offset
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.window = (window_left, window_right)
@@ -596,13 +619,22 @@ def _fwd_backward(ctx, dout, dlse):
     dmask = None
     if ctx.mask_grad:  # one backward that also sums dS into the mask's gradient
         dq, dk, dv, dmask = attention_bwd_mask(dout, q, k, v, out, lse, dlse, attn_mask.detach(), *ctx.args,
-                                               alibi_slopes, *ctx.window, ctx.dropout_p, rng, ctx.shift)
+                                               alibi_slopes, *ctx.window, ctx.dropout_p, rng, ctx.shift,
+                                               ctx.drop_offset)
     else:
         dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
-                                   ctx.dropout_p, rng, attn_mask, ctx.shift)
+                                   ctx.dropout_p, rng, attn_mask, ctx.shift, ctx.drop_offset)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask,
-            None, None)
+            None, None, None)
+
+
+def _check_drop_offset(dropout_p: float, drop_offset: int, shift: int) -> None:
+    """Dropout's mask comes in 16 x 16 tiles (:func:`.kernels._common.dropout_keep`): a call placed
+    inside a longer sequence's mask must start its rows and keys on tile boundaries."""
+    if dropout_p and (drop_offset % 16 or (drop_offset - shift) % 16):
+        raise ValueError(f"dropout with drop_offset={drop_offset}, shift={shift}: the rows' and keys' places "
+                         f"in the mask ({drop_offset}, {drop_offset - shift}) must be multiples of 16")
 
 
 def _check_rng(dropout_p: float, rng: Tensor | None) -> None:

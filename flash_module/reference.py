@@ -186,14 +186,20 @@ class Dropout:
     p: float
     rng: torch.Tensor
     batch0: int = 0
+    row0: int = 0  # the call's rows and keys in a longer sequence's mask (ring attention's chunks:
+    col0: int = 0  # the kernels' dropout_args offset and offset - shift)
 
     def row_ids(self, b: int, h: int, sq: int, device: torch.device,
                 n_rows: int | None = None) -> torch.Tensor:
         """(B, H, n_rows, 1) counters of rows 0 .. n_rows - 1 (default Sq) of every (batch, head),
-        for :func:`dropout_keep`."""
+        for :meth:`keep`."""
         streams = (torch.arange(b, device=device)[:, None] + self.batch0) * h + torch.arange(h, device=device)
-        rows = torch.arange(sq if n_rows is None else n_rows, device=device)
+        rows = torch.arange(sq if n_rows is None else n_rows, device=device) + self.row0
         return ((streams << 32)[..., None] + rows)[..., None]
+
+    def keep(self, row_ids: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """:func:`dropout_keep` of counters from :meth:`row_ids` and this call's keys ``cols``."""
+        return dropout_keep(self.rng, self.p, row_ids, cols + self.col0)
 
 
 def dropout_mask(rng: torch.Tensor, dropout_p: float, batch: int, nheads: int, seqlen_q: int,
@@ -327,7 +333,7 @@ def attention_probs(
     m = m.repeat_interleave(block_n, -1)[..., :sk]
     vals = torch.exp(s - _neg_inf_to_zero(m))  # exp(-inf) = 0 where masked
     rows = dropout.row_ids(s.shape[0], h, sq, s.device)
-    keep = dropout_keep(dropout.rng, dropout.p, rows, torch.arange(sk, device=s.device))
+    keep = dropout.keep(rows, torch.arange(sk, device=s.device))
     return torch.where(keep, vals, -vals)
 
 
@@ -583,8 +589,8 @@ def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, so
         alpha = torch.exp(m - m_new_safe)
         l = alpha * l + p.sum(dim=-1)
         if dropout is not None:  # dropped probabilities stay in l, leave acc
-            p = p * dropout_keep(dropout.rng, dropout.p, rows, torch.arange(j * block_n, (j + 1) * block_n,
-                                                                            device=q.device)).to(p.dtype)
+            cols = torch.arange(j * block_n, (j + 1) * block_n, device=q.device)
+            p = p * dropout.keep(rows, cols).to(p.dtype)
         acc = alpha[..., None] * acc + torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]  # the single final division
@@ -667,7 +673,7 @@ def fa2_backward(
         p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
         dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
         if dropout is not None:
-            keep = dropout_keep(dropout.rng, dropout.p, drop_rows, cols).to(acc) * keep_scale
+            keep = dropout.keep(drop_rows, cols).to(acc) * keep_scale
             dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p * keep, dof)
             dp = dp * keep
         else:

@@ -212,6 +212,45 @@ def test_modes_without_dropout_say_so(mode, device):
         fm.flash_attn_func(q, k, v, 0.1, mode=mode)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_drop_offset_places_a_call_in_a_longer_sequence(impl, device):
+    """``drop_offset`` (ring attention's chunks): the query rows [32, 64) attended with
+    drop_offset=32 (and shift=32, so their keys still start at key 0 of the mask) give the full
+    call's rows and gradients bit for bit; and the keys [32, 64) with shift=-32 (key offset 32)
+    merged with keys [0, 32) give the full call's output."""
+    q, k, v = make_qkv(1, 64, 64, 2, 1, 16, torch.float32, device, requires_grad=False)
+    dout = torch.randn_like(q)
+    rng, p = dropout_seed(q.device), 0.3
+
+    def call(rows, kc, vc, drop_offset=0, shift=0):
+        qc, kc, vc = (t.clone().requires_grad_() for t in (q[:, rows], kc, vc))
+        out, lse = ops.attention_fwd(qc, kc, vc, 0.25, False, False, "fa2", 0, impl, 0.0, None, -1, -1, None,
+                                     p, rng, shift=shift, drop_offset=drop_offset)
+        return out, lse, torch.autograd.grad(out, (qc, kc, vc), dout[:, rows])
+
+    out, lse, (dq, dk, dv) = call(slice(0, 64), k, v)
+    lo, lo_lse, (dq_lo, dk_lo, dv_lo) = call(slice(0, 32), k, v)
+    hi, hi_lse, (dq_hi, dk_hi, dv_hi) = call(slice(32, 64), k, v, drop_offset=32, shift=32)
+    assert torch.equal(torch.cat([lo, hi], 1), out) and torch.equal(torch.cat([lo_lse, hi_lse], 2), lse)
+    assert torch.equal(torch.cat([dq_lo, dq_hi], 1), dq)
+    torch.testing.assert_close(dk_lo + dk_hi, dk)  # (the two halves' sums: equal up to rounding)
+    torch.testing.assert_close(dv_lo + dv_hi, dv)
+    # the keys: [0, 32) at offset 0 and [32, 64) at key offset 32 (shift -32), merged
+    a, a_lse, _ = call(slice(0, 64), k[:, :32], v[:, :32])
+    b, b_lse, _ = call(slice(0, 64), k[:, 32:], v[:, 32:], drop_offset=0, shift=-32)
+    merged, merged_lse = ops.merge_attention_states(a, a_lse, b, b_lse)
+    torch.testing.assert_close(merged, out)
+    torch.testing.assert_close(merged_lse, lse)
+    assert not torch.equal(call(slice(32, 64), k, v)[0], hi)  # the offset matters (another mask block)
+
+
+def test_drop_offset_off_the_mask_tiles_is_a_clear_error(device):
+    q, k, v = make_qkv(1, 32, 32, 2, 1, 16, torch.float32, device, requires_grad=False)
+    with pytest.raises(ValueError, match=r"drop_offset=8, shift=0: .* must be multiples of 16"):
+        ops.attention_fwd(q, k, v, 0.25, False, False, "fa2", 0, "auto", 0.0, None, -1, -1, None, 0.1,
+                          dropout_seed(q.device), drop_offset=8)
+
+
 def test_op_needs_its_seed(device):
     q, k, v = make_qkv(1, 8, 8, 2, 2, 16, torch.float32, device, requires_grad=False)
     with pytest.raises(ValueError, match=r"dropout_p=0.1 needs rng"):

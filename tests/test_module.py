@@ -72,8 +72,6 @@ def test_extra_repr_shows_config():
     pytest.param(dict(mode="fa3"), ValueError, r"mode must be one of .*'fa2'.*'fa3'", id="bad-mode"),
     pytest.param(dict(layout="sbhd"), ValueError, r"layout must be one of", id="bad-layout"),
     pytest.param(dict(dropout=1.5), ValueError, r"dropout must be a probability in \[0, 1\]", id="dropout"),
-    pytest.param(dict(dropout=0.1, context_parallel_group=object()), NotImplementedError,
-                 r"dropout with context parallelism", id="dropout-cp"),
 ])
 def test_flash_attention_bad_config(kwargs, exc, match):
     with pytest.raises(exc, match=match):

@@ -68,6 +68,7 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         softcap = variants.get("softcap", 0.0)
         sink = torch.linspace(-1.0, 1.0, h, device=device) if variants.get("sink") else None
         window = variants.get("window", (-1, -1))
+        dropout_p = variants.get("dropout", 0.0)  # same seed on every rank and in the reference
         slopes = (torch.tensor([2.0 ** (-(i + 1)) for i in range(h)], device=device) if variants.get("alibi")
                   else None)
         q, k, v, dout = (t.to(device) for t in _full_inputs(seq, h, h_kv, d, dtype))
@@ -78,8 +79,9 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         else:
             ql, kl, vl = (shard(t).clone().requires_grad_() for t in (q, k, v))
         sl = sink.clone().requires_grad_() if sink is not None else None
+        torch.manual_seed(1234)
         out = ring_attention(ql, kl, vl, causal=causal, layout=layout, mode=mode, softcap=softcap,
-                             learnable_sink=sl, window_size=window, alibi_slopes=slopes)
+                             learnable_sink=sl, window_size=window, alibi_slopes=slopes, dropout_p=dropout_p)
         inputs = (ql, kl, vl, sl) if sink is not None else (ql, kl, vl)
         ours = [out, *torch.autograd.grad(out, inputs, shard(dout))]
         if sink is not None:  # each rank's dsink covers its rows: the group's sum is the full gradient
@@ -88,7 +90,8 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         def single_process(ref_dtype):  # the full sequence on one device, PyTorch path
             qf, kf, vf = (t.to(ref_dtype).requires_grad_() for t in (q, k, v))
             sf = sink.clone().requires_grad_() if sink is not None else None
-            ref = fm.flash_attn_func(qf, kf, vf, causal=causal, impl="torch", softcap=softcap,
+            torch.manual_seed(1234)  # the ring's dropout seed: the same mask over the whole sequence
+            ref = fm.flash_attn_func(qf, kf, vf, dropout_p, causal=causal, impl="torch", softcap=softcap,
                                      learnable_sink=sf, window_size=window, alibi_slopes=slopes)
             inputs = (qf, kf, vf, sf) if sink is not None else (qf, kf, vf)
             return [ref, *torch.autograd.grad(ref, inputs, dout.to(ref_dtype))]
@@ -146,6 +149,13 @@ CASES = [
     pytest.param(2, (32, 2, 2, 16, False, "zigzag", "tiling", torch.float32, "bshd",
                      dict(window=(20, -1), alibi=True, sink=True)),
                  id="w2-full-zigzag-tiling-window-alibi-sink", marks=pytest.mark.slow),
+    # dropout over the global sequence: each step's mask is the one-device mask's block
+    # (chunks of 16: the mask's tiles), in the forward and both backward passes
+    pytest.param(2, (64, 4, 2, 16, True, "zigzag", "fa2", torch.float32, "bshd", dict(dropout=0.25)),
+                 id="w2-causal-zigzag-dropout", marks=pytest.mark.slow),
+    pytest.param(4, (64, 2, 1, 16, False, "contiguous", "fa2", torch.float32, "bshd",
+                     dict(dropout=0.3, window=(20, 9), softcap=4.0)),
+                 id="w4-full-dropout-window-softcap", marks=pytest.mark.slow),
 ]
 
 
@@ -185,6 +195,8 @@ NCCL_CASES = [
                  id="w2-causal-zigzag-window-alibi-softcap-bf16"),
     pytest.param(4, (4096, 4, 4, 64, False, "contiguous", "fa2", torch.float16, "bshd",
                      dict(window=(300, 1500))), id="w4-full-window-fp16"),
+    pytest.param(2, (4096, 8, 2, 128, True, "zigzag", "fa2", torch.bfloat16, "bshd", dict(dropout=0.1)),
+                 id="w2-causal-zigzag-dropout-bf16"),
 ]
 
 

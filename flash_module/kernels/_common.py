@@ -116,13 +116,17 @@ def window_args(window_size: tuple[int, int], causal: bool) -> tuple[int, int, b
     return bound(left), bound(right), True, False
 
 
-def dropout_args(dropout_p: float, rng: torch.Tensor | None, like: torch.Tensor) -> tuple:
-    """``(Rng, thresh, scale, scale_lo)`` kernel arguments: the int64 seed tensor (a stand-in
-    pointer without dropout), the threshold and ``1 / (1 - p)`` split like the score scale
-    (0 for p = 1: everything dropped)."""
+def dropout_args(dropout_p: float, rng: torch.Tensor | None, like: torch.Tensor,
+                 offsets: tuple[int, int] = (0, 0)) -> tuple:
+    """``(Rng, row_off, col_off, thresh, scale, scale_lo)`` kernel arguments: the int64 seed tensor
+    (a stand-in pointer without dropout), ``offsets`` = where the call's rows and keys sit in the
+    mask of a longer sequence (query row i and key j draw the bits of row ``i + row_off`` and
+    key ``j + col_off``: ring attention's chunks; multiples of 16, see :func:`dropout_keep`),
+    the threshold and ``1 / (1 - p)`` split like the score scale (0 for p = 1: all dropped)."""
     if not dropout_p:
-        return like, 0, 1.0, 0.0
-    return (rng, reference.dropout_thresh(dropout_p), *split_scale(reference.dropout_scale(dropout_p)))
+        return like, 0, 0, 0, 1.0, 0.0
+    return (rng, int(offsets[0]), int(offsets[1]), reference.dropout_thresh(dropout_p),
+            *split_scale(reference.dropout_scale(dropout_p)))
 
 
 def mask_args(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], like: torch.Tensor) -> tuple:
@@ -575,7 +579,7 @@ def add_sink(acc, l_i, m_i, Sink, heads, SINK: tl.constexpr):
 @triton.jit
 def attend_block(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
@@ -597,7 +601,8 @@ def attend_block(
     p, alpha, l_i, m_i = softmax_update(m_i, l_i, s, MASKED or MASK != 0)
     if DROPOUT:
         # (rows are one tile, consecutive: the reduction is loop-invariant, hoisted by the compiler)
-        keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], start_n, drop_thresh, BLOCK_N)
+        keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], drop_col0 + start_n, drop_thresh,
+                            BLOCK_N)
         p = tl.where(keep, p, 0.0)
     acc = acc * alpha[:, None]
     v = load_tile(v_ptrs, cols, Sk, HEAD_DIM, MASKED)
@@ -609,7 +614,7 @@ def attend_block(
 def attend_kv(
     acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
@@ -619,7 +624,7 @@ def attend_kv(
     BLOCK_N: tl.constexpr = k_ptrs.shape[0]
     for start_n in range(n_start, n_end, BLOCK_N):
         acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk, causal_offset, win_l, win_r,
-                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
+                                     qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
                                      HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
@@ -677,7 +682,7 @@ def page_tile_ptrs(Cache_head, pages, start_n, stride_page, stride_s, PAGE: tl.c
 def attend_keys(
     acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages, n_table,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     DROPOUT: tl.constexpr = False, MASK: tl.constexpr = 0,
@@ -700,21 +705,21 @@ def attend_keys(
             v_ptrs = page_tile_ptrs(V_head, cur, start_n, stride_vpage, stride_vs, PAGE, BLOCK_N, BLOCK_D)
             acc, l_i, m_i = attend_block(acc, l_i, m_i, q, k_ptrs, v_ptrs, rows, start_n, Sk,
                                          causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                                         drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL,
+                                         drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL,
                                          SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     else:
         acc, l_i, m_i = attend_kv(
             acc, l_i, m_i, q, tile_ptrs(K_head, n_start, stride_ks, BLOCK_N, BLOCK_D),
             tile_ptrs(V_head, n_start, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
             rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-            drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
+            drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, MASKED, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return acc, l_i, m_i
 
 
 @triton.jit
 def attend_rows(
     q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    Pages, stride_kpage, stride_vpage, num_pages, n_table, drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
+    Pages, stride_kpage, stride_vpage, num_pages, n_table, drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     DROPOUT: tl.constexpr, MASK: tl.constexpr,
@@ -736,7 +741,7 @@ def attend_rows(
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, Pages, stride_kpage, stride_vpage, num_pages,
                 n_table, rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale,
-                qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, BLOCK_N, part != 1,
+                qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, HEAD_DIM, BLOCK_N, part != 1,
                 IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return acc, l_i, m_i
 
@@ -1010,7 +1015,7 @@ def probs(s, lse2, lse2_lo, q):
 def dkdv_loop(
     dk, dv, k, v, q_ptrs, do_ptrs, stride_qs, stride_dos, Stats_head, stats_stride,
     start_n, m_start, m_end, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
@@ -1037,7 +1042,7 @@ def dkdv_loop(
                 p_t = tl.where(visible(rows[None, :], cols[:, None], None, causal_offset, IS_CAUSAL, win_l, win_r,
                                        WINDOW), p_t, 0.0)
         if DROPOUT:
-            keep_t = dropout_keep(drop_seed, drop_row0 + start_m, BLOCK_M, start_n, drop_thresh, BLOCK_N, True)  # (N, M)
+            keep_t = dropout_keep(drop_seed, drop_row0 + start_m, BLOCK_M, drop_col0 + start_n, drop_thresh, BLOCK_N, True)  # (N, M)
             dv = mma(tl.where(keep_t, p_t, 0.0), do, dv)
         else:
             dv = mma(p_t, do, dv)  # (BLOCK_N, BLOCK_D)
@@ -1057,7 +1062,7 @@ def dkdv_loop(
 def dq_loop(
     dq, q, do, lse2, lse2_lo, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
     rows, n_start, n_end, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     DMask_bh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
     DROPOUT: tl.constexpr, MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
@@ -1081,7 +1086,8 @@ def dq_loop(
                          p, 0.0)
         dp = mma(do, tl.trans(v), tl.zeros(p.shape, dq.dtype))
         if DROPOUT:
-            keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], start_n, drop_thresh, BLOCK_N)
+            keep = dropout_keep(drop_seed, drop_row0 + tl.min(rows, 0), rows.shape[0], drop_col0 + start_n, drop_thresh,
+                            BLOCK_N)
             dp = tl.where(keep, scaled(dp, drop_scale, drop_scale_lo), 0.0)
         ds = p * (dp - delta[:, None])
         mask_grad_add(ds, DMask_bh, stride_dmi, stride_dmj, rows, cols, mask_rows, mask_cols, MASK_GRAD)
@@ -1097,7 +1103,7 @@ def dq_loop(
 def dkdv_head(
     dk, dv, k, v, Q_head, DO_head, stride_qs, stride_dos, Stats_head, stats_stride,
     start_n, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
 ):
@@ -1111,7 +1117,7 @@ def dkdv_head(
             dk, dv, k, v, tile_ptrs(Q_head, a, stride_qs, BLOCK_M, BLOCK_D),
             tile_ptrs(DO_head, a, stride_dos, BLOCK_M, BLOCK_D), stride_qs, stride_dos, Stats_head, stats_stride,
             start_n, a, b, Sq, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-            drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo, HEAD_DIM,
+            drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo, HEAD_DIM,
             part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     return dk, dv
 
@@ -1121,7 +1127,7 @@ def dkdv_block(
     K_head, V_head, Q_seq, DO_seq, Stats_seq, DK_head, DV_head, stride_ks, stride_vs, stride_qs, stride_qh,
     stride_dos, stride_doh, stats_len, stride_dks, off_hkv, GROUP, start_n, Sq, Sk, causal_offset, win_l, win_r,
     qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi_b, stride_ah, sm_scale, sm_scale_lo,
-    drop_seed, drop_row_b, drop_head_rows, drop_thresh, drop_scale, drop_scale_lo, Mask_b, stride_mh, stride_mi,
+    drop_seed, drop_row_b, drop_head_rows, drop_col0, drop_thresh, drop_scale, drop_scale_lo, Mask_b, stride_mh, stride_mi,
     stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
@@ -1144,7 +1150,7 @@ def dkdv_block(
         dk, dv = dkdv_head(
             dk, dv, k, v, Q_seq + off_h * stride_qh, DO_seq + off_h * stride_doh, stride_qs, stride_dos,
             Stats_seq + off_h * 3 * stats_len, stats_len, start_n, m0, m1, m2, m3, Sq, causal_offset, win_l, win_r,
-            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row_b + off_h * drop_head_rows, drop_thresh,
+            qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, drop_seed, drop_row_b + off_h * drop_head_rows, drop_col0, drop_thresh,
             Mask_b + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo, HEAD_DIM, BLOCK_M, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
     dk = scaled(dk, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores
     if DROPOUT:
@@ -1157,7 +1163,7 @@ def dkdv_block(
 def dq_rows(
     dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
     rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     DMask_bh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, SOFTCAP: tl.constexpr,
     ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr, MASK_GRAD: tl.constexpr,
@@ -1171,7 +1177,7 @@ def dq_rows(
             dq = dq_loop(dq, q, do, lse2, lse2_lo, delta, tile_ptrs(K_head, a, stride_ks, BLOCK_N, BLOCK_D),
                          tile_ptrs(V_head, a, stride_vs, BLOCK_N, BLOCK_D), stride_ks, stride_vs,
                          rows, a, b, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                         drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+                         drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
                          DMask_bh, stride_dmi, stride_dmj,
                          HEAD_DIM, part != 1, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK, MASK_GRAD)
     return dq
@@ -1181,7 +1187,7 @@ def dq_rows(
 def dq_block(
     Q_head, DO_head, Stats_head, K_head, V_head, DQ_head, stride_qs, stride_dos, stats_len, stride_ks, stride_vs,
     stride_dqs, start_m, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, sm_scale, sm_scale_lo,
-    drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+    drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
     DMask_bh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
@@ -1198,7 +1204,7 @@ def dq_block(
     n0, n1, n2, n3 = kv_range(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, IS_CAUSAL, WINDOW)
     dq = dq_rows(dq, q, do, lse2, lse2_lo, delta, K_head, V_head, stride_ks, stride_vs,
                  rows, n0, n1, n2, n3, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
-                 drop_seed, drop_row0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
+                 drop_seed, drop_row0, drop_col0, drop_thresh, Mask_bh, stride_mi, stride_mj, mask_rows, mask_cols, drop_scale, drop_scale_lo,
                  DMask_bh, stride_dmi, stride_dmj, HEAD_DIM, BLOCK_N, IS_CAUSAL,
                  SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK, MASK_GRAD)
     dq = scaled(dq, sm_scale, sm_scale_lo)  # dS was taken w.r.t. the scaled scores

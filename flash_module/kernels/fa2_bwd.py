@@ -41,7 +41,7 @@ def _bwd_dkdv_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, drop_scale_lo,
     Mask, stride_mb, stride_mh, stride_mi, stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -58,7 +58,7 @@ def _bwd_dkdv_kernel(
         DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh, stats_len,
         H_KV * HEAD_DIM, off_hkv, GROUP, tl.program_id(0) * BLOCK_N, Sq, Sk, causal_offset, win_l, win_r, qk_scale, qk_scale_lo,
         cap2, cap2_lo, Alibi + off_b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
-        drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H), drop_row_base(1), drop_thresh, drop_scale, drop_scale_lo, Mask + off_b * stride_mb,
+        drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H) + drop_row_off, drop_row_base(1), drop_col_off, drop_thresh, drop_scale, drop_scale_lo, Mask + off_b * stride_mb,
         stride_mh, stride_mi, stride_mj, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW,
         DROPOUT, MASK)
 
@@ -69,7 +69,7 @@ def _bwd_dq_kernel(
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, drop_scale_lo,
     Mask, stride_mb, stride_mh, stride_mi, stride_mj, DMask, stride_dmb, stride_dmh, stride_dmi, stride_dmj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
@@ -84,7 +84,7 @@ def _bwd_dq_kernel(
         V + off_b * stride_vb + off_hkv * stride_vh, DQ + (off_b * Sq * H + off_h) * HEAD_DIM,  # new contiguous
         stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, Sq, Sk, causal_offset, win_l, win_r,
         qk_scale, qk_scale_lo, cap2, cap2_lo, head_slope(Alibi + off_b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI),
-        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h), drop_thresh,
+        sm_scale, sm_scale_lo, drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h) + drop_row_off, drop_col_off, drop_thresh,
         Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, drop_scale, drop_scale_lo,
         DMask + off_b * stride_dmb + off_h * stride_dmh, stride_dmi, stride_dmj, HEAD_DIM,
         BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK, MASK_GRAD)
@@ -109,10 +109,11 @@ def fa2_backward(
     rng: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     mask_grad: bool = False,
+    drop_offsets: tuple[int, int] = (0, 0),
 ) -> tuple[torch.Tensor, ...]:
     """Launch the FA2 backward. Shapes as :func:`.fa2_fwd.fa2_forward`; ``dout`` like ``out``;
-    ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p``, ``rng`` and ``attn_mask`` as
-    the forward had them (the same seed regenerates the same dropout mask).
+    ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p``, ``rng``, ``attn_mask`` and
+    ``drop_offsets`` as the forward had them (the same seed regenerates the same dropout mask).
 
     Returns ``dq`` (B, Sq, H, D), ``dk``/``dv`` (B, Sk, H_kv, D), all contiguous; with
     ``mask_grad`` (a float ``attn_mask``) also the mask's gradient, shaped like the mask and in
@@ -131,7 +132,7 @@ def fa2_backward(
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     args = _common.bsh_strides(q, k, v, dout)
     scales = (*_common.qk_scale(softmax_scale, softcap), *_common.alibi_args(alibi_slopes, q),
-              *_common.split_scale(softmax_scale), win_l, win_r, *_common.dropout_args(dropout_p, rng, q),
+              *_common.split_scale(softmax_scale), win_l, win_r, *_common.dropout_args(dropout_p, rng, q, drop_offsets),
               *mask[:5])
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],

@@ -40,7 +40,7 @@ def _fa2_fwd_kernel(
     Q, K, V, Out, Lse,
     stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
     H, GROUP, Sq, Sk, causal_offset, win_l, win_r, Sink, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    Rng, drop_thresh, drop_scale, drop_scale_lo, Mask, stride_mb, stride_mh, stride_mi, stride_mj,
+    Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, drop_scale_lo, Mask, stride_mb, stride_mh, stride_mi, stride_mj,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, ACC_DTYPE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     WINDOW: tl.constexpr, SINK: tl.constexpr, DROPOUT: tl.constexpr, MASK: tl.constexpr,
@@ -58,7 +58,7 @@ def _fa2_fwd_kernel(
 
     acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, Sk, causal_offset, win_l,
                                 win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, K, 0, 0, 0, 0,
-                                drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h), drop_thresh,
+                                drop_seed_of(Rng, DROPOUT), drop_row_base(off_b * H + off_h) + drop_row_off, drop_col_off, drop_thresh,
                                 Mask + off_b * stride_mb + off_h * stride_mh, stride_mi, stride_mj, Sq, Sk, HEAD_DIM,
                                 BLOCK_N, IS_CAUSAL, ACC_DTYPE, False, 1, SOFTCAP, ALIBI, WINDOW, DROPOUT, MASK)
 
@@ -89,6 +89,7 @@ def fa2_forward(
     rng: torch.Tensor | None = None,
     attn_mask: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    drop_offsets: tuple[int, int] = (0, 0),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the FA2 forward. q (B, Sq, H, D), k/v (B, Sk, H_kv, D), any strides, last dim 1;
     ``softcap`` > 0 caps the scaled scores at ``softcap * tanh(s / softcap)``; ``alibi_slopes``
@@ -97,7 +98,8 @@ def fa2_forward(
     causal sets right = 0), skipping the key blocks outside; ``sink`` (fp32 (H,)): each head's
     attention-sink logit joins the softmax denominator (:func:`._common.add_sink`);
     ``dropout_p`` > 0 drops probabilities with the Philox mask keyed by ``rng`` (an int64 (1,)
-    device tensor; :func:`._common.dropout_keep`) and rescales the kept ones by 1 / (1 - p);
+    device tensor; :func:`._common.dropout_keep`; ``drop_offsets``: the rows' and keys' place in
+    a longer sequence's mask, :func:`._common.dropout_args`) and rescales the kept ones by 1 / (1 - p);
     ``attn_mask`` (bool or float, broadcastable to (B, H, Sq, Sk)) is SDPA's mask
     (:func:`._common.attn_mask`), read in place.
 
@@ -115,7 +117,7 @@ def fa2_forward(
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),
         h, h // h_kv, sq, sk, causal_offset, win_l, win_r, _common.sink_args(sink, q),
         *_common.qk_scale(softmax_scale, softcap),
-        *_common.alibi_args(alibi_slopes, q), *_common.dropout_args(dropout_p, rng, q),
+        *_common.alibi_args(alibi_slopes, q), *_common.dropout_args(dropout_p, rng, q, drop_offsets),
         *mask[:5], MASK=mask[5], HEAD_DIM=d, BLOCK_D=_common.block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=causal,
         SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window, SINK=sink is not None, DROPOUT=bool(dropout_p),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_common.kernel_flags(q),

@@ -128,7 +128,7 @@ def _split_kv_fwd_kernel(
             acc, l_i, m_i = attend_keys(
                 acc, l_i, m_i, q, K_head, V_head, stride_ks, stride_vs, BlockTable + off_b * stride_bt, stride_kb,
                 stride_vb, num_kv_rows, capacity, rows, tl.maximum(a, c_lo), tl.minimum(b, c_hi), Sk, causal_offset,
-                win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, 0, 0, 0, Mask_bh, stride_mi, stride_mj, Sq,
+                win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2, 0, 0, 0, 0, Mask_bh, stride_mi, stride_mj, Sq,
                 Sk, HEAD_DIM, BLOCK_N, part != 1, IS_CAUSAL, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, False, MASK)
 
     # The sink joins once: here with one chunk (SINK is only set then), else in the combine.

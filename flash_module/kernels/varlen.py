@@ -114,7 +114,7 @@ def _varlen_fwd_kernel(
     Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, BlockTable,
     stride_qs, stride_qh, stride_kpage, stride_ks, stride_kh, stride_vpage, stride_vs, stride_vh, stride_bt,
     B, H, GROUP, Tq, Tk, num_pages, n_table, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    win_l, win_r, Sink, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    win_l, win_r, Sink, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
     PAGED: tl.constexpr, PAGE: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr,
@@ -145,7 +145,7 @@ def _varlen_fwd_kernel(
         acc, l_i, m_i = attend_rows(q, K_head, V_head, stride_ks, stride_vs, rows, start_m, len_k, causal_offset,
                                     win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo, slope2,
                                     BlockTable + b * stride_bt, stride_kpage, stride_vpage, num_pages, n_table,
-                                    drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h), drop_thresh, Q, 0, 0, 0, 0,
+                                    drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h) + drop_row_off, drop_col_off, drop_thresh, Q, 0, 0, 0, 0,
                                     HEAD_DIM, BLOCK_N, IS_CAUSAL, ACC_DTYPE, PAGED, PAGE, SOFTCAP, ALIBI, WINDOW, DROPOUT,
                                     0)
 
@@ -165,7 +165,7 @@ def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
@@ -183,7 +183,7 @@ def _varlen_bwd_dkdv_kernel(
             DK + kv_base, DV + kv_base, stride_ks, stride_vs, stride_qs, stride_qh, stride_dos, stride_doh,
             stats_len, H_KV * HEAD_DIM, off_hkv, GROUP, start_n, len_q, len_k, len_k - len_q, win_l, win_r, qk_scale,
             qk_scale_lo, cap2, cap2_lo, Alibi + b * stride_ab, stride_ah, sm_scale, sm_scale_lo,
-            drop_seed_of(Rng, DROPOUT), drop_row_base(b * H_KV * GROUP), drop_row_base(1), drop_thresh, drop_scale, drop_scale_lo, Q, 0, 0, 0, HEAD_DIM,
+            drop_seed_of(Rng, DROPOUT), drop_row_base(b * H_KV * GROUP) + drop_row_off, drop_row_base(1), drop_col_off, drop_thresh, drop_scale, drop_scale_lo, Q, 0, 0, 0, HEAD_DIM,
             BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0)
 
 
@@ -192,7 +192,7 @@ def _varlen_bwd_dq_kernel(
     Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_dos, stride_doh,
     B, H, GROUP, Tq, Tk, stats_len, qk_scale, qk_scale_lo, cap2, cap2_lo, Alibi, stride_ab, stride_ah,
-    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_thresh, drop_scale, drop_scale_lo,
+    sm_scale, sm_scale_lo, win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, drop_scale_lo,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, LOG_B: tl.constexpr, HAS_SEQUSED: tl.constexpr, ACC_DTYPE: tl.constexpr,
     SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, WINDOW: tl.constexpr, DROPOUT: tl.constexpr,
@@ -210,7 +210,7 @@ def _varlen_bwd_dq_kernel(
             stride_qs, stride_dos, stats_len, stride_ks, stride_vs, H * HEAD_DIM, start_m, len_q, len_k,
             len_k - len_q, win_l, win_r, qk_scale, qk_scale_lo, cap2, cap2_lo,
             head_slope(Alibi + b * stride_ab, off_h, stride_ah, ACC_DTYPE, ALIBI), sm_scale, sm_scale_lo,
-            drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h), drop_thresh, Q, 0, 0, 0, 0, drop_scale, drop_scale_lo,
+            drop_seed_of(Rng, DROPOUT), drop_row_base(b * H + off_h) + drop_row_off, drop_col_off, drop_thresh, Q, 0, 0, 0, 0, drop_scale, drop_scale_lo,
             Q, 0, 0, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, IS_CAUSAL, ACC_DTYPE, SOFTCAP, ALIBI, WINDOW, DROPOUT, 0, 0)
 
 
