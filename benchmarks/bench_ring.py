@@ -103,6 +103,15 @@ class _Timer:
         return statistics.median(times)
 
 
+def _hidden_share(compute: float, comm: float, ring: float) -> float | None:
+    """The share of ``comm`` hidden behind ``compute`` when both run as ``ring``, in [0, 1]."""
+    return min(1.0, max(0.0, (compute + comm - ring) / comm)) if comm > 0 else None
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
 def _local_exchange(tensors, group, rank, world):
     """Stand-in for the ring exchange: 'receive' the tensors just sent (no communication)."""
     return list(tensors), []
@@ -187,10 +196,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 flops = sum(ring_flops(1, args.heads, n, args.head_dim, args.causal) for n in lengths)
             else:
                 flops = ring_flops(args.batch, args.heads, seq_total, args.head_dim, args.causal)
-            def hidden_share(compute: float, comm: float, ring: float) -> float | None:
-                return min(1.0, max(0.0, (compute + comm - ring) / comm)) if comm > 0 else None
-
-            hidden = hidden_share(compute_ms, comm_ms, ring_ms)
+            hidden = _hidden_share(compute_ms, comm_ms, ring_ms)
             results.append(dict(
                 world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
@@ -203,8 +209,8 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 comm_hidden=hidden,
                 # per pass: the backward's times are the step's minus the forward's
                 ring_fwd_ms=ring_fwd_ms, compute_fwd_ms=compute_fwd_ms, comm_fwd_ms=comm_fwd_ms,
-                comm_hidden_fwd=hidden_share(compute_fwd_ms, comm_fwd_ms, ring_fwd_ms),
-                comm_hidden_bwd=hidden_share(compute_ms - compute_fwd_ms, comm_ms - comm_fwd_ms,
+                comm_hidden_fwd=_hidden_share(compute_fwd_ms, comm_fwd_ms, ring_fwd_ms),
+                comm_hidden_bwd=_hidden_share(compute_ms - compute_fwd_ms, comm_ms - comm_fwd_ms,
                                              ring_ms - ring_fwd_ms),
                 tflops_per_gpu_fwd=flops / 3.5 / world / (ring_fwd_ms * 1e-3) / 1e12,
                 tflops_per_gpu_bwd=flops * 2.5 / 3.5 / world / ((ring_ms - ring_fwd_ms) * 1e-3) / 1e12,
@@ -228,15 +234,12 @@ def run(args: argparse.Namespace) -> list[dict]:
             mp.spawn(_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
             rows.extend(dict(r) for r in results)
             r = rows[-1]
-            def pct(x: float | None) -> str:
-                return "n/a" if x is None else f"{100 * x:.0f}%"
-
             print(f"W={world} N={r['seq_total']}: ring {r['ring_ms']:.2f} ms, compute {r['compute_ms']:.2f}, "
                   f"comm {r['comm_ms']:.2f} | {r['tokens_per_s']:.3g} tok/s, "
-                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {pct(r['comm_hidden'])} | fwd: ring "
+                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {_pct(r['comm_hidden'])} | fwd: ring "
                   f"{r['ring_fwd_ms']:.2f} compute {r['compute_fwd_ms']:.2f} comm {r['comm_fwd_ms']:.2f} "
-                  f"{r['tflops_per_gpu_fwd']:.1f} TFLOP/s hidden {pct(r['comm_hidden_fwd'])} | bwd: "
-                  f"{r['tflops_per_gpu_bwd']:.1f} TFLOP/s hidden {pct(r['comm_hidden_bwd'])}", flush=True)
+                  f"{r['tflops_per_gpu_fwd']:.1f} TFLOP/s hidden {_pct(r['comm_hidden_fwd'])} | bwd: "
+                  f"{r['tflops_per_gpu_bwd']:.1f} TFLOP/s hidden {_pct(r['comm_hidden_bwd'])}", flush=True)
     return rows
 
 

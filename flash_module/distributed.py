@@ -204,6 +204,7 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
     acc = dq.dtype
     kv = [k.contiguous(), v.contiguous()]  # the visiting shard's K, V
     d_in, reqs_d = None, []  # dK/dV of the visiting shard from the ranks before this one, in flight
+    home = []  # the last hop's received chunks (dk, dv) and requests
     for step in range(world):
         k_ids = _chunk_ids((rank - step) % world, world, layout)
         last = step + 1 == world
@@ -217,7 +218,6 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
         # the last hop goes chunk by chunk: that step's pairs by key chunk, one group per chunk
         by_chunk = last and world > 1
         groups = [[p for p in pairs if p[1] == j] for j in range(n)] if by_chunk else [pairs]
-        home = []  # the last hop's received chunks (dk, dv) and requests
         for g, group_pairs in enumerate(groups):
             for i, j, diag, shift in group_pairs:
                 dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift,
@@ -230,8 +230,8 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
             if by_chunk:
                 dk_j, dv_j = dks[g], dvs[g]
                 if d_in is not None:
-                    dk_j = dk_j.add_(d_in[0].chunk(n, dim=seq_dim)[g])
-                    dv_j = dv_j.add_(d_in[1].chunk(n, dim=seq_dim)[g])
+                    dk_j.add_(d_in[0].chunk(n, dim=seq_dim)[g])
+                    dv_j.add_(d_in[1].chunk(n, dim=seq_dim)[g])
                 # (contiguous: with B > 1 a chunk of the sequence is a strided view)
                 send = [dk_j.to(k.dtype).contiguous(), dv_j.to(v.dtype).contiguous()]
                 home.append(_ring_exchange(send, group, rank, world))
