@@ -10,7 +10,8 @@ on its shard, a barrier before each iteration and the slowest rank's time kept:
 * ``ring``: ``ring_attention`` forward + backward (global length W * S_local);
 * ``compute``: the same kernel calls with the ring exchange replaced by a local no-op (every step
   attends to the rank's own K/V shard, so the work per step is identical, with no communication);
-* ``comm``: the same exchanges with no compute (K/V forward; K/V and the fp32 dK/dV backward).
+* ``comm``: the same exchanges with no compute (K/V forward; K/V and the fp32 dK/dV backward, as
+  many hops as the ring makes: W - 1 forward, W - 2 and W - 1 backward).
 
 It reports global tokens/s (forward + backward), TFLOP/s per GPU (FLOPs of the global attention,
 3.5 x the forward's 4 * B * H * N^2 * D, halved when causal, divided by W) and the fraction of the
@@ -112,7 +113,7 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
 
 
-def _local_exchange(tensors, group, rank, world):
+def _local_exchange(tensors, group, rank, world, reverse=False):
     """Stand-in for the ring exchange: 'receive' the tensors just sent (no communication)."""
     return list(tensors), []
 
@@ -180,8 +181,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                     grads = torch.zeros((2, world * kd.shape[0], *kd.shape[1:]), dtype=acc, device=device)
                     dist.all_reduce(grads, group=group)
                 return
-            # forward K/V hops, backward K/V hops, backward dK/dV hops (one more: the way home)
-            hops = [([kd, vd], world - 1), ([kd, vd], world - 1), ([dk, dv], world)]
+            # forward K/V hops; the backward's K/V hops (it starts from the forward's last shard
+            # and ends on its own) and its fp32 dK/dV hops (the last one: home)
+            hops = [([kd, vd], world - 1), ([kd, vd], world - 2), ([dk, dv], world - 1)]
             for tensors, n in hops[:1] if forward_only else hops:
                 for _ in range(n):
                     _, reqs = real_exchange(tensors, group, rank, world)

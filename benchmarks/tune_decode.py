@@ -127,6 +127,7 @@ def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200, profile: bool =
         host = (time.perf_counter() - t0) / calls
         torch.cuda.synchronize()
         print(f"  {name:26} {host * 1e6:7.1f} us", flush=True)
+    launch_floor(q, k, v, lens, calls)
     if profile:
         for name in ("flash_attn_with_kvcache", "flash_attn_func (routed)"):
             prof = cProfile.Profile()
@@ -137,6 +138,80 @@ def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200, profile: bool =
             torch.cuda.synchronize()
             print(f"\n{name}: {calls} calls, top functions by own time")
             pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+
+
+def launch_floor(q, k, v, lens, calls: int) -> None:
+    """Host time of one launch of the split-KV kernel three ways: ``kernel[grid](...)`` (Triton's
+    ``JITFunction.run``: argument binding, specialisation, cache key, launch), the binding alone,
+    and the compiled kernel's C launcher alone (the floor any launch path pays).  Triton 3.x
+    internals; prints why when they differ."""
+    import time
+
+    from flash_module.kernels import split_kv as sk
+
+    jit = sk._split_kv_fwd_kernel
+    seen = {}
+    run = jit.run
+
+    def spy(*args, grid, warmup, **kwargs):
+        seen.setdefault("call", (args, grid, kwargs))
+        return run(*args, grid=grid, warmup=warmup, **kwargs)
+
+    jit.run = spy
+    try:
+        sk.split_kv_cache_forward(q, k, v, lens, None, None, q.shape[-1] ** -0.5, False)
+    finally:
+        jit.run = run
+    args, grid, kwargs = seen["call"]
+    torch.cuda.synchronize()
+
+    def per_call(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        dt = (time.perf_counter() - t0) / calls
+        torch.cuda.synchronize()
+        return dt * 1e6
+
+    print(f"\none launch of {jit.__name__} ({len(args) + len(kwargs)} arguments), host us per call")
+    print(f"  kernel[grid](...)          {per_call(lambda: jit[grid](*args, **kwargs)):7.1f}")
+    try:
+        from triton import knobs
+        from triton.runtime import driver
+        from triton.runtime.jit import compute_cache_key
+
+        dev = driver.active.get_current_device()
+        kernel_cache, key_cache, _target, _backend, binder = jit.device_caches[dev]
+        kwargs = dict(kwargs, debug=bool(jit.debug or knobs.runtime.debug),
+                      instrumentation_mode=knobs.compilation.instrumentation_mode)  # as run() adds them
+        bound, spec, opts = binder(*args, **dict(kwargs))
+        compiled = kernel_cache[compute_cache_key(key_cache, spec, opts)]
+        vals = tuple(bound.values())
+        stream = driver.active.get_current_stream(dev)
+        g = tuple(grid) + (1,) * (3 - len(grid))
+        fn_, meta = compiled.function, compiled.packed_metadata
+        steps = {
+            "binder only": lambda: binder(*args, **dict(kwargs)),
+            "cache key only": lambda: compute_cache_key(key_cache, spec, opts),
+            "C launcher only": lambda: compiled.run(*g, stream, fn_, meta, None, None, None, *vals),
+            "get_current_stream": lambda: driver.active.get_current_stream(dev),
+        }
+        for name, fn in steps.items():
+            print(f"  {name:26} {per_call(fn):7.1f}")
+        import cProfile
+        import pstats
+
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            jit[grid](*args, **seen["call"][2])
+        prof.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    except Exception as e:  # noqa: BLE001 - internals of another Triton version
+        print(f"  (internals differ: {type(e).__name__}: {str(e)[:120]})")
 
 
 def main() -> None:

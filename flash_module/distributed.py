@@ -117,11 +117,12 @@ def _pairs(q_ids: list[int], k_ids: list[int], causal: bool, chunk: int = 1,
             yield i, j, causal and kc == qc, (qc - kc) * chunk
 
 
-def _ring_exchange(tensors: list[Tensor], group, rank: int, world: int):
-    """Start sending ``tensors`` to the next rank and receiving the previous rank's; returns
-    (received buffers, requests)."""
-    nxt = dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world
-    prv = dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world
+def _ring_exchange(tensors: list[Tensor], group, rank: int, world: int, reverse: bool = False):
+    """Start sending ``tensors`` to the next rank and receiving the previous rank's (``reverse``:
+    to the previous, from the next); returns (received buffers, requests)."""
+    step = -1 if reverse else 1
+    nxt = dist.get_global_rank(group, (rank + step) % world) if group is not None else (rank + step) % world
+    prv = dist.get_global_rank(group, (rank - step) % world) if group is not None else (rank - step) % world
     recv = [torch.empty_like(t) for t in tensors]
     p2p = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
     p2p += [dist.P2POp(dist.irecv, r, prv, group) for r in recv]
@@ -148,7 +149,8 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
     row0)`` gives one (query chunk, key chunk) pair's ``(out, lse)`` (``row0``: the query chunk's
     first global row, for dropout's mask); the pairs' results are merged.
     Returns this rank's merged ``(out, lse)``, ``out`` still in the accumulator dtype (the caller
-    adds any sink, then rounds once)."""
+    adds any sink, then rounds once), and ``[k, v]`` of the shard the last step attended to (the
+    next rank's; this rank's own with one rank): :func:`_ring_backward` starts from it."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     q_ids = _chunk_ids(rank, world, layout)
     n = len(q_ids)
@@ -178,21 +180,25 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
             outs[i] = torch.zeros_like(qs[i], dtype=acc)
             shape = (*qs[i].shape[:seq_dim], qs[i].shape[seq_dim + 1], sq)  # (B, H, S) or (H, T)
             lses[i] = torch.full(shape, float("-inf"), device=q.device, dtype=lse_dtype(q.dtype))
-    return torch.cat(outs, dim=seq_dim), torch.cat(lses, dim=seq_dim + 1)
+    return torch.cat(outs, dim=seq_dim), torch.cat(lses, dim=seq_dim + 1), kv
 
 
-def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_dim, grad):
+def _ring_backward(dout, q, k, v, out, lse, kv_last, group, layout, causal, window, seq_dim, grad):
     """The ring's backward (layouts as :func:`_ring_forward`): K/V travel again, and so does the
     dK/dV accumulated for them; ``grad(dout, q, k, v, out, lse, diag, shift, row0)`` gives one
-    pair's ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  Returns ``dq`` in the accumulator
-    dtype and dK/dV, home on the shard's owner, in k's and v's dtype (the caller's rounding, done
-    before the last hop: half the bytes of fp32 for 16-bit inputs, the same values).
+    pair's ``(dq, dk, dv)``, driven by the merged ``out``/``lse``.  ``kv_last``: the K/V shard the
+    forward's last step attended to (the next rank's).  Returns ``dq`` and this rank's dK/dV, in
+    the accumulator dtype.
 
-    Hiding the dK/dV hops: each step accumulates its pairs' dK/dV for the visiting shard into a
-    fresh buffer, and only then adds the accumulator the previous rank sent at the end of its
-    own previous step (in flight meanwhile) and sends the sum on.  The last hop, which brings
-    each accumulator home, goes key chunk by key chunk, each as soon as its pairs are done, so
-    with two chunks per rank (zigzag) the first chunk's hop overlaps the second chunk's pairs."""
+    The steps run in the forward's reverse order, and K/V travel the other way round the ring
+    (to the previous rank): the first step attends to ``kv_last``, already here, and the last to
+    this rank's own shard, so only W - 2 K/V hops remain.  Shard c then visits ranks c - 1, c -
+    2, ..., c + 1 and ends on its owner c; the dK/dV accumulated for it travel with it.  Each
+    step accumulates its pairs' dK/dV into a fresh buffer and only then adds the accumulator the
+    next rank sent at the end of its previous step (in flight meanwhile) and sends the sum on;
+    the last of these hops brings each accumulator home during its owner's own last step.  So
+    every hop (W - 2 of K/V, W - 1 of dK/dV) overlaps a whole step and none is left after the
+    compute."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     q_ids = _chunk_ids(rank, world, layout)
     n = len(q_ids)
@@ -202,58 +208,35 @@ def _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, seq_d
     dq = torch.zeros_like(q, dtype=acc_dtype(q.dtype))
     dqs = dq.chunk(n, dim=seq_dim)
     acc = dq.dtype
-    kv = [k.contiguous(), v.contiguous()]  # the visiting shard's K, V
-    d_in, reqs_d = None, []  # dK/dV of the visiting shard from the ranks before this one, in flight
-    home = []  # the last hop's received chunks (dk, dv) and requests
+    kv = list(kv_last)  # the visiting shard's K, V
+    d_in, reqs_d = None, []  # dK/dV of the visiting shard from the ranks after this one, in flight
     for step in range(world):
-        k_ids = _chunk_ids((rank - step) % world, world, layout)
-        last = step + 1 == world
-        if not last:  # K/V of the next step travel during this step
-            nxt_kv, reqs_kv = _ring_exchange(kv, group, rank, world)
+        k_ids = _chunk_ids((rank + 1 + step) % world, world, layout)
+        hop = step + 2 < world  # the next step's shard travels during this one (the last is ours)
+        if hop:
+            nxt_kv, reqs_kv = _ring_exchange(kv, group, rank, world, reverse=True)
         ks, vs = kv[0].chunk(n, dim=seq_dim), kv[1].chunk(n, dim=seq_dim)
         d = [torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
              torch.zeros(v.shape, dtype=acc, device=v.device)]
         dks, dvs = d[0].chunk(n, dim=seq_dim), d[1].chunk(n, dim=seq_dim)
-        pairs = list(_pairs(q_ids, k_ids, causal, sq, window))
-        # the last hop goes chunk by chunk: that step's pairs by key chunk, one group per chunk
-        by_chunk = last and world > 1
-        groups = [[p for p in pairs if p[1] == j] for j in range(n)] if by_chunk else [pairs]
-        for g, group_pairs in enumerate(groups):
-            for i, j, diag, shift in group_pairs:
-                dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift,
-                                     q_ids[i] * sq)
-                dqs[i].add_(dqi)
-                dks[j].add_(dkj)
-                dvs[j].add_(dvj)
-            if g == 0 and d_in is not None:  # sent by the previous rank after its previous step
-                _wait(reqs_d)
-            if by_chunk:
-                dk_j, dv_j = dks[g], dvs[g]
-                if d_in is not None:
-                    dk_j.add_(d_in[0].chunk(n, dim=seq_dim)[g])
-                    dv_j.add_(d_in[1].chunk(n, dim=seq_dim)[g])
-                # (contiguous: with B > 1 a chunk of the sequence is a strided view)
-                send = [dk_j.to(k.dtype).contiguous(), dv_j.to(v.dtype).contiguous()]
-                home.append(_ring_exchange(send, group, rank, world))
-        if not by_chunk:
-            if d_in is not None:
-                d[0].add_(d_in[0])
-                d[1].add_(d_in[1])
-            # On to the rank that holds these K/V next.  A group of one rank is already home (and
-            # gloo cannot send to itself).
-            if world > 1:
-                d_in, reqs_d = _ring_exchange(d, group, rank, world)
-            else:
-                d_in, reqs_d = d, []
-        if not last:
+        for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
+            dqi, dkj, dvj = grad(dos[i], qs[i], ks[j], vs[j], os_[i], lses[i].contiguous(), diag, shift,
+                                 q_ids[i] * sq)
+            dqs[i].add_(dqi)
+            dks[j].add_(dkj)
+            dvs[j].add_(dvj)
+        if d_in is not None:  # sent by the next rank after its previous step
+            _wait(reqs_d)
+            d[0].add_(d_in[0])
+            d[1].add_(d_in[1])
+        if step + 1 < world:  # on to the rank that attends to this shard next (last: its owner)
+            d_in, reqs_d = _ring_exchange(d, group, rank, world, reverse=True)
+        if hop:
             _wait(reqs_kv)
             kv = nxt_kv
-    if not home:  # one rank
-        return dq, d_in[0], d_in[1]
-    for _, reqs in home:
-        _wait(reqs)
-    return (dq, torch.cat([dk for (dk, _), _ in home], dim=seq_dim),
-            torch.cat([dv for (_, dv), _ in home], dim=seq_dim))
+        elif step + 2 == world:
+            kv = [k.contiguous(), v.contiguous()]  # the last step: this rank's own shard
+    return dq, d[0], d[1]
 
 
 class _RingAttention(torch.autograd.Function):
@@ -267,24 +250,25 @@ class _RingAttention(torch.autograd.Function):
                                      *window, None, dropout_p, rng, shift=shift, acc_out=True,
                                      drop_offset=row0)
 
-        out, lse = _ring_forward(q, k, v, group, layout, causal, window, 1, attend)
+        out, lse, kv_last = _ring_forward(q, k, v, group, layout, causal, window, 1, attend)
         if sink is not None:  # the sink joins each row's denominator once, after every key chunk
             out, lse = reference.add_sink(out, lse, sink.detach())
         out = out.to(q.dtype)  # the one rounding of the merged output
-        ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes, rng)
+        # kv_last (one more K/V shard held until the backward) saves the backward a K/V hop
+        ctx.save_for_backward(q, k, v, out, lse, sink, alibi_slopes, rng, *kv_last)
         ctx.args = (scale, causal, layout, mode, impl, group, softcap, window, dropout_p)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sink, alibi_slopes, rng = ctx.saved_tensors
+        q, k, v, out, lse, sink, alibi_slopes, rng, *kv_last = ctx.saved_tensors
         scale, causal, layout, mode, impl, group, softcap, window, dropout_p = ctx.args
 
         def grad(do, qc, kc, vc, oc, lc, diag, shift, row0):
             return ops.attention_bwd(do, qc, kc, vc, oc, lc, None, scale, diag, True, mode, impl, softcap,
                                      alibi_slopes, *window, dropout_p, rng, shift=shift, drop_offset=row0)
 
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, group, layout, causal, window, 1, grad)
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, kv_last, group, layout, causal, window, 1, grad)
         # The sink's gradient from this rank's rows (the LSE above already includes the sink, so
         # every P was right); summing it over the group, as data-parallel gradient reduction
         # does, gives the full sequence's.
@@ -467,24 +451,25 @@ class _RingAttentionVarlen(torch.autograd.Function):
             return ops.varlen_fwd(qc, kc, vc, pcu, pcu, None, scale, diag, mode, impl, None, softcap,
                                   acc_out=True)  # fp32 partials, as the dense ring
 
-        out, lse = _ring_forward(q, k, v, group, layout, causal, (-1, -1), 0, attend)
+        out, lse, kv_last = _ring_forward(q, k, v, group, layout, causal, (-1, -1), 0, attend)
         if sink is not None:  # once per row, after every key piece
             out, lse = reference.add_sink(out, lse, sink.detach(), head_dim=0)
         out = out.to(q.dtype)  # the one rounding of the merged output
-        ctx.save_for_backward(q, k, v, pcu, out, lse, sink)
+        ctx.save_for_backward(q, k, v, pcu, out, lse, sink, *kv_last)
         ctx.args = (scale, causal, layout, mode, impl, group, softcap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, pcu, out, lse, sink = ctx.saved_tensors
+        q, k, v, pcu, out, lse, sink, *kv_last = ctx.saved_tensors
         scale, causal, layout, mode, impl, group, softcap = ctx.args
 
         def grad(do, qc, kc, vc, oc, lc, diag, shift, _row0):
             return ops.varlen_bwd(do, qc, kc, vc, oc, lc, None, pcu, pcu, None, scale, diag, mode, impl,
                                   softcap)
 
-        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, group, layout, causal, (-1, -1), 0, grad)
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, kv_last, group, layout, causal, (-1, -1), 0,
+                                    grad)
         dsink = None
         if sink is not None and ctx.needs_input_grad[11]:
             dsink = ops.sink_grad(sink, out[None], dout[None], lse[None], None)
