@@ -23,7 +23,7 @@ import triton.language as tl
 
 from .._runtime import acc_dtype, cdiv
 from ..configs import KernelConfig, bwd_configs
-from . import _common
+from . import _common, gluon_bwd
 from ._common import (
     dkdv_block,
     dq_block,
@@ -137,11 +137,15 @@ def fa2_backward(
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],
                   **_common.kernel_flags(q))
-    _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
-        q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,
-        BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
-        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
-    )
+    variants = bool(softcap or dropout_p or window or configs) or alibi_slopes is not None or mask[5] != 0
+    if gluon_bwd.supported(q, k, v, dout, variants):  # Hopper: the Gluon dK/dV pass (same results)
+        gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal, causal_offset)
+    else:
+        _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
+            q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1],
+            *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
+            num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
+        )
     dmask, dmask_args = _mask_grad_args(attn_mask if mask_grad else None, (b, h, sq, sk), q)
     _bwd_dq_kernel[(cdiv(sq, dq_cfg.block_m), b * h)](
         q, k, v, dout, stats, dq, *args, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,

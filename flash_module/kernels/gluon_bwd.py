@@ -1,0 +1,209 @@
+"""The backward's dK/dV pass for Hopper (sm_90) in Gluon: warpgroup MMA, TMA, mbarriers.
+
+The same algorithm as ``fa2_bwd._bwd_dkdv_kernel`` (FA2's Algorithm 2, dK/dV half), written
+one level lower so that where each operand lives is ours to say, not the compiler's: K and V
+stay in shared memory for the whole program (wgmma reads them from there; the portable kernel
+holds them in registers, which is what spills at D=256), Q and dO stream through a two-stage
+shared-memory ring filled by TMA one step ahead, and the four matmuls of a step are issued
+asynchronously so the exponentials of P overlap the dP matmul:
+
+    for each query block m (and each query head of the K/V head's GQA group):
+        S^T  = K Q_m^T                       (BLOCK_N, BLOCK_M)   wgmma, smem x smem
+        dP^T = V dO_m^T                      (BLOCK_N, BLOCK_M)   wgmma, in flight during P
+        P^T  = exp2(S^T * qk_scale - lse2_m) (causal: 0 above the diagonal; rows past Sq: lse2 = +inf)
+        dV  += P^T dO_m                      (BLOCK_N, D)         wgmma, P^T from registers
+        dS^T = P^T * (dP^T - delta_m)
+        dK  += dS^T Q_m                      (BLOCK_N, D)         wgmma, dS^T from registers
+    dK *= softmax_scale
+
+Scope: fp16/bf16, head dim 128 (:data:`HEAD_DIMS`; 64 compiles and passes the tests but is
+slower than the portable pass), no variants (no softcap, ALiBi, window, dropout, mask),
+inputs in the (B, S, H, D) layout with the last two dims contiguous and dense (TMA reads them as
+a (B*S, H*D) matrix; a query block that runs past its sequence reads the next sequence's rows,
+whose P is zeroed by lse2 = +inf).  Deterministic (no atomics).  :func:`supported` says whether
+a call qualifies; ``fa2_bwd.fa2_backward`` uses this pass then, and the portable one otherwise.
+Not available under the interpreter (Gluon has none): CI runs the portable kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._runtime import cdiv
+
+try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+LOG2E = 1.4426950408889634
+#: Head dims the pass takes.  Measured on an H200 (bf16, B*N = 64k, backward TFLOP/s, Gluon /
+#: portable): D=128 414 / 355, 347 / 318, 430 / 350, 392 / 351 at N = 4k, 4k causal, 16k, 16k
+#: causal; D=64 306 / 317, 278 / 292, 311 / 318, 291 / 316, so D=64 keeps the portable pass.
+HEAD_DIMS = (128,)
+#: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
+ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variants: bool) -> bool:
+    """Whether the Gluon dK/dV pass can run this call (shapes, dtypes, strides and the GPU only)."""
+    if not (HAVE_GLUON and ENABLED) or variants or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    for t in (q, k, v, dout):  # (B, S, H, D) dense in (H, D), S stride H*D, B stride S*H*D
+        b, s, h, d = t.shape
+        if t.stride() != (s * h * d, h * d, d, 1) or t.data_ptr() % 16 or t.dtype != q.dtype:
+            return False
+    return q.shape[1] > 0 and k.shape[1] > 0
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dkdv_kernel(
+        q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
+        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        dtype: gl.constexpr = q_desc.dtype
+        pid_n = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H_KV
+        off_hkv = pid_bh % H_KV
+        start_n = pid_n * BLOCK_N
+
+        # Accumulator layouts: one warp per 16 key rows, the MMA's N the whole tile width.
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])  # (BLOCK_N, BLOCK_M)
+        d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])  # (BLOCK_N, D)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's statistic, per column
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)  # a key row's index
+
+        # Shared memory: K and V for the whole program, Q and dO in a two-stage ring.
+        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+
+        kv_row = off_b * Sk + start_n
+        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [kv_row, off_hkv * HEAD_DIM], kv_bar, k_smem)
+        tma.async_copy_global_to_shared(v_desc, [kv_row, off_hkv * HEAD_DIM], kv_bar, v_smem)
+
+        # Query blocks that see any key of this block: causal (bottom-right by causal_offset)
+        # starts at the block holding row start_n - causal_offset.
+        m_first = 0
+        if IS_CAUSAL:
+            m_first = gl.maximum(start_n - causal_offset, 0) // BLOCK_M
+        n_m = gl.cdiv(Sq, BLOCK_M) - m_first
+        n_m = gl.maximum(n_m, 0)
+        total = n_m * GROUP  # steps: (query head of the group, query block)
+        qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
+
+        # Step 0's Q and dO.
+        h0 = off_hkv * GROUP
+        if total > 0:
+            mbarrier.expect(bars.index(0), qo_bytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b * Sq + m_first * BLOCK_M, h0 * HEAD_DIM], bars.index(0),
+                                            q_smem.index(0))
+            tma.async_copy_global_to_shared(do_desc, [off_b * Sq + m_first * BLOCK_M, h0 * HEAD_DIM], bars.index(0),
+                                            do_smem.index(0))
+
+        dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
+        dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
+        keys = start_n + gl.arange(0, BLOCK_N, row_layout)
+        mbarrier.wait(kv_bar, phase=0)
+        for it in range(total):
+            stage = it % 2
+            g = it // n_m
+            m0 = (m_first + it % n_m) * BLOCK_M
+            off_h = off_hkv * GROUP + g
+            # The next step's Q and dO into the other stage (its last readers finished: every
+            # step ends by waiting for its MMAs).
+            if it + 1 < total:
+                nxt = it + 1
+                nm0 = (m_first + nxt % n_m) * BLOCK_M
+                nh = off_hkv * GROUP + nxt // n_m
+                mbarrier.expect(bars.index(1 - stage), qo_bytes)
+                tma.async_copy_global_to_shared(q_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
+                                                q_smem.index(1 - stage))
+                tma.async_copy_global_to_shared(do_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
+                                                do_smem.index(1 - stage))
+            # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
+            rows = m0 + gl.arange(0, BLOCK_M, col_layout)
+            stats = Stats + ((off_b * H + off_h) * 3) * stats_len
+            lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
+            delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
+
+            mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
+            q_s = q_smem.index(stage)
+            do_s = do_smem.index(stage)
+            zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+            s_t = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dp_t = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+            if IS_CAUSAL:
+                p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
+            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+
+        mbarrier.invalidate(kv_bar)
+        mbarrier.invalidate(bars.index(0))
+        mbarrier.invalidate(bars.index(1))
+        # dK, dV: (B, Sk, H_kv, D) contiguous; keys past Sk are not stored.
+        out_rows = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, d_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+        offs = ((off_b * Sk + out_rows[:, None]).to(gl.int64) * H_KV + off_hkv) * HEAD_DIM + cols[None, :]
+        ok = out_rows[:, None] < Sk
+        gl.store(DK + offs, (dk * sm_scale).to(dtype), mask=ok)
+        gl.store(DV + offs, dv.to(dtype), mask=ok)
+
+
+def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
+         dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
+         block_m: int = 64, block_n: int = 128, num_warps: int = 8) -> None:
+    """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
+    ``_common.bwd_preprocess`` (callers check :func:`supported` first)."""
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    qo_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdt)
+    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdt)
+
+    def desc(t, rows, layout):
+        flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * d)
+        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, d], layout)
+
+    _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
+        desc(q, block_m, qo_layout), desc(k, block_n, kv_layout), desc(v, block_n, kv_layout),
+        desc(dout, block_m, qo_layout), stats, dk, dv,
+        h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E, softmax_scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
+    )

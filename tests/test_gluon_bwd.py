@@ -1,0 +1,67 @@
+"""GPU-only (Hopper): the Gluon dK/dV pass (``kernels/gluon_bwd.py``) on ragged shapes, against
+the float64 oracle (the 2x rule) and against the portable Triton pass it replaces.  Skipped
+without an sm_90 GPU or without Gluon in the installed Triton; on CPU, :func:`supported` must
+say no (the interpreter runs the portable kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flash_module import ops
+from flash_module.kernels import gluon_bwd
+
+from .helpers import assert_flash_rule, make_qkv, reference_grads
+
+CASES = [  # b, sq, sk, h, h_kv, d, dtype
+    pytest.param(2, 113, 203, 4, 4, 128, torch.bfloat16, id="113x203-d128-bf16"),
+    pytest.param(2, 203, 113, 4, 2, 128, torch.float16, id="203x113-d128-gqa-fp16"),
+    pytest.param(1, 1, 17, 2, 2, 64, torch.bfloat16, id="1x17-d64-bf16"),
+    pytest.param(3, 17, 1, 2, 1, 64, torch.float16, id="17x1-d64-mqa-fp16"),
+    pytest.param(1, 1024, 1024, 4, 1, 128, torch.bfloat16, id="1k-d128-mqa-bf16"),
+    pytest.param(2, 2048, 1000, 2, 2, 64, torch.bfloat16, id="2048x1000-d64-bf16"),
+    pytest.param(1, 4095, 4097, 2, 2, 128, torch.float16, id="4095x4097-d128-fp16"),
+]
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and gluon_bwd.HAVE_GLUON
+
+
+def test_not_used_off_hopper_or_with_variants():
+    """Off a GPU (and with any variant) the portable pass runs."""
+    q = torch.randn(1, 16, 2, 128, dtype=torch.bfloat16)
+    assert not gluon_bwd.supported(q, q, q, q, variants=False)
+    if _hopper():
+        qc = q.cuda()
+        assert gluon_bwd.supported(qc, qc, qc, qc, variants=False)
+        assert not gluon_bwd.supported(qc, qc, qc, qc, variants=True)
+        assert not gluon_bwd.supported(qc.transpose(1, 2).contiguous().transpose(1, 2), qc, qc, qc, False)
+        assert not gluon_bwd.supported(qc.float(), qc.float(), qc.float(), qc.float(), False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype", CASES)
+def test_gluon_dkdv_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, monkeypatch):
+    monkeypatch.setattr(gluon_bwd, "HEAD_DIMS", (64, 128))  # every head dim the kernel compiles for
+    q, k, v = make_qkv(b, sq, sk, h, h_kv, d, dtype, "cuda")
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
+    scale = d**-0.5
+    out, lse = ops.attention_fwd(q, k, v, scale, causal, True, "fa2")
+    assert gluon_bwd.supported(q, k, v, dout, variants=False)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
+    again = torch.autograd.grad(out, (q, k, v), dout)  # deterministic: no atomics
+    assert torch.equal(again[1], dk) and torch.equal(again[2], dv)
+    monkeypatch.setattr(gluon_bwd, "ENABLED", False)
+    out2, _ = ops.attention_fwd(q, k, v, scale, causal, True, "fa2")
+    _, dk_portable, dv_portable = torch.autograd.grad(out2, (q, k, v), dout)
+    _, _, _, dk_hi, dv_hi = reference_grads(q, k, v, dout, causal, True, dtype=torch.float64)
+    _, _, _, dk_lo, dv_lo = reference_grads(q, k, v, dout, causal, True)
+    assert_flash_rule("dk", dk, dk_hi, dk_lo, dtype)
+    assert_flash_rule("dv", dv, dv_hi, dv_lo, dtype)
+    # the same algorithm: as close to the portable pass as two roundings of one fp32 sum
+    for name, ours, portable, hi in (("dk", dk, dk_portable, dk_hi), ("dv", dv, dv_portable, dv_hi)):
+        gap = (ours.double() - portable.double()).abs().max().item()
+        assert gap <= 2 * (portable.double() - hi).abs().max().item() + 1e-2, (name, gap)
