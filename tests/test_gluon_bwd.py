@@ -1,4 +1,4 @@
-"""GPU-only (Hopper): the Gluon dK/dV pass (``kernels/gluon_bwd.py``) on ragged shapes, against
+"""GPU-only (Hopper): the Gluon dK/dV and dQ passes (``kernels/gluon_bwd.py``) on ragged shapes, against
 the float64 oracle (the 2x rule) and against the portable Triton pass it replaces.  Skipped
 without an sm_90 GPU or without Gluon in the installed Triton; on CPU, :func:`supported` must
 say no (the interpreter runs the portable kernel)."""
@@ -42,10 +42,14 @@ def test_not_used_off_hopper_or_with_variants():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("config", [(64, 64, 4), (64, 128, 8)], ids=["dkdv64x64w4", "dkdv64x128w8"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype", CASES)
-def test_gluon_dkdv_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, monkeypatch):
-    monkeypatch.setattr(gluon_bwd, "HEAD_DIMS", (64, 128))  # every head dim the kernel compiles for
+def test_gluon_backward_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, config,
+                                                    monkeypatch):
+    monkeypatch.setattr(gluon_bwd, "HEAD_DIMS", (64, 128))  # every head dim the kernels compile for
+    monkeypatch.setattr(gluon_bwd, "DQ", True)  # both passes in Gluon
+    monkeypatch.setattr(gluon_bwd, "DKDV_CONFIG", config)
     q, k, v = make_qkv(b, sq, sk, h, h_kv, d, dtype, "cuda")
     dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
     scale = d**-0.5
@@ -53,15 +57,17 @@ def test_gluon_dkdv_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, ca
     assert gluon_bwd.supported(q, k, v, dout, variants=False)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout, retain_graph=True)
     again = torch.autograd.grad(out, (q, k, v), dout)  # deterministic: no atomics
-    assert torch.equal(again[1], dk) and torch.equal(again[2], dv)
+    assert all(torch.equal(a, b) for a, b in zip(again, (dq, dk, dv)))
     monkeypatch.setattr(gluon_bwd, "ENABLED", False)
     out2, _ = ops.attention_fwd(q, k, v, scale, causal, True, "fa2")
-    _, dk_portable, dv_portable = torch.autograd.grad(out2, (q, k, v), dout)
-    _, _, _, dk_hi, dv_hi = reference_grads(q, k, v, dout, causal, True, dtype=torch.float64)
-    _, _, _, dk_lo, dv_lo = reference_grads(q, k, v, dout, causal, True)
+    dq_portable, dk_portable, dv_portable = torch.autograd.grad(out2, (q, k, v), dout)
+    _, _, dq_hi, dk_hi, dv_hi = reference_grads(q, k, v, dout, causal, True, dtype=torch.float64)
+    _, _, dq_lo, dk_lo, dv_lo = reference_grads(q, k, v, dout, causal, True)
+    assert_flash_rule("dq", dq, dq_hi, dq_lo, dtype)
     assert_flash_rule("dk", dk, dk_hi, dk_lo, dtype)
     assert_flash_rule("dv", dv, dv_hi, dv_lo, dtype)
     # the same algorithm: as close to the portable pass as two roundings of one fp32 sum
-    for name, ours, portable, hi in (("dk", dk, dk_portable, dk_hi), ("dv", dv, dv_portable, dv_hi)):
+    pairs = (("dq", dq, dq_portable, dq_hi), ("dk", dk, dk_portable, dk_hi), ("dv", dv, dv_portable, dv_hi))
+    for name, ours, portable, hi in pairs:
         gap = (ours.double() - portable.double()).abs().max().item()
         assert gap <= 2 * (portable.double() - hi).abs().max().item() + 1e-2, (name, gap)

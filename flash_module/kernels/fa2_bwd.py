@@ -138,7 +138,8 @@ def fa2_backward(
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],
                   **_common.kernel_flags(q))
     variants = bool(softcap or dropout_p or window or configs) or alibi_slopes is not None or mask[5] != 0
-    if gluon_bwd.supported(q, k, v, dout, variants):  # Hopper: the Gluon dK/dV pass (same results)
+    gluon = gluon_bwd.supported(q, k, v, dout, variants)  # Hopper: the Gluon passes (same results)
+    if gluon:
         gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal, causal_offset)
     else:
         _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
@@ -146,6 +147,9 @@ def fa2_backward(
             *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
         )
+    if gluon and gluon_bwd.DQ:
+        gluon_bwd.dq(q, k, v, dout, stats, dq, softmax_scale, causal, causal_offset)
+        return dq, dk, dv
     dmask, dmask_args = _mask_grad_args(attn_mask if mask_grad else None, (b, h, sq, sk), q)
     _bwd_dq_kernel[(cdiv(sq, dq_cfg.block_m), b * h)](
         q, k, v, dout, stats, dq, *args, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scales,

@@ -53,6 +53,13 @@ LOG2E = 1.4426950408889634
 #: portable): D=128 414 / 355, 347 / 318, 430 / 350, 392 / 351 at N = 4k, 4k causal, 16k, 16k
 #: causal; D=64 306 / 317, 278 / 292, 311 / 318, 291 / 316, so D=64 keeps the portable pass.
 HEAD_DIMS = (128,)
+#: Whether the dQ pass runs in Gluon too (else the portable dQ kernel, the default: on an H200
+#: the Gluon dQ pass at (128, 64, 8 warps) was 0.95-1.0x the portable one, see performance.md).
+DQ = os.environ.get("FLASH_MODULE_GLUON_DQ", "0") == "1"
+#: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the two passes.  dK/dV: 64 x 64 tiles with one
+#: warpgroup were 0-5% faster than 64 x 128 with two on an H200 (performance.md, eleventh session).
+DKDV_CONFIG = (64, 64, 4)
+DQ_CONFIG = (128, 64, 8)
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 
@@ -154,7 +161,7 @@ if HAVE_GLUON:
                                                 do_smem.index(1 - stage))
             # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
             rows = m0 + gl.arange(0, BLOCK_M, col_layout)
-            stats = Stats + ((off_b * H + off_h) * 3) * stats_len
+            stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
             lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
             delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
 
@@ -186,24 +193,137 @@ if HAVE_GLUON:
         gl.store(DV + offs, dv.to(dtype), mask=ok)
 
 
-def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
-         dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
-         block_m: int = 64, block_n: int = 128, num_warps: int = 8) -> None:
-    """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
-    ``_common.bwd_preprocess`` (callers check :func:`supported` first)."""
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dq_kernel(
+        q_desc, k_desc, v_desc, do_desc, Stats, DQ,
+        H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """dQ of one query block: Q and dO stay in shared memory, K and V stream through a
+        two-stage TMA ring:  S = Q K^T,  dP = dO V^T,  P = exp2(S * qk_scale - lse2),
+        dS = P * (dP - delta),  dQ += dS K  (keys past Sk and, causal, above the diagonal
+        masked: a key block may run into the next sequence's rows)."""
+        dtype: gl.constexpr = q_desc.dtype
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        off_hkv = off_h // GROUP
+        start_m = pid_m * BLOCK_M
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])  # (BLOCK_M, BLOCK_N)
+        d_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])  # (BLOCK_M, D)
+        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
+        qo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(qo_bar, count=1)
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+
+        q_row = off_b * Sq + start_m
+        mbarrier.expect(qo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [q_row, off_h * HEAD_DIM], qo_bar, q_smem)
+        tma.async_copy_global_to_shared(do_desc, [q_row, off_h * HEAD_DIM], qo_bar, do_smem)
+
+        # Key blocks this query block sees: causal stops after key start_m + BLOCK_M - 1 + offset.
+        n_end = Sk
+        if IS_CAUSAL:
+            n_end = gl.minimum(n_end, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
+        total = gl.cdiv(n_end, BLOCK_N)
+        kv_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * 2
+        kv_col = off_hkv * HEAD_DIM
+        if total > 0:
+            mbarrier.expect(bars.index(0), kv_bytes)
+            tma.async_copy_global_to_shared(k_desc, [off_b * Sk, kv_col], bars.index(0), k_smem.index(0))
+            tma.async_copy_global_to_shared(v_desc, [off_b * Sk, kv_col], bars.index(0), v_smem.index(0))
+
+        rows = start_m + gl.arange(0, BLOCK_M, row_layout)
+        stats = Stats + (pid_bh * 3).to(gl.int64) * stats_len
+        lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
+        delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
+        dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, d_layout)
+        mbarrier.wait(qo_bar, phase=0)
+        for it in range(total):
+            stage = it % 2
+            start_n = it * BLOCK_N
+            if it + 1 < total:  # the next key block into the other stage
+                mbarrier.expect(bars.index(1 - stage), kv_bytes)
+                tma.async_copy_global_to_shared(k_desc, [off_b * Sk + start_n + BLOCK_N, kv_col],
+                                                bars.index(1 - stage), k_smem.index(1 - stage))
+                tma.async_copy_global_to_shared(v_desc, [off_b * Sk + start_n + BLOCK_N, kv_col],
+                                                bars.index(1 - stage), v_smem.index(1 - stage))
+            mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
+            k_s = k_smem.index(stage)
+            v_s = v_smem.index(stage)
+            zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+            s = warpgroup_mma(q_smem, k_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dp = warpgroup_mma(do_smem, v_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            keys = start_n + gl.arange(0, BLOCK_N, col_layout)
+            ok = keys[None, :] < Sk
+            if IS_CAUSAL:
+                ok = ok & (keys[None, :] <= rows[:, None] + causal_offset)
+            p = gl.where(ok, gl.exp2(s * qk_scale - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
+            ds = p * (dp - delta[:, None])
+            dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k_s, dq, is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
+
+        mbarrier.invalidate(qo_bar)
+        mbarrier.invalidate(bars.index(0))
+        mbarrier.invalidate(bars.index(1))
+        out_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, d_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+        offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
+        gl.store(DQ + offs, (dq * sm_scale).to(dtype), mask=out_rows[:, None] < Sq)
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """TMA descriptor of a dense (B, S, H, D) tensor read as a (B*S, H*D) matrix, (rows, D) boxes."""
+    d = t.shape[-1]
+    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * d)
+    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, d], layout)
+
+
+def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
+       dq_out: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
+       config: tuple[int, int, int] | None = None) -> None:
+    """Fill ``dq_out`` (B, Sq, H, D) contiguous (callers check :func:`supported` first)."""
+    block_m, block_n, num_warps = config or DQ_CONFIG
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
-    gdt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    qo_layout = gl.NVMMASharedLayout.get_default_for([block_m, d], gdt)
-    kv_layout = gl.NVMMASharedLayout.get_default_for([block_n, d], gdt)
+    _dq_kernel[(cdiv(sq, block_m), b * h)](
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
+        stats, dq_out, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E, softmax_scale,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
+    )
 
-    def desc(t, rows, layout):
-        flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * d)
-        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, d], layout)
 
+def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
+         dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
+         config: tuple[int, int, int] | None = None) -> None:
+    """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
+    ``_common.bwd_preprocess`` (callers check :func:`supported` first)."""
+    block_m, block_n, num_warps = config or DKDV_CONFIG
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
-        desc(q, block_m, qo_layout), desc(k, block_n, kv_layout), desc(v, block_n, kv_layout),
-        desc(dout, block_m, qo_layout), stats, dk, dv,
+        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
+        stats, dk, dv,
         h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E, softmax_scale,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
     )

@@ -1,0 +1,86 @@
+"""The Hopper backward (issue #15): the Gluon passes against the portable Triton ones and the peers.
+
+    PYTHONPATH=$PWD python benchmarks/bench_gluon_bwd.py [--shapes 128x4096x16x16x1,...]
+
+For each shape (D x N x H x H_kv x causal, B = 64k tokens / N, bf16) prints the backward's
+TFLOP/s (2.5 x the forward's 4 * B * H * N^2 * D, halved when causal; ``torch.autograd.grad``
+timed with ``triton.testing.do_bench``, median) of: ``portable`` (both passes in portable
+Triton), ``gluon-dkdv`` (the Gluon dK/dV pass and the portable dQ: the default on sm_90),
+``gluon`` (both in Gluon), SDPA's cuDNN and flash (FA2) backends; ``--variants`` adds other
+launch configs of the Gluon passes.  A benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import flash_module as fm
+from flash_module.kernels import gluon_bwd
+
+SHAPES = ("128x1024x16x16x1,128x4096x16x16x0,128x4096x16x16x1,128x16384x16x16x0,128x16384x16x16x1,"
+          "128x8192x32x8x1")
+OURS = {"portable": (False, False), "gluon-dkdv": (True, False), "gluon": (True, True)}
+#: extra columns: (name, dK/dV config, dQ config or None: the portable dQ); (BLOCK_M, BLOCK_N, warps)
+VARIANTS = [("dkdv 64x64w4", (64, 64, 4), None), ("dq 128x128w8", (64, 128, 8), (128, 128, 8)),
+            ("dq 64x64w4", (64, 128, 8), (64, 64, 4))]
+
+
+def _bwd_ms(out: torch.Tensor, inputs: tuple, dout: torch.Tensor) -> float:
+    return triton.testing.do_bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
+
+
+def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, variants: bool = False) -> dict:
+    """TFLOP/s of each backward for one shape."""
+    b = max(1, tokens // n)
+    q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(b, n, h_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn_like(k, requires_grad=True)
+    dout = torch.randn_like(q)
+    flops = 2.5 * 4 * b * h * n * n * d / (2 if causal else 1)
+    res = {}
+    for name, (enabled, dq) in OURS.items():
+        gluon_bwd.ENABLED, gluon_bwd.DQ = enabled, dq
+        res[name] = flops / _bwd_ms(fm.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout) / 1e9
+    if variants:
+        defaults = gluon_bwd.DKDV_CONFIG, gluon_bwd.DQ_CONFIG
+        for name, dkdv_cfg, dq_cfg in VARIANTS:
+            gluon_bwd.ENABLED, gluon_bwd.DQ = True, dq_cfg is not None
+            gluon_bwd.DKDV_CONFIG, gluon_bwd.DQ_CONFIG = dkdv_cfg, dq_cfg or defaults[1]
+            res[name] = flops / _bwd_ms(fm.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout) / 1e9
+        gluon_bwd.DKDV_CONFIG, gluon_bwd.DQ_CONFIG = defaults
+    gluon_bwd.ENABLED, gluon_bwd.DQ = True, False
+    qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                out = torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal,
+                                                                       enable_gqa=h != h_kv)
+                res[name] = flops / _bwd_ms(out, (qt, kt, vt), dout.transpose(1, 2)) / 1e9
+        except RuntimeError:
+            res[name] = math.nan
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default=SHAPES)
+    ap.add_argument("--tokens", type=int, default=65536)
+    ap.add_argument("--variants", action="store_true", help="also other launch configs of the Gluon passes")
+    args = ap.parse_args()
+    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
+    cols = [*OURS, "cudnn", "flash"] + ([v[0] for v in VARIANTS] if args.variants else [])
+    print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | dkdv/cudnn")
+    for shape in args.shapes.split(","):
+        d, n, h, h_kv, causal = (int(x) for x in shape.split("x"))
+        res = run_shape(d, n, h, h_kv, bool(causal), args.tokens, args.variants)
+        print(f"{d:4} {n:6} {h:3} {h_kv:3} {causal:6} | " + " ".join(f"{res[c]:10.1f}" for c in cols)
+              + f" | {res['gluon-dkdv'] / res['cudnn']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
