@@ -26,8 +26,7 @@ SHAPES = ("128x1024x16x16x1,128x4096x16x16x0,128x4096x16x16x1,128x16384x16x16x0,
           "128x8192x32x8x1")
 OURS = {"portable": (False, False), "gluon-dkdv": (True, False), "gluon": (True, True)}
 #: extra columns: (name, dK/dV config, dQ config or None: the portable dQ); (BLOCK_M, BLOCK_N, warps)
-VARIANTS = [("dkdv 64x64w4", (64, 64, 4), None), ("dq 128x128w8", (64, 128, 8), (128, 128, 8)),
-            ("dq 64x64w4", (64, 128, 8), (64, 64, 4))]
+VARIANTS = [("dkdv 64x128w8", (64, 128, 8), None), ("dq 128x128w8", (64, 64, 4), (128, 128, 8))]
 
 
 def _bwd_ms(out: torch.Tensor, inputs: tuple, dout: torch.Tensor) -> float:
@@ -71,7 +70,10 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES)
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--variants", action="store_true", help="also other launch configs of the Gluon passes")
+    ap.add_argument("--all-dims", action="store_true", help="Gluon at every head dim it compiles for")
     args = ap.parse_args()
+    if args.all_dims:
+        gluon_bwd.HEAD_DIMS = (64, 128)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     cols = [*OURS, "cudnn", "flash"] + ([v[0] for v in VARIANTS] if args.variants else [])
     print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | dkdv/cudnn")

@@ -16,8 +16,10 @@ asynchronously so the exponentials of P overlap the dP matmul:
         dK  += dS^T Q_m                      (BLOCK_N, D)         wgmma, dS^T from registers
     dK *= softmax_scale
 
-Scope: fp16/bf16, head dim 128 (:data:`HEAD_DIMS`; 64 compiles and passes the tests but is
-slower than the portable pass), no variants (no softcap, ALiBi, window, dropout, mask),
+Per query head the blocks that reach above the causal diagonal run first, in a copy of the step
+with the mask (:func:`_dkdv_step` with ``MASKED``), and the rest in a copy without it.
+
+Scope: fp16/bf16, head dims 64 and 128 (:data:`HEAD_DIMS`), no variants (no softcap, ALiBi, window, dropout, mask),
 inputs in the (B, S, H, D) layout with the last two dims contiguous and dense (TMA reads them as
 a (B*S, H*D) matrix; a query block that runs past its sequence reads the next sequence's rows,
 whose P is zeroed by lse2 = +inf).  Deterministic (no atomics).  :func:`supported` says whether
@@ -50,9 +52,9 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 LOG2E = 1.4426950408889634
 #: Head dims the pass takes.  Measured on an H200 (bf16, B*N = 64k, backward TFLOP/s, Gluon /
-#: portable): D=128 414 / 355, 347 / 318, 430 / 350, 392 / 351 at N = 4k, 4k causal, 16k, 16k
-#: causal; D=64 306 / 317, 278 / 292, 311 / 318, 291 / 316, so D=64 keeps the portable pass.
-HEAD_DIMS = (128,)
+#: portable, performance.md eleventh session): D=128 1.14-1.56x, D=64 1.07-1.08x (with 64 x 64
+#: tiles and one warpgroup; 64 x 128 with two was 0.92-0.99x).
+HEAD_DIMS = (64, 128)
 #: Whether the dQ pass runs in Gluon too (else the portable dQ kernel, the default: on an H200
 #: the Gluon dQ pass at (128, 64, 8 warps) was 0.95-1.0x the portable one, see performance.md).
 DQ = os.environ.get("FLASH_MODULE_GLUON_DQ", "0") == "1"
@@ -77,6 +79,56 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
         if t.stride() != (s * h * d, h * d, d, 1) or t.data_ptr() % 16 or t.dtype != q.dtype:
             return False
     return q.shape[1] > 0 and k.shape[1] > 0
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
+                   Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv,
+                   qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr,
+                   col_layout: gl.constexpr):
+        """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
+        ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
+        ``MASKED``: the block reaches above the causal diagonal."""
+        dtype: gl.constexpr = q_desc.dtype
+        stage = it % 2
+        m0 = (m_first + it % n_m) * BLOCK_M
+        off_h = off_hkv * GROUP + it // n_m
+        # The next step's Q and dO into the other stage (its last readers finished: every
+        # step ends by waiting for its MMAs).
+        if it + 1 < total:
+            nxt = it + 1
+            nm0 = (m_first + nxt % n_m) * BLOCK_M
+            nh = off_hkv * GROUP + nxt // n_m
+            mbarrier.expect(bars.index(1 - stage), qo_bytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
+                                            q_smem.index(1 - stage))
+            tma.async_copy_global_to_shared(do_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
+                                            do_smem.index(1 - stage))
+        # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
+        rows = m0 + gl.arange(0, BLOCK_M, col_layout)
+        stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
+        lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
+        delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
+
+        mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
+        q_s = q_smem.index(stage)
+        do_s = do_smem.index(stage)
+        zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
+        s_t = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+        dp_t = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+        p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
+        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
+        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        return dk, dv
 
 
 if HAVE_GLUON:
@@ -143,43 +195,26 @@ if HAVE_GLUON:
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         keys = start_n + gl.arange(0, BLOCK_N, row_layout)
         mbarrier.wait(kv_bar, phase=0)
-        for it in range(total):
-            stage = it % 2
-            g = it // n_m
-            m0 = (m_first + it % n_m) * BLOCK_M
-            off_h = off_hkv * GROUP + g
-            # The next step's Q and dO into the other stage (its last readers finished: every
-            # step ends by waiting for its MMAs).
-            if it + 1 < total:
-                nxt = it + 1
-                nm0 = (m_first + nxt % n_m) * BLOCK_M
-                nh = off_hkv * GROUP + nxt // n_m
-                mbarrier.expect(bars.index(1 - stage), qo_bytes)
-                tma.async_copy_global_to_shared(q_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
-                                                q_smem.index(1 - stage))
-                tma.async_copy_global_to_shared(do_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
-                                                do_smem.index(1 - stage))
-            # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
-            rows = m0 + gl.arange(0, BLOCK_M, col_layout)
-            stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
-            lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
-            delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
-
-            mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
-            q_s = q_smem.index(stage)
-            do_s = do_smem.index(stage)
-            zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-            s_t = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dp_t = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-            s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
-            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
-            if IS_CAUSAL:
-                p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
-            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
-            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        # Per query head: the blocks that reach above the causal diagonal (masked) first, then
+        # the rest without a mask.  ``it`` counts steps over both loops (ring stage and phase).
+        n_mask = n_m
+        if IS_CAUSAL:
+            n_mask = gl.minimum(gl.maximum(gl.cdiv(start_n + BLOCK_N - 1 - causal_offset - m_first * BLOCK_M,
+                                                   BLOCK_M), 0), n_m)
+        it = 0
+        for _g in range(GROUP):
+            for _ in range(n_mask):
+                dk, dv = _dkdv_step(
+                    it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
+                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, qo_bytes,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, s_layout, a_layout, col_layout)
+                it += 1
+            for _ in range(n_mask, n_m):
+                dk, dv = _dkdv_step(
+                    it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
+                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, qo_bytes,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, False, s_layout, a_layout, col_layout)
+                it += 1
 
         mbarrier.invalidate(kv_bar)
         mbarrier.invalidate(bars.index(0))
