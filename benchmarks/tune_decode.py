@@ -86,13 +86,27 @@ def tune_shape(b: int, nk: int, page: int, configs: list[str | None], splits: li
                   f"{nbytes / graph / 1e9:5.2f} TB/s  err {err:.1e}  {ks}", flush=True)
 
 
+def _host_us(fn, calls: int) -> float:
+    """Host time of one call of ``fn`` in us: ``calls`` calls after a warm-up, the GPU drained
+    before and after (so its queue never throttles the host)."""
+    import time
+
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    dt = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    return dt * 1e6
+
+
 def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200, profile: bool = False) -> None:
     """Host time per call (us) of each decode entry point: the Python work that must stay below
     the kernel time, or the GPU waits for the CPU.  With ``profile``, where that time goes
     (cProfile, the functions with the most time of their own)."""
     import cProfile
     import pstats
-    import time
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -119,14 +133,7 @@ def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200, profile: bool =
     }
     print(f"\nhost time per call, B={b} Nk={nk} (the GPU time of one call: see the TB/s above)")
     for name, fn in fns.items():
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        host = (time.perf_counter() - t0) / calls
-        torch.cuda.synchronize()
-        print(f"  {name:26} {host * 1e6:7.1f} us", flush=True)
+        print(f"  {name:26} {_host_us(fn, calls):7.1f} us", flush=True)
     launch_floor(q, k, v, lens, calls)
     if profile:
         for name in ("flash_attn_with_kvcache", "flash_attn_func (routed)"):
@@ -145,7 +152,6 @@ def launch_floor(q, k, v, lens, calls: int) -> None:
     ``JITFunction.run``: argument binding, specialisation, cache key, launch), the binding alone,
     and the compiled kernel's C launcher alone (the floor any launch path pays).  Triton 3.x
     internals; prints why when they differ."""
-    import time
 
     from flash_module.kernels import split_kv as sk
 
@@ -166,14 +172,7 @@ def launch_floor(q, k, v, lens, calls: int) -> None:
     torch.cuda.synchronize()
 
     def per_call(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        dt = (time.perf_counter() - t0) / calls
-        torch.cuda.synchronize()
-        return dt * 1e6
+        return _host_us(fn, calls)
 
     print(f"\none launch of {jit.__name__} ({len(args) + len(kwargs)} arguments), host us per call")
     print(f"  kernel[grid](...)          {per_call(lambda: jit[grid](*args, **kwargs)):7.1f}")

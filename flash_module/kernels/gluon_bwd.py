@@ -83,6 +83,59 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
 
 if HAVE_GLUON:
 
+    @gluon.constexpr_function
+    def _mma_layouts(tile_n, head_dim, num_warps):
+        """The warpgroup-MMA layouts of a pass whose program owns ``16 * num_warps`` rows: the
+        score tile (rows, ``tile_n``), the (rows, D) accumulators, and the score tile as the
+        register A operand of the accumulators' MMA (one warp per 16 rows)."""
+        scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, tile_n, 16])
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_dim, 16])
+        return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+
+    @gluon.jit
+    def _stage_tiles(own_a_desc, own_b_desc, ring_a_desc, ring_b_desc, row, col, OWN_ROWS: gl.constexpr,
+                     RING_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
+        """Shared memory of a pass: the program's own pair of (OWN_ROWS, D) tiles (K, V for dK/dV;
+        Q, dO for dQ), whose TMA load from ``[row, col]`` starts here, and a two-stage ring for the
+        streamed pair, with one barrier per stage.  Returns (own_a, own_b, own_bar, ring_a,
+        ring_b, ring_bars)."""
+        dtype: gl.constexpr = own_a_desc.dtype
+        own_a = gl.allocate_shared_memory(dtype, [OWN_ROWS, HEAD_DIM], own_a_desc.layout)
+        own_b = gl.allocate_shared_memory(dtype, [OWN_ROWS, HEAD_DIM], own_b_desc.layout)
+        ring_a = gl.allocate_shared_memory(dtype, [2, RING_ROWS, HEAD_DIM], ring_a_desc.layout)
+        ring_b = gl.allocate_shared_memory(dtype, [2, RING_ROWS, HEAD_DIM], ring_b_desc.layout)
+        own_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(own_bar, count=1)
+        mbarrier.init(bars.index(0), count=1)
+        mbarrier.init(bars.index(1), count=1)
+        mbarrier.expect(own_bar, own_a_desc.block_type.nbytes + own_b_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(own_a_desc, [row, col], own_bar, own_a)
+        tma.async_copy_global_to_shared(own_b_desc, [row, col], own_bar, own_b)
+        return own_a, own_b, own_bar, ring_a, ring_b, bars
+
+    @gluon.jit
+    def _load_pair(a_desc, b_desc, row, col, bar, a_smem, b_smem, nbytes: gl.constexpr):
+        """Start the TMA loads of one ring stage's pair of tiles, arriving on ``bar``."""
+        mbarrier.expect(bar, nbytes)
+        tma.async_copy_global_to_shared(a_desc, [row, col], bar, a_smem)
+        tma.async_copy_global_to_shared(b_desc, [row, col], bar, b_smem)
+
+    @gluon.jit
+    def _two_products(a, b, c, d, zero):
+        """Start ``a b^T`` and ``c d^T`` (shared-memory operands, async warpgroup MMAs) and wait for
+        the first: returns it and the second, still in flight (S and dP of one step)."""
+        x = warpgroup_mma(a, b.permute((1, 0)), zero, use_acc=False, is_async=True)
+        y = warpgroup_mma(c, d.permute((1, 0)), zero, use_acc=False, is_async=True)
+        x = warpgroup_mma_wait(num_outstanding=1, deps=(x,))
+        return x, y
+
+    @gluon.jit
+    def _release(own_bar, bars):
+        mbarrier.invalidate(own_bar)
+        mbarrier.invalidate(bars.index(0))
+        mbarrier.invalidate(bars.index(1))
+
     @gluon.jit
     def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv,
@@ -102,11 +155,8 @@ if HAVE_GLUON:
             nxt = it + 1
             nm0 = (m_first + nxt % n_m) * BLOCK_M
             nh = off_hkv * GROUP + nxt // n_m
-            mbarrier.expect(bars.index(1 - stage), qo_bytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
-                                            q_smem.index(1 - stage))
-            tma.async_copy_global_to_shared(do_desc, [off_b * Sq + nm0, nh * HEAD_DIM], bars.index(1 - stage),
-                                            do_smem.index(1 - stage))
+            _load_pair(q_desc, do_desc, off_b * Sq + nm0, nh * HEAD_DIM, bars.index(1 - stage),
+                       q_smem.index(1 - stage), do_smem.index(1 - stage), qo_bytes)
         # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
         rows = m0 + gl.arange(0, BLOCK_M, col_layout)
         stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
@@ -116,10 +166,7 @@ if HAVE_GLUON:
         mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
         q_s = q_smem.index(stage)
         do_s = do_smem.index(stage)
-        zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout)
-        s_t = warpgroup_mma(k_smem, q_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v_smem, do_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
+        s_t, dp_t = _two_products(k_smem, q_s, v_smem, do_s, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout))
         p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
             p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
@@ -147,30 +194,16 @@ if HAVE_GLUON:
         off_hkv = pid_bh % H_KV
         start_n = pid_n * BLOCK_N
 
-        # Accumulator layouts: one warp per 16 key rows, the MMA's N the whole tile width.
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])  # (BLOCK_N, BLOCK_M)
-        d_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])  # (BLOCK_N, D)
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+        # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
+        s_layout: gl.constexpr = _mma_layouts(BLOCK_M, HEAD_DIM, num_warps)[0]
+        d_layout: gl.constexpr = _mma_layouts(BLOCK_M, HEAD_DIM, num_warps)[1]
+        a_layout: gl.constexpr = _mma_layouts(BLOCK_M, HEAD_DIM, num_warps)[2]
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's statistic, per column
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)  # a key row's index
 
         # Shared memory: K and V for the whole program, Q and dO in a two-stage ring.
-        k_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_M, HEAD_DIM], do_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(kv_bar, count=1)
-        mbarrier.init(bars.index(0), count=1)
-        mbarrier.init(bars.index(1), count=1)
-
-        kv_row = off_b * Sk + start_n
-        mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [kv_row, off_hkv * HEAD_DIM], kv_bar, k_smem)
-        tma.async_copy_global_to_shared(v_desc, [kv_row, off_hkv * HEAD_DIM], kv_bar, v_smem)
+        k_smem, v_smem, kv_bar, q_smem, do_smem, bars = _stage_tiles(
+            k_desc, v_desc, q_desc, do_desc, off_b * Sk + start_n, off_hkv * HEAD_DIM, BLOCK_N, BLOCK_M, HEAD_DIM)
 
         # Query blocks that see any key of this block: causal (bottom-right by causal_offset)
         # starts at the block holding row start_n - causal_offset.
@@ -183,13 +216,9 @@ if HAVE_GLUON:
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
 
         # Step 0's Q and dO.
-        h0 = off_hkv * GROUP
         if total > 0:
-            mbarrier.expect(bars.index(0), qo_bytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b * Sq + m_first * BLOCK_M, h0 * HEAD_DIM], bars.index(0),
-                                            q_smem.index(0))
-            tma.async_copy_global_to_shared(do_desc, [off_b * Sq + m_first * BLOCK_M, h0 * HEAD_DIM], bars.index(0),
-                                            do_smem.index(0))
+            _load_pair(q_desc, do_desc, off_b * Sq + m_first * BLOCK_M, off_hkv * GROUP * HEAD_DIM, bars.index(0),
+                       q_smem.index(0), do_smem.index(0), qo_bytes)
 
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
         dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
@@ -216,9 +245,7 @@ if HAVE_GLUON:
                     HEAD_DIM, BLOCK_M, BLOCK_N, False, s_layout, a_layout, col_layout)
                 it += 1
 
-        mbarrier.invalidate(kv_bar)
-        mbarrier.invalidate(bars.index(0))
-        mbarrier.invalidate(bars.index(1))
+        _release(kv_bar, bars)
         # dK, dV: (B, Sk, H_kv, D) contiguous; keys past Sk are not stored.
         out_rows = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
@@ -249,28 +276,16 @@ if HAVE_GLUON:
         off_hkv = off_h // GROUP
         start_m = pid_m * BLOCK_M
 
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])  # (BLOCK_M, BLOCK_N)
-        d_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16])  # (BLOCK_M, D)
-        a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=d_layout, k_width=2)
+        # (BLOCK_M, BLOCK_N) score tiles, (BLOCK_M, D) accumulator
+        s_layout: gl.constexpr = _mma_layouts(BLOCK_N, HEAD_DIM, num_warps)[0]
+        d_layout: gl.constexpr = _mma_layouts(BLOCK_N, HEAD_DIM, num_warps)[1]
+        a_layout: gl.constexpr = _mma_layouts(BLOCK_N, HEAD_DIM, num_warps)[2]
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
-        q_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], v_desc.layout)
-        qo_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(qo_bar, count=1)
-        mbarrier.init(bars.index(0), count=1)
-        mbarrier.init(bars.index(1), count=1)
-
-        q_row = off_b * Sq + start_m
-        mbarrier.expect(qo_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [q_row, off_h * HEAD_DIM], qo_bar, q_smem)
-        tma.async_copy_global_to_shared(do_desc, [q_row, off_h * HEAD_DIM], qo_bar, do_smem)
+        # Shared memory: Q and dO for the whole program, K and V in a two-stage ring.
+        q_smem, do_smem, qo_bar, k_smem, v_smem, bars = _stage_tiles(
+            q_desc, do_desc, k_desc, v_desc, off_b * Sq + start_m, off_h * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM)
 
         # Key blocks this query block sees: causal stops after key start_m + BLOCK_M - 1 + offset.
         n_end = Sk
@@ -280,9 +295,7 @@ if HAVE_GLUON:
         kv_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * 2
         kv_col = off_hkv * HEAD_DIM
         if total > 0:
-            mbarrier.expect(bars.index(0), kv_bytes)
-            tma.async_copy_global_to_shared(k_desc, [off_b * Sk, kv_col], bars.index(0), k_smem.index(0))
-            tma.async_copy_global_to_shared(v_desc, [off_b * Sk, kv_col], bars.index(0), v_smem.index(0))
+            _load_pair(k_desc, v_desc, off_b * Sk, kv_col, bars.index(0), k_smem.index(0), v_smem.index(0), kv_bytes)
 
         rows = start_m + gl.arange(0, BLOCK_M, row_layout)
         stats = Stats + (pid_bh * 3).to(gl.int64) * stats_len
@@ -294,18 +307,12 @@ if HAVE_GLUON:
             stage = it % 2
             start_n = it * BLOCK_N
             if it + 1 < total:  # the next key block into the other stage
-                mbarrier.expect(bars.index(1 - stage), kv_bytes)
-                tma.async_copy_global_to_shared(k_desc, [off_b * Sk + start_n + BLOCK_N, kv_col],
-                                                bars.index(1 - stage), k_smem.index(1 - stage))
-                tma.async_copy_global_to_shared(v_desc, [off_b * Sk + start_n + BLOCK_N, kv_col],
-                                                bars.index(1 - stage), v_smem.index(1 - stage))
+                _load_pair(k_desc, v_desc, off_b * Sk + start_n + BLOCK_N, kv_col, bars.index(1 - stage),
+                           k_smem.index(1 - stage), v_smem.index(1 - stage), kv_bytes)
             mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
             k_s = k_smem.index(stage)
             v_s = v_smem.index(stage)
-            zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-            s = warpgroup_mma(q_smem, k_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-            dp = warpgroup_mma(do_smem, v_s.permute((1, 0)), zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
+            s, dp = _two_products(q_smem, k_s, do_smem, v_s, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
             keys = start_n + gl.arange(0, BLOCK_N, col_layout)
             ok = keys[None, :] < Sk
             if IS_CAUSAL:
@@ -316,9 +323,7 @@ if HAVE_GLUON:
             dq = warpgroup_mma(gl.convert_layout(ds.to(dtype), a_layout), k_s, dq, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
-        mbarrier.invalidate(qo_bar)
-        mbarrier.invalidate(bars.index(0))
-        mbarrier.invalidate(bars.index(1))
+        _release(qo_bar, bars)
         out_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, d_layout))
         cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
         offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
