@@ -270,6 +270,43 @@ def test_uneven_shards_are_a_clear_error():
     assert all("shards of one shape" in e and "rank 1: q (1, 76, 2, 16)" in e for e in errors), list(errors)
 
 
+def _hops_worker(rank, world, port, counts):
+    import flash_module.distributed as fmd
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    try:
+        real, hops = fmd._ring_exchange, []
+
+        def counted(tensors, group, rank, world, reverse=False):
+            hops.append((phase, reverse, len(tensors)))
+            return real(tensors, group, rank, world, reverse)
+
+        fmd._ring_exchange = counted
+        gen = torch.Generator().manual_seed(rank)
+        q, k, v = (torch.randn(1, 32, 2, 16, generator=gen, requires_grad=True) for _ in range(3))
+        phase = "fwd"
+        out = ring_attention(q, k, v, causal=True, layout="zigzag", impl="torch")
+        phase = "bwd"
+        out.sum().backward()
+        counts[rank] = hops
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_ring_hops_per_pass():
+    """The ring's communication schedule: W - 1 K/V hops forward (to the next rank); backward,
+    in reverse order (to the previous rank), W - 2 K/V hops (it starts from the shard the
+    forward ended with and ends on its own) and W - 1 dK/dV hops, the last one home."""
+    world = 4
+    counts = mp.get_context("spawn").Manager().list([None] * world)
+    mp.spawn(_hops_worker, args=(world, _free_port(), counts), nprocs=world, join=True)
+    for hops in counts:  # (pass, to the previous rank, tensors sent)
+        assert [h for h in hops if h[0] == "fwd"] == [("fwd", False, 2)] * (world - 1), hops
+        assert [h for h in hops if h[0] == "bwd"] == [("bwd", True, 2)] * ((world - 2) + (world - 1)), hops
+
+
 def test_shard_sequence_needs_equal_chunks():
     x = torch.randn(1, 150, 2, 8)
     with pytest.raises(ValueError, match=r"150 .* does not split into 4 equal chunks"):
