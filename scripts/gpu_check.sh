@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One device call: environment, GPU tests, tuning sweep and/or benchmark; logs under $OUT.
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
-#        [decode] [varlen] [subset] [variants] [window] [ablation]
+#        [decode] [varlen] [subset] [variants] [window] [ablation] [gluon]
 #        (default: tests bench)
+# gluon: the Hopper backward's Gluon passes: tests/test_gluon_bwd.py, then benchmarks/bench_gluon_bwd.py
+# (GLUON_ARGS, default: --variants --all-dims) against the portable passes, cuDNN and FA2.
 # ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full transpose).
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
@@ -137,6 +139,12 @@ for step in $steps; do
     varlen)
       python3 benchmarks/bench_varlen.py --json "$OUT/varlen.json" ${VARLEN_ARGS:-} 2>&1 | grep -v -i warn \
         | tee "$OUT/varlen.log"
+      ;;
+    gluon)
+      timeout 300 python3 -m pytest tests/test_gluon_bwd.py -q -n "${PYTEST_WORKERS:-6}" -p no:cacheprovider \
+        -m "gpu or not gpu" 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
+      python3 benchmarks/bench_gluon_bwd.py ${GLUON_ARGS:---variants --all-dims} 2>&1 | grep -v -i warn \
+        | tee "$OUT/gluon_bench.log"
       ;;
     ablation)  # benchmarks/dropout_ablation.py, one process per variant (ABLATION_VARIANTS)
       for variant in ${ABLATION_VARIANTS:-plain full transpose}; do
