@@ -121,11 +121,12 @@ def _ring_exchange(tensors: list[Tensor], group, rank: int, world: int, reverse:
     """Start sending ``tensors`` to the next rank and receiving the previous rank's (``reverse``:
     to the previous, from the next); returns (received buffers, requests)."""
     step = -1 if reverse else 1
-    nxt = dist.get_global_rank(group, (rank + step) % world) if group is not None else (rank + step) % world
-    prv = dist.get_global_rank(group, (rank - step) % world) if group is not None else (rank - step) % world
+    dst, src = ((rank + step) % world, (rank - step) % world)
+    if group is not None:
+        dst, src = dist.get_global_rank(group, dst), dist.get_global_rank(group, src)
     recv = [torch.empty_like(t) for t in tensors]
-    p2p = [dist.P2POp(dist.isend, t, nxt, group) for t in tensors]
-    p2p += [dist.P2POp(dist.irecv, r, prv, group) for r in recv]
+    p2p = [dist.P2POp(dist.isend, t, dst, group) for t in tensors]
+    p2p += [dist.P2POp(dist.irecv, r, src, group) for r in recv]
     return recv, dist.batch_isend_irecv(p2p)
 
 

@@ -137,8 +137,10 @@ def fa2_backward(
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],
                   **_common.kernel_flags(q))
-    variants = bool(softcap or dropout_p or window or configs) or alibi_slopes is not None or mask[5] != 0
-    gluon = gluon_bwd.supported(q, k, v, dout, variants)  # Hopper: the Gluon passes (same results)
+    # Hopper: the Gluon passes (same results) for plain attention; variants, and explicit launch
+    # configs (tuning, their tests), take the portable kernels
+    portable_only = bool(softcap or dropout_p or window or configs) or alibi_slopes is not None or mask[5] != 0
+    gluon = gluon_bwd.supported(q, k, v, dout, portable_only)
     if gluon:
         gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal, causal_offset)
     else:

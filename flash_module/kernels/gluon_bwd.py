@@ -34,6 +34,7 @@ import os
 import torch
 
 from .._runtime import cdiv
+from ._common import LOG2E
 
 try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel runs
     from triton.experimental import gluon
@@ -50,7 +51,6 @@ try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel r
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-LOG2E = 1.4426950408889634
 #: Head dims the pass takes.  Measured on an H200 (bf16, B*N = 64k, backward TFLOP/s, Gluon /
 #: portable, performance.md eleventh session): D=128 1.14-1.56x, D=64 1.07-1.08x (with 64 x 64
 #: tiles and one warpgroup; 64 x 128 with two was 0.92-0.99x).
@@ -67,7 +67,9 @@ ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variants: bool) -> bool:
-    """Whether the Gluon dK/dV pass can run this call (shapes, dtypes, strides and the GPU only)."""
+    """Whether the Gluon dK/dV pass can run this call (shapes, dtypes, strides and the GPU only);
+    ``variants``: the call has a variant (or explicit launch configs), which only the portable
+    kernel takes."""
     if not (HAVE_GLUON and ENABLED) or variants or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
@@ -177,9 +179,6 @@ if HAVE_GLUON:
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         return dk, dv
 
-
-if HAVE_GLUON:
-
     @gluon.jit
     def _dkdv_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
@@ -210,8 +209,7 @@ if HAVE_GLUON:
         m_first = 0
         if IS_CAUSAL:
             m_first = gl.maximum(start_n - causal_offset, 0) // BLOCK_M
-        n_m = gl.cdiv(Sq, BLOCK_M) - m_first
-        n_m = gl.maximum(n_m, 0)
+        n_m = gl.maximum(gl.cdiv(Sq, BLOCK_M) - m_first, 0)
         total = n_m * GROUP  # steps: (query head of the group, query block)
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
 
@@ -253,9 +251,6 @@ if HAVE_GLUON:
         ok = out_rows[:, None] < Sk
         gl.store(DK + offs, (dk * sm_scale).to(dtype), mask=ok)
         gl.store(DV + offs, dv.to(dtype), mask=ok)
-
-
-if HAVE_GLUON:
 
     @gluon.jit
     def _dq_kernel(
