@@ -4,7 +4,7 @@
 #        [decode] [varlen] [subset] [variants] [window] [ablation] [gluon]
 #        (default: tests bench)
 # gluon: the Hopper backward's Gluon passes: tests/test_gluon_bwd.py, then benchmarks/bench_gluon_bwd.py
-# (GLUON_ARGS, default: --variants --all-dims) against the portable passes, cuDNN and FA2.
+# (GLUON_ARGS, default: --variants) against the portable passes, cuDNN and FA2.
 # ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full transpose).
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
@@ -143,7 +143,7 @@ for step in $steps; do
     gluon)
       timeout 300 python3 -m pytest tests/test_gluon_bwd.py -q -n "${PYTEST_WORKERS:-6}" -p no:cacheprovider \
         -m "gpu or not gpu" 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
-      python3 benchmarks/bench_gluon_bwd.py ${GLUON_ARGS:---variants --all-dims} 2>&1 | grep -v -i warn \
+      python3 benchmarks/bench_gluon_bwd.py ${GLUON_ARGS:---variants} 2>&1 | grep -v -i warn \
         | tee "$OUT/gluon_bench.log"
       ;;
     ablation)  # benchmarks/dropout_ablation.py, one process per variant (ABLATION_VARIANTS)

@@ -21,6 +21,14 @@ CASES = [  # b, sq, sk, h, h_kv, d, dtype
     pytest.param(1, 1024, 1024, 4, 1, 128, torch.bfloat16, id="1k-d128-mqa-bf16"),
     pytest.param(2, 2048, 1000, 2, 2, 64, torch.bfloat16, id="2048x1000-d64-bf16"),
     pytest.param(1, 4095, 4097, 2, 2, 128, torch.float16, id="4095x4097-d128-fp16"),
+    pytest.param(2, 113, 203, 2, 2, 256, torch.bfloat16, id="113x203-d256-bf16"),
+    pytest.param(1, 1000, 1100, 4, 2, 256, torch.float16, id="1000x1100-d256-gqa-fp16"),
+]
+#: launch configs (dK/dV, dQ; None: the head dim's default); 64 x 128 tiles do not fit D=256
+CONFIGS = [
+    pytest.param(None, None, id="default"),
+    pytest.param((64, 64, 8), (64, 64, 8), id="w8-64x64"),
+    pytest.param((64, 128, 8), None, id="dkdv64x128w8"),
 ]
 
 
@@ -42,14 +50,17 @@ def test_not_used_off_hopper_or_with_variants():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
-@pytest.mark.parametrize("config", [(64, 64, 4), (64, 128, 8)], ids=["dkdv64x64w4", "dkdv64x128w8"])
+@pytest.mark.parametrize("dkdv_config,dq_config", CONFIGS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype", CASES)
-def test_gluon_backward_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, config,
-                                                    monkeypatch):
-    monkeypatch.setattr(gluon_bwd, "HEAD_DIMS", (64, 128))  # every head dim the kernels compile for
-    monkeypatch.setattr(gluon_bwd, "DQ", True)  # both passes in Gluon
-    monkeypatch.setattr(gluon_bwd, "DKDV_CONFIG", config)
+def test_gluon_backward_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, dkdv_config,
+                                                    dq_config, monkeypatch):
+    if d == 256 and dkdv_config == (64, 128, 8):
+        pytest.skip("64 x 128 tiles at D=256 exceed shared memory")
+    monkeypatch.setattr(gluon_bwd, "DQ_HEAD_DIMS", gluon_bwd.HEAD_DIMS)  # both passes in Gluon
+    for name, config in (("DKDV_CONFIGS", dkdv_config), ("DQ_CONFIGS", dq_config)):
+        configs = getattr(gluon_bwd, name)
+        monkeypatch.setattr(gluon_bwd, name, {**configs, d: config or configs[d]})
     q, k, v = make_qkv(b, sq, sk, h, h_kv, d, dtype, "cuda")
     dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
     scale = d**-0.5

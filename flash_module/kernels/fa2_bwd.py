@@ -149,7 +149,7 @@ def fa2_backward(
             *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
         )
-    if gluon and gluon_bwd.DQ:
+    if gluon and d in gluon_bwd.DQ_HEAD_DIMS:
         gluon_bwd.dq(q, k, v, dout, stats, dq, softmax_scale, causal, causal_offset)
         return dq, dk, dv
     dmask, dmask_args = _mask_grad_args(attn_mask if mask_grad else None, (b, h, sq, sk), q)

@@ -19,7 +19,7 @@ asynchronously so the exponentials of P overlap the dP matmul:
 Per query head the blocks that reach above the causal diagonal run first, in a copy of the step
 with the mask (:func:`_dkdv_step` with ``MASKED``), and the rest in a copy without it.
 
-Scope: fp16/bf16, head dims 64 and 128 (:data:`HEAD_DIMS`), no variants (no softcap, ALiBi, window, dropout, mask),
+Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no variants (no softcap, ALiBi, window, dropout, mask),
 inputs in the (B, S, H, D) layout with the last two dims contiguous and dense (TMA reads them as
 a (B*S, H*D) matrix; a query block that runs past its sequence reads the next sequence's rows,
 whose P is zeroed by lse2 = +inf).  Deterministic (no atomics).  :func:`supported` says whether
@@ -51,17 +51,21 @@ try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel r
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-#: Head dims the pass takes.  Measured on an H200 (bf16, B*N = 64k, backward TFLOP/s, Gluon /
-#: portable, performance.md eleventh session): D=128 1.14-1.56x, D=64 1.07-1.08x (with 64 x 64
-#: tiles and one warpgroup; 64 x 128 with two was 0.92-0.99x).
-HEAD_DIMS = (64, 128)
-#: Whether the dQ pass runs in Gluon too (else the portable dQ kernel, the default: on an H200
-#: the Gluon dQ pass at (128, 64, 8 warps) was 0.95-1.0x the portable one, see performance.md).
-DQ = os.environ.get("FLASH_MODULE_GLUON_DQ", "0") == "1"
-#: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the two passes.  dK/dV: 64 x 64 tiles with one
-#: warpgroup were 0-5% faster than 64 x 128 with two on an H200 (performance.md, eleventh session).
-DKDV_CONFIG = (64, 64, 4)
-DQ_CONFIG = (128, 64, 8)
+#: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the dK/dV pass per head dim; the pass takes
+#: these head dims only.  D=64 and 128: 64 x 64 tiles with one warpgroup were 0-5% faster than
+#: 64 x 128 with two on an H200 (Gluon / portable 1.07-1.08x at D=64, 1.14-1.56x at D=128,
+#: performance.md eleventh session).  D=256: two warpgroups on 64 x 64 tiles, each holding half
+#: of the (64, 256) accumulators' columns (one warpgroup would need 256 registers per thread for
+#: them alone).
+DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 64, 8)}
+HEAD_DIMS = tuple(DKDV_CONFIGS)
+#: Head dims whose dQ pass runs in Gluon too (else the portable dQ kernel).  On an H100 (bf16,
+#: performance.md twelfth session) the Gluon dQ pass at D=256 (64 x 64 tiles, Q and dO in shared
+#: memory) made the backward 0.99-1.07x the portable dQ's; at D=128 (128, 64, 8 warps) 0.95-1.02x
+#: (eleventh session).  ``FLASH_MODULE_GLUON_DQ=1`` / ``0``: every head dim / none.
+_DQ_ENV = os.environ.get("FLASH_MODULE_GLUON_DQ", "")
+DQ_HEAD_DIMS = HEAD_DIMS if _DQ_ENV == "1" else () if _DQ_ENV == "0" else (256,)
+DQ_CONFIGS = {64: (128, 64, 8), 128: (128, 64, 8), 256: (64, 64, 8)}
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 
@@ -86,12 +90,18 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
 if HAVE_GLUON:
 
     @gluon.constexpr_function
-    def _mma_layouts(tile_n, head_dim, num_warps):
-        """The warpgroup-MMA layouts of a pass whose program owns ``16 * num_warps`` rows: the
-        score tile (rows, ``tile_n``), the (rows, D) accumulators, and the score tile as the
-        register A operand of the accumulators' MMA (one warp per 16 rows)."""
-        scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, tile_n, 16])
-        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, head_dim, 16])
+    def _mma_layouts(rows, tile_n, head_dim, num_warps):
+        """The warpgroup-MMA layouts of a pass whose program owns ``rows`` rows: the score tile
+        (rows, ``tile_n``), the (rows, D) accumulators, and the score tile as the register A
+        operand of the accumulators' MMA.  Warps cover the rows 16 each; warps left over (8 warps
+        on 64 rows at D=256) split the columns, so each warpgroup holds half of every tile and
+        the A operand, which every warpgroup needs whole, is exchanged through shared memory by
+        the layout conversion."""
+        wm = min(num_warps, rows // 16)
+        wn = num_warps // wm
+        scores = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn],
+                                           instr_shape=[16, tile_n // wn, 16])
+        acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, head_dim // wn, 16])
         return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
 
     @gluon.jit
@@ -143,7 +153,7 @@ if HAVE_GLUON:
                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv,
                    qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    MASKED: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr,
-                   col_layout: gl.constexpr):
+                   col_layout: gl.constexpr, SYNC: gl.constexpr):
         """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
         ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
         ``MASKED``: the block reaches above the causal diagonal."""
@@ -152,7 +162,10 @@ if HAVE_GLUON:
         m0 = (m_first + it % n_m) * BLOCK_M
         off_h = off_hkv * GROUP + it // n_m
         # The next step's Q and dO into the other stage (its last readers finished: every
-        # step ends by waiting for its MMAs).
+        # step ends by waiting for its MMAs; with two warpgroups, a CTA barrier first, as the
+        # load is issued by one thread and both read every stage).
+        if SYNC:
+            gl.thread_barrier()
         if it + 1 < total:
             nxt = it + 1
             nm0 = (m_first + nxt % n_m) * BLOCK_M
@@ -194,9 +207,9 @@ if HAVE_GLUON:
         start_n = pid_n * BLOCK_N
 
         # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
-        s_layout: gl.constexpr = _mma_layouts(BLOCK_M, HEAD_DIM, num_warps)[0]
-        d_layout: gl.constexpr = _mma_layouts(BLOCK_M, HEAD_DIM, num_warps)[1]
-        a_layout: gl.constexpr = _mma_layouts(BLOCK_M, HEAD_DIM, num_warps)[2]
+        s_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[0]
+        d_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[1]
+        a_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[2]
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's statistic, per column
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)  # a key row's index
 
@@ -234,13 +247,13 @@ if HAVE_GLUON:
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
                     Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, qo_bytes,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, s_layout, a_layout, col_layout)
+                    HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
                     Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, qo_bytes,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, False, s_layout, a_layout, col_layout)
+                    HEAD_DIM, BLOCK_M, BLOCK_N, False, s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
 
         _release(kv_bar, bars)
@@ -272,9 +285,9 @@ if HAVE_GLUON:
         start_m = pid_m * BLOCK_M
 
         # (BLOCK_M, BLOCK_N) score tiles, (BLOCK_M, D) accumulator
-        s_layout: gl.constexpr = _mma_layouts(BLOCK_N, HEAD_DIM, num_warps)[0]
-        d_layout: gl.constexpr = _mma_layouts(BLOCK_N, HEAD_DIM, num_warps)[1]
-        a_layout: gl.constexpr = _mma_layouts(BLOCK_N, HEAD_DIM, num_warps)[2]
+        s_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[0]
+        d_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[1]
+        a_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[2]
         row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
         col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
@@ -301,6 +314,8 @@ if HAVE_GLUON:
         for it in range(total):
             stage = it % 2
             start_n = it * BLOCK_N
+            if num_warps > 4:  # every warpgroup past step it - 1 before its stage refills
+                gl.thread_barrier()
             if it + 1 < total:  # the next key block into the other stage
                 _load_pair(k_desc, v_desc, off_b * Sk + start_n + BLOCK_N, kv_col, bars.index(1 - stage),
                            k_smem.index(1 - stage), v_smem.index(1 - stage), kv_bytes)
@@ -338,8 +353,8 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
        dq_out: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
        config: tuple[int, int, int] | None = None) -> None:
     """Fill ``dq_out`` (B, Sq, H, D) contiguous (callers check :func:`supported` first)."""
-    block_m, block_n, num_warps = config or DQ_CONFIG
     b, sq, h, d = q.shape
+    block_m, block_n, num_warps = config or DQ_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
     _dq_kernel[(cdiv(sq, block_m), b * h)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
@@ -353,8 +368,8 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
          config: tuple[int, int, int] | None = None) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first)."""
-    block_m, block_n, num_warps = config or DKDV_CONFIG
     b, sq, h, d = q.shape
+    block_m, block_n, num_warps = config or DKDV_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
