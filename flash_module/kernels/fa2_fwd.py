@@ -10,7 +10,8 @@ without any mask (the hot loop); the few blocks on the causal diagonal or at the
 Sk run a second, masked copy of the same loop.
 
 The loop itself is :func:`._common.attend_kv`, shared with the split-KV kernel (which runs it
-over one chunk of the keys).
+over one chunk of the keys).  On Hopper, plain attention (no variant) runs the same algorithm
+written in Gluon instead (:mod:`.gluon_fwd`: the softmax overlapped with the P V matmul).
 """
 
 import torch
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from .._runtime import cdiv, lse_dtype
 from ..configs import KernelConfig, fwd_config
-from . import _common
+from . import _common, gluon_fwd
 from ._common import (
     add_sink,
     attend_rows,
@@ -110,8 +111,14 @@ def fa2_forward(
     sk, h_kv = k.shape[1], k.shape[2]
     out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
-    cfg = config or fwd_config(q.dtype, d, causal, q.device)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
+    # Hopper: the Gluon forward for plain attention (variants and explicit configs: portable)
+    variants = bool(softcap or dropout_p or config or window) or softmax_scale <= 0 or any(
+        x is not None for x in (alibi_slopes, sink, attn_mask))
+    if gluon_fwd.supported(q, k, v, variants):
+        gluon_fwd.forward(q, k, v, softmax_scale, causal, causal_offset, out, lse)
+        return out, lse
+    cfg = config or fwd_config(q.dtype, d, causal, q.device)
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     _fa2_fwd_kernel[(cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),

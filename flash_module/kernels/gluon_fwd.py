@@ -1,0 +1,291 @@
+"""The FA2 forward for Hopper (sm_90) in Gluon, warp-specialized: a TMA producer warp and two
+consumer warpgroups, each overlapping its softmax with its own P V matmul.
+
+The algorithm is ``fa2_fwd._fa2_fwd_kernel``'s (FA2's Algorithm 1); what changes is who does
+what, and in which order.  A program owns a BLOCK_M-row query tile:
+
+* the **producer** (one warp, 24 registers) streams K and V blocks into a ring of ``STAGES``
+  shared-memory stages with TMA, each stage refilled as soon as both consumers have released it
+  (``*_ready``: the TMA transaction landed; ``*_empty``: two arrivals, one per consumer; K and V
+  have barriers of their own, as K is done with one step before V);
+* each **consumer** (a warpgroup, 240 registers) owns half of the tile's rows and runs the loop
+  with its two matmuls issued together, so that the exponentials of one key block run while
+  the tensor cores work on the P V of the block before (FlashAttention-3's intra-warpgroup
+  overlap), and the two consumers, not tied by any barrier, drift so that one's softmax runs
+  under the other's matmuls:
+
+    S_0 = Q K_0^T;  (m, l, P_0) = softmax step
+    for j = 1 .. T-1:
+        issue S_j = Q K_j^T                  (ROWS, BLOCK_N)  async wgmma, smem x smem
+        issue O  += P_{j-1} V_{j-1}          (ROWS, D)        async wgmma, P from registers
+        wait S_j; release K_j;  m_j = max(m, rowmax S_j);  P_j = exp2(S_j - m_j);  l = l alpha + rowsum P_j
+        wait O;   release V_{j-1};  O *= alpha = exp2(m_{j-1} - m_j)
+    O += P_{T-1} V_{T-1};  O /= l;  lse = (m + log2 l) ln 2
+
+Scores are in the log2 domain (``qk_scale`` = softmax_scale * log2 e; the running max is taken on
+the raw scores and scaled per row, so P costs one FMA and one exp2 per score).  Key blocks that
+every row of the tile sees, inside Sk, run without a mask; the causal diagonal and the ragged
+end of Sk run the masked step.  Q, K and V are read through 3-D TMA descriptors (batch,
+sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit, never the next
+sequence's, so a NaN in one batch entry cannot reach another.
+
+Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, no variants, (B, S, H, D)
+inputs dense in (S, H, D) (:func:`supported`).  No interpreter (Gluon has none): CI runs the
+portable kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._runtime import cdiv
+from ._common import LOG2E
+
+try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel runs
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+#: (BLOCK_M, BLOCK_N, stages) per head dim; the Gluon forward runs at these head dims only.
+#: Shared memory holds Q and ``stages`` K and V blocks (D=128: 32 + 3 x 64 KiB).  On an H200
+#: (bf16, performance.md twelfth session): D=128 0.99-1.05x cuDNN at N >= 4k, D=256 0.99-1.07x,
+#: D=64 0.95-0.97x (1.13-1.25x the portable kernel at every shape but D=64 at 1k).
+FWD_CONFIGS = {64: (128, 128, 2), 128: (128, 128, 3), 256: (128, 64, 2)}
+#: At D=64 the portable kernel is faster for short keys (1k causal: 294 against 223 TFLOP/s).
+D64_MIN_KEYS = 2048
+#: Registers per thread of a consumer warpgroup (the producer warp gets 24).
+CONSUMER_REGS = gl.constexpr(240) if HAVE_GLUON else 240
+#: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
+ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool) -> bool:
+    """Whether the Gluon forward can run this call (shapes, dtypes, strides and the GPU only);
+    ``variants``: the call has a variant, an explicit launch config or a softmax scale <= 0
+    (the running max is taken before scaling), which only the portable kernel takes."""
+    if not (HAVE_GLUON and ENABLED) or variants or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in FWD_CONFIGS:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    if q.shape[-1] == 64 and k.shape[1] < D64_MIN_KEYS:
+        return False
+    for t in (q, k, v):  # (B, S, H, D) dense in (S, H, D); TMA needs 16-byte strides and base
+        _, s, h, d = t.shape
+        if t.stride()[1:] != (h * d, d, 1) or t.stride(0) % 8 or t.data_ptr() % 16 or t.dtype != q.dtype:
+            return False
+    return q.shape[1] > 0 and k.shape[1] > 0
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _load(desc, b, n, col, bar, buf):
+        """Start the TMA load of block ``n`` (rows n.. of batch ``b``, columns col..) into ``buf``."""
+        mbarrier.expect(bar, desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [b, n, col], bar, buf)
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, MASKED: gl.constexpr,
+                      IS_CAUSAL: gl.constexpr):
+        """The online-softmax update for one (BLOCK_M, BLOCK_N) score tile: returns P (fp32),
+        alpha (the old accumulator's scale), and the new running max and sum.  ``MASKED``:
+        keys past Sk and, causal, above the diagonal get P = 0 (a row that has seen no key
+        keeps m = -inf and l = 0)."""
+        if MASKED:
+            ok = keys[None, :] < Sk
+            if IS_CAUSAL:
+                ok = ok & (keys[None, :] <= rows[:, None] + causal_offset)
+            s = gl.where(ok, s, float("-inf"))
+        # The max of the raw scores, scaled once per row (qk_scale > 0): P is one FMA and one
+        # exp2 per score.
+        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        m_sub = m_new
+        if MASKED:  # a row with no key yet: subtract 0, not -inf (P = 0, alpha = 0), keep m = -inf
+            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_sub)
+        p = gl.exp2(s * qk_scale - m_sub[:, None])
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
+    def _store_out(o, m_i, l_i, rows, Out, Lse, off_b, off_h, H, Sq, HEAD_DIM: gl.constexpr,
+                   o_layout: gl.constexpr):
+        """The epilogue: O = acc / l (0 where a row saw no key) into the contiguous (B, Sq, H, D)
+        output, lse = (m + log2 l) ln 2 (-inf there) into the (B, H, Sq) one; rows past Sq
+        are not stored."""
+        seen = l_i > 0
+        l_safe = gl.where(seen, l_i, 1.0)
+        lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+        o = o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        out_rows = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
+        offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
+        gl.store(Out + offs, o.to(Out.dtype.element_ty), mask=out_rows[:, None] < Sq)
+        gl.store(Lse + ((off_b * H + off_h).to(gl.int64) * Sq + rows), lse, mask=rows < Sq)
+
+    @gluon.jit
+    def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b, kv_col,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: K_j and V_j into stage j % STAGES as soon as both consumers have released
+        the stage's previous block (``*_empty``: two arrivals per use)."""
+        for j in range(total):
+            st = j % STAGES
+            again = ((j // STAGES) & 1) ^ 1  # the stage's previous use (j - STAGES) is done
+            mbarrier.wait(k_empty.index(st), phase=again, pred=j >= STAGES)
+            _load(k_desc, off_b, j * BLOCK_N, kv_col, k_ready.index(st), k_smem.index(st))
+            mbarrier.wait(v_empty.index(st), phase=again, pred=j >= STAGES)
+            _load(v_desc, off_b, j * BLOCK_N, kv_col, v_ready.index(st), v_smem.index(st))
+
+    @gluon.jit
+    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+                     total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
+                     HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     IS_CAUSAL: gl.constexpr):
+        """One warpgroup: query rows [start_m + wg * ROWS, + ROWS) against every K/V block of
+        the tile (its own Q load, then the loop of the module docstring), releasing each K stage
+        after its S and each V stage after its P V; then its own O and LSE."""
+        dtype: gl.constexpr = q_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_DIM, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row0 = start_m + wg * ROWS
+        q_buf = q_smem.index(wg)
+        mbarrier.expect(q_bar.index(wg), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [off_b, row0, off_h * HEAD_DIM], q_bar.index(wg), q_buf)
+        rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
+        o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        p = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        q_s = q_buf.reshape([ROWS, HEAD_DIM])
+        mbarrier.wait(q_bar.index(wg), phase=0)
+        if total > 0:
+            mbarrier.wait(k_ready.index(0), phase=0)
+            k_s = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+            s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                              use_acc=False)
+            mbarrier.arrive(k_empty.index(0), count=1)
+            keys = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, True, IS_CAUSAL)
+        for j in range(1, total):
+            ks = j % STAGES
+            vs = (j - 1) % STAGES
+            mbarrier.wait(k_ready.index(ks), phase=(j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(vs), phase=((j - 1) // STAGES) & 1)
+            k_s = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
+            s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
+                                  use_acc=False, is_async=True)
+            v_s = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
+            o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s, o, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+            mbarrier.arrive(k_empty.index(ks), count=1)
+            keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+            if j < n_full:
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, False,
+                                                   IS_CAUSAL)
+            else:
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, True,
+                                                   IS_CAUSAL)
+            o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+            mbarrier.arrive(v_empty.index(vs), count=1)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        if total > 0:
+            last = total - 1
+            mbarrier.wait(v_ready.index(last % STAGES), phase=(last // STAGES) & 1)
+            v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
+            o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, o)
+        _store_out(o, m_i, l_i, rows, Out, Lse, off_b, off_h, H, Sq, HEAD_DIM, o_layout)
+
+    @gluon.jit
+    def _fwd_kernel(
+        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, qk_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Program = one BLOCK_M-row query tile of one head: the default partition (4 warps) and
+        one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of K
+        and V through a STAGES-deep ring ahead of both (:func:`_producer`, :func:`_consumer`).
+        Key blocks: [0, n_full) seen by every row and inside Sk (no mask), [n_full, total)
+        masked (causal: bottom-right by causal_offset; the block holding key Sk - 1)."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_desc.dtype
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        start_m = pid_m * BLOCK_M
+        kv_col = (off_h // GROUP) * HEAD_DIM
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        n_end = Sk
+        first_limit = Sk
+        if IS_CAUSAL:
+            n_end = gl.minimum(Sk, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
+            first_limit = gl.minimum(Sk, gl.maximum(start_m + causal_offset + 1, 0))
+        total = gl.cdiv(n_end, BLOCK_N)
+        n_full = first_limit // BLOCK_N
+        gl.warp_specialize(
+            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+                             total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
+                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+                             total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
+                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+             (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
+                             kv_col, BLOCK_N, STAGES))],
+            [4, 1], [CONSUMER_REGS, 24])
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """TMA descriptor of a (B, S, H, D) tensor dense in (S, H, D), read as (B, S, H*D) with
+    (1, rows, D) boxes: rows past S are zero-filled."""
+    b, s, h, d = t.shape
+    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    flat = t.as_strided((b, s, h * d), (t.stride(0), h * d, 1))
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, rows, d], layout)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
+            causal_offset: int, out: torch.Tensor, lse: torch.Tensor,
+            config: tuple[int, int, int] | None = None) -> None:
+    """Fill ``out`` (B, Sq, H, D) contiguous and ``lse`` (B, H, Sq) fp32 (callers check
+    :func:`supported` first); ``config``: (BLOCK_M, BLOCK_N, stages)."""
+    b, sq, h, d = q.shape
+    sk, h_kv = k.shape[1], k.shape[2]
+    block_m, block_n, stages = config or FWD_CONFIGS[d]
+    _fwd_kernel[(cdiv(sq, block_m), b * h)](
+        _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        h, h // h_kv, sq, sk, causal_offset, softmax_scale * LOG2E,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
+    )

@@ -1,0 +1,99 @@
+"""GPU-only (Hopper): the warp-specialized Gluon forward (``kernels/gluon_fwd.py``) on ragged shapes,
+against the float64 oracle (the 2x rule, output and LSE, and the gradients the backward computes from them)
+and against the portable Triton forward it replaces.  Skipped without an sm_90 GPU or without
+Gluon in the installed Triton; on CPU, :func:`supported` must say no (the interpreter runs the
+portable kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flash_module import ops
+from flash_module.kernels import gluon_fwd
+
+from .helpers import assert_matches_reference, make_qkv, reference_grads
+
+CASES = [  # b, sq, sk, h, h_kv, d, dtype
+    pytest.param(2, 113, 203, 4, 4, 128, torch.bfloat16, id="113x203-d128-bf16"),
+    pytest.param(2, 203, 113, 4, 2, 128, torch.float16, id="203x113-d128-gqa-fp16"),
+    pytest.param(1, 1, 17, 2, 2, 64, torch.bfloat16, id="1x17-d64-bf16"),
+    pytest.param(3, 17, 1, 2, 1, 64, torch.float16, id="17x1-d64-mqa-fp16"),
+    pytest.param(2, 2048, 1000, 2, 2, 64, torch.bfloat16, id="2048x1000-d64-bf16"),
+    pytest.param(1, 4095, 4097, 2, 2, 128, torch.float16, id="4095x4097-d128-fp16"),
+    pytest.param(2, 113, 203, 2, 2, 256, torch.bfloat16, id="113x203-d256-bf16"),
+    pytest.param(1, 1000, 1100, 4, 2, 256, torch.float16, id="1000x1100-d256-gqa-fp16"),
+]
+MASKS = [  # causal, bottom_right
+    pytest.param(False, True, id="full"),
+    pytest.param(True, True, id="causal-bottom-right"),
+    pytest.param(True, False, id="causal-top-left"),
+]
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0) and gluon_fwd.HAVE_GLUON
+
+
+def test_not_used_off_hopper_or_with_variants():
+    """Off a GPU (and with any variant, or storage not dense in (S, H, D)) the portable forward runs."""
+    q = torch.randn(1, 16, 2, 128, dtype=torch.bfloat16)
+    assert not gluon_fwd.supported(q, q, q, variants=False)
+    if _hopper():
+        qc = q.cuda()
+        assert gluon_fwd.supported(qc, qc, qc, variants=False)
+        assert not gluon_fwd.supported(qc, qc, qc, variants=True)
+        assert not gluon_fwd.supported(qc.transpose(1, 2).contiguous().transpose(1, 2), qc, qc, False)
+        assert not gluon_fwd.supported(qc.float(), qc.float(), qc.float(), False)
+        assert not gluon_fwd.supported(qc[..., :96].contiguous(), qc[..., :96].contiguous(),
+                                       qc[..., :96].contiguous(), False)  # head dim without a config
+        q64 = torch.randn(1, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
+        assert not gluon_fwd.supported(q64, q64, q64, False)  # D=64 with short keys: portable
+        out, lse = ops.attention_fwd(qc, qc, qc, -0.1, False, True, "fa2")  # a negative scale: portable
+        ref = reference_grads(qc, qc, qc, out, False, True, softmax_scale=-0.1, dtype=torch.float64)
+        assert (out.double() - ref[0]).abs().max() < 1e-2
+
+
+def _forward(q, k, v, causal, bottom_right):
+    return ops.attention_fwd(q, k, v, q.shape[-1] ** -0.5, causal, bottom_right, "fa2")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("causal,bottom_right", MASKS)
+@pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype", CASES)
+def test_gluon_forward_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, bottom_right,
+                                                   monkeypatch):
+    monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)  # the kernel at every length
+    q, k, v = make_qkv(b, sq, sk, h, h_kv, d, dtype, "cuda")
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
+    assert gluon_fwd.supported(q, k, v, variants=False)
+    out, lse = _forward(q, k, v, causal, bottom_right)
+    again = _forward(q, k, v, causal, bottom_right)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])  # deterministic
+    grads = torch.autograd.grad(out, (q, k, v), dout)  # the backward from this forward's LSE
+    assert_matches_reference((out, lse, *grads), q, k, v, dout, causal, bottom_right, dtype)
+    monkeypatch.setattr(gluon_fwd, "ENABLED", False)
+    out_p, lse_p = _forward(q, k, v, causal, bottom_right)
+    ref = reference_grads(q, k, v, dout, causal, bottom_right, dtype=torch.float64)
+    for name, ours, portable, hi in (("out", out, out_p, ref[0]), ("lse", lse, lse_p, ref[1])):
+        finite = torch.isfinite(hi)
+        assert torch.equal(torch.isfinite(ours), finite), name  # rows that see no key: same -inf / 0
+        gap = (ours.double() - portable.double())[finite].abs().max().item() if finite.any() else 0.0
+        assert gap <= 2 * (portable.double() - hi)[finite].abs().max().item() + 1e-3, (name, gap)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_a_nan_in_one_sequence_stays_there(d, monkeypatch):
+    """Key blocks that run past a sequence's end read zeros (3-D TMA boxes), not the next
+    sequence's rows: NaN keys and values in batch entry 1 leave entries 0 and 2 exact."""
+    monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
+    q, k, v = make_qkv(3, 70, 100, 2, 2, d, torch.bfloat16, "cuda", requires_grad=False)
+    k[1], v[1] = float("nan"), float("nan")
+    out, lse = _forward(q, k, v, False, True)
+    for i in (0, 2):
+        alone = _forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], False, True)
+        assert torch.equal(out[i:i + 1], alone[0]) and torch.equal(lse[i:i + 1], alone[1])
+    assert out[1].isnan().all()
