@@ -9,7 +9,8 @@ Triton), ``gluon-dkdv`` (the Gluon dK/dV pass and the portable dQ), ``gluon`` (b
 SDPA's cuDNN and flash (FA2) backends; the last column is the default on sm_90 (which of the two
 Gluon columns :data:`gluon_bwd.DQ_HEAD_DIMS` picks) over cuDNN.  ``--variants`` adds other launch
 configs of the Gluon passes, ``--configs dkdv:128x64x4,dq:64x64x8`` any others (BLOCK_M x
-BLOCK_N x warps).  A benchmark, not a test.
+BLOCK_N x warps, or BLOCK_M x BLOCK_N x stages x ws for the warp-specialized dQ pass).
+A benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ OURS = {"portable": (False, ()), "gluon-dkdv": (True, ()), "gluon": (True, gluon
 #: extra columns: (name, dK/dV config, dQ config: None = the default for the head dim; a dQ
 #: config also runs the Gluon dQ pass); (BLOCK_M, BLOCK_N, warps)
 VARIANTS = [("dkdv 64x64w8", (64, 64, 8), None), ("dkdv 64x128w8", (64, 128, 8), None),
-            ("dq 64x64w8", None, (64, 64, 8)), ("dq 128x128w8", None, (128, 128, 8))]
+            ("dq 64x64w8", None, (64, 64, 8)), ("dq 128x64w8", None, (128, 64, 8))]
 
 def _bwd_ms(out: torch.Tensor, inputs: tuple, dout: torch.Tensor) -> float:
     return triton.testing.do_bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
@@ -86,9 +87,9 @@ def main() -> None:
     variants = list(VARIANTS) if args.variants else []
     for spec in filter(None, args.configs.split(",")):
         kind, cfg = spec.split(":")
-        cfg = tuple(int(x) for x in cfg.split("x"))
-        variants.append((f"{kind} {cfg[0]}x{cfg[1]}w{cfg[2]}", cfg if kind == "dkdv" else None,
-                         cfg if kind == "dq" else None))
+        name = f"{kind} {cfg}"
+        cfg = tuple(x if x == "ws" else int(x) for x in cfg.split("x"))
+        variants.append((name, cfg if kind == "dkdv" else None, cfg if kind == "dq" else None))
     cols = [*OURS, "cudnn", "flash"] + [v[0] for v in variants]
     print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | default/cudnn")
     for shape in args.shapes.split(","):

@@ -97,3 +97,17 @@ def test_a_nan_in_one_sequence_stays_there(d, monkeypatch):
         alone = _forward(q[i:i + 1], k[i:i + 1], v[i:i + 1], False, True)
         assert torch.equal(out[i:i + 1], alone[0]) and torch.equal(lse[i:i + 1], alone[1])
     assert out[1].isnan().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+def test_fp32_output_for_ring_partials():
+    """Ring attention asks for fp32 partial outputs (``out_dtype``): the Gluon forward stores them
+    unrounded, the same values as its bf16 output before rounding."""
+    from flash_module.kernels.fa2_fwd import fa2_forward
+
+    q, k, v = make_qkv(2, 300, 500, 4, 2, 128, torch.bfloat16, "cuda", requires_grad=False)
+    out32, lse32 = fa2_forward(q, k, v, 128**-0.5, True, 200, out_dtype=torch.float32)
+    out16, lse16 = fa2_forward(q, k, v, 128**-0.5, True, 200)
+    assert out32.dtype == torch.float32 and torch.equal(lse32, lse16)
+    assert torch.equal(out32.to(torch.bfloat16), out16)

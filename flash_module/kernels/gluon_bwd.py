@@ -35,17 +35,22 @@ import torch
 
 from .._runtime import cdiv
 from ._common import LOG2E
+from .gluon_fwd import CONSUMER_REGS
+from .gluon_fwd import _descriptor as _descriptor_3d
 
 try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel runs
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
         mbarrier,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .gluon_fwd import _producer
 
     HAVE_GLUON = True
 except ImportError:  # pragma: no cover - depends on the installed Triton
@@ -59,13 +64,14 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 #: them alone).
 DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 64, 4), 256: (64, 64, 8)}
 HEAD_DIMS = tuple(DKDV_CONFIGS)
-#: Head dims whose dQ pass runs in Gluon too (else the portable dQ kernel).  On an H100 (bf16,
-#: performance.md twelfth session) the Gluon dQ pass at D=256 (64 x 64 tiles, Q and dO in shared
-#: memory) made the backward 0.99-1.07x the portable dQ's; at D=128 (128, 64, 8 warps) 0.95-1.02x
-#: (eleventh session).  ``FLASH_MODULE_GLUON_DQ=1`` / ``0``: every head dim / none.
-_DQ_ENV = os.environ.get("FLASH_MODULE_GLUON_DQ", "")
-DQ_HEAD_DIMS = HEAD_DIMS if _DQ_ENV == "1" else () if _DQ_ENV == "0" else (256,)
-DQ_CONFIGS = {64: (128, 64, 8), 128: (128, 64, 8), 256: (64, 64, 8)}
+#: Head dims whose dQ pass runs in Gluon too (else the portable dQ kernel), and its configs:
+#: (BLOCK_M, BLOCK_N, stages, "ws") the warp-specialized pass (two consumer warpgroups, a TMA
+#: producer warp, as the forward), (BLOCK_M, BLOCK_N, num_warps) the plain one.  On an H200
+#: (bf16, performance.md twelfth session) the warp-specialized dQ made the backward 1.03-1.06x
+#: the portable dQ's at D=128 and 1.03x at D=64; at D=256 (where the warp-specialized consumers
+#: spill) the plain pass 0.99-1.07x.  ``FLASH_MODULE_GLUON_DQ=0``: the portable dQ everywhere.
+DQ_HEAD_DIMS = () if os.environ.get("FLASH_MODULE_GLUON_DQ", "") == "0" else HEAD_DIMS
+DQ_CONFIGS = {64: (128, 64, 3, "ws"), 128: (128, 64, 3, "ws"), 256: (64, 64, 8)}
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 
@@ -340,6 +346,118 @@ if HAVE_GLUON:
         gl.store(DQ + offs, (dq * sm_scale).to(dtype), mask=out_rows[:, None] < Sq)
 
 
+    @gluon.jit
+    def _dq_consumer(wg, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
+                     v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
+                     qk_scale, sm_scale, start_m, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """dQ of query rows [start_m + wg * ROWS, + ROWS) (one warpgroup; Q and dO in shared
+        memory), over the K/V blocks the producer streams: per block j, S_j = Q K_j^T,
+        dP_j = dO V_j^T and the block before's dQ += dS_{j-1} K_{j-1} are issued together, and
+        P_j = exp2(S_j qk_scale - lse2), dS_j = P_j (dP_j - delta) run under the last two.  V_j
+        is released after dP_j, K_{j-1} after its dQ matmul."""
+        dtype: gl.constexpr = q_desc.dtype
+        s_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[0]
+        d_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[1]
+        a_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[2]
+        row0 = start_m + wg * ROWS
+        bar = qo_bar.index(wg)
+        mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [off_b, row0, off_h * HEAD_DIM], bar, q_smem.index(wg))
+        tma.async_copy_global_to_shared(do_desc, [off_b, row0, off_h * HEAD_DIM], bar, do_smem.index(wg))
+        rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
+        stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
+        lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
+        delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
+        dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
+        ds = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)  # dS of the block before (none yet: 0)
+        q_s = q_smem.index(wg).reshape([ROWS, HEAD_DIM])
+        do_s = do_smem.index(wg).reshape([ROWS, HEAD_DIM])
+        mbarrier.wait(bar, phase=0)
+        for j in range(total):
+            st = j % STAGES
+            prev = gl.where(j > 0, (j + STAGES - 1) % STAGES, st)  # block j - 1's stage (j = 0: any loaded one)
+            mbarrier.wait(k_ready.index(st), phase=(j // STAGES) & 1)
+            mbarrier.wait(v_ready.index(st), phase=(j // STAGES) & 1)
+            k_s = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM])
+            v_s = v_smem.index(st).reshape([BLOCK_N, HEAD_DIM])
+            zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+            s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dp_tok = warpgroup_mma(do_s, v_s.permute((1, 0)), zero, use_acc=False, is_async=True)
+            dq_tok = warpgroup_mma(ds, k_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))
+            p = gl.exp2(s * qk_scale - lse2[:, None])  # (ROWS, BLOCK_N)
+            if j >= n_full:  # the causal diagonal, keys past Sk
+                keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+                ok = keys[None, :] < Sk
+                if IS_CAUSAL:
+                    ok = ok & (keys[None, :] <= rows[:, None] + causal_offset)
+                p = gl.where(ok, p, 0.0)
+            dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
+            mbarrier.arrive(v_empty.index(st), count=1)
+            ds = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), a_layout)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
+            if j > 0:
+                mbarrier.arrive(k_empty.index(prev), count=1)
+        if total > 0:  # the last block's dQ += dS K
+            dq = warpgroup_mma(ds, k_smem.index((total - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM]), dq)
+        out_rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, d_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+        offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
+        gl.store(DQ + offs, (dq * sm_scale).to(dtype), mask=out_rows[:, None] < Sq)
+
+    @gluon.jit
+    def _ws_dq_kernel(
+        q_desc, k_desc, v_desc, do_desc, Stats, DQ,
+        H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """dQ of one BLOCK_M-row query tile, warp-specialized as the forward is
+        (``gluon_fwd._fwd_kernel``): two consumer warpgroups (:func:`_dq_consumer`) own half of
+        the rows each, one producer warp streams K and V (``gluon_fwd._producer``)."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        dtype: gl.constexpr = q_desc.dtype
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        start_m = gl.program_id(0) * BLOCK_M
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        qo_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(qo_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        fence_async_shared()
+        n_end = Sk
+        first_limit = Sk
+        if IS_CAUSAL:
+            n_end = gl.minimum(Sk, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
+            first_limit = gl.minimum(Sk, gl.maximum(start_m + causal_offset + 1, 0))
+        total = gl.cdiv(n_end, BLOCK_N)
+        n_full = first_limit // BLOCK_N
+        gl.warp_specialize(
+            [(_dq_consumer, (0, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
+                             qk_scale, sm_scale, start_m, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+             (_dq_consumer, (1, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
+                             v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
+                             qk_scale, sm_scale, start_m, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+             (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
+                          (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
+            [4, 1], [CONSUMER_REGS, 24])
+
+
 def _descriptor(t: torch.Tensor, rows: int):
     """TMA descriptor of a dense (B, S, H, D) tensor read as a (B*S, H*D) matrix, (rows, D) boxes."""
     d = t.shape[-1]
@@ -351,15 +469,27 @@ def _descriptor(t: torch.Tensor, rows: int):
 
 def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
        dq_out: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
-       config: tuple[int, int, int] | None = None) -> None:
-    """Fill ``dq_out`` (B, Sq, H, D) contiguous (callers check :func:`supported` first)."""
+       config: tuple[int, ...] | None = None) -> None:
+    """Fill ``dq_out`` (B, Sq, H, D) contiguous (callers check :func:`supported` first).
+    ``config``: (BLOCK_M, BLOCK_N, num_warps) runs :func:`_dq_kernel`; (BLOCK_M, BLOCK_N,
+    stages, "ws") the warp-specialized :func:`_ws_dq_kernel`."""
     b, sq, h, d = q.shape
-    block_m, block_n, num_warps = config or DQ_CONFIGS[d]
+    config = config or DQ_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
+    args = (stats, dq_out, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E,
+            softmax_scale)
+    if config[-1] == "ws":
+        block_m, block_n, stages, _ = config
+        _ws_dq_kernel[(cdiv(sq, block_m), b * h)](
+            _descriptor_3d(q, block_m // 2), _descriptor_3d(k, block_n), _descriptor_3d(v, block_n),
+            _descriptor_3d(dout, block_m // 2), *args,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
+        )
+        return
+    block_m, block_n, num_warps = config
     _dq_kernel[(cdiv(sq, block_m), b * h)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
-        stats, dq_out, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E, softmax_scale,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
+        *args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
     )
 
 
