@@ -1,11 +1,11 @@
-"""The backward's dK/dV pass for Hopper (sm_90) in Gluon: warpgroup MMA, TMA, mbarriers.
+"""The backward's passes for Hopper (sm_90) in Gluon: warpgroup MMA, TMA, mbarriers.
 
-The same algorithm as ``fa2_bwd._bwd_dkdv_kernel`` (FA2's Algorithm 2, dK/dV half), written
-one level lower so that where each operand lives is ours to say, not the compiler's: K and V
-stay in shared memory for the whole program (wgmma reads them from there; the portable kernel
-holds them in registers, which is what spills at D=256), Q and dO stream through a two-stage
-shared-memory ring filled by TMA one step ahead, and the four matmuls of a step are issued
-asynchronously so the exponentials of P overlap the dP matmul:
+**dK/dV** (:func:`_dkdv_kernel`): the same algorithm as ``fa2_bwd._bwd_dkdv_kernel`` (FA2's
+Algorithm 2, dK/dV half), written one level lower so that where each operand lives is ours to
+say, not the compiler's: K and V stay in shared memory for the whole program (wgmma reads them
+from there; the portable kernel holds them in registers, which is what spills at D=256), Q and
+dO stream through a two-stage shared-memory ring filled by TMA one step ahead, and the four
+matmuls of a step are issued asynchronously so the exponentials of P overlap the dP matmul:
 
     for each query block m (and each query head of the K/V head's GQA group):
         S^T  = K Q_m^T                       (BLOCK_N, BLOCK_M)   wgmma, smem x smem
@@ -17,14 +17,21 @@ asynchronously so the exponentials of P overlap the dP matmul:
     dK *= softmax_scale
 
 Per query head the blocks that reach above the causal diagonal run first, in a copy of the step
-with the mask (:func:`_dkdv_step` with ``MASKED``), and the rest in a copy without it.
+with the mask (:func:`_dkdv_step` with ``MASKED``), and the rest in a copy without it.  At
+D=256 two warpgroups split the accumulators' columns (:func:`_mma_layouts`).
 
-Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no variants (no softcap, ALiBi, window, dropout, mask),
-inputs in the (B, S, H, D) layout with the last two dims contiguous and dense (TMA reads them as
-a (B*S, H*D) matrix; a query block that runs past its sequence reads the next sequence's rows,
-whose P is zeroed by lse2 = +inf).  Deterministic (no atomics).  :func:`supported` says whether
-a call qualifies; ``fa2_bwd.fa2_backward`` uses this pass then, and the portable one otherwise.
-Not available under the interpreter (Gluon has none): CI runs the portable kernel.
+**dQ**: at D=64/128 warp-specialized (:func:`_ws_dq_kernel`: the forward's TMA producer warp
+streams K and V, two consumer warpgroups own half of a 128-row query tile each); at D=256 the
+plain :func:`_dq_kernel` (Q and dO in shared memory, K and V in a two-stage ring).
+
+Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no variants (no softcap,
+ALiBi, window, dropout, mask), inputs in the (B, S, H, D) layout with the last two dims
+contiguous and dense (the dK/dV and plain dQ passes read them as a (B*S, H*D) matrix: a query
+block that runs past its sequence reads the next sequence's rows, whose P is zeroed by
+lse2 = +inf; the warp-specialized dQ reads 3-D boxes, zero-filled past the sequence).
+Deterministic (no atomics).  :func:`supported` says whether a call qualifies;
+``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
+under the interpreter (Gluon has none): CI runs the portable kernels.
 """
 
 from __future__ import annotations
