@@ -42,26 +42,22 @@ import torch
 
 from .._runtime import cdiv
 from ._common import LOG2E
-from .gluon_fwd import CONSUMER_REGS
-from .gluon_fwd import _descriptor as _descriptor_3d
+from ._gluon import CONSUMER_REGS, HAVE_GLUON, descriptor_3d
 
-try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel runs
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
+if HAVE_GLUON:
+    from ._gluon import (
+        TensorDescriptor,
         fence_async_shared,
+        gl,
+        gluon,
+        key_blocks,
+        kv_ring,
         mbarrier,
+        producer,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    from .gluon_fwd import _producer
-
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
 
 #: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the dK/dV pass per head dim; the pass takes
 #: these head dims only.  D=64 and 128: 64 x 64 tiles with one warpgroup were 0-5% faster than
@@ -422,7 +418,7 @@ if HAVE_GLUON:
     ):
         """dQ of one BLOCK_M-row query tile, warp-specialized as the forward is
         (``gluon_fwd._fwd_kernel``): two consumer warpgroups (:func:`_dq_consumer`) own half of
-        the rows each, one producer warp streams K and V (``gluon_fwd._producer``)."""
+        the rows each, one producer warp streams K and V (``_gluon.producer``)."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_desc.dtype
         pid_bh = gl.program_id(1)
@@ -431,28 +427,12 @@ if HAVE_GLUON:
         start_m = gl.program_id(0) * BLOCK_M
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
         qo_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(qo_bar.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
         fence_async_shared()
-        n_end = Sk
-        first_limit = Sk
-        if IS_CAUSAL:
-            n_end = gl.minimum(Sk, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
-            first_limit = gl.minimum(Sk, gl.maximum(start_m + causal_offset + 1, 0))
-        total = gl.cdiv(n_end, BLOCK_N)
-        n_full = first_limit // BLOCK_N
+        total, n_full = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
         gl.warp_specialize(
             [(_dq_consumer, (0, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
@@ -460,7 +440,7 @@ if HAVE_GLUON:
              (_dq_consumer, (1, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
                              qk_scale, sm_scale, start_m, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-             (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
+             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
                           (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
 
@@ -488,8 +468,8 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
     if config[-1] == "ws":
         block_m, block_n, stages, _ = config
         _ws_dq_kernel[(cdiv(sq, block_m), b * h)](
-            _descriptor_3d(q, block_m // 2), _descriptor_3d(k, block_n), _descriptor_3d(v, block_n),
-            _descriptor_3d(dout, block_m // 2), *args,
+            descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n),
+            descriptor_3d(dout, block_m // 2), *args,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
         )
         return

@@ -42,22 +42,21 @@ import torch
 
 from .._runtime import cdiv
 from ._common import LOG2E
+from ._gluon import CONSUMER_REGS, HAVE_GLUON, descriptor_3d
 
-try:  # Gluon with the Hopper ops (triton >= 3.5); absent: the portable kernel runs
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
+if HAVE_GLUON:
+    from ._gluon import (
         fence_async_shared,
+        gl,
+        gluon,
+        key_blocks,
+        kv_ring,
         mbarrier,
+        producer,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the installed Triton
-    HAVE_GLUON = False
 
 #: (BLOCK_M, BLOCK_N, stages) per head dim; the Gluon forward runs at these head dims only.
 #: Shared memory holds Q and ``stages`` K and V blocks (D=128: 32 + 3 x 64 KiB).  On an H200
@@ -66,8 +65,6 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 FWD_CONFIGS = {64: (128, 128, 2), 128: (128, 128, 3), 256: (128, 64, 2)}
 #: At D=64 the portable kernel is faster for short keys (1k causal: 294 against 223 TFLOP/s).
 D64_MIN_KEYS = 2048
-#: Registers per thread of a consumer warpgroup (the producer warp gets 24).
-CONSUMER_REGS = gl.constexpr(240) if HAVE_GLUON else 240
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 
@@ -92,12 +89,6 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool)
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _load(desc, b, n, col, bar, buf):
-        """Start the TMA load of block ``n`` (rows n.. of batch ``b``, columns col..) into ``buf``."""
-        mbarrier.expect(bar, desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(desc, [b, n, col], bar, buf)
 
     @gluon.jit
     def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, MASKED: gl.constexpr,
@@ -136,19 +127,6 @@ if HAVE_GLUON:
         offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
         gl.store(Out + offs, o.to(Out.dtype.element_ty), mask=out_rows[:, None] < Sq)
         gl.store(Lse + ((off_b * H + off_h).to(gl.int64) * Sq + rows), lse, mask=rows < Sq)
-
-    @gluon.jit
-    def _producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b, kv_col,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: K_j and V_j into stage j % STAGES as soon as both consumers have released
-        the stage's previous block (``*_empty``: two arrivals per use)."""
-        for j in range(total):
-            st = j % STAGES
-            again = ((j // STAGES) & 1) ^ 1  # the stage's previous use (j - STAGES) is done
-            mbarrier.wait(k_empty.index(st), phase=again, pred=j >= STAGES)
-            _load(k_desc, off_b, j * BLOCK_N, kv_col, k_ready.index(st), k_smem.index(st))
-            mbarrier.wait(v_empty.index(st), phase=again, pred=j >= STAGES)
-            _load(v_desc, off_b, j * BLOCK_N, kv_col, v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
     def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
@@ -220,7 +198,7 @@ if HAVE_GLUON:
     ):
         """Program = one BLOCK_M-row query tile of one head: the default partition (4 warps) and
         one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of K
-        and V through a STAGES-deep ring ahead of both (:func:`_producer`, :func:`_consumer`).
+        and V through a STAGES-deep ring ahead of both (``_gluon.producer``, :func:`_consumer`).
         Key blocks: [0, n_full) seen by every row and inside Sk (no mask), [n_full, total)
         masked (causal: bottom-right by causal_offset; the block holding key Sk - 1)."""
         ROWS: gl.constexpr = BLOCK_M // 2
@@ -232,28 +210,12 @@ if HAVE_GLUON:
         start_m = pid_m * BLOCK_M
         kv_col = (off_h // GROUP) * HEAD_DIM
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bar.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)
-            mbarrier.init(v_empty.index(i), count=2)
+        k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
         fence_async_shared()
-        n_end = Sk
-        first_limit = Sk
-        if IS_CAUSAL:
-            n_end = gl.minimum(Sk, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
-            first_limit = gl.minimum(Sk, gl.maximum(start_m + causal_offset + 1, 0))
-        total = gl.cdiv(n_end, BLOCK_N)
-        n_full = first_limit // BLOCK_N
+        total, n_full = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
         gl.warp_specialize(
             [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
                              total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
@@ -261,19 +223,9 @@ if HAVE_GLUON:
              (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
                              total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
                              HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-             (_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
+             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
                              kv_col, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
-
-
-def _descriptor(t: torch.Tensor, rows: int):
-    """TMA descriptor of a (B, S, H, D) tensor dense in (S, H, D), read as (B, S, H*D) with
-    (1, rows, D) boxes: rows past S are zero-filled."""
-    b, s, h, d = t.shape
-    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    flat = t.as_strided((b, s, h * d), (t.stride(0), h * d, 1))
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, rows, d], layout)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -285,7 +237,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     sk, h_kv = k.shape[1], k.shape[2]
     block_m, block_n, stages = config or FWD_CONFIGS[d]
     _fwd_kernel[(cdiv(sq, block_m), b * h)](
-        _descriptor(q, block_m // 2), _descriptor(k, block_n), _descriptor(v, block_n), out, lse,
+        descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
         h, h // h_kv, sq, sk, causal_offset, softmax_scale * LOG2E,
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
     )

@@ -1,0 +1,106 @@
+"""What the Gluon kernels for Hopper (``gluon_fwd.py``, ``gluon_bwd.py``) share: the imports
+(absent from the installed Triton: :data:`HAVE_GLUON` is False and the portable kernels run),
+3-D TMA descriptors, and the pieces of the warp-specialized kernels (the forward and the dQ
+pass): a ring of K and V stages with its barriers, the TMA producer warp that fills it, and the
+key-block ranges of a query tile.
+
+The ring protocol: stage ``j % STAGES`` holds key block j.  ``k_ready``/``v_ready`` complete
+when the TMA bytes of K_j / V_j have landed; ``k_empty``/``v_empty`` take one arrival from each
+of the two consumer warpgroups when they are done with K_j (after their S_j) / V_j (after the
+matmul that reads it), and the producer waits for that before it loads block j + STAGES there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Gluon with the Hopper ops (triton >= 3.5)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the installed Triton
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "CONSUMER_REGS", "descriptor_3d"]
+if HAVE_GLUON:
+    __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
+                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks"]
+
+#: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
+#: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
+CONSUMER_REGS = gl.constexpr(240) if HAVE_GLUON else 240
+
+
+def descriptor_3d(t: torch.Tensor, rows: int):
+    """TMA descriptor of a (B, S, H, D) tensor dense in (S, H, D), read as (B, S, H*D) with
+    (1, rows, D) boxes: rows past S are zero-filled, never the next batch element's."""
+    b, s, h, d = t.shape
+    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    flat = t.as_strided((b, s, h * d), (t.stride(0), h * d, 1))
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, rows, d], layout)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def load_block(desc, b, n, col, bar, buf):
+        """Start the TMA load of block ``n`` (rows n.. of batch ``b``, columns col..) into ``buf``."""
+        mbarrier.expect(bar, desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(desc, [b, n, col], bar, buf)
+
+    @gluon.jit
+    def kv_ring(k_desc, v_desc, STAGES: gl.constexpr):
+        """Shared memory for STAGES K and V blocks and the ring's barriers, initialised:
+        ``(k_smem, v_smem, k_ready, v_ready, k_empty, v_empty)``."""
+        dtype: gl.constexpr = k_desc.dtype
+        BLOCK_N: gl.constexpr = k_desc.block_type.shape[1]
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[2]
+        k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=2)
+        return k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
+    def producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b, kv_col,
+                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: K_j and V_j into stage j % STAGES as soon as both consumers have released
+        the stage's previous block (``*_empty``: two arrivals per use)."""
+        for j in range(total):
+            st = j % STAGES
+            again = ((j // STAGES) & 1) ^ 1  # the stage's previous use (j - STAGES) is done
+            mbarrier.wait(k_empty.index(st), phase=again, pred=j >= STAGES)
+            load_block(k_desc, off_b, j * BLOCK_N, kv_col, k_ready.index(st), k_smem.index(st))
+            mbarrier.wait(v_empty.index(st), phase=again, pred=j >= STAGES)
+            load_block(v_desc, off_b, j * BLOCK_N, kv_col, v_ready.index(st), v_smem.index(st))
+
+    @gluon.jit
+    def key_blocks(start_m, Sk, causal_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr):
+        """The key blocks of the query tile at rows [start_m, start_m + BLOCK_M): ``(total,
+        n_full)``: blocks [0, n_full) are seen whole by every row and lie inside Sk (no mask),
+        [n_full, total) need the mask (causal: bottom-right by causal_offset; the block holding
+        key Sk - 1)."""
+        n_end = Sk
+        first_limit = Sk
+        if IS_CAUSAL:
+            n_end = gl.minimum(Sk, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
+            first_limit = gl.minimum(Sk, gl.maximum(start_m + causal_offset + 1, 0))
+        return gl.cdiv(n_end, BLOCK_N), first_limit // BLOCK_N
