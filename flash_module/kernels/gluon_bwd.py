@@ -445,6 +445,128 @@ if HAVE_GLUON:
             [4, 1], [CONSUMER_REGS, 24])
 
 
+    @gluon.jit
+    def _qdo_producer(q_desc, do_desc, q_smem, do_smem, ready, empty, total, n_m, m_first, off_b, off_hkv, GROUP,
+                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: step it's Q and dO blocks (query head ``it // n_m`` of the group, query
+        block ``m_first + it % n_m``) into stage it % STAGES once both consumers released it."""
+        for it in range(total):
+            st = it % STAGES
+            mbarrier.wait(empty.index(st), phase=((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
+            col = (off_hkv * GROUP + it // n_m) * HEAD_DIM
+            row = (m_first + it % n_m) * BLOCK_M
+            bar = ready.index(st)
+            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(q_desc, [off_b, row, col], bar, q_smem.index(st))
+            tma.async_copy_global_to_shared(do_desc, [off_b, row, col], bar, do_smem.index(st))
+
+    @gluon.jit
+    def _dkdv_consumer(wg, k_desc, v_desc, k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, Stats, DK, DV,
+                       total, n_m, m_first, off_b, off_hkv, GROUP, H, H_KV, Sq, Sk, causal_offset, stats_len,
+                       qk_scale, sm_scale, start_n, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                       KEYS: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+        """dK and dV of keys [start_n + wg * KEYS, + KEYS) (one warpgroup, its K and V in shared
+        memory) over the Q/dO blocks the producer streams: the step of :func:`_dkdv_step`,
+        releasing each stage after its last matmul.  Per query head, the blocks that reach
+        above the causal diagonal for these keys are the first ``n_mask`` of the head's."""
+        dtype: gl.constexpr = k_desc.dtype
+        s_layout: gl.constexpr = _mma_layouts(KEYS, BLOCK_M, HEAD_DIM, 4)[0]
+        d_layout: gl.constexpr = _mma_layouts(KEYS, BLOCK_M, HEAD_DIM, 4)[1]
+        a_layout: gl.constexpr = _mma_layouts(KEYS, BLOCK_M, HEAD_DIM, 4)[2]
+        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+        key0 = start_n + wg * KEYS
+        bar = kv_bar.index(wg)
+        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [off_b, key0, off_hkv * HEAD_DIM], bar, k_smem.index(wg))
+        tma.async_copy_global_to_shared(v_desc, [off_b, key0, off_hkv * HEAD_DIM], bar, v_smem.index(wg))
+        keys = key0 + gl.arange(0, KEYS, gl.SliceLayout(1, s_layout))
+        n_mask = n_m
+        if IS_CAUSAL:
+            n_mask = gl.minimum(gl.maximum(gl.cdiv(key0 + KEYS - 1 - causal_offset - m_first * BLOCK_M, BLOCK_M), 0),
+                                n_m)
+        dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, d_layout)
+        dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, d_layout)
+        k_s = k_smem.index(wg).reshape([KEYS, HEAD_DIM])
+        v_s = v_smem.index(wg).reshape([KEYS, HEAD_DIM])
+        mbarrier.wait(bar, phase=0)
+        for it in range(total):
+            st = it % STAGES
+            rows = (m_first + it % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, col_layout)
+            stats = Stats + ((off_b * H + off_hkv * GROUP + it // n_m) * 3).to(gl.int64) * stats_len
+            lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
+            delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
+            mbarrier.wait(ready.index(st), phase=(it // STAGES) & 1)
+            q_s = q_smem.index(st).reshape([BLOCK_M, HEAD_DIM])
+            do_s = do_smem.index(st).reshape([BLOCK_M, HEAD_DIM])
+            s_t, dp_t = _two_products(k_s, q_s, v_s, do_s, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
+            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (KEYS, BLOCK_M)
+            if IS_CAUSAL:
+                if it % n_m < n_mask:
+                    p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
+            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+            mbarrier.arrive(empty.index(st), count=1)
+        out_rows = key0 + gl.arange(0, KEYS, gl.SliceLayout(1, d_layout))
+        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
+        offs = ((off_b * Sk + out_rows[:, None]).to(gl.int64) * H_KV + off_hkv) * HEAD_DIM + cols[None, :]
+        ok = out_rows[:, None] < Sk
+        gl.store(DK + offs, (dk * sm_scale).to(dtype), mask=ok)
+        gl.store(DV + offs, dv.to(dtype), mask=ok)
+
+    @gluon.jit
+    def _ws_dkdv_kernel(
+        q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
+        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """dK/dV of one BLOCK_N-key tile, warp-specialized: two consumer warpgroups
+        (:func:`_dkdv_consumer`) own half of the keys each and share every Q/dO stage, which one
+        producer warp (:func:`_qdo_producer`) streams through a STAGES-deep ring (``ready``:
+        the TMA bytes landed; ``empty``: both consumers are done)."""
+        KEYS: gl.constexpr = BLOCK_N // 2
+        dtype: gl.constexpr = q_desc.dtype
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H_KV
+        off_hkv = pid_bh % H_KV
+        start_n = gl.program_id(0) * BLOCK_N
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, KEYS, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, KEYS, HEAD_DIM], v_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(kv_bar.index(i), count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)
+        fence_async_shared()
+        # Query blocks that see any key of the tile (causal: from the block holding row
+        # start_n - causal_offset), for each query head of the group.
+        m_first = 0
+        if IS_CAUSAL:
+            m_first = gl.maximum(start_n - causal_offset, 0) // BLOCK_M
+        n_m = gl.maximum(gl.cdiv(Sq, BLOCK_M) - m_first, 0)
+        total = n_m * GROUP
+        gl.warp_specialize(
+            [(_dkdv_consumer, (0, k_desc, v_desc, k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, Stats, DK,
+                               DV, total, n_m, m_first, off_b, off_hkv, GROUP, H, H_KV, Sq, Sk, causal_offset,
+                               stats_len, qk_scale, sm_scale, start_n, HEAD_DIM, BLOCK_M, KEYS, STAGES,
+                               IS_CAUSAL)),
+             (_dkdv_consumer, (1, k_desc, v_desc, k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, Stats, DK,
+                               DV, total, n_m, m_first, off_b, off_hkv, GROUP, H, H_KV, Sq, Sk, causal_offset,
+                               stats_len, qk_scale, sm_scale, start_n, HEAD_DIM, BLOCK_M, KEYS, STAGES,
+                               IS_CAUSAL)),
+             (_qdo_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, total, n_m, m_first, off_b, off_hkv,
+                              GROUP, HEAD_DIM, BLOCK_M, STAGES))],
+            [4, 1], [CONSUMER_REGS, 24])
+
+
 def _descriptor(t: torch.Tensor, rows: int):
     """TMA descriptor of a dense (B, S, H, D) tensor read as a (B*S, H*D) matrix, (rows, D) boxes."""
     d = t.shape[-1]
@@ -482,15 +604,26 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
 
 def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
          dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
-         config: tuple[int, int, int] | None = None) -> None:
+         config: tuple[int, ...] | None = None) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
-    ``_common.bwd_preprocess`` (callers check :func:`supported` first)."""
+    ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
+    BLOCK_N, num_warps) runs :func:`_dkdv_kernel`; (BLOCK_M, BLOCK_N, stages, "ws") the
+    warp-specialized :func:`_ws_dkdv_kernel` (BLOCK_N keys shared by two warpgroups)."""
     b, sq, h, d = q.shape
-    block_m, block_n, num_warps = config or DKDV_CONFIGS[d]
+    config = config or DKDV_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
+    args = (stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E,
+            softmax_scale)
+    if config[-1] == "ws":
+        block_m, block_n, stages, _ = config
+        _ws_dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
+            descriptor_3d(q, block_m), descriptor_3d(k, block_n // 2), descriptor_3d(v, block_n // 2),
+            descriptor_3d(dout, block_m), *args,
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
+        )
+        return
+    block_m, block_n, num_warps = config
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
-        stats, dk, dv,
-        h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E, softmax_scale,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
+        *args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
     )
