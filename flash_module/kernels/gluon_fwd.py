@@ -29,8 +29,9 @@ end of Sk run the masked step.  Q, K and V are read through 3-D TMA descriptors 
 sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit, never the next
 sequence's, so a NaN in one batch entry cannot reach another.
 
-Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, no variants, (B, S, H, D)
-inputs dense in (S, H, D) (:func:`supported`).  No interpreter (Gluon has none): CI runs the
+Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, (B, S, H, D) inputs dense
+in (S, H, D) (:func:`supported`); no dropout, window or mask; softcap, ALiBi and attention sinks
+only with :data:`VARIANTS` (written, compiled offline, not yet run on a GPU).  No interpreter (Gluon has none): CI runs the
 portable kernel.
 """
 
@@ -41,7 +42,7 @@ import os
 import torch
 
 from .._runtime import cdiv
-from ._common import LOG2E
+from . import _common
 from ._gluon import CONSUMER_REGS, HAVE_GLUON, descriptor_3d
 
 if HAVE_GLUON:
@@ -65,6 +66,10 @@ if HAVE_GLUON:
 FWD_CONFIGS = {64: (128, 128, 2), 128: (128, 128, 3), 256: (128, 64, 2)}
 #: At D=64 the portable kernel is faster for short keys (1k causal: 294 against 223 TFLOP/s).
 D64_MIN_KEYS = 2048
+#: Whether softcap, ALiBi and attention sinks run in the Gluon forward too (else those calls
+#: take the portable kernel).  Off until measured on a GPU: written in the twelfth session
+#: without device time left (``FLASH_MODULE_GLUON_VARIANTS=1`` turns it on; its GPU tests force it).
+VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "0") == "1"
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 
@@ -91,25 +96,49 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool)
 if HAVE_GLUON:
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, MASKED: gl.constexpr,
-                      IS_CAUSAL: gl.constexpr):
+    def _tanh(x):
+        """The GPU's one-instruction tanh (``tanh.approx.f32``, relative error ~2^-11, as the
+        portable kernels use for fp16/bf16 scores)."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, MASKED: gl.constexpr,
+                      IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr):
         """The online-softmax update for one (BLOCK_M, BLOCK_N) score tile: returns P (fp32),
         alpha (the old accumulator's scale), and the new running max and sum.  ``MASKED``:
         keys past Sk and, causal, above the diagonal get P = 0 (a row that has seen no key
-        keeps m = -inf and l = 0)."""
+        keeps m = -inf and l = 0).  ``SOFTCAP``: scores ``cap2 tanh(s qk_scale)`` (qk_scale =
+        softmax_scale / c, cap2 = c log2 e); ``ALIBI``: minus ``slope2 |row + causal_offset -
+        key|`` (slope2 = slope log2 e), as ``_common.cap`` / ``_common.alibi``."""
         if MASKED:
             ok = keys[None, :] < Sk
             if IS_CAUSAL:
                 ok = ok & (keys[None, :] <= rows[:, None] + causal_offset)
-            s = gl.where(ok, s, float("-inf"))
-        # The max of the raw scores, scaled once per row (qk_scale > 0): P is one FMA and one
-        # exp2 per score.
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+        if SOFTCAP or ALIBI:  # transformed scores: the max is taken after the transform
+            x = s * qk_scale
+            if SOFTCAP:
+                x = _tanh(x) * cap2
+            if ALIBI:  # distances in fp32 (exact below 2^24): no integer-to-float conversion per score
+                diag = (rows + causal_offset).to(gl.float32)
+                x = x - slope2 * gl.abs(diag[:, None] - keys.to(gl.float32)[None, :])
+            if MASKED:
+                x = gl.where(ok, x, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(x, 1))
+            shift = 1.0
+        else:
+            # The max of the raw scores, scaled once per row (qk_scale > 0): P is one FMA and
+            # one exp2 per score.
+            x = s
+            if MASKED:
+                x = gl.where(ok, x, float("-inf"))
+            m_new = gl.maximum(m_i, gl.max(x, 1) * qk_scale)
+            shift = qk_scale
         m_sub = m_new
         if MASKED:  # a row with no key yet: subtract 0, not -inf (P = 0, alpha = 0), keep m = -inf
             m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_sub)
-        p = gl.exp2(s * qk_scale - m_sub[:, None])
+        p = gl.exp2(x * shift - m_sub[:, None])
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
@@ -130,9 +159,9 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                     total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
-                     HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                     IS_CAUSAL: gl.constexpr):
+                  total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m, cap2, Alibi_bh, Sink,
+                  HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                  IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr):
         """One warpgroup: query rows [start_m + wg * ROWS, + ROWS) against every K/V block of
         the tile (its own Q load, then the loop of the module docstring), releasing each K stage
         after its S and each V stage after its P V; then its own O and LSE."""
@@ -152,6 +181,9 @@ if HAVE_GLUON:
         o = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         p = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
         q_s = q_buf.reshape([ROWS, HEAD_DIM])
+        slope2 = 0.0
+        if ALIBI:  # this head's slope, log2 domain
+            slope2 = gl.load(Alibi_bh) * 1.4426950408889634
         mbarrier.wait(q_bar.index(wg), phase=0)
         if total > 0:
             mbarrier.wait(k_ready.index(0), phase=0)
@@ -160,7 +192,8 @@ if HAVE_GLUON:
                               use_acc=False)
             mbarrier.arrive(k_empty.index(0), count=1)
             keys = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, True, IS_CAUSAL)
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, True, IS_CAUSAL,
+                                                   SOFTCAP, ALIBI)
         for j in range(1, total):
             ks = j % STAGES
             vs = (j - 1) % STAGES
@@ -175,11 +208,11 @@ if HAVE_GLUON:
             mbarrier.arrive(k_empty.index(ks), count=1)
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
             if j < n_full:
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, False,
-                                                   IS_CAUSAL)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2,
+                                                   slope2, False, IS_CAUSAL, SOFTCAP, ALIBI)
             else:
-                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, True,
-                                                   IS_CAUSAL)
+                p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2,
+                                                   slope2, True, IS_CAUSAL, SOFTCAP, ALIBI)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(vs), count=1)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -188,13 +221,23 @@ if HAVE_GLUON:
             mbarrier.wait(v_ready.index(last % STAGES), phase=(last // STAGES) & 1)
             v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
             o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, o)
+        if SINK:  # the head's sink logit joins the denominator (``_common.add_sink``)
+            sink2 = gl.load(Sink + off_h) * 1.4426950408889634 + gl.zeros_like(m_i)
+            m_new = gl.maximum(m_i, sink2)
+            m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_sub)
+            l_i = l_i * alpha + gl.exp2(sink2 - m_sub)
+            o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            m_i = m_new
         _store_out(o, m_i, l_i, rows, Out, Lse, off_b, off_h, H, Sq, HEAD_DIM, o_layout)
 
     @gluon.jit
     def _fwd_kernel(
-        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, qk_scale,
+        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, qk_scale, cap2, Alibi, stride_ab,
+        stride_ah, Sink,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_M-row query tile of one head: the default partition (4 warps) and
         one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of K
@@ -216,28 +259,34 @@ if HAVE_GLUON:
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
         fence_async_shared()
         total, n_full = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        alibi_bh = Alibi + off_b * stride_ab + off_h * stride_ah
         gl.warp_specialize(
             [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                             total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
-                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+                          total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m, cap2, alibi_bh,
+                          Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK)),
              (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                             total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m,
-                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+                          total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m, cap2, alibi_bh,
+                          Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
-                             kv_col, BLOCK_N, STAGES))],
+                         kv_col, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
-            causal_offset: int, out: torch.Tensor, lse: torch.Tensor,
+            causal_offset: int, out: torch.Tensor, lse: torch.Tensor, softcap: float = 0.0,
+            alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
             config: tuple[int, int, int] | None = None) -> None:
     """Fill ``out`` (B, Sq, H, D) contiguous and ``lse`` (B, H, Sq) fp32 (callers check
-    :func:`supported` first); ``config``: (BLOCK_M, BLOCK_N, stages)."""
+    :func:`supported` first); ``softcap``, ``alibi_slopes`` (fp32 (H,) or (B, H)) and ``sink``
+    (fp32 (H,)) as ``fa2_fwd.fa2_forward`` takes them; ``config``: (BLOCK_M, BLOCK_N, stages)."""
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
     block_m, block_n, stages = config or FWD_CONFIGS[d]
+    qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
     _fwd_kernel[(cdiv(sq, block_m), b * h)](
         descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
-        h, h // h_kv, sq, sk, causal_offset, softmax_scale * LOG2E,
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
+        h, h // h_kv, sq, sk, causal_offset, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
+        _common.sink_args(sink, q),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
+        ALIBI=alibi_slopes is not None, SINK=sink is not None, num_warps=4,
     )
