@@ -115,26 +115,29 @@ def test_fp32_output_for_ring_partials():
     assert torch.equal(out32.to(torch.bfloat16), out16)
 
 
-VARIANTS = [  # softcap, alibi slopes shape, sink
-    pytest.param(30.0, None, False, id="softcap"),
-    pytest.param(0.0, "h", False, id="alibi-h"),
-    pytest.param(0.0, "bh", False, id="alibi-bh"),
-    pytest.param(0.0, None, True, id="sink"),
-    pytest.param(20.0, "h", True, id="softcap-alibi-sink"),
+VARIANTS = [  # softcap, alibi slopes shape, sink, window_size
+    pytest.param(30.0, None, False, (-1, -1), id="softcap"),
+    pytest.param(0.0, "h", False, (-1, -1), id="alibi-h"),
+    pytest.param(0.0, "bh", False, (-1, -1), id="alibi-bh"),
+    pytest.param(0.0, None, True, (-1, -1), id="sink"),
+    pytest.param(0.0, None, False, (100, 0), id="window-100-0"),
+    pytest.param(0.0, None, False, (37, 150), id="window-37-150"),
+    pytest.param(0.0, None, False, (-1, 20), id="window-left-unbounded"),
+    pytest.param(20.0, "h", True, (200, 3), id="softcap-alibi-sink-window"),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
-@pytest.mark.parametrize("softcap,alibi,sink", VARIANTS)
+@pytest.mark.parametrize("softcap,alibi,sink,window", VARIANTS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,d", [(2, 203, 113, 4, 2, 128), (1, 113, 300, 2, 1, 256),
                                               (2, 1000, 1100, 2, 2, 64)], ids=["203x113-d128", "113x300-d256",
                                                                                 "1000x1100-d64"])
-def test_gluon_forward_variants(b, sq, sk, h, h_kv, d, causal, softcap, alibi, sink, monkeypatch):
-    """Softcap, ALiBi and attention sinks in the Gluon forward (``gluon_fwd.VARIANTS``): output
-    and LSE against the float64 oracle with the 2x rule, gradients (the portable backward, from
-    this forward's LSE) too."""
+def test_gluon_forward_variants(b, sq, sk, h, h_kv, d, causal, softcap, alibi, sink, window, monkeypatch):
+    """Softcap, ALiBi, attention sinks and sliding windows in the Gluon forward
+    (``gluon_fwd.VARIANTS``): output and LSE against the float64 oracle with the 2x rule,
+    gradients (the portable backward, from this forward's LSE) too."""
     monkeypatch.setattr(gluon_fwd, "VARIANTS", True)
     monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
     dtype = torch.bfloat16
@@ -142,15 +145,16 @@ def test_gluon_forward_variants(b, sq, sk, h, h_kv, d, causal, softcap, alibi, s
     slopes = None if alibi is None else (torch.rand(h if alibi == "h" else (b, h), device="cuda") * 0.3)
     sink_t = (torch.randn(h, device="cuda") + 1.0).requires_grad_() if sink else None
     assert gluon_fwd.supported(q, k, v, False)
-    out, lse, _ = fm.flash_attn_func(q, k, v, causal=causal, softcap=softcap, alibi_slopes=slopes,
-                                     return_attn_probs=True, learnable_sink=sink_t)
+    out, lse, _ = fm.flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap,
+                                     alibi_slopes=slopes, return_attn_probs=True, learnable_sink=sink_t)
     dout = torch.randn_like(out)
     inputs = (q, k, v) + ((sink_t,) if sink else ())
     grads = torch.autograd.grad(out, inputs, dout)
 
     def oracle(dt):
         xs = [t.detach().to(dt).requires_grad_() for t in inputs]
-        o, l_ = attention_ref(*xs[:3], None, causal, True, softcap, slopes, sink=xs[3] if sink else None)
+        o, l_ = attention_ref(*xs[:3], None, causal, True, softcap, slopes, window,
+                              sink=xs[3] if sink else None)
         return (o, l_, *torch.autograd.grad(o, xs, dout.to(dt)))
 
     hi, lo = oracle(torch.float64), oracle(dtype)

@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "descriptor_3d"]
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
-                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks"]
+                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -79,17 +79,19 @@ if HAVE_GLUON:
         return k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
 
     @gluon.jit
-    def producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b, kv_col,
+    def producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b, kv_col,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: K_j and V_j into stage j % STAGES as soon as both consumers have released
-        the stage's previous block (``*_empty``: two arrivals per use)."""
-        for j in range(total):
-            st = j % STAGES
-            again = ((j // STAGES) & 1) ^ 1  # the stage's previous use (j - STAGES) is done
-            mbarrier.wait(k_empty.index(st), phase=again, pred=j >= STAGES)
-            load_block(k_desc, off_b, j * BLOCK_N, kv_col, k_ready.index(st), k_smem.index(st))
-            mbarrier.wait(v_empty.index(st), phase=again, pred=j >= STAGES)
-            load_block(v_desc, off_b, j * BLOCK_N, kv_col, v_ready.index(st), v_smem.index(st))
+        """One warp: K and V of key blocks first .. total - 1, the i-th of them into stage
+        i % STAGES as soon as both consumers have released the stage's previous block
+        (``*_empty``: two arrivals per use)."""
+        for i in range(total - first):
+            st = i % STAGES
+            again = ((i // STAGES) & 1) ^ 1  # the stage's previous use (i - STAGES) is done
+            n = (first + i) * BLOCK_N
+            mbarrier.wait(k_empty.index(st), phase=again, pred=i >= STAGES)
+            load_block(k_desc, off_b, n, kv_col, k_ready.index(st), k_smem.index(st))
+            mbarrier.wait(v_empty.index(st), phase=again, pred=i >= STAGES)
+            load_block(v_desc, off_b, n, kv_col, v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
     def key_blocks(start_m, Sk, causal_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -104,3 +106,18 @@ if HAVE_GLUON:
             n_end = gl.minimum(Sk, gl.maximum(start_m + BLOCK_M + causal_offset, 0))
             first_limit = gl.minimum(Sk, gl.maximum(start_m + causal_offset + 1, 0))
         return gl.cdiv(n_end, BLOCK_N), first_limit // BLOCK_N
+
+    @gluon.jit
+    def window_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr):
+        """A sliding window's key blocks for the query tile at rows [start_m, start_m + BLOCK_M)
+        (row r sees keys [r + causal_offset - win_l, r + causal_offset + win_r]; an unbounded
+        side comes as a bound too large to bind): ``(first, total, full_lo, full_hi)``: blocks
+        [first, total) hold every key some row sees, [full_lo, full_hi) are seen whole by every
+        row and lie inside Sk (no mask).  ``_common.kv_range`` in block units."""
+        first_row = start_m + causal_offset
+        last_row = start_m + BLOCK_M - 1 + causal_offset
+        first = gl.maximum(first_row - win_l, 0) // BLOCK_N
+        n3 = gl.maximum(gl.minimum(Sk, last_row + win_r + 1), first * BLOCK_N)
+        full_lo = gl.minimum(gl.cdiv(gl.maximum(last_row - win_l, 0), BLOCK_N), gl.cdiv(n3, BLOCK_N))
+        full_hi = gl.minimum(gl.maximum(first_row + win_r + 1, 0) // BLOCK_N, Sk // BLOCK_N)
+        return first, gl.cdiv(n3, BLOCK_N), full_lo, gl.maximum(full_hi, full_lo)

@@ -111,13 +111,15 @@ def fa2_forward(
     sk, h_kv = k.shape[1], k.shape[2]
     out = torch.empty((b, sq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
+    causal_in = causal
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
-    # Hopper: the Gluon forward (dropout, windows, masks and explicit configs: portable; softcap,
-    # ALiBi and sinks too unless gluon_fwd.VARIANTS)
-    portable_only = bool(dropout_p or config or window) or softmax_scale <= 0 or attn_mask is not None or (
-        not gluon_fwd.VARIANTS and (bool(softcap) or alibi_slopes is not None or sink is not None))
+    # Hopper: the Gluon forward (dropout, masks and explicit configs: portable; softcap, ALiBi,
+    # sinks and windows too unless gluon_fwd.VARIANTS)
+    portable_only = bool(dropout_p or config) or softmax_scale <= 0 or attn_mask is not None or (
+        not gluon_fwd.VARIANTS and (bool(softcap or window) or alibi_slopes is not None or sink is not None))
     if gluon_fwd.supported(q, k, v, portable_only):
-        gluon_fwd.forward(q, k, v, softmax_scale, causal, causal_offset, out, lse, softcap, alibi_slopes, sink)
+        gluon_fwd.forward(q, k, v, softmax_scale, causal_in, causal_offset, out, lse, softcap, alibi_slopes, sink,
+                          window_size)
         return out, lse
     cfg = config or fwd_config(q.dtype, d, causal, q.device)
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)

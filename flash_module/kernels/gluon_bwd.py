@@ -440,7 +440,7 @@ if HAVE_GLUON:
              (_dq_consumer, (1, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
                              qk_scale, sm_scale, start_m, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
+             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, 0, total, off_b,
                           (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
 

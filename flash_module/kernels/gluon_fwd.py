@@ -30,8 +30,9 @@ sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit
 sequence's, so a NaN in one batch entry cannot reach another.
 
 Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, (B, S, H, D) inputs dense
-in (S, H, D) (:func:`supported`); no dropout, window or mask; softcap, ALiBi and attention sinks
-only with :data:`VARIANTS` (written, compiled offline, not yet run on a GPU).  No interpreter (Gluon has none): CI runs the
+in (S, H, D) (:func:`supported`); no dropout or mask; softcap, ALiBi, attention sinks and sliding
+windows (key blocks outside the window skipped, ``_gluon.window_blocks``) only with
+:data:`VARIANTS` (written, compiled offline, not yet run on a GPU).  No interpreter (Gluon has none): CI runs the
 portable kernel.
 """
 
@@ -57,6 +58,7 @@ if HAVE_GLUON:
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
+        window_blocks,
     )
 
 #: (BLOCK_M, BLOCK_N, stages) per head dim; the Gluon forward runs at these head dims only.
@@ -66,8 +68,8 @@ if HAVE_GLUON:
 FWD_CONFIGS = {64: (128, 128, 2), 128: (128, 128, 3), 256: (128, 64, 2)}
 #: At D=64 the portable kernel is faster for short keys (1k causal: 294 against 223 TFLOP/s).
 D64_MIN_KEYS = 2048
-#: Whether softcap, ALiBi and attention sinks run in the Gluon forward too (else those calls
-#: take the portable kernel).  Off until measured on a GPU: written in the twelfth session
+#: Whether softcap, ALiBi, attention sinks and sliding windows run in the Gluon forward too (else
+#: those calls take the portable kernel).  Off until measured on a GPU: written in the twelfth session
 #: without device time left (``FLASH_MODULE_GLUON_VARIANTS=1`` turns it on; its GPU tests force it).
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "0") == "1"
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
@@ -103,18 +105,23 @@ if HAVE_GLUON:
                                          pack=1)
 
     @gluon.jit
-    def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, MASKED: gl.constexpr,
-                      IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr):
+    def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, win_l, win_r,
+                      MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                      WINDOW: gl.constexpr):
         """The online-softmax update for one (BLOCK_M, BLOCK_N) score tile: returns P (fp32),
         alpha (the old accumulator's scale), and the new running max and sum.  ``MASKED``:
         keys past Sk and, causal, above the diagonal get P = 0 (a row that has seen no key
         keeps m = -inf and l = 0).  ``SOFTCAP``: scores ``cap2 tanh(s qk_scale)`` (qk_scale =
         softmax_scale / c, cap2 = c log2 e); ``ALIBI``: minus ``slope2 |row + causal_offset -
-        key|`` (slope2 = slope log2 e), as ``_common.cap`` / ``_common.alibi``."""
+        key|`` (slope2 = slope log2 e), as ``_common.cap`` / ``_common.alibi``; ``WINDOW``: the
+        mask also keeps keys inside [row + causal_offset - win_l, row + causal_offset + win_r]."""
         if MASKED:
             ok = keys[None, :] < Sk
             if IS_CAUSAL:
                 ok = ok & (keys[None, :] <= rows[:, None] + causal_offset)
+            if WINDOW:
+                diag = rows[:, None] + causal_offset
+                ok = ok & (keys[None, :] >= diag - win_l) & (keys[None, :] <= diag + win_r)
         if SOFTCAP or ALIBI:  # transformed scores: the max is taken after the transform
             x = s * qk_scale
             if SOFTCAP:
@@ -159,12 +166,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                  total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m, cap2, Alibi_bh, Sink,
-                  HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                  IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr):
+                  first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale,
+                  start_m, cap2, Alibi_bh, Sink, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                  SINK: gl.constexpr, WINDOW: gl.constexpr):
         """One warpgroup: query rows [start_m + wg * ROWS, + ROWS) against every K/V block of
-        the tile (its own Q load, then the loop of the module docstring), releasing each K stage
-        after its S and each V stage after its P V; then its own O and LSE."""
+        the tile, key blocks first .. total - 1 (its own Q load, then the loop of the module
+        docstring; blocks outside [full_lo, full_hi) masked), releasing each K stage after its S
+        and each V stage after its P V; then its own O and LSE."""
         dtype: gl.constexpr = q_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -185,20 +194,21 @@ if HAVE_GLUON:
         if ALIBI:  # this head's slope, log2 domain
             slope2 = gl.load(Alibi_bh) * 1.4426950408889634
         mbarrier.wait(q_bar.index(wg), phase=0)
-        if total > 0:
+        if total > first:
             mbarrier.wait(k_ready.index(0), phase=0)
             k_s = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                               use_acc=False)
             mbarrier.arrive(k_empty.index(0), count=1)
-            keys = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, True, IS_CAUSAL,
-                                                   SOFTCAP, ALIBI)
-        for j in range(1, total):
-            ks = j % STAGES
-            vs = (j - 1) % STAGES
-            mbarrier.wait(k_ready.index(ks), phase=(j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(vs), phase=((j - 1) // STAGES) & 1)
+            keys = first * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+            p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, win_l,
+                                                   win_r, True, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+        for i in range(1, total - first):  # block j = first + i, the i-th of the ring
+            j = first + i
+            ks = i % STAGES
+            vs = (i - 1) % STAGES
+            mbarrier.wait(k_ready.index(ks), phase=(i // STAGES) & 1)
+            mbarrier.wait(v_ready.index(vs), phase=((i - 1) // STAGES) & 1)
             k_s = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
             s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
@@ -207,17 +217,19 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks), count=1)
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-            if j < n_full:
+            if (j >= full_lo) & (j < full_hi):
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2,
-                                                   slope2, False, IS_CAUSAL, SOFTCAP, ALIBI)
+                                                   slope2, win_l, win_r, False, IS_CAUSAL, SOFTCAP, ALIBI,
+                                                   WINDOW)
             else:
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2,
-                                                   slope2, True, IS_CAUSAL, SOFTCAP, ALIBI)
+                                                   slope2, win_l, win_r, True, IS_CAUSAL, SOFTCAP, ALIBI,
+                                                   WINDOW)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(vs), count=1)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        if total > 0:
-            last = total - 1
+        if total > first:
+            last = total - first - 1
             mbarrier.wait(v_ready.index(last % STAGES), phase=(last // STAGES) & 1)
             v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
             o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, o)
@@ -233,11 +245,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _fwd_kernel(
-        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, qk_scale, cap2, Alibi, stride_ab,
-        stride_ah, Sink,
+        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
+        stride_ab, stride_ah, Sink,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        num_warps: gl.constexpr,
+        WINDOW: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_M-row query tile of one head: the default partition (4 warps) and
         one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of K
@@ -258,35 +270,45 @@ if HAVE_GLUON:
             mbarrier.init(q_bar.index(i), count=1)
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
         fence_async_shared()
-        total, n_full = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        if WINDOW:
+            first, total, full_lo, full_hi = window_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
+                                                           BLOCK_N)
+        else:
+            total, full_hi = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+            first = 0
+            full_lo = 0
         alibi_bh = Alibi + off_b * stride_ab + off_h * stride_ah
         gl.warp_specialize(
             [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                          total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m, cap2, alibi_bh,
-                          Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK)),
+                          first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
+                          qk_scale, start_m, cap2, alibi_bh, Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL,
+                          SOFTCAP, ALIBI, SINK, WINDOW)),
              (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
-                          total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, qk_scale, start_m, cap2, alibi_bh,
-                          Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK)),
-             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, total, off_b,
-                         kv_col, BLOCK_N, STAGES))],
+                          first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
+                          qk_scale, start_m, cap2, alibi_bh, Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL,
+                          SOFTCAP, ALIBI, SINK, WINDOW)),
+             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
+                         off_b, kv_col, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
             causal_offset: int, out: torch.Tensor, lse: torch.Tensor, softcap: float = 0.0,
             alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
-            config: tuple[int, int, int] | None = None) -> None:
+            window_size: tuple[int, int] = (-1, -1), config: tuple[int, int, int] | None = None) -> None:
     """Fill ``out`` (B, Sq, H, D) contiguous and ``lse`` (B, H, Sq) fp32 (callers check
-    :func:`supported` first); ``softcap``, ``alibi_slopes`` (fp32 (H,) or (B, H)) and ``sink``
-    (fp32 (H,)) as ``fa2_fwd.fa2_forward`` takes them; ``config``: (BLOCK_M, BLOCK_N, stages)."""
+    :func:`supported` first); ``softcap``, ``alibi_slopes`` (fp32 (H,) or (B, H)), ``sink``
+    (fp32 (H,)) and ``window_size`` as ``fa2_fwd.fa2_forward`` takes them; ``config``:
+    (BLOCK_M, BLOCK_N, stages)."""
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
     block_m, block_n, stages = config or FWD_CONFIGS[d]
     qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
     _fwd_kernel[(cdiv(sq, block_m), b * h)](
         descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
-        h, h // h_kv, sq, sk, causal_offset, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
+        h, h // h_kv, sq, sk, causal_offset, win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
         _common.sink_args(sink, q),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-        ALIBI=alibi_slopes is not None, SINK=sink is not None, num_warps=4,
+        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, num_warps=4,
     )
