@@ -3,8 +3,9 @@
 # Usage: bash scripts/gpu_check.sh [tune] [tests] [bench] [speed] [ring] [ab] [sanitize] [million]
 #        [decode] [varlen] [subset] [variants] [window] [ablation] [gluon]
 #        (default: tests bench)
-# gluon: the Hopper backward's Gluon passes: tests/test_gluon_bwd.py, then benchmarks/bench_gluon_bwd.py
-# (GLUON_ARGS, default: --variants) against the portable passes, cuDNN and FA2.
+# gluon: the Hopper Gluon kernels: tests/test_gluon_fwd.py and test_gluon_bwd.py, then
+# benchmarks/bench_gluon_fwd.py (GLUON_FWD_ARGS) and bench_gluon_bwd.py (GLUON_ARGS, default: --variants)
+# against the portable kernels, cuDNN and FA2.
 # ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full transpose).
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
@@ -141,8 +142,9 @@ for step in $steps; do
         | tee "$OUT/varlen.log"
       ;;
     gluon)
-      timeout 300 python3 -m pytest tests/test_gluon_bwd.py -q -n "${PYTEST_WORKERS:-6}" -p no:cacheprovider \
-        -m "gpu or not gpu" 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
+      timeout 300 python3 -m pytest tests/test_gluon_fwd.py tests/test_gluon_bwd.py -q -n "${PYTEST_WORKERS:-6}" \
+        -p no:cacheprovider -m "gpu or not gpu" 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
+      python3 benchmarks/bench_gluon_fwd.py ${GLUON_FWD_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/gluon_fwd_bench.log"
       python3 benchmarks/bench_gluon_bwd.py ${GLUON_ARGS:---variants} 2>&1 | grep -v -i warn \
         | tee "$OUT/gluon_bench.log"
       ;;

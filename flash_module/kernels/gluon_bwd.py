@@ -93,7 +93,7 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Ten
         b, s, h, d = t.shape
         if t.stride() != (s * h * d, h * d, d, 1) or t.data_ptr() % 16 or t.dtype != q.dtype:
             return False
-    return q.shape[1] > 0 and k.shape[1] > 0
+    return q.numel() > 0 and k.shape[1] > 0
 
 
 if HAVE_GLUON:
