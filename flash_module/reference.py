@@ -401,8 +401,9 @@ def _blocks(x: torch.Tensor, block: int, value: float = 0.0) -> torch.Tensor:
     """(B, S, H, D) -> (B, H, nblocks, block, D), padding S up to a multiple of ``block``."""
     b, s, h, d = x.shape
     n = math.ceil(s / block)
-    x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * block - s), value=value)
-    return x.view(b, n, block, h, d).permute(0, 3, 1, 2, 4)
+    if n * block != s:  # (no copy when S divides into blocks)
+        x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, n * block - s), value=value)
+    return x.reshape(b, n, block, h, d).permute(0, 3, 1, 2, 4)
 
 
 def _causal_offset(sq: int, sk: int, bottom_right: bool, shift: int = 0) -> int:
@@ -527,8 +528,8 @@ def fa2_forward(
     softmax_scale: float | None = None,
     causal: bool = False,
     bottom_right: bool = True,
-    block_m: int = 64,
-    block_n: int = 64,
+    block_m: int | None = None,
+    block_n: int | None = None,
     softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
@@ -548,12 +549,14 @@ def fa2_forward(
         l = exp(m - m_new) l + rowsum(P_j),  acc = exp(m - m_new) acc + P_j V_j
 
     and divides once at the end: O = acc / l.  Only LSE = m + log(l) is saved for the backward.
+    Block sizes default to :func:`_auto_blocks` (few query rows: few, long key blocks).
     With ``dropout`` the dropped entries of P_j leave ``acc`` (not ``l``) and O is rescaled by
     1 / (1 - p): the kernels' mask (:func:`dropout_keep`), bit for bit.
     """
     offset = _causal_offset(q.shape[1], k.shape[1], bottom_right, shift)
-    out, lse = _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m, block_n, softcap, alibi_slopes,
-                         window_size, dropout, attn_mask)
+    auto_m, auto_n = _auto_blocks(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    out, lse = _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m or auto_m, block_n or auto_n,
+                         softcap, alibi_slopes, window_size, dropout, attn_mask)
     out, lse = add_sink(out, lse, sink)
     return out.to(out_dtype or q.dtype), lse
 
@@ -565,6 +568,23 @@ def _blocked_mask(attn_mask, q, sk, start, block_n, rows, block_m, dtype):
     per_row = mj.shape[2] > 1
     mj = torch.nn.functional.pad(mj, (0, block_n - mj.shape[3], 0, rows - mj.shape[2] if per_row else 0))
     return mj.view(*mj.shape[:2], rows // block_m if per_row else 1, block_m if per_row else 1, block_n)
+
+
+#: Score elements one key block of the PyTorch loops may hold (B * H * padded Sq * block_n): the
+#: memory bound of a step, O(Sq) per key block as in the kernels.
+SCORE_BUDGET = 1 << 21
+
+
+def _auto_blocks(b: int, h: int, sq: int, sk: int) -> tuple[int, int]:
+    """``(block_m, block_n)`` for the PyTorch FA2 loop: query blocks of up to 64 rows (no padding
+    of a short query side to 64), and key blocks as long as :data:`SCORE_BUDGET` allows (at least
+    64, at most Sk, split evenly), so that decoding (one query row) runs a handful of key blocks
+    instead of Sk / 64 Python steps."""
+    block_m = max(1, min(64, sq))
+    rows = b * h * math.ceil(max(sq, 1) / block_m) * block_m
+    longest = max(64, SCORE_BUDGET // max(rows, 1))
+    n_blocks = max(1, math.ceil(sk / longest))
+    return block_m, max(1, math.ceil(max(sk, 1) / n_blocks))
 
 
 def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, softcap=0.0, alibi_slopes=None,
