@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "descriptor_3d"]
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
-                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks"]
+                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -121,3 +121,15 @@ if HAVE_GLUON:
         full_lo = gl.minimum(gl.cdiv(gl.maximum(last_row - win_l, 0), BLOCK_N), gl.cdiv(n3, BLOCK_N))
         full_hi = gl.minimum(gl.maximum(first_row + win_r + 1, 0) // BLOCK_N, Sk // BLOCK_N)
         return first, gl.cdiv(n3, BLOCK_N), full_lo, gl.maximum(full_hi, full_lo)
+
+    @gluon.jit
+    def store_rows(X, x, row0, off_b, off_h, S, H, layout: gl.constexpr):
+        """Store ``x`` (ROWS, D), fp32 in ``layout``, as rows row0 .. row0 + ROWS - 1 of head
+        ``off_h`` of batch element ``off_b`` of the contiguous (B, S, H, D) tensor ``X``, in X's
+        dtype; rows past S are not stored."""
+        ROWS: gl.constexpr = x.shape[0]
+        D: gl.constexpr = x.shape[1]
+        rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, layout))
+        cols = gl.arange(0, D, gl.SliceLayout(0, layout))
+        offs = ((off_b * S + rows[:, None]).to(gl.int64) * H + off_h) * D + cols[None, :]
+        gl.store(X + offs, x.to(X.dtype.element_ty), mask=rows[:, None] < S)

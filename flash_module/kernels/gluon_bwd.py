@@ -54,6 +54,7 @@ if HAVE_GLUON:
         kv_ring,
         mbarrier,
         producer,
+        store_rows,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
@@ -208,7 +209,6 @@ if HAVE_GLUON:
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
         num_warps: gl.constexpr,
     ):
-        dtype: gl.constexpr = q_desc.dtype
         pid_n = gl.program_id(0)
         pid_bh = gl.program_id(1)
         off_b = pid_bh // H_KV
@@ -267,12 +267,8 @@ if HAVE_GLUON:
 
         _release(kv_bar, bars)
         # dK, dV: (B, Sk, H_kv, D) contiguous; keys past Sk are not stored.
-        out_rows = start_n + gl.arange(0, BLOCK_N, gl.SliceLayout(1, d_layout))
-        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
-        offs = ((off_b * Sk + out_rows[:, None]).to(gl.int64) * H_KV + off_hkv) * HEAD_DIM + cols[None, :]
-        ok = out_rows[:, None] < Sk
-        gl.store(DK + offs, (dk * sm_scale).to(dtype), mask=ok)
-        gl.store(DV + offs, dv.to(dtype), mask=ok)
+        store_rows(DK, dk * sm_scale, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
+        store_rows(DV, dv, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
 
     @gluon.jit
     def _dq_kernel(
@@ -343,10 +339,7 @@ if HAVE_GLUON:
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq,))
 
         _release(qo_bar, bars)
-        out_rows = start_m + gl.arange(0, BLOCK_M, gl.SliceLayout(1, d_layout))
-        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
-        offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
-        gl.store(DQ + offs, (dq * sm_scale).to(dtype), mask=out_rows[:, None] < Sq)
+        store_rows(DQ, dq * sm_scale, start_m, off_b, off_h, Sq, H, d_layout)
 
 
     @gluon.jit
@@ -404,10 +397,7 @@ if HAVE_GLUON:
                 mbarrier.arrive(k_empty.index(prev), count=1)
         if total > 0:  # the last block's dQ += dS K
             dq = warpgroup_mma(ds, k_smem.index((total - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM]), dq)
-        out_rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, d_layout))
-        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
-        offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
-        gl.store(DQ + offs, (dq * sm_scale).to(dtype), mask=out_rows[:, None] < Sq)
+        store_rows(DQ, dq * sm_scale, row0, off_b, off_h, Sq, H, d_layout)
 
     @gluon.jit
     def _ws_dq_kernel(
@@ -509,12 +499,8 @@ if HAVE_GLUON:
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
             mbarrier.arrive(empty.index(st), count=1)
-        out_rows = key0 + gl.arange(0, KEYS, gl.SliceLayout(1, d_layout))
-        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, d_layout))
-        offs = ((off_b * Sk + out_rows[:, None]).to(gl.int64) * H_KV + off_hkv) * HEAD_DIM + cols[None, :]
-        ok = out_rows[:, None] < Sk
-        gl.store(DK + offs, (dk * sm_scale).to(dtype), mask=ok)
-        gl.store(DV + offs, dv.to(dtype), mask=ok)
+        store_rows(DK, dk * sm_scale, key0, off_b, off_hkv, Sk, H_KV, d_layout)
+        store_rows(DV, dv, key0, off_b, off_hkv, Sk, H_KV, d_layout)
 
     @gluon.jit
     def _ws_dkdv_kernel(

@@ -55,6 +55,7 @@ if HAVE_GLUON:
         kv_ring,
         mbarrier,
         producer,
+        store_rows,
         tma,
         warpgroup_mma,
         warpgroup_mma_wait,
@@ -149,8 +150,7 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _store_out(o, m_i, l_i, rows, Out, Lse, off_b, off_h, H, Sq, HEAD_DIM: gl.constexpr,
-                   o_layout: gl.constexpr):
+    def _store_out(o, m_i, l_i, row0, rows, Out, Lse, off_b, off_h, H, Sq, o_layout: gl.constexpr):
         """The epilogue: O = acc / l (0 where a row saw no key) into the contiguous (B, Sq, H, D)
         output, lse = (m + log2 l) ln 2 (-inf there) into the (B, H, Sq) one; rows past Sq
         are not stored."""
@@ -158,10 +158,7 @@ if HAVE_GLUON:
         l_safe = gl.where(seen, l_i, 1.0)
         lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         o = o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-        out_rows = gl.convert_layout(rows, gl.SliceLayout(1, o_layout))
-        cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, o_layout))
-        offs = ((off_b * Sq + out_rows[:, None]).to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
-        gl.store(Out + offs, o.to(Out.dtype.element_ty), mask=out_rows[:, None] < Sq)
+        store_rows(Out, o, row0, off_b, off_h, Sq, H, o_layout)
         gl.store(Lse + ((off_b * H + off_h).to(gl.int64) * Sq + rows), lse, mask=rows < Sq)
 
     @gluon.jit
@@ -241,7 +238,7 @@ if HAVE_GLUON:
             l_i = l_i * alpha + gl.exp2(sink2 - m_sub)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             m_i = m_new
-        _store_out(o, m_i, l_i, rows, Out, Lse, off_b, off_h, H, Sq, HEAD_DIM, o_layout)
+        _store_out(o, m_i, l_i, row0, rows, Out, Lse, off_b, off_h, H, Sq, o_layout)
 
     @gluon.jit
     def _fwd_kernel(
