@@ -121,7 +121,7 @@ def fa2_forward(
         gluon_fwd.forward(q, k, v, softmax_scale, causal_in, causal_offset, out, lse, softcap, alibi_slopes, sink,
                           window_size)
         return out, lse
-    cfg = config or fwd_config(q.dtype, d, causal, q.device)
+    cfg = config or fwd_config(q.dtype, d, causal_in, q.device)  # (tuned per requested causality)
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     _fa2_fwd_kernel[(cdiv(sq, cfg.block_m), b * h)](
         q, k, v, out, lse, *_common.bsh_strides(q, k, v),
