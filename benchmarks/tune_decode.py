@@ -124,8 +124,11 @@ def host_overhead(b: int = 1, nk: int = 65536, calls: int = 200, profile: bool =
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True)
 
+    k1, v1 = (torch.randn(b, 1, h_kv, d, device=dev, dtype=dt) for _ in range(2))
+    kc, vc = k.clone(), v.clone()
     fns = {
         "flash_attn_with_kvcache": lambda: fm.flash_attn_with_kvcache(q, k, v, cache_seqlens=lens),
+        "  with k, v appended": lambda: fm.flash_attn_with_kvcache(q, kc, vc, k1, v1, cache_seqlens=lens - 1),
         "flash_attn_func (routed)": lambda: fm.flash_attn_func(q, k, v),
         "ops.kvcache_fwd": lambda: ops.kvcache_fwd(q, k, v, lens, None, None, d**-0.5, False, 0, "triton"),
         "split_kv_cache_forward": lambda: split_kv_cache_forward(q, k, v, lens, None, None, d**-0.5, False),

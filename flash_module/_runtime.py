@@ -79,6 +79,15 @@ def sm_count(device: torch.device) -> int:
     return CPU_SM_COUNT
 
 
+_NO_GUARD = contextlib.nullcontext()
+
+
 def device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Make ``t``'s CUDA device current while kernels launch (e.g. for cuda:1 inputs)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+    """Make ``t``'s CUDA device current while kernels launch (e.g. for cuda:1 inputs); nothing
+    to do (and no device switch to pay for, twice per op) when it is current already."""
+    if not t.is_cuda:
+        return _NO_GUARD
+    index = t.device.index
+    if index is None or index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(index)

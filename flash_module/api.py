@@ -792,10 +792,11 @@ def flash_attn_with_kvcache(
             q = _rotary(q, rotary_cos, rotary_sin, q_pos, rotary_interleaved)
             k = _rotary(k, rotary_cos, rotary_sin, new_pos, rotary_interleaved)
         ops.call(ops.kvcache_append, k_cache, v_cache, k, v, seqlens, cache_batch_idx, block_table, impl)
-        seqlens = seqlens + k.shape[1]
+    # The attention sees the new keys too: the kernel adds their count to each length.
     out, lse = ops.call(ops.kvcache_fwd, q, k_cache, v_cache, seqlens, cache_batch_idx, block_table, scale,
                         bool(causal), num_splits, impl, cache_leftpad, float(softcap), alibi_slopes,
-                        int(window_size[0]), int(window_size[1]), learnable_sink)
+                        int(window_size[0]), int(window_size[1]), learnable_sink,
+                        k.shape[1] if k is not None else 0)
     if return_softmax_lse:
         return out, lse.to(acc_dtype(q.dtype))
     return out

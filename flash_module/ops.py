@@ -867,8 +867,9 @@ torch.library.register_autograd("flash_module::varlen_bwd", _no_double_backward,
 # batch's cache (contiguous (B_cache, S_cache, H_kv, D), row cache_batch_idx[b]; or paged
 # (num_pages, page, H_kv, D) through block_table (B, pages_per_seq)).
 # ``kvcache_fwd(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale,
-# causal, num_splits, impl) -> (out (B, Sq, H, D), lse (B, H, Sq))``: batch b attends to its first
-# cache_seqlens[b] keys (the split-KV kernel, GQA heads packed for decode; num_splits 0 = auto).
+# causal, num_splits, impl, ..., new_tokens) -> (out (B, Sq, H, D), lse (B, H, Sq))``: batch b
+# attends to its first cache_seqlens[b] + new_tokens keys (the split-KV kernel, GQA heads packed
+# for decode; num_splits 0 = auto).
 # No autograd (inference only).  No host sync on the Triton path.
 
 
@@ -921,6 +922,7 @@ def kvcache_fwd(
     window_left: int = -1,
     window_right: int = -1,
     sink: Tensor | None = None,
+    new_tokens: int = 0,
 ) -> tuple[Tensor, Tensor]:
     b, sq, h, d = q.shape
     window = (int(window_left), int(window_right))
@@ -940,8 +942,10 @@ def kvcache_fwd(
             out, lse = split_kv_cache_forward(
                 _last_dim_contiguous(q), _last_dim_contiguous(k_cache), _last_dim_contiguous(v_cache),
                 cache_seqlens, cache_batch_idx, block_table, float(softmax_scale), bool(causal),
-                int(num_splits), cache_leftpad, float(softcap), alibi_slopes, window, sink)
+                int(num_splits), cache_leftpad, float(softcap), alibi_slopes, window, sink, int(new_tokens))
     else:
+        if new_tokens:
+            cache_seqlens = cache_seqlens + new_tokens
         out, lse = reference.kvcache_forward(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table,
                                              float(softmax_scale), bool(causal), cache_leftpad,
                                              float(softcap), alibi_slopes, window, sink)
@@ -951,7 +955,7 @@ def kvcache_fwd(
 @kvcache_fwd.register_fake
 def _kvcache_fwd_fake(q, k_cache, v_cache, cache_seqlens, cache_batch_idx, block_table, softmax_scale, causal,
                       num_splits=0, impl="auto", cache_leftpad=None, softcap=0.0, alibi_slopes=None,
-                      window_left=-1, window_right=-1, sink=None):
+                      window_left=-1, window_right=-1, sink=None, new_tokens=0):
     b, sq, h, d = q.shape
     return q.new_empty((b, sq, h, d)), q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
 

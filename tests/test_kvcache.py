@@ -265,6 +265,12 @@ def test_opcheck_kvcache_ops(device):
     table = torch.tensor([[1, 0], [2, 2]], dtype=torch.int32, device=device)  # pages of 20 rows
     torch.library.opcheck(ops.kvcache_append, (kc, vc, kn, vn, seq, None, table))
     torch.library.opcheck(ops.kvcache_fwd, (q, kc, vc, seq, None, table, 0.25, False, 2))
+    # new_tokens: the lengths count the keys just appended, added in the kernel
+    for impl in ("auto", "torch"):
+        args = (q, kc, vc, seq, idx, None, 0.25, True, 0, impl, None, 0.0, None, -1, -1, None)
+        torch.library.opcheck(ops.kvcache_fwd, args + (3,))
+        for got, want in zip(ops.kvcache_fwd(*args, 3), ops.kvcache_fwd(*args[:3], seq + 3, *args[4:])):
+            assert torch.equal(got, want)
 
 
 def test_compiled_decode_step_does_not_recompile(device):

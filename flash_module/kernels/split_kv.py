@@ -53,7 +53,8 @@ def _split_kv_fwd_kernel(
 ):
     """One (query block, head, key chunk) partial result; with ``DIRECT`` (one chunk) the final
     result instead: OPart/LsePart are then the (B, Sq, H, D) output and the (B, H, Sq) LSE.  With ``CACHE`` the keys are a KV
-    cache: batch ``b`` sees its first ``SeqLens[b]`` keys (clamped into [0, Sk], Sk = the
+    cache: batch ``b`` sees its first ``SeqLens[b] + causal_offset`` keys (there, causal_offset
+    counts the keys just appended; clamped into [0, Sk], Sk = the
     capacity; causal bottom-right against that length) in cache row ``BatchIdx[b]`` (or ``b``),
     or, with ``PAGED``, in the pages of block-table row ``b`` (stride_kb: the page stride).
     With ``HAS_LEFTPAD`` (contiguous caches) batch ``b``'s keys start at ``LeftPad[b]``: the
@@ -89,7 +90,8 @@ def _split_kv_fwd_kernel(
     kv_row = off_b
     capacity = Sk
     if CACHE:
-        Sk = tl.minimum(tl.maximum(tl.load(SeqLens + off_b), 0), Sk)
+        # causal_offset carries the count of keys just appended (the lengths are from before).
+        Sk = tl.minimum(tl.maximum(tl.load(SeqLens + off_b) + causal_offset, 0), Sk)
         if HAS_LEFTPAD:  # keys before LeftPad[b] are padding: start the sequence there
             first_key = tl.minimum(tl.maximum(tl.load(LeftPad + off_b), 0), Sk)
             Sk -= first_key
@@ -236,15 +238,16 @@ def split_kv_cache_forward(
     cache_batch_idx: torch.Tensor | None, block_table: torch.Tensor | None, softmax_scale: float, causal: bool,
     num_splits: int = 0, cache_leftpad: torch.Tensor | None = None, softcap: float = 0.0,
     alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
-    sink: torch.Tensor | None = None,
+    sink: torch.Tensor | None = None, new_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split-KV attention of q (B, Sq, H, D) over a KV cache: contiguous (B_cache, S_cache, H_kv,
     D) with rows ``cache_batch_idx[b]``, or paged (num_pages, page, H_kv, D) through
-    ``block_table`` (B, pages_per_seq); batch ``b`` sees its first ``cache_seqlens[b]`` keys,
+    ``block_table`` (B, pages_per_seq); batch ``b`` sees its first ``cache_seqlens[b] +
+    new_tokens`` keys (the tokens just appended: no separate addition on the host),
     causal bottom-right; with ``cache_leftpad`` (B,) (contiguous caches), only keys from
     ``cache_leftpad[b]`` on.  Returns ``out`` (B, Sq, H, D) and ``lse`` (B, H, Sq).  The chunks
     cover the cache's capacity (a shape), so a chunk past a sequence's length does no work."""
-    return _split_kv(q, k_cache, v_cache, softmax_scale, causal, 0, num_splits,
+    return _split_kv(q, k_cache, v_cache, softmax_scale, causal, new_tokens, num_splits,
                      cache=(cache_seqlens, cache_batch_idx, block_table, cache_leftpad), softcap=softcap,
                      alibi_slopes=alibi_slopes, window_size=window_size, sink=sink)
 
