@@ -137,7 +137,8 @@ VARIANTS = [  # softcap, alibi slopes shape, sink, window_size
 def test_gluon_forward_variants(b, sq, sk, h, h_kv, d, causal, softcap, alibi, sink, window, monkeypatch):
     """Softcap, ALiBi, attention sinks and sliding windows in the Gluon forward
     (``gluon_fwd.VARIANTS``): output and LSE against the float64 oracle with the 2x rule,
-    gradients (the portable backward, from this forward's LSE) too."""
+    gradients too (the Gluon backward's variants, ``gluon_bwd.VARIANTS``: its dK/dV pass at
+    every head dim, its warp-specialized dQ at D=64/128, the portable dQ at D=256)."""
     monkeypatch.setattr(gluon_fwd, "VARIANTS", True)
     monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
     dtype = torch.bfloat16

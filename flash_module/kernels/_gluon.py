@@ -30,14 +30,17 @@ try:  # Gluon with the Hopper ops (triton >= 3.5)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "CONSUMER_REGS", "descriptor_3d"]
+__all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d"]
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
-                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows"]
+                "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
+                "tanh_approx", "variant_scores"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
 CONSUMER_REGS = gl.constexpr(240) if HAVE_GLUON else 240
+#: log2(e), for the ALiBi slopes and sink logits the kernels read in natural-log units.
+LOG2E_C = gl.constexpr(1.4426950408889634) if HAVE_GLUON else 1.4426950408889634
 
 
 def descriptor_3d(t: torch.Tensor, rows: int):
@@ -51,6 +54,30 @@ def descriptor_3d(t: torch.Tensor, rows: int):
 
 
 if HAVE_GLUON:
+
+    @gluon.jit
+    def tanh_approx(x):
+        """The GPU's one-instruction tanh (``tanh.approx.f32``, relative error ~2^-11, as the
+        portable kernels use for fp16/bf16 scores)."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def variant_scores(s, qk_scale, cap2, slope2, diag, keys, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr):
+        """Log2-domain scores of the raw score tile ``s`` under softcap and/or ALiBi, as
+        ``_common.cap`` / ``_common.alibi``: ``x = s qk_scale``; softcap ``t = tanh(x)``, ``x = t
+        cap2`` (qk_scale = softmax_scale / c, cap2 = c log2 e); ALiBi ``x -= slope2 |diag - keys|``
+        (slope2 = slope log2 e; ``diag`` = row + causal_offset and ``keys`` in fp32, exact below
+        2^24, shaped to broadcast against ``s``).  Returns ``(x, t)``: ``t`` for the backward's
+        dS (1 - t^2) (x itself without SOFTCAP, unused)."""
+        x = s * qk_scale
+        t = x
+        if SOFTCAP:
+            t = tanh_approx(x)
+            x = t * cap2
+        if ALIBI:
+            x = x - slope2 * gl.abs(diag - keys)
+        return x, t
 
     @gluon.jit
     def load_block(desc, b, n, col, bar, buf):

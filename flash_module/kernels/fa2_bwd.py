@@ -128,6 +128,7 @@ def fa2_backward(
     dv = torch.empty((b, sk, h_kv, d), dtype=v.dtype, device=q.device)
     stats = _common.bwd_preprocess(out, dout, lse, dlse)
     dkdv_cfg, dq_cfg = configs or bwd_configs(q.dtype, d, q.device)
+    causal_in = causal
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)
     args = _common.bsh_strides(q, k, v, dout)
@@ -137,20 +138,24 @@ def fa2_backward(
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],
                   **_common.kernel_flags(q))
-    # Hopper: the Gluon passes (same results) for plain attention; variants, and explicit launch
-    # configs (tuning, their tests), take the portable kernels
-    portable_only = bool(softcap or dropout_p or window or configs) or alibi_slopes is not None or mask[5] != 0
+    # Hopper: the Gluon passes (same results) for plain attention and, with gluon_bwd.VARIANTS,
+    # softcap, ALiBi and windows; dropout, masks and explicit launch configs (tuning, their
+    # tests) take the portable kernels
+    variants = bool(softcap or window) or alibi_slopes is not None
+    portable_only = bool(dropout_p or configs) or mask[5] != 0 or (variants and not gluon_bwd.VARIANTS)
     gluon = gluon_bwd.supported(q, k, v, dout, portable_only)
     if gluon:
-        gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal, causal_offset)
+        gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal_in, causal_offset, softcap=softcap,
+                       alibi_slopes=alibi_slopes, window_size=window_size)
     else:
         _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
             q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1],
             *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
         )
-    if gluon and d in gluon_bwd.DQ_HEAD_DIMS:
-        gluon_bwd.dq(q, k, v, dout, stats, dq, softmax_scale, causal, causal_offset)
+    if gluon and gluon_bwd.dq_takes(d, variants):
+        gluon_bwd.dq(q, k, v, dout, stats, dq, softmax_scale, causal_in, causal_offset, softcap=softcap,
+                     alibi_slopes=alibi_slopes, window_size=window_size)
         return dq, dk, dv
     dmask, dmask_args = _mask_grad_args(attn_mask if mask_grad else None, (b, h, sq, sk), q)
     _bwd_dq_kernel[(cdiv(sq, dq_cfg.block_m), b * h)](

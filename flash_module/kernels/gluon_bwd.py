@@ -24,8 +24,13 @@ D=256 two warpgroups split the accumulators' columns (:func:`_mma_layouts`).
 streams K and V, two consumer warpgroups own half of a 128-row query tile each); at D=256 the
 plain :func:`_dq_kernel` (Q and dO in shared memory, K and V in a two-stage ring).
 
-Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no variants (no softcap,
-ALiBi, window, dropout, mask), inputs in the (B, S, H, D) layout with the last two dims
+Softcap, ALiBi and sliding windows (with :data:`VARIANTS`): the forward's scores are recomputed
+(``_gluon.variant_scores``), dS goes through the cap's ``1 - tanh^2``, and a window bounds the
+query blocks of a key block (dK/dV, every step masked) and the key blocks of a query tile (dQ,
+``_gluon.window_blocks``).
+
+Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no dropout or mask (and at
+D=256 the dQ pass takes no variant: the portable dQ runs then), inputs in the (B, S, H, D) layout with the last two dims
 contiguous and dense (the dK/dV and plain dQ passes read them as a (B*S, H*D) matrix: a query
 block that runs past its sequence reads the next sequence's rows, whose P is zeroed by
 lse2 = +inf; the warp-specialized dQ reads 3-D boxes, zero-filled past the sequence).
@@ -41,8 +46,9 @@ import os
 import torch
 
 from .._runtime import cdiv
+from . import _common
 from ._common import LOG2E
-from ._gluon import CONSUMER_REGS, HAVE_GLUON, descriptor_3d
+from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d
 
 if HAVE_GLUON:
     from ._gluon import (
@@ -56,8 +62,10 @@ if HAVE_GLUON:
         producer,
         store_rows,
         tma,
+        variant_scores,
         warpgroup_mma,
         warpgroup_mma_wait,
+        window_blocks,
     )
 
 #: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the dK/dV pass per head dim; the pass takes
@@ -76,6 +84,10 @@ HEAD_DIMS = tuple(DKDV_CONFIGS)
 #: spill) the plain pass 0.99-1.07x.  ``FLASH_MODULE_GLUON_DQ=0``: the portable dQ everywhere.
 DQ_HEAD_DIMS = () if os.environ.get("FLASH_MODULE_GLUON_DQ", "") == "0" else HEAD_DIMS
 DQ_CONFIGS = {64: (128, 64, 3, "ws"), 128: (128, 64, 3, "ws"), 256: (64, 64, 8)}
+#: Whether softcap, ALiBi and sliding windows run in the Gluon passes too (the dK/dV pass at
+#: every head dim, the warp-specialized dQ at D=64/128; else the portable kernels;
+#: ``FLASH_MODULE_GLUON_BWD_VARIANTS=0``).  Dropout and masks always take the portable kernels.
+VARIANTS = os.environ.get("FLASH_MODULE_GLUON_BWD_VARIANTS", "1") != "0"
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 
@@ -160,13 +172,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
-                   Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv,
+                   Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
+                   stride_ah, win_l, win_r,
                    qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr,
-                   col_layout: gl.constexpr, SYNC: gl.constexpr):
+                   MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+                   s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr, SYNC: gl.constexpr):
         """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
         ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
-        ``MASKED``: the block reaches above the causal diagonal."""
+        ``MASKED``: the block reaches above the causal diagonal (with ``WINDOW``: may reach out
+        of the window).  ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed
+        (``_gluon.variant_scores``), and dS through the cap's ``1 - tanh^2``."""
         dtype: gl.constexpr = q_desc.dtype
         stage = it % 2
         m0 = (m_first + it % n_m) * BLOCK_M
@@ -192,12 +207,26 @@ if HAVE_GLUON:
         q_s = q_smem.index(stage)
         do_s = do_smem.index(stage)
         s_t, dp_t = _two_products(k_smem, q_s, v_smem, do_s, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout))
-        p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+        if SOFTCAP or ALIBI:
+            slope2 = 0.0
+            if ALIBI:
+                slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
+            x_t, t_t = variant_scores(s_t, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[None, :],
+                                      keys.to(gl.float32)[:, None], SOFTCAP, ALIBI)
+            p_t = gl.exp2(x_t - lse2[None, :])  # (BLOCK_N, BLOCK_M)
+        else:
+            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
-            p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
+            diag = rows[None, :] + causal_offset
+            if WINDOW:
+                p_t = gl.where((keys[:, None] >= diag - win_l) & (keys[:, None] <= diag + win_r), p_t, 0.0)
+            else:
+                p_t = gl.where(keys[:, None] <= diag, p_t, 0.0)
         dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
         dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
         dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         return dk, dv
@@ -205,9 +234,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkdv_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
-        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
+        win_l, win_r,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
-        num_warps: gl.constexpr,
+        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, num_warps: gl.constexpr,
     ):
         pid_n = gl.program_id(0)
         pid_bh = gl.program_id(1)
@@ -227,11 +257,17 @@ if HAVE_GLUON:
             k_desc, v_desc, q_desc, do_desc, off_b * Sk + start_n, off_hkv * HEAD_DIM, BLOCK_N, BLOCK_M, HEAD_DIM)
 
         # Query blocks that see any key of this block: causal (bottom-right by causal_offset)
-        # starts at the block holding row start_n - causal_offset.
+        # starts at the block holding row start_n - causal_offset; a window (row r sees keys
+        # [r + causal_offset - win_l, r + causal_offset + win_r]) spans rows [start_n -
+        # causal_offset - win_r, start_n + BLOCK_N - 1 - causal_offset + win_l].
         m_first = 0
+        m_end = gl.cdiv(Sq, BLOCK_M)
         if IS_CAUSAL:
             m_first = gl.maximum(start_n - causal_offset, 0) // BLOCK_M
-        n_m = gl.maximum(gl.cdiv(Sq, BLOCK_M) - m_first, 0)
+        if WINDOW:
+            m_first = gl.maximum(start_n - causal_offset - win_r, 0) // BLOCK_M
+            m_end = gl.minimum(m_end, gl.cdiv(gl.maximum(start_n + BLOCK_N - causal_offset + win_l, 0), BLOCK_M))
+        n_m = gl.maximum(m_end - m_first, 0)
         total = n_m * GROUP  # steps: (query head of the group, query block)
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
 
@@ -245,7 +281,10 @@ if HAVE_GLUON:
         keys = start_n + gl.arange(0, BLOCK_N, row_layout)
         mbarrier.wait(kv_bar, phase=0)
         # Per query head: the blocks that reach above the causal diagonal (masked) first, then
-        # the rest without a mask.  ``it`` counts steps over both loops (ring stage and phase).
+        # the rest without a mask (a window masks every block).  ``it`` counts steps over both
+        # loops (ring stage and phase).
+        MASK_FIRST: gl.constexpr = IS_CAUSAL or WINDOW
+        alibi_b = Alibi + off_b * stride_ab
         n_mask = n_m
         if IS_CAUSAL:
             n_mask = gl.minimum(gl.maximum(gl.cdiv(start_n + BLOCK_N - 1 - causal_offset - m_first * BLOCK_M,
@@ -255,14 +294,16 @@ if HAVE_GLUON:
             for _ in range(n_mask):
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
-                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, qo_bytes,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, s_layout, a_layout, col_layout, num_warps > 4)
+                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
+                    stride_ah, win_l, win_r, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST, SOFTCAP, ALIBI,
+                    WINDOW, s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
-                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, qo_bytes,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, False, s_layout, a_layout, col_layout, num_warps > 4)
+                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
+                    stride_ah, win_l, win_r, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, WINDOW,
+                    s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
 
         _release(kv_bar, bars)
@@ -344,14 +385,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_consumer(wg, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                     v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
-                     qk_scale, sm_scale, start_m, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
+                     v_empty, Stats, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset,
+                     stats_len, qk_scale, sm_scale, start_m, cap2, Alibi_bh, win_l, win_r, HEAD_DIM: gl.constexpr,
+                     ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                     SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr):
         """dQ of query rows [start_m + wg * ROWS, + ROWS) (one warpgroup; Q and dO in shared
-        memory), over the K/V blocks the producer streams: per block j, S_j = Q K_j^T,
-        dP_j = dO V_j^T and the block before's dQ += dS_{j-1} K_{j-1} are issued together, and
-        P_j = exp2(S_j qk_scale - lse2), dS_j = P_j (dP_j - delta) run under the last two.  V_j
-        is released after dP_j, K_{j-1} after its dQ matmul."""
+        memory), over the K/V blocks j = first .. total - 1 the producer streams (the i-th in
+        ring stage i % STAGES): per block, S_j = Q K_j^T, dP_j = dO V_j^T and the block before's
+        dQ += dS K are issued together, and P_j = exp2(S_j qk_scale - lse2), dS_j = P_j (dP_j -
+        delta) run under the last two.  Blocks outside [full_lo, full_hi) are masked (keys past
+        Sk, causal, the window).  V_j is released after dP_j, K_j after its dQ matmul.
+        ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed, dS through ``1 - tanh^2``."""
         dtype: gl.constexpr = q_desc.dtype
         s_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[0]
         d_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[1]
@@ -369,12 +413,16 @@ if HAVE_GLUON:
         ds = gl.zeros([ROWS, BLOCK_N], dtype, a_layout)  # dS of the block before (none yet: 0)
         q_s = q_smem.index(wg).reshape([ROWS, HEAD_DIM])
         do_s = do_smem.index(wg).reshape([ROWS, HEAD_DIM])
+        slope2 = 0.0
+        if ALIBI:  # this head's slope, log2 domain
+            slope2 = gl.load(Alibi_bh) * LOG2E_C
         mbarrier.wait(bar, phase=0)
-        for j in range(total):
-            st = j % STAGES
-            prev = gl.where(j > 0, (j + STAGES - 1) % STAGES, st)  # block j - 1's stage (j = 0: any loaded one)
-            mbarrier.wait(k_ready.index(st), phase=(j // STAGES) & 1)
-            mbarrier.wait(v_ready.index(st), phase=(j // STAGES) & 1)
+        for i in range(total - first):
+            j = first + i
+            st = i % STAGES
+            prev = gl.where(i > 0, (i + STAGES - 1) % STAGES, st)  # block j - 1's stage (i = 0: any loaded one)
+            mbarrier.wait(k_ready.index(st), phase=(i // STAGES) & 1)
+            mbarrier.wait(v_ready.index(st), phase=(i // STAGES) & 1)
             k_s = k_smem.index(st).reshape([BLOCK_N, HEAD_DIM])
             v_s = v_smem.index(st).reshape([BLOCK_N, HEAD_DIM])
             zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
@@ -382,29 +430,42 @@ if HAVE_GLUON:
             dp_tok = warpgroup_mma(do_s, v_s.permute((1, 0)), zero, use_acc=False, is_async=True)
             dq_tok = warpgroup_mma(ds, k_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))
-            p = gl.exp2(s * qk_scale - lse2[:, None])  # (ROWS, BLOCK_N)
-            if j >= n_full:  # the causal diagonal, keys past Sk
-                keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+            keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
+            if SOFTCAP or ALIBI:
+                x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
+                                      keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
+                p = gl.exp2(x - lse2[:, None])  # (ROWS, BLOCK_N)
+            else:
+                p = gl.exp2(s * qk_scale - lse2[:, None])  # (ROWS, BLOCK_N)
+            if (j < full_lo) | (j >= full_hi):  # the causal diagonal, keys past Sk, the window's edges
                 ok = keys[None, :] < Sk
                 if IS_CAUSAL:
                     ok = ok & (keys[None, :] <= rows[:, None] + causal_offset)
+                if WINDOW:
+                    diag = rows[:, None] + causal_offset
+                    ok = ok & (keys[None, :] >= diag - win_l) & (keys[None, :] <= diag + win_r)
                 p = gl.where(ok, p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
             mbarrier.arrive(v_empty.index(st), count=1)
-            ds = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), a_layout)
+            ds = p * (dp - delta[:, None])
+            if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
+                ds = ds * (1.0 - t * t)
+            ds = gl.convert_layout(ds.to(dtype), a_layout)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok,))
-            if j > 0:
+            if i > 0:
                 mbarrier.arrive(k_empty.index(prev), count=1)
-        if total > 0:  # the last block's dQ += dS K
-            dq = warpgroup_mma(ds, k_smem.index((total - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM]), dq)
+        if total > first:  # the last block's dQ += dS K
+            dq = warpgroup_mma(ds, k_smem.index((total - first - 1) % STAGES).reshape([BLOCK_N, HEAD_DIM]), dq)
         store_rows(DQ, dq * sm_scale, row0, off_b, off_h, Sq, H, d_layout)
 
     @gluon.jit
     def _ws_dq_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DQ,
-        H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+        H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
+        win_l, win_r,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """dQ of one BLOCK_M-row query tile, warp-specialized as the forward is
         (``gluon_fwd._fwd_kernel``): two consumer warpgroups (:func:`_dq_consumer`) own half of
@@ -422,15 +483,24 @@ if HAVE_GLUON:
             mbarrier.init(qo_bar.index(i), count=1)
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
         fence_async_shared()
-        total, n_full = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+        if WINDOW:
+            first, total, full_lo, full_hi = window_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
+                                                           BLOCK_N)
+        else:
+            total, full_hi = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+            first = 0
+            full_lo = 0
+        alibi_bh = Alibi + off_b * stride_ab + off_h * stride_ah
         gl.warp_specialize(
             [(_dq_consumer, (0, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
-                             qk_scale, sm_scale, start_m, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
+                             v_empty, Stats, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
+                             causal_offset, stats_len, qk_scale, sm_scale, start_m, cap2, alibi_bh, win_l, win_r,
+                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)),
              (_dq_consumer, (1, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, Stats, DQ, total, n_full, off_b, off_h, H, Sq, Sk, causal_offset, stats_len,
-                             qk_scale, sm_scale, start_m, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL)),
-             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, 0, total, off_b,
+                             v_empty, Stats, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
+                             causal_offset, stats_len, qk_scale, sm_scale, start_m, cap2, alibi_bh, win_l, win_r,
+                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)),
+             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b,
                           (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
 
@@ -562,25 +632,40 @@ def _descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, d], layout)
 
 
+def _variant_args(q: torch.Tensor, softmax_scale: float, causal: bool, softcap: float,
+                  alibi_slopes: torch.Tensor | None, window_size: tuple[int, int]) -> tuple[tuple, dict]:
+    """The passes' scalar arguments after ``sm_scale`` and their compile-time flags:
+    ``((qk_scale, cap2, Alibi, stride_ab, stride_ah, win_l, win_r), flags)`` (the forward's
+    scales, ``_common.qk_scale``; causal folds into a bounded window, ``_common.window_args``)."""
+    qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
+    flags = dict(IS_CAUSAL=causal, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window)
+    return (qk_scale, cap2, *_common.alibi_args(alibi_slopes, q), win_l, win_r), flags
+
+
 def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
        dq_out: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
-       config: tuple[int, ...] | None = None) -> None:
+       config: tuple[int, ...] | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+       window_size: tuple[int, int] = (-1, -1)) -> None:
     """Fill ``dq_out`` (B, Sq, H, D) contiguous (callers check :func:`supported` first).
-    ``config``: (BLOCK_M, BLOCK_N, num_warps) runs :func:`_dq_kernel`; (BLOCK_M, BLOCK_N,
-    stages, "ws") the warp-specialized :func:`_ws_dq_kernel`."""
+    ``config``: (BLOCK_M, BLOCK_N, num_warps) runs :func:`_dq_kernel` (no variants: callers
+    check :func:`dq_takes`); (BLOCK_M, BLOCK_N, stages, "ws") the warp-specialized
+    :func:`_ws_dq_kernel`.  ``softcap``, ``alibi_slopes`` and ``window_size`` as the forward had them."""
     b, sq, h, d = q.shape
     config = config or DQ_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
-    args = (stats, dq_out, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E,
-            softmax_scale)
     if config[-1] == "ws":
         block_m, block_n, stages, _ = config
+        scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
         _ws_dq_kernel[(cdiv(sq, block_m), b * h)](
             descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n),
-            descriptor_3d(dout, block_m // 2), *args,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
+            descriptor_3d(dout, block_m // 2), stats, dq_out, h, h // h_kv, sq, sk, causal_offset,
+            stats.shape[-1], scalars[0], softmax_scale, *scalars[1:],
+            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=4, **flags,
         )
         return
+    args = (stats, dq_out, h, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E,
+            softmax_scale)
     block_m, block_n, num_warps = config
     _dq_kernel[(cdiv(sq, block_m), b * h)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
@@ -588,9 +673,16 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
     )
 
 
+def dq_takes(d: int, variants: bool) -> bool:
+    """Whether the Gluon dQ pass runs at head dim ``d`` (after :func:`supported`): the
+    warp-specialized pass takes softcap, ALiBi and windows, the plain one (D=256) none."""
+    return d in DQ_HEAD_DIMS and (not variants or DQ_CONFIGS[d][-1] == "ws")
+
+
 def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
          dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
-         config: tuple[int, ...] | None = None) -> None:
+         config: tuple[int, ...] | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+         window_size: tuple[int, int] = (-1, -1)) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
     BLOCK_N, num_warps) runs :func:`_dkdv_kernel`; (BLOCK_M, BLOCK_N, stages, "ws") the
@@ -609,7 +701,9 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
         )
         return
     block_m, block_n, num_warps = config
+    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
         _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
-        *args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
+        stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], scalars[0], softmax_scale,
+        *scalars[1:], HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
     )

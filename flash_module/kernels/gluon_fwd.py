@@ -43,7 +43,7 @@ import torch
 
 from .._runtime import cdiv
 from . import _common
-from ._gluon import CONSUMER_REGS, HAVE_GLUON, descriptor_3d
+from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d
 
 if HAVE_GLUON:
     from ._gluon import (
@@ -56,6 +56,7 @@ if HAVE_GLUON:
         producer,
         store_rows,
         tma,
+        variant_scores,
         warpgroup_mma,
         warpgroup_mma_wait,
         window_blocks,
@@ -100,13 +101,6 @@ def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool)
 if HAVE_GLUON:
 
     @gluon.jit
-    def _tanh(x):
-        """The GPU's one-instruction tanh (``tanh.approx.f32``, relative error ~2^-11, as the
-        portable kernels use for fp16/bf16 scores)."""
-        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
-                                         pack=1)
-
-    @gluon.jit
     def _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, win_l, win_r,
                       MASKED: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
                       WINDOW: gl.constexpr):
@@ -125,12 +119,8 @@ if HAVE_GLUON:
                 diag = rows[:, None] + causal_offset
                 ok = ok & (keys[None, :] >= diag - win_l) & (keys[None, :] <= diag + win_r)
         if SOFTCAP or ALIBI:  # transformed scores: the max is taken after the transform
-            x = s * qk_scale
-            if SOFTCAP:
-                x = _tanh(x) * cap2
-            if ALIBI:  # distances in fp32 (exact below 2^24): no integer-to-float conversion per score
-                diag = (rows + causal_offset).to(gl.float32)
-                x = x - slope2 * gl.abs(diag[:, None] - keys.to(gl.float32)[None, :])
+            x, _ = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
+                                  keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
             if MASKED:
                 x = gl.where(ok, x, float("-inf"))
             m_new = gl.maximum(m_i, gl.max(x, 1))
@@ -190,7 +180,7 @@ if HAVE_GLUON:
         q_s = q_buf.reshape([ROWS, HEAD_DIM])
         slope2 = 0.0
         if ALIBI:  # this head's slope, log2 domain
-            slope2 = gl.load(Alibi_bh) * 1.4426950408889634
+            slope2 = gl.load(Alibi_bh) * LOG2E_C
         mbarrier.wait(q_bar.index(wg), phase=0)
         if total > first:
             mbarrier.wait(k_ready.index(0), phase=0)
@@ -232,7 +222,7 @@ if HAVE_GLUON:
             v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
             o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, o)
         if SINK:  # the head's sink logit joins the denominator (``_common.add_sink``)
-            sink2 = gl.load(Sink + off_h) * 1.4426950408889634 + gl.zeros_like(m_i)
+            sink2 = gl.load(Sink + off_h) * LOG2E_C + gl.zeros_like(m_i)
             m_new = gl.maximum(m_i, sink2)
             m_sub = gl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = gl.exp2(m_i - m_sub)
