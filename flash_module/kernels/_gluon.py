@@ -34,7 +34,7 @@ __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d"]
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
-                "tanh_approx", "variant_scores"]
+                "tanh_approx", "variant_scores", "tile_key_blocks"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -148,6 +148,18 @@ if HAVE_GLUON:
         full_lo = gl.minimum(gl.cdiv(gl.maximum(last_row - win_l, 0), BLOCK_N), gl.cdiv(n3, BLOCK_N))
         full_hi = gl.minimum(gl.maximum(first_row + win_r + 1, 0) // BLOCK_N, Sk // BLOCK_N)
         return first, gl.cdiv(n3, BLOCK_N), full_lo, gl.maximum(full_hi, full_lo)
+
+    @gluon.jit
+    def tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                        IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """The key blocks of the query tile at rows [start_m, start_m + BLOCK_M), as
+        :func:`window_blocks` gives them, ``(first, total, full_lo, full_hi)``, with or without
+        a window (without: :func:`key_blocks`, from block 0)."""
+        if WINDOW:
+            return window_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N)
+        else:
+            total, full_hi = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
+            return 0, total, 0, full_hi
 
     @gluon.jit
     def store_rows(X, x, row0, off_b, off_h, S, H, layout: gl.constexpr):

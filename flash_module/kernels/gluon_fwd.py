@@ -50,16 +50,15 @@ if HAVE_GLUON:
         fence_async_shared,
         gl,
         gluon,
-        key_blocks,
         kv_ring,
         mbarrier,
         producer,
         store_rows,
+        tile_key_blocks,
         tma,
         variant_scores,
         warpgroup_mma,
         warpgroup_mma_wait,
-        window_blocks,
     )
 
 #: (BLOCK_M, BLOCK_N, stages) per head dim; the Gluon forward runs at these head dims only.
@@ -258,13 +257,8 @@ if HAVE_GLUON:
             mbarrier.init(q_bar.index(i), count=1)
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
         fence_async_shared()
-        if WINDOW:
-            first, total, full_lo, full_hi = window_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
-                                                           BLOCK_N)
-        else:
-            total, full_hi = key_blocks(start_m, Sk, causal_offset, BLOCK_M, BLOCK_N, IS_CAUSAL)
-            first = 0
-            full_lo = 0
+        first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
+                                                         BLOCK_N, IS_CAUSAL, WINDOW)
         alibi_bh = Alibi + off_b * stride_ab + off_h * stride_ah
         gl.warp_specialize(
             [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
