@@ -29,10 +29,7 @@ CONFIGS = [
     pytest.param(None, None, id="default"),
     pytest.param((64, 64, 8), (64, 64, 8), id="w8-64x64"),
     pytest.param((64, 128, 8), None, id="dkdv64x128w8"),
-    pytest.param("ws", None, id="ws-dkdv"),  # WS_DKDV_CONFIGS: opt-in, D=64/128
 ]
-#: the warp-specialized dK/dV pass's configs (opt-in; its consumers would spill at D=256)
-WS_DKDV_CONFIGS = {64: (64, 128, 3, "ws"), 128: (32, 128, 4, "ws")}
 
 
 def _hopper() -> bool:
@@ -58,10 +55,8 @@ def test_not_used_off_hopper_or_with_variants():
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype", CASES)
 def test_gluon_backward_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype, causal, dkdv_config,
                                                     dq_config, monkeypatch):
-    if d == 256 and dkdv_config in ((64, 128, 8), "ws"):
+    if d == 256 and dkdv_config == (64, 128, 8):
         pytest.skip("64 x 128 tiles at D=256 exceed shared memory or registers")
-    if dkdv_config == "ws":
-        dkdv_config = WS_DKDV_CONFIGS[d]
     monkeypatch.setattr(gluon_bwd, "DQ_HEAD_DIMS", gluon_bwd.HEAD_DIMS)  # both passes in Gluon
     for name, config in (("DKDV_CONFIGS", dkdv_config), ("DQ_CONFIGS", dq_config)):
         configs = getattr(gluon_bwd, name)
@@ -91,17 +86,20 @@ def test_gluon_backward_matches_oracle_and_portable(b, sq, sk, h, h_kv, d, dtype
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
-@pytest.mark.parametrize("d", [64, 128])
-def test_warp_specialized_passes_keep_a_nan_in_its_sequence(d, monkeypatch):
-    """The warp-specialized dK/dV and dQ passes read 3-D TMA boxes (zeros past a sequence's
-    end): NaN queries and output gradients in batch entry 1 leave entries 0 and 2 exact."""
-    monkeypatch.setattr(gluon_bwd, "DKDV_CONFIGS", {**gluon_bwd.DKDV_CONFIGS, d: WS_DKDV_CONFIGS[d]})
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_backward_keeps_a_nan_in_its_sequence(d, monkeypatch):
+    """The Gluon passes read 3-D TMA boxes (zeros past a sequence's end, never the next
+    sequence's rows): NaN queries, keys, values and output gradients in batch entry 1 leave the
+    gradients of entries 0 and 2 exact (70 queries and 100 keys: every pass's last tile runs
+    past its sequence)."""
     monkeypatch.setattr(gluon_bwd, "DQ_HEAD_DIMS", gluon_bwd.HEAD_DIMS)
     q, k, v = make_qkv(3, 70, 100, 2, 2, d, torch.bfloat16, "cuda")
     dout = torch.randn(3, 70, 2, d, dtype=torch.bfloat16, device="cuda")
     with torch.no_grad():
-        q[1] = float("nan")
+        for t in (q, k, v):
+            t[1] = float("nan")
     dout[1] = float("nan")
+    assert gluon_bwd.supported(q, k, v, dout, variants=False)
     out, _ = ops.attention_fwd(q, k, v, d**-0.5, True, True, "fa2")
     grads = torch.autograd.grad(out, (q, k, v), dout)
     for i in (0, 2):

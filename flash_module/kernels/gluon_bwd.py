@@ -30,10 +30,10 @@ query blocks of a key block (dK/dV, every step masked) and the key blocks of a q
 ``_gluon.window_blocks``).
 
 Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no dropout or mask (and at
-D=256 the dQ pass takes no variant: the portable dQ runs then), inputs in the (B, S, H, D) layout with the last two dims
-contiguous and dense (the dK/dV and plain dQ passes read them as a (B*S, H*D) matrix: a query
-block that runs past its sequence reads the next sequence's rows, whose P is zeroed by
-lse2 = +inf; the warp-specialized dQ reads 3-D boxes, zero-filled past the sequence).
+D=256 the dQ pass takes no variant: the portable dQ runs then), contiguous (B, S, H, D) inputs.
+Every pass reads them through 3-D (batch, sequence, heads * D) TMA descriptors
+(``_gluon.descriptor_3d``): rows past a sequence's end come in as zeros, never the next
+sequence's, so a NaN in one batch element cannot reach another's gradients.
 Deterministic (no atomics).  :func:`supported` says whether a call qualifies;
 ``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
 under the interpreter (Gluon has none): CI runs the portable kernels.
@@ -52,7 +52,6 @@ from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d
 
 if HAVE_GLUON:
     from ._gluon import (
-        TensorDescriptor,
         fence_async_shared,
         gl,
         gluon,
@@ -126,33 +125,36 @@ if HAVE_GLUON:
         return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
 
     @gluon.jit
-    def _stage_tiles(own_a_desc, own_b_desc, ring_a_desc, ring_b_desc, row, col, OWN_ROWS: gl.constexpr,
+    def _stage_tiles(own_a_desc, own_b_desc, ring_a_desc, ring_b_desc, b, row, col, OWN_ROWS: gl.constexpr,
                      RING_ROWS: gl.constexpr, HEAD_DIM: gl.constexpr):
         """Shared memory of a pass: the program's own pair of (OWN_ROWS, D) tiles (K, V for dK/dV;
-        Q, dO for dQ), whose TMA load from ``[row, col]`` starts here, and a two-stage ring for the
-        streamed pair, with one barrier per stage.  Returns (own_a, own_b, own_bar, ring_a,
-        ring_b, ring_bars)."""
+        Q, dO for dQ), whose TMA load from batch element ``b``, ``[row, col]`` starts here, and a
+        two-stage ring for the streamed pair, with one barrier per stage.  Returns (own_a, own_b,
+        own_bar, ring_a, ring_b, ring_bars); the own tiles as (OWN_ROWS, D) views, the ring's
+        stages as (1, RING_ROWS, D) boxes (3-D TMA: rows past a sequence's end are zeros)."""
         dtype: gl.constexpr = own_a_desc.dtype
-        own_a = gl.allocate_shared_memory(dtype, [OWN_ROWS, HEAD_DIM], own_a_desc.layout)
-        own_b = gl.allocate_shared_memory(dtype, [OWN_ROWS, HEAD_DIM], own_b_desc.layout)
-        ring_a = gl.allocate_shared_memory(dtype, [2, RING_ROWS, HEAD_DIM], ring_a_desc.layout)
-        ring_b = gl.allocate_shared_memory(dtype, [2, RING_ROWS, HEAD_DIM], ring_b_desc.layout)
+        own_a = gl.allocate_shared_memory(dtype, [1, OWN_ROWS, HEAD_DIM], own_a_desc.layout)
+        own_b = gl.allocate_shared_memory(dtype, [1, OWN_ROWS, HEAD_DIM], own_b_desc.layout)
+        ring_a = gl.allocate_shared_memory(dtype, [2, 1, RING_ROWS, HEAD_DIM], ring_a_desc.layout)
+        ring_b = gl.allocate_shared_memory(dtype, [2, 1, RING_ROWS, HEAD_DIM], ring_b_desc.layout)
         own_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         mbarrier.init(own_bar, count=1)
         mbarrier.init(bars.index(0), count=1)
         mbarrier.init(bars.index(1), count=1)
         mbarrier.expect(own_bar, own_a_desc.block_type.nbytes + own_b_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(own_a_desc, [row, col], own_bar, own_a)
-        tma.async_copy_global_to_shared(own_b_desc, [row, col], own_bar, own_b)
-        return own_a, own_b, own_bar, ring_a, ring_b, bars
+        tma.async_copy_global_to_shared(own_a_desc, [b, row, col], own_bar, own_a)
+        tma.async_copy_global_to_shared(own_b_desc, [b, row, col], own_bar, own_b)
+        return (own_a.reshape([OWN_ROWS, HEAD_DIM]), own_b.reshape([OWN_ROWS, HEAD_DIM]), own_bar, ring_a, ring_b,
+                bars)
 
     @gluon.jit
-    def _load_pair(a_desc, b_desc, row, col, bar, a_smem, b_smem, nbytes: gl.constexpr):
-        """Start the TMA loads of one ring stage's pair of tiles, arriving on ``bar``."""
+    def _load_pair(a_desc, b_desc, b, row, col, bar, a_smem, b_smem, nbytes: gl.constexpr):
+        """Start the TMA loads of one ring stage's pair of tiles (batch element ``b``, ``[row,
+        col]``), arriving on ``bar``."""
         mbarrier.expect(bar, nbytes)
-        tma.async_copy_global_to_shared(a_desc, [row, col], bar, a_smem)
-        tma.async_copy_global_to_shared(b_desc, [row, col], bar, b_smem)
+        tma.async_copy_global_to_shared(a_desc, [b, row, col], bar, a_smem)
+        tma.async_copy_global_to_shared(b_desc, [b, row, col], bar, b_smem)
 
     @gluon.jit
     def _two_products(a, b, c, d, zero):
@@ -194,7 +196,7 @@ if HAVE_GLUON:
             nxt = it + 1
             nm0 = (m_first + nxt % n_m) * BLOCK_M
             nh = off_hkv * GROUP + nxt // n_m
-            _load_pair(q_desc, do_desc, off_b * Sq + nm0, nh * HEAD_DIM, bars.index(1 - stage),
+            _load_pair(q_desc, do_desc, off_b, nm0, nh * HEAD_DIM, bars.index(1 - stage),
                        q_smem.index(1 - stage), do_smem.index(1 - stage), qo_bytes)
         # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
         rows = m0 + gl.arange(0, BLOCK_M, col_layout)
@@ -203,8 +205,8 @@ if HAVE_GLUON:
         delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
 
         mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
-        q_s = q_smem.index(stage)
-        do_s = do_smem.index(stage)
+        q_s = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        do_s = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         s_t, dp_t = _two_products(k_smem, q_s, v_smem, do_s, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout))
         if SOFTCAP or ALIBI:
             slope2 = 0.0
@@ -253,7 +255,7 @@ if HAVE_GLUON:
 
         # Shared memory: K and V for the whole program, Q and dO in a two-stage ring.
         k_smem, v_smem, kv_bar, q_smem, do_smem, bars = _stage_tiles(
-            k_desc, v_desc, q_desc, do_desc, off_b * Sk + start_n, off_hkv * HEAD_DIM, BLOCK_N, BLOCK_M, HEAD_DIM)
+            k_desc, v_desc, q_desc, do_desc, off_b, start_n, off_hkv * HEAD_DIM, BLOCK_N, BLOCK_M, HEAD_DIM)
 
         # Query blocks that see any key of this block: causal (bottom-right by causal_offset)
         # starts at the block holding row start_n - causal_offset; a window (row r sees keys
@@ -272,7 +274,7 @@ if HAVE_GLUON:
 
         # Step 0's Q and dO.
         if total > 0:
-            _load_pair(q_desc, do_desc, off_b * Sq + m_first * BLOCK_M, off_hkv * GROUP * HEAD_DIM, bars.index(0),
+            _load_pair(q_desc, do_desc, off_b, m_first * BLOCK_M, off_hkv * GROUP * HEAD_DIM, bars.index(0),
                        q_smem.index(0), do_smem.index(0), qo_bytes)
 
         dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, d_layout)
@@ -338,7 +340,7 @@ if HAVE_GLUON:
 
         # Shared memory: Q and dO for the whole program, K and V in a two-stage ring.
         q_smem, do_smem, qo_bar, k_smem, v_smem, bars = _stage_tiles(
-            q_desc, do_desc, k_desc, v_desc, off_b * Sq + start_m, off_h * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM)
+            q_desc, do_desc, k_desc, v_desc, off_b, start_m, off_h * HEAD_DIM, BLOCK_M, BLOCK_N, HEAD_DIM)
 
         # Key blocks this query block sees: causal stops after key start_m + BLOCK_M - 1 + offset.
         n_end = Sk
@@ -348,7 +350,7 @@ if HAVE_GLUON:
         kv_bytes: gl.constexpr = 2 * BLOCK_N * HEAD_DIM * 2
         kv_col = off_hkv * HEAD_DIM
         if total > 0:
-            _load_pair(k_desc, v_desc, off_b * Sk, kv_col, bars.index(0), k_smem.index(0), v_smem.index(0), kv_bytes)
+            _load_pair(k_desc, v_desc, off_b, 0, kv_col, bars.index(0), k_smem.index(0), v_smem.index(0), kv_bytes)
 
         rows = start_m + gl.arange(0, BLOCK_M, row_layout)
         stats = Stats + (pid_bh * 3).to(gl.int64) * stats_len
@@ -362,11 +364,11 @@ if HAVE_GLUON:
             if num_warps > 4:  # every warpgroup past step it - 1 before its stage refills
                 gl.thread_barrier()
             if it + 1 < total:  # the next key block into the other stage
-                _load_pair(k_desc, v_desc, off_b * Sk + start_n + BLOCK_N, kv_col, bars.index(1 - stage),
+                _load_pair(k_desc, v_desc, off_b, start_n + BLOCK_N, kv_col, bars.index(1 - stage),
                            k_smem.index(1 - stage), v_smem.index(1 - stage), kv_bytes)
             mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
-            k_s = k_smem.index(stage)
-            v_s = v_smem.index(stage)
+            k_s = k_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
+            v_s = v_smem.index(stage).reshape([BLOCK_N, HEAD_DIM])
             s, dp = _two_products(q_smem, k_s, do_smem, v_s, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
             keys = start_n + gl.arange(0, BLOCK_N, col_layout)
             ok = keys[None, :] < Sk
@@ -499,133 +501,6 @@ if HAVE_GLUON:
             [4, 1], [CONSUMER_REGS, 24])
 
 
-    @gluon.jit
-    def _qdo_producer(q_desc, do_desc, q_smem, do_smem, ready, empty, total, n_m, m_first, off_b, off_hkv, GROUP,
-                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: step it's Q and dO blocks (query head ``it // n_m`` of the group, query
-        block ``m_first + it % n_m``) into stage it % STAGES once both consumers released it."""
-        for it in range(total):
-            st = it % STAGES
-            mbarrier.wait(empty.index(st), phase=((it // STAGES) & 1) ^ 1, pred=it >= STAGES)
-            col = (off_hkv * GROUP + it // n_m) * HEAD_DIM
-            row = (m_first + it % n_m) * BLOCK_M
-            bar = ready.index(st)
-            mbarrier.expect(bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(q_desc, [off_b, row, col], bar, q_smem.index(st))
-            tma.async_copy_global_to_shared(do_desc, [off_b, row, col], bar, do_smem.index(st))
-
-    @gluon.jit
-    def _dkdv_consumer(wg, k_desc, v_desc, k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, Stats, DK, DV,
-                       total, n_m, m_first, off_b, off_hkv, GROUP, H, H_KV, Sq, Sk, causal_offset, stats_len,
-                       qk_scale, sm_scale, start_n, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                       KEYS: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr):
-        """dK and dV of keys [start_n + wg * KEYS, + KEYS) (one warpgroup, its K and V in shared
-        memory) over the Q/dO blocks the producer streams: the step of :func:`_dkdv_step`,
-        releasing each stage after its last matmul.  Per query head, the blocks that reach
-        above the causal diagonal for these keys are the first ``n_mask`` of the head's."""
-        dtype: gl.constexpr = k_desc.dtype
-        s_layout: gl.constexpr = _mma_layouts(KEYS, BLOCK_M, HEAD_DIM, 4)[0]
-        d_layout: gl.constexpr = _mma_layouts(KEYS, BLOCK_M, HEAD_DIM, 4)[1]
-        a_layout: gl.constexpr = _mma_layouts(KEYS, BLOCK_M, HEAD_DIM, 4)[2]
-        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
-        key0 = start_n + wg * KEYS
-        bar = kv_bar.index(wg)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [off_b, key0, off_hkv * HEAD_DIM], bar, k_smem.index(wg))
-        tma.async_copy_global_to_shared(v_desc, [off_b, key0, off_hkv * HEAD_DIM], bar, v_smem.index(wg))
-        keys = key0 + gl.arange(0, KEYS, gl.SliceLayout(1, s_layout))
-        n_mask = n_m
-        if IS_CAUSAL:
-            n_mask = gl.minimum(gl.maximum(gl.cdiv(key0 + KEYS - 1 - causal_offset - m_first * BLOCK_M, BLOCK_M), 0),
-                                n_m)
-        dk = gl.zeros([KEYS, HEAD_DIM], gl.float32, d_layout)
-        dv = gl.zeros([KEYS, HEAD_DIM], gl.float32, d_layout)
-        k_s = k_smem.index(wg).reshape([KEYS, HEAD_DIM])
-        v_s = v_smem.index(wg).reshape([KEYS, HEAD_DIM])
-        mbarrier.wait(bar, phase=0)
-        for it in range(total):
-            st = it % STAGES
-            rows = (m_first + it % n_m) * BLOCK_M + gl.arange(0, BLOCK_M, col_layout)
-            stats = Stats + ((off_b * H + off_hkv * GROUP + it // n_m) * 3).to(gl.int64) * stats_len
-            lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
-            delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
-            mbarrier.wait(ready.index(st), phase=(it // STAGES) & 1)
-            q_s = q_smem.index(st).reshape([BLOCK_M, HEAD_DIM])
-            do_s = do_smem.index(st).reshape([BLOCK_M, HEAD_DIM])
-            s_t, dp_t = _two_products(k_s, q_s, v_s, do_s, gl.zeros([KEYS, BLOCK_M], gl.float32, s_layout))
-            p_t = gl.exp2(s_t * qk_scale - lse2[None, :])  # (KEYS, BLOCK_M)
-            if IS_CAUSAL:
-                if it % n_m < n_mask:
-                    p_t = gl.where(keys[:, None] <= rows[None, :] + causal_offset, p_t, 0.0)
-            dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
-            dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-            mbarrier.arrive(empty.index(st), count=1)
-        store_rows(DK, dk * sm_scale, key0, off_b, off_hkv, Sk, H_KV, d_layout)
-        store_rows(DV, dv, key0, off_b, off_hkv, Sk, H_KV, d_layout)
-
-    @gluon.jit
-    def _ws_dkdv_kernel(
-        q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
-        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        IS_CAUSAL: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """dK/dV of one BLOCK_N-key tile, warp-specialized: two consumer warpgroups
-        (:func:`_dkdv_consumer`) own half of the keys each and share every Q/dO stage, which one
-        producer warp (:func:`_qdo_producer`) streams through a STAGES-deep ring (``ready``:
-        the TMA bytes landed; ``empty``: both consumers are done)."""
-        KEYS: gl.constexpr = BLOCK_N // 2
-        dtype: gl.constexpr = q_desc.dtype
-        pid_bh = gl.program_id(1)
-        off_b = pid_bh // H_KV
-        off_hkv = pid_bh % H_KV
-        start_n = gl.program_id(0) * BLOCK_N
-        k_smem = gl.allocate_shared_memory(dtype, [2, 1, KEYS, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, KEYS, HEAD_DIM], v_desc.layout)
-        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, HEAD_DIM], do_desc.layout)
-        kv_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(kv_bar.index(i), count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=2)
-        fence_async_shared()
-        # Query blocks that see any key of the tile (causal: from the block holding row
-        # start_n - causal_offset), for each query head of the group.
-        m_first = 0
-        if IS_CAUSAL:
-            m_first = gl.maximum(start_n - causal_offset, 0) // BLOCK_M
-        n_m = gl.maximum(gl.cdiv(Sq, BLOCK_M) - m_first, 0)
-        total = n_m * GROUP
-        gl.warp_specialize(
-            [(_dkdv_consumer, (0, k_desc, v_desc, k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, Stats, DK,
-                               DV, total, n_m, m_first, off_b, off_hkv, GROUP, H, H_KV, Sq, Sk, causal_offset,
-                               stats_len, qk_scale, sm_scale, start_n, HEAD_DIM, BLOCK_M, KEYS, STAGES,
-                               IS_CAUSAL)),
-             (_dkdv_consumer, (1, k_desc, v_desc, k_smem, v_smem, kv_bar, q_smem, do_smem, ready, empty, Stats, DK,
-                               DV, total, n_m, m_first, off_b, off_hkv, GROUP, H, H_KV, Sq, Sk, causal_offset,
-                               stats_len, qk_scale, sm_scale, start_n, HEAD_DIM, BLOCK_M, KEYS, STAGES,
-                               IS_CAUSAL)),
-             (_qdo_producer, (q_desc, do_desc, q_smem, do_smem, ready, empty, total, n_m, m_first, off_b, off_hkv,
-                              GROUP, HEAD_DIM, BLOCK_M, STAGES))],
-            [4, 1], [CONSUMER_REGS, 24])
-
-
-def _descriptor(t: torch.Tensor, rows: int):
-    """TMA descriptor of a dense (B, S, H, D) tensor read as a (B*S, H*D) matrix, (rows, D) boxes."""
-    d = t.shape[-1]
-    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    flat = t.view(t.shape[0] * t.shape[1], t.shape[2] * d)
-    layout = gl.NVMMASharedLayout.get_default_for([rows, d], gdt)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, d], layout)
-
-
 def _variant_args(q: torch.Tensor, softmax_scale: float, causal: bool, softcap: float,
                   alibi_slopes: torch.Tensor | None, window_size: tuple[int, int]) -> tuple[tuple, dict]:
     """The passes' scalar arguments after ``sm_scale`` and their compile-time flags:
@@ -662,7 +537,7 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
             softmax_scale)
     block_m, block_n, num_warps = config
     _dq_kernel[(cdiv(sq, block_m), b * h)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
+        descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         *args, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal, num_warps=num_warps,
     )
 
@@ -679,25 +554,13 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
          window_size: tuple[int, int] = (-1, -1)) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
-    BLOCK_N, num_warps) runs :func:`_dkdv_kernel`; (BLOCK_M, BLOCK_N, stages, "ws") the
-    warp-specialized :func:`_ws_dkdv_kernel` (BLOCK_N keys shared by two warpgroups)."""
+    BLOCK_N, num_warps) of :func:`_dkdv_kernel`."""
     b, sq, h, d = q.shape
-    config = config or DKDV_CONFIGS[d]
+    block_m, block_n, num_warps = config or DKDV_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
-    args = (stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], softmax_scale * LOG2E,
-            softmax_scale)
-    if config[-1] == "ws":
-        block_m, block_n, stages, _ = config
-        _ws_dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
-            descriptor_3d(q, block_m), descriptor_3d(k, block_n // 2), descriptor_3d(v, block_n // 2),
-            descriptor_3d(dout, block_m), *args,
-            HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, num_warps=4,
-        )
-        return
-    block_m, block_n, num_warps = config
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
-        _descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n), _descriptor(dout, block_m),
+        descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], scalars[0], softmax_scale,
         *scalars[1:], HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
     )
