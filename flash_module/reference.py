@@ -432,14 +432,29 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: boo
     return keep
 
 
+def _group_qk(qb: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
+    """Q blocks (B, H, nQ, Br, D) times one K block (B, H_kv, Bc, D) -> (B, H, nQ, Br, Bc): each
+    K/V head meets its GQA group of query heads (heads ``hk * G .. hk * G + G - 1``, as the
+    kernels pack them) without a copy of K per query head."""
+    g = qb.shape[1] // kj.shape[1]
+    return torch.einsum("bhgnqd,bhkd->bhgnqk", qb.unflatten(1, (kj.shape[1], g)), kj).flatten(1, 2)
+
+
+def _group_pv(p: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
+    """P blocks (B, H, nQ, Br, Bc) times one V block (B, H_kv, Bc, D) -> (B, H, nQ, Br, D), the
+    GQA groups as in :func:`_group_qk`."""
+    g = p.shape[1] // vj.shape[1]
+    return torch.einsum("bhgnqk,bhkd->bhgnqd", p.unflatten(1, (vj.shape[1], g)), vj).flatten(1, 2)
+
+
 def _block_scores(
     qb: torch.Tensor, kj: torch.Tensor, scale: float, sk: int, k_start: int, block_m: int, causal: bool,
     offset: int, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
-    """Scores of every query block against one key block, capped, biased and masked.
-    (B, H, nQ, Br, Bc)."""
-    s = cap_scores(torch.einsum("bhnqd,bhkd->bhnqk", qb, kj) * scale, softcap)
+    """Scores of every query block against one key block (``kj``: (B, H_kv, Bc, D)), capped,
+    biased and masked.  (B, H, nQ, Br, Bc)."""
+    s = cap_scores(_group_qk(qb, kj) * scale, softcap)
     i = torch.arange(qb.shape[2] * block_m, device=qb.device).view(qb.shape[2], block_m, 1)
     j = torch.arange(k_start, k_start + kj.shape[2], device=qb.device).view(1, 1, -1)
     s = s + alibi_bias(alibi_slopes, i, j, offset, s.dtype)
@@ -453,12 +468,14 @@ def _neg_inf_to_zero(m: torch.Tensor) -> torch.Tensor:
 def _tiled_start(q, k, v, softmax_scale, block_m, block_n):
     """Common set-up of the tiled loops: the scale, blocked Q/K/V in the accumulator dtype, and
     the running state O = 0, l = 0, m = -inf for every query row.  Returns
-    (scale, qb (B, H, nQ, Br, D), kb, vb (B, H, nK, Bc, D), o, l, m)."""
+    (scale, qb (B, H, nQ, Br, D), kb, vb (B, H_kv, nK, Bc, D), o, l, m): K/V keep their own heads
+    (GQA: :func:`_group_qk` / :func:`_group_pv` share each among its query group; a decode
+    step over a long cache converts H_kv heads, not H)."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    h, acc = q.shape[2], acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     qb = _blocks(q.to(acc), block_m)
-    kb = _blocks(_expand_kv(k, h).to(acc), block_n)
-    vb = _blocks(_expand_kv(v, h).to(acc), block_n)
+    kb = _blocks(k.to(acc), block_n)
+    vb = _blocks(v.to(acc), block_n)
     l = torch.zeros(qb.shape[:-1], dtype=acc, device=q.device)  # (B, H, nQ, Br)
     return scale, qb, kb, vb, torch.zeros_like(qb), l, torch.full_like(l, float("-inf"))
 
@@ -514,7 +531,7 @@ def fa1_forward(
         alpha = torch.exp(m - m_new_safe)  # rescale of the old state
         beta = torch.exp(m_ij - m_new_safe)  # rescale of the new block
         l_new = alpha * l + beta * l_ij
-        pv = torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
+        pv = _group_pv(p, vb[:, :, j])
         l_div = torch.where(l_new > 0, l_new, torch.ones_like(l_new))
         o = ((alpha * l)[..., None] * o + beta[..., None] * pv) / l_div[..., None]
         l, m = l_new, m_new
@@ -611,7 +628,7 @@ def _fa2_loop(q, k, v, softmax_scale, causal, offset, block_m=64, block_n=64, so
         if dropout is not None:  # dropped probabilities stay in l, leave acc
             cols = torch.arange(j * block_n, (j + 1) * block_n, device=q.device)
             p = p * dropout.keep(rows, cols).to(p.dtype)
-        acc = alpha[..., None] * acc + torch.einsum("bhnqk,bhkd->bhnqd", p, vb[:, :, j])
+        acc = alpha[..., None] * acc + _group_pv(p, vb[:, :, j])
         m = m_new
     out = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]  # the single final division
     if dropout is not None:
