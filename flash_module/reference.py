@@ -73,12 +73,6 @@ def _expand_kv(x: torch.Tensor, h: int) -> torch.Tensor:
     return x if h_kv == h else x.repeat_interleave(h // h_kv, dim=2)
 
 
-def _reduce_kv(dx: torch.Tensor, h_kv: int) -> torch.Tensor:
-    """(B, S, H, D) -> (B, S, H_kv, D): sum the gradients of each K/V head's query-head group."""
-    b, s, h, d = dx.shape
-    return dx if h == h_kv else dx.view(b, s, h_kv, h // h_kv, d).sum(dim=3)
-
-
 def cap_scores(s: torch.Tensor, softcap: float) -> torch.Tensor:
     """Softcapping (Gemma 2; flash-attn's ``softcap``): scaled scores ``s`` -> ``softcap *
     tanh(s / softcap)``; ``softcap = 0`` leaves them as they are."""
@@ -671,7 +665,8 @@ def fa2_backward(
     (the forward's mask, regenerated) dV takes the dropped P and dP is multiplied by the mask
     and 1 / (1 - p) before it meets P.
     The loop over K/V blocks is the dK/dV kernel's grid.
-    Memory is O(Sq · block_n).  GQA: dK/dV are summed over each K/V head's query group.
+    Memory is O(Sq · block_n).  GQA: K/V are not copied per query head; dK/dV are summed over
+    each K/V head's query group.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     b, sq, h, d = q.shape
@@ -679,8 +674,13 @@ def fa2_backward(
     acc = acc_dtype(q.dtype)
     qf = q.to(acc).transpose(1, 2)  # (B, H, Sq, D)
     dof = dout.to(acc).transpose(1, 2)
-    kf = _expand_kv(k, h).to(acc).transpose(1, 2)  # (B, H, Sk, D)
-    vf = _expand_kv(v, h).to(acc).transpose(1, 2)
+    kf = k.to(acc).transpose(1, 2)  # (B, H_kv, Sk, D): each K/V head serves its GQA group
+    vf = v.to(acc).transpose(1, 2)
+    g = h // h_kv
+
+    def by_group(x: torch.Tensor) -> torch.Tensor:  # (B, H, ...) -> (B, H_kv, G, ...), a view
+        return x.unflatten(1, (h_kv, g))
+
     delta = (dof * out.to(acc).transpose(1, 2)).sum(-1)  # (B, H, Sq)
     if dlse is not None:
         delta = delta - dlse.to(acc)
@@ -697,7 +697,7 @@ def fa2_backward(
     for start in range(0, sk, block_n):
         end = min(start + block_n, sk)
         kj, vj = kf[:, :, start:end], vf[:, :, start:end]
-        s = torch.einsum("bhqd,bhkd->bhqk", qf, kj) * scale
+        s = torch.einsum("bhgqd,bhkd->bhgqk", by_group(qf), kj).flatten(1, 2) * scale  # (B, H, Sq, Bc)
         if softcap:
             t = torch.tanh(s / softcap)
             s = softcap * t
@@ -708,23 +708,24 @@ def fa2_backward(
         if attn_mask is not None:
             s = s + mask_columns(attn_mask, (b, h, sq, sk), start, end, acc)
         p = torch.exp((s - lse_safe[..., None]).to(acc))  # (B, H, Sq, Bc); s - lse in the LSE's dtype
-        dp = torch.einsum("bhqd,bhkd->bhqk", dof, vj)
+        dp = torch.einsum("bhgqd,bhkd->bhgqk", by_group(dof), vj).flatten(1, 2)
+        # dK/dV of a K/V head: summed over its query group inside the einsums
         if dropout is not None:
             keep = dropout.keep(drop_rows, cols).to(acc) * keep_scale
-            dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p * keep, dof)
+            dv[:, :, start:end] = torch.einsum("bhgqk,bhgqd->bhkd", by_group(p * keep), by_group(dof))
             dp = dp * keep
         else:
-            dv[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", p, dof)
+            dv[:, :, start:end] = torch.einsum("bhgqk,bhgqd->bhkd", by_group(p), by_group(dof))
         ds = p * (dp - delta[..., None])
         if mask_grad:  # the mask is added after the cap: its gradient is dS before the cap's factor
             dmask = _accumulate_mask_grad(dmask, ds, attn_mask, start, end)
         if softcap:
             ds = ds * (1 - t * t)
-        dq += torch.einsum("bhqk,bhkd->bhqd", ds, kj) * scale
-        dk[:, :, start:end] = torch.einsum("bhqk,bhqd->bhkd", ds, qf) * scale
+        dq += torch.einsum("bhgqk,bhkd->bhgqd", by_group(ds), kj).flatten(1, 2) * scale
+        dk[:, :, start:end] = torch.einsum("bhgqk,bhgqd->bhkd", by_group(ds), by_group(qf)) * scale
     dq = dq.transpose(1, 2).to(q.dtype)
-    dk = _reduce_kv(dk.transpose(1, 2), h_kv).to(k.dtype)
-    dv = _reduce_kv(dv.transpose(1, 2), h_kv).to(v.dtype)
+    dk = dk.transpose(1, 2).to(k.dtype)
+    dv = dv.transpose(1, 2).to(v.dtype)
     if mask_grad:
         return dq, dk, dv, dmask.to(attn_mask.dtype)
     return dq, dk, dv
