@@ -431,6 +431,8 @@ def _group_qk(qb: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
     K/V head meets its GQA group of query heads (heads ``hk * G .. hk * G + G - 1``, as the
     kernels pack them) without a copy of K per query head."""
     g = qb.shape[1] // kj.shape[1]
+    if g == 1:
+        return torch.einsum("bhnqd,bhkd->bhnqk", qb, kj)
     return torch.einsum("bhgnqd,bhkd->bhgnqk", qb.unflatten(1, (kj.shape[1], g)), kj).flatten(1, 2)
 
 
@@ -438,6 +440,8 @@ def _group_pv(p: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
     """P blocks (B, H, nQ, Br, Bc) times one V block (B, H_kv, Bc, D) -> (B, H, nQ, Br, D), the
     GQA groups as in :func:`_group_qk`."""
     g = p.shape[1] // vj.shape[1]
+    if g == 1:
+        return torch.einsum("bhnqk,bhkd->bhnqd", p, vj)
     return torch.einsum("bhgnqk,bhkd->bhgnqd", p.unflatten(1, (vj.shape[1], g)), vj).flatten(1, 2)
 
 
