@@ -426,23 +426,27 @@ def _visible(i: torch.Tensor, j: torch.Tensor, sk: int, offset: int, causal: boo
     return keep
 
 
+def _by_group(x: torch.Tensor, h_kv: int) -> torch.Tensor:
+    """(B, H, ...) -> (B, H_kv, G, ...), a view: query head ``hk * G + g`` uses K/V head ``hk``
+    (GQA, as the kernels pack the heads)."""
+    return x.unflatten(1, (h_kv, x.shape[1] // h_kv))
+
+
 def _group_qk(qb: torch.Tensor, kj: torch.Tensor) -> torch.Tensor:
     """Q blocks (B, H, nQ, Br, D) times one K block (B, H_kv, Bc, D) -> (B, H, nQ, Br, Bc): each
-    K/V head meets its GQA group of query heads (heads ``hk * G .. hk * G + G - 1``, as the
-    kernels pack them) without a copy of K per query head."""
-    g = qb.shape[1] // kj.shape[1]
-    if g == 1:
+    K/V head meets its GQA group of query heads (:func:`_by_group`) without a copy of K per
+    query head."""
+    if qb.shape[1] == kj.shape[1]:
         return torch.einsum("bhnqd,bhkd->bhnqk", qb, kj)
-    return torch.einsum("bhgnqd,bhkd->bhgnqk", qb.unflatten(1, (kj.shape[1], g)), kj).flatten(1, 2)
+    return torch.einsum("bhgnqd,bhkd->bhgnqk", _by_group(qb, kj.shape[1]), kj).flatten(1, 2)
 
 
 def _group_pv(p: torch.Tensor, vj: torch.Tensor) -> torch.Tensor:
     """P blocks (B, H, nQ, Br, Bc) times one V block (B, H_kv, Bc, D) -> (B, H, nQ, Br, D), the
     GQA groups as in :func:`_group_qk`."""
-    g = p.shape[1] // vj.shape[1]
-    if g == 1:
+    if p.shape[1] == vj.shape[1]:
         return torch.einsum("bhnqk,bhkd->bhnqd", p, vj)
-    return torch.einsum("bhgnqk,bhkd->bhgnqd", p.unflatten(1, (vj.shape[1], g)), vj).flatten(1, 2)
+    return torch.einsum("bhgnqk,bhkd->bhgnqd", _by_group(p, vj.shape[1]), vj).flatten(1, 2)
 
 
 def _block_scores(
@@ -680,10 +684,9 @@ def fa2_backward(
     dof = dout.to(acc).transpose(1, 2)
     kf = k.to(acc).transpose(1, 2)  # (B, H_kv, Sk, D): each K/V head serves its GQA group
     vf = v.to(acc).transpose(1, 2)
-    g = h // h_kv
 
-    def by_group(x: torch.Tensor) -> torch.Tensor:  # (B, H, ...) -> (B, H_kv, G, ...), a view
-        return x.unflatten(1, (h_kv, g))
+    def by_group(x: torch.Tensor) -> torch.Tensor:
+        return _by_group(x, h_kv)
 
     delta = (dof * out.to(acc).transpose(1, 2)).sum(-1)  # (B, H, Sq)
     if dlse is not None:

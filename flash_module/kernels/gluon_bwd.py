@@ -503,13 +503,14 @@ if HAVE_GLUON:
 
 def _variant_args(q: torch.Tensor, softmax_scale: float, causal: bool, softcap: float,
                   alibi_slopes: torch.Tensor | None, window_size: tuple[int, int]) -> tuple[tuple, dict]:
-    """The passes' scalar arguments after ``sm_scale`` and their compile-time flags:
-    ``((qk_scale, cap2, Alibi, stride_ab, stride_ah, win_l, win_r), flags)`` (the forward's
-    scales, ``_common.qk_scale``; causal folds into a bounded window, ``_common.window_args``)."""
+    """The passes' scalar arguments from ``qk_scale`` on and their compile-time flags:
+    ``((qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah, win_l, win_r), flags)`` (the
+    forward's scales, ``_common.qk_scale``; causal folds into a bounded window,
+    ``_common.window_args``)."""
     qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
     flags = dict(IS_CAUSAL=causal, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window)
-    return (qk_scale, cap2, *_common.alibi_args(alibi_slopes, q), win_l, win_r), flags
+    return (qk_scale, softmax_scale, cap2, *_common.alibi_args(alibi_slopes, q), win_l, win_r), flags
 
 
 def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
@@ -529,7 +530,7 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
         _ws_dq_kernel[(cdiv(sq, block_m), b * h)](
             descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n),
             descriptor_3d(dout, block_m // 2), stats, dq_out, h, h // h_kv, sq, sk, causal_offset,
-            stats.shape[-1], scalars[0], softmax_scale, *scalars[1:],
+            stats.shape[-1], *scalars,
             HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=4, **flags,
         )
         return
@@ -561,6 +562,5 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
         descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
-        stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], scalars[0], softmax_scale,
-        *scalars[1:], HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+        stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
     )
