@@ -161,3 +161,113 @@ def test_gluon_forward_variants(b, sq, sk, h, h_kv, d, causal, softcap, alibi, s
     hi, lo = oracle(torch.float64), oracle(dtype)
     for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv", "dsink"], (out, lse, *grads), hi, lo):
         assert_flash_rule(name, a, o, p, dtype)
+
+
+# -- packed sequences (varlen): per-sequence TMA descriptors built on the device ---------------
+
+VARLEN_CASES = [  # lengths_q, lengths_k, h, h_kv, d, dtype, seqused_k
+    pytest.param([17, 0, 1, 113, 250], [17, 0, 1, 113, 250], 4, 4, 128, torch.bfloat16, None,
+                 id="self-d128-bf16"),
+    pytest.param([5, 300, 1], [33, 20, 203], 4, 2, 128, torch.float16, None, id="cross-gqa-d128-fp16"),
+    pytest.param([129, 64, 3], [129, 64, 3], 2, 1, 64, torch.bfloat16, None, id="mqa-d64-bf16"),
+    pytest.param([70, 200], [100, 90], 2, 2, 256, torch.bfloat16, None, id="cross-d256-bf16"),
+    pytest.param([9, 130, 4], [40, 300, 11], 2, 1, 128, torch.bfloat16, [17, 0, 11], id="seqused-d128"),
+]
+
+
+def _varlen_oracle_case(lens_q, lens_k, h, h_kv, d, dtype, used, causal):
+    from .test_varlen import _oracle, _pack
+
+    q, cu_q = _pack(lens_q, h, d, dtype, "cuda")
+    k, cu_k = _pack(lens_k, h_kv, d, dtype, "cuda")
+    v, dout = torch.randn_like(k), torch.randn_like(q)
+    seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
+    dlse = torch.zeros(h, q.shape[0], device="cuda", dtype=torch.float64)
+    args = (q, k, v, dout, dlse, cu_q, cu_k, used, d**-0.5, causal)
+    return (q, k, v, cu_q, cu_k, seqused), _oracle(*args, torch.float64), _oracle(*args, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("lens_q,lens_k,h,h_kv,d,dtype,used", VARLEN_CASES)
+def test_gluon_varlen_matches_oracle_and_portable(lens_q, lens_k, h, h_kv, d, dtype, used, causal,
+                                                  monkeypatch):
+    """The Gluon varlen forward (zero and one-token sequences, odd lengths, Sq != Sk both ways,
+    GQA/MQA, seqused_k): out and lse against the float64 oracle sequence by sequence (2x rule),
+    and the portable varlen kernel's."""
+    from flash_module.kernels.varlen import varlen_forward
+
+    (q, k, v, cu_q, cu_k, seqused), hi, lo = _varlen_oracle_case(lens_q, lens_k, h, h_kv, d, dtype, used,
+                                                                 causal)
+    assert gluon_fwd.varlen_supported(q, k, v, False)
+    calls = []
+    real = gluon_fwd.varlen_forward
+    monkeypatch.setattr(gluon_fwd, "varlen_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    out, lse = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
+    assert calls, "the Gluon varlen forward did not run"
+    again = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
+    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])  # deterministic
+    assert_flash_rule("out", out, hi[0], lo[0], dtype)
+    finite = torch.isfinite(hi[1])
+    assert torch.equal(torch.isfinite(lse), finite)  # -inf exactly where a row sees no key
+    assert torch.allclose(lse.double()[finite], hi[1][finite], atol=1e-3, rtol=0)
+    monkeypatch.setattr(gluon_fwd, "VARLEN", False)
+    out_p, lse_p = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
+    assert (out.double() - out_p.double()).abs().max() <= 2 * (out_p.double() - hi[0]).abs().max() + 1e-3
+    assert torch.equal(torch.isfinite(lse_p), finite)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gluon_varlen_keeps_a_nan_in_its_sequence(d):
+    """Each program's descriptors end at its own sequence's end: NaN rows of sequence 1, and NaN
+    rows past the last sequence (an unfilled buffer), leave sequences 0 and 2 exactly as they
+    are alone."""
+    lens = [70, 45, 100]
+    q, k, v = (torch.randn(sum(lens) + 30, 2, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
+    for t in (q, k, v):
+        t[70:115] = float("nan")
+        t[215:] = float("nan")
+    cu = torch.tensor([0, 70, 115, 215], dtype=torch.int32, device="cuda")
+    out, lse, _ = fm.flash_attn_varlen_func(q, k, v, cu, cu, 100, 100, return_attn_probs=True)
+    for lo, hi in ((0, 70), (115, 215)):
+        one = torch.tensor([0, hi - lo], dtype=torch.int32, device="cuda")
+        alone, alone_lse, _ = fm.flash_attn_varlen_func(q[lo:hi], k[lo:hi], v[lo:hi], one, one,
+                                                        return_attn_probs=True)
+        assert torch.equal(out[lo:hi], alone) and torch.equal(lse[:, lo:hi], alone_lse)
+    assert out[70:115].isnan().all() and (out[215:] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("softcap,alibi,sink,window", VARIANTS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gluon_varlen_variants(causal, softcap, alibi, sink, window, monkeypatch):
+    """Softcap, ALiBi ((H,) and (B, H)), sinks and windows in the Gluon varlen forward, per
+    sequence against the float64 oracle (2x rule): out and lse."""
+    monkeypatch.setattr(gluon_fwd, "VARIANTS", True)
+    lens_q, lens_k, h, h_kv, d, dtype = [203, 1, 60], [113, 40, 300], 4, 2, 128, torch.bfloat16
+    from .test_varlen import _pack
+
+    q, cu_q = _pack(lens_q, h, d, dtype, "cuda")
+    k, cu_k = _pack(lens_k, h_kv, d, dtype, "cuda")
+    v = torch.randn_like(k)
+    b = len(lens_q)
+    slopes = None if alibi is None else (torch.rand(h if alibi == "h" else (b, h), device="cuda") * 0.3)
+    sink_t = torch.randn(h, device="cuda") + 1.0 if sink else None
+    assert gluon_fwd.varlen_supported(q, k, v, False)
+    out, lse, _ = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+                                            window_size=window, softcap=softcap, alibi_slopes=slopes,
+                                            return_attn_probs=True, learnable_sink=sink_t)
+    for i in range(b):
+        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[i:i + 1])
+        seq = (q[qs:qe], k[ks:ke], v[ks:ke])
+        (o_hi, l_hi), (o_lo, _) = (attention_ref(*(t[None].to(dt) for t in seq), None, causal, True, softcap,
+                                                 sl, window, sink=sink_t) for dt in (torch.float64, dtype))
+        assert_flash_rule(f"out[{i}]", out[qs:qe][None], o_hi, o_lo, dtype)
+        finite = torch.isfinite(l_hi[0])
+        assert torch.equal(torch.isfinite(lse[:, qs:qe]), finite)
+        assert torch.allclose(lse[:, qs:qe].double()[finite], l_hi[0][finite], atol=2e-3, rtol=0)

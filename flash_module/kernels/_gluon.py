@@ -30,11 +30,12 @@ try:  # Gluon with the Hopper ops (triton >= 3.5)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d"]
+__all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_layout_3d",
+           "set_scratch_allocator"]
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
-                "tanh_approx", "variant_scores", "tile_key_blocks"]
+                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_sequence", "varlen_bounds"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -47,10 +48,34 @@ def descriptor_3d(t: torch.Tensor, rows: int):
     """TMA descriptor of a (B, S, H, D) tensor dense in (S, H, D), read as (B, S, H*D) with
     (1, rows, D) boxes: rows past S are zero-filled, never the next batch element's."""
     b, s, h, d = t.shape
-    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
     flat = t.as_strided((b, s, h * d), (t.stride(0), h * d, 1))
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows, d], gdt)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, rows, d], layout)
+    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [1, rows, d], shared_layout_3d(t, rows))
+
+
+def shared_layout_3d(t: torch.Tensor, rows: int):
+    """The shared-memory layout of a (1, rows, D) box of ``t`` (fp16/bf16, D last), as the
+    descriptors of :func:`descriptor_3d` and the kernels' device-side ones use it."""
+    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    return gl.NVMMASharedLayout.get_default_for([1, rows, t.shape[-1]], gdt)
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Triton's scratch allocator for kernels that build TMA descriptors on the device (the
+    varlen kernels: one per sequence): a byte tensor from torch's caching allocator on the
+    current device and stream, so CUDA-graph capture takes it from the graph's pool."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def set_scratch_allocator() -> None:
+    """Give Triton :func:`_scratch` as its allocator where none is set (Triton keeps it in a
+    context variable: the autograd engine's threads start without one).  An allocator the user
+    set stays."""
+    import triton
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 if HAVE_GLUON:
@@ -172,3 +197,24 @@ if HAVE_GLUON:
         cols = gl.arange(0, D, gl.SliceLayout(0, layout))
         offs = ((off_b * S + rows[:, None]).to(gl.int64) * H + off_h) * D + cols[None, :]
         gl.store(X + offs, x.to(X.dtype.element_ty), mask=rows[:, None] < S)
+
+    @gluon.jit
+    def varlen_sequence(CuBlocks, p, B, LOG_B: gl.constexpr):
+        """Work item ``p``'s sequence in a varlen launch: the largest ``b`` in [0, B] with
+        ``CuBlocks[b] <= p`` (``B``: past the last block), by binary search over the prefix sums
+        of the sequences' block counts (``varlen.seq_of_block``); ``2**LOG_B > B``."""
+        b = p * 0
+        for i in gl.static_range(LOG_B):
+            cand = b + (1 << (LOG_B - 1 - i))
+            start = gl.load(CuBlocks + gl.minimum(cand, B))
+            b = gl.where((cand <= B) & (start <= p), cand, b)
+        return b
+
+    @gluon.jit
+    def varlen_bounds(Cu, b, T):
+        """(first row as int64, length) of sequence ``b`` from its cu_seqlens, clamped into
+        [0, T] (``varlen.seq_bounds``): a wrong cu_seqlens gives a wrong answer, never an
+        access outside the tensor."""
+        start = gl.minimum(gl.maximum(gl.load(Cu + b), 0), T)
+        end = gl.minimum(gl.maximum(gl.load(Cu + b + 1), start), T)
+        return start.to(gl.int64), end - start

@@ -43,7 +43,7 @@ import torch
 
 from .._runtime import cdiv
 from . import _common
-from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d
+from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d, set_scratch_allocator, shared_layout_3d
 
 if HAVE_GLUON:
     from ._gluon import (
@@ -57,6 +57,8 @@ if HAVE_GLUON:
         tile_key_blocks,
         tma,
         variant_scores,
+        varlen_bounds,
+        varlen_sequence,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
@@ -76,6 +78,9 @@ D64_MIN_KEYS = 2048
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
+#: Whether packed (varlen) calls run the Gluon forward too (``FLASH_MODULE_GLUON_VARLEN=0``: the
+#: portable varlen kernel).
+VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool) -> bool:
@@ -140,19 +145,19 @@ if HAVE_GLUON:
         return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
 
     @gluon.jit
-    def _store_out(o, m_i, l_i, row0, rows, Out, Lse, off_b, off_h, H, Sq, o_layout: gl.constexpr):
+    def _store_out(o, m_i, l_i, row0, rows, Out, Lse_row, off_b, off_h, H, Sq, o_layout: gl.constexpr):
         """The epilogue: O = acc / l (0 where a row saw no key) into the contiguous (B, Sq, H, D)
-        output, lse = (m + log2 l) ln 2 (-inf there) into the (B, H, Sq) one; rows past Sq
-        are not stored."""
+        output, lse = (m + log2 l) ln 2 (-inf there) into the row of Sq values at ``Lse_row``;
+        rows past Sq are not stored."""
         seen = l_i > 0
         l_safe = gl.where(seen, l_i, 1.0)
         lse = gl.where(seen, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
         o = o / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
         store_rows(Out, o, row0, off_b, off_h, Sq, H, o_layout)
-        gl.store(Lse + ((off_b * H + off_h).to(gl.int64) * Sq + rows), lse, mask=rows < Sq)
+        gl.store(Lse_row + rows, lse, mask=rows < Sq)
 
     @gluon.jit
-    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                   first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale,
                   start_m, cap2, Alibi_bh, Sink, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
@@ -228,28 +233,21 @@ if HAVE_GLUON:
             l_i = l_i * alpha + gl.exp2(sink2 - m_sub)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             m_i = m_new
-        _store_out(o, m_i, l_i, row0, rows, Out, Lse, off_b, off_h, H, Sq, o_layout)
+        _store_out(o, m_i, l_i, row0, rows, Out, Lse_row, off_b, off_h, H, Sq, o_layout)
 
     @gluon.jit
-    def _fwd_kernel(
-        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
-        stride_ab, stride_ah, Sink,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        """Program = one BLOCK_M-row query tile of one head: the default partition (4 warps) and
-        one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of K
-        and V through a STAGES-deep ring ahead of both (``_gluon.producer``, :func:`_consumer`).
-        Key blocks: [0, n_full) seen by every row and inside Sk (no mask), [n_full, total)
-        masked (causal: bottom-right by causal_offset; the block holding key Sk - 1)."""
+    def _attend_tile(q_desc, k_desc, v_desc, Out, Lse_row, off_b, off_h, H, GROUP, Sq, Sk, causal_offset, start_m,
+                     win_l, win_r, qk_scale, cap2, alibi_bh, Sink, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr,
+                     ALIBI: gl.constexpr, SINK: gl.constexpr, WINDOW: gl.constexpr):
+        """One BLOCK_M-row query tile of head ``off_h`` (rows [start_m, start_m + BLOCK_M) of batch
+        entry ``off_b`` of the descriptors) against its key blocks: the default partition (4 warps)
+        and one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of
+        K and V through a STAGES-deep ring ahead of both (``_gluon.producer``, :func:`_consumer`).
+        Key blocks: [0, n_full) seen by every row and inside Sk (no mask), [n_full, total) masked
+        (causal: bottom-right by causal_offset; the block holding key Sk - 1)."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_desc.dtype
-        pid_m = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        off_b = pid_bh // H
-        off_h = pid_bh % H
-        start_m = pid_m * BLOCK_M
         kv_col = (off_h // GROUP) * HEAD_DIM
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -259,19 +257,79 @@ if HAVE_GLUON:
         fence_async_shared()
         first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
                                                          BLOCK_N, IS_CAUSAL, WINDOW)
-        alibi_bh = Alibi + off_b * stride_ab + off_h * stride_ah
         gl.warp_specialize(
-            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                           first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
                           qk_scale, start_m, cap2, alibi_bh, Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL,
                           SOFTCAP, ALIBI, SINK, WINDOW)),
-             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                           first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
                           qk_scale, start_m, cap2, alibi_bh, Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL,
                           SOFTCAP, ALIBI, SINK, WINDOW)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
                          off_b, kv_col, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
+
+    @gluon.jit
+    def _fwd_kernel(
+        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
+        stride_ab, stride_ah, Sink,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
+        WINDOW: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Program = one BLOCK_M-row query tile of one head of one batch entry
+        (:func:`_attend_tile`); Out (B, Sq, H, D) and Lse (B, H, Sq) contiguous."""
+        pid_m = gl.program_id(0)
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        _attend_tile(q_desc, k_desc, v_desc, Out, Lse + pid_bh.to(gl.int64) * Sq, off_b, off_h, H, GROUP, Sq, Sk,
+                     causal_offset, pid_m * BLOCK_M, win_l, win_r, qk_scale, cap2,
+                     Alibi + off_b * stride_ab + off_h * stride_ah, Sink, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                     IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW)
+
+    @gluon.jit
+    def _varlen_fwd_kernel(
+        Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, stride_qs, stride_ks, stride_vs, B, H, GROUP, Tq, Tk,
+        win_l, win_r, qk_scale, cap2, Alibi, stride_ab, stride_ah, Sink,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
+        WINDOW: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
+        kv_layout: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Varlen: program (p, h) = work item p of the query-block list ``CuBlocks`` (as
+        ``varlen._varlen_fwd_kernel``'s) for head h.  Each program makes TMA descriptors of its
+        own sequence's rows (device-side, 3-D (1, len, heads * D)), so rows past the sequence's
+        end are zero-filled exactly as the dense kernel's are, never the next sequence's.
+        Programs past the last block get an empty sequence: one Q load, no key block, no store.
+        Out (Tq, H, D) and Lse (H, Tq) contiguous."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        p = gl.program_id(0)
+        off_h = gl.program_id(1)
+        H_KV = H // GROUP
+        b = varlen_sequence(CuBlocks, p, B, LOG_B)
+        valid = b < B
+        b = gl.minimum(b, B - 1)
+        q_start, len_q = varlen_bounds(CuQ, b, Tq)
+        k_start, len_k = varlen_bounds(CuK, b, Tk)
+        if HAS_SEQUSED:
+            len_k = gl.minimum(gl.maximum(gl.load(SeqUsedK + b), 0), len_k)
+        len_q = gl.where(valid, len_q, 0)
+        len_k = gl.where(valid, len_k, 0)
+        start_m = (p - gl.load(CuBlocks + b)) * BLOCK_M
+        # Descriptors of this sequence's rows; TMA wants no empty dimension (an empty sequence
+        # loads nothing but its first Q tile, zero-filled past row 1, and stores nothing).
+        q_desc = tma.make_tensor_descriptor(Q + q_start * stride_qs, [1, gl.maximum(len_q, 1), H * HEAD_DIM],
+                                            [stride_qs, stride_qs, 1], [1, ROWS, HEAD_DIM], q_layout)
+        k_desc = tma.make_tensor_descriptor(K + k_start * stride_ks, [1, gl.maximum(len_k, 1), H_KV * HEAD_DIM],
+                                            [stride_ks, stride_ks, 1], [1, BLOCK_N, HEAD_DIM], kv_layout)
+        v_desc = tma.make_tensor_descriptor(V + k_start * stride_vs, [1, gl.maximum(len_k, 1), H_KV * HEAD_DIM],
+                                            [stride_vs, stride_vs, 1], [1, BLOCK_N, HEAD_DIM], kv_layout)
+        _attend_tile(q_desc, k_desc, v_desc, Out + q_start * (H * HEAD_DIM), Lse + off_h.to(gl.int64) * Tq + q_start,
+                     0, off_h, H, GROUP, len_q, len_k, len_k - len_q, start_m, win_l, win_r, qk_scale, cap2,
+                     Alibi + b * stride_ab + off_h * stride_ah, Sink, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
+                     IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -294,3 +352,51 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
         ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, num_warps=4,
     )
+
+
+def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool) -> bool:
+    """Whether :func:`varlen_forward` can run this packed call: q (Tq, H, D), k/v (Tk, H_kv, D),
+    each with (H, D) dense and 16-byte aligned rows (any row stride: packed QKV is fine);
+    ``variants``: the call has something only the portable varlen kernel takes (a paged cache,
+    dropout, a softmax scale <= 0; softcap, ALiBi, sinks and windows unless :data:`VARIANTS`)."""
+    if not (HAVE_GLUON and ENABLED and VARLEN) or variants or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in FWD_CONFIGS:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    for t in (q, k, v):
+        _, h, d = t.shape
+        if t.stride()[1:] != (d, 1) or t.stride(0) % 8 or t.data_ptr() % 16 or t.dtype != q.dtype:
+            return False
+    return q.numel() > 0
+
+
+def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_meta: tuple,
+                   cu_blocks: torch.Tensor, softmax_scale: float, causal: bool, out: torch.Tensor, lse: torch.Tensor,
+                   softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
+                   window_size: tuple[int, int] = (-1, -1)) -> None:
+    """Fill ``out`` (Tq, H, D) and ``lse`` (H, Tq) (contiguous, pre-filled with 0 / -inf for
+    rows in no sequence) for packed sequences, as ``varlen.varlen_forward`` defines them
+    (callers check :func:`varlen_supported` first).  ``launch_meta``: ``varlen.varlen_launch_meta``'s
+    ``((cu_seqlens_q, cu_seqlens_k, seqused_k or a stand-in), B, flags)``; ``cu_blocks``: the
+    query-block work list (``varlen.work_list``) for BLOCK_M = :func:`varlen_block_m`."""
+    tq, h, d = q.shape
+    h_kv = k.shape[1]
+    block_m, block_n, stages = FWD_CONFIGS[d]
+    qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
+    meta, b, flags = launch_meta
+    set_scratch_allocator()
+    _varlen_fwd_kernel[(cdiv(tq, block_m) + b, h)](
+        q, k, v, out, lse, *meta, cu_blocks, q.stride(0), k.stride(0), v.stride(0), b, h, h // h_kv, tq,
+        k.shape[0], win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q), _common.sink_args(sink, q),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
+        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window,
+        q_layout=shared_layout_3d(q, block_m // 2), kv_layout=shared_layout_3d(k, block_n), num_warps=4, **flags,
+    )
+
+
+def varlen_block_m(d: int) -> int:
+    """The query rows per program of the Gluon varlen forward at head dim ``d``."""
+    return FWD_CONFIGS[d][0]

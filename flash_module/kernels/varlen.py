@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import acc_dtype, cdiv, lse_dtype
 from ..configs import bwd_configs, fwd_config
-from . import _common
+from . import _common, gluon_fwd
 from ._common import (
     add_sink,
     attend_rows,
@@ -222,7 +222,7 @@ def work_list(cu_seqlens: torch.Tensor, block: int) -> torch.Tensor:
     return torch.cat([blocks.new_zeros(1), torch.cumsum(blocks, 0)]).to(torch.int32)
 
 
-def _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k):
+def varlen_launch_meta(cu_seqlens_q, cu_seqlens_k, seqused_k):
     """Kernel arguments shared by every varlen launch: the metadata pointers (``seqused_k`` or a
     stand-in that is never read), B, and the constexprs that depend on them."""
     b = cu_seqlens_q.numel() - 1
@@ -251,19 +251,27 @@ def varlen_forward(
     tq, h, d = q.shape
     paged = block_table is not None
     h_kv = k.shape[-2]
-    meta, b, flags = _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k)
+    meta, b, flags = varlen_launch_meta(cu_seqlens_q, cu_seqlens_k, seqused_k)
     page = k.shape[1] if paged else 1
     n_table = block_table.shape[1] * page if paged else 0
     tk = b * n_table if paged else k.shape[0]  # the bound cu_seqlens_k is clamped to
     kv_strides = (k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2)) if paged else \
         (0, k.stride(0), k.stride(1), 0, v.stride(0), v.stride(1))
     cfg = fwd_config(q.dtype, d, causal, q.device)
-    win_l, win_r, window, causal = _common.window_args(window_size, causal)
     out = torch.zeros((tq, h, d), dtype=out_dtype or q.dtype, device=q.device)
     lse = torch.full((h, tq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
     programs = cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
+    # Hopper: the Gluon forward (a paged cache and dropout: portable; softcap, ALiBi, sinks and
+    # windows too unless gluon_fwd.VARIANTS)
+    portable_only = paged or bool(dropout_p) or softmax_scale <= 0 or (not gluon_fwd.VARIANTS and (
+        bool(softcap) or tuple(window_size) != (-1, -1) or alibi_slopes is not None or sink is not None))
+    if gluon_fwd.varlen_supported(q, k, v, portable_only):
+        gluon_fwd.varlen_forward(q, k, v, (meta, b, flags), work_list(cu_seqlens_q, gluon_fwd.varlen_block_m(d)),
+                                 softmax_scale, causal, out, lse, softcap, alibi_slopes, sink, window_size)
+        return out, lse
+    win_l, win_r, window, causal = _common.window_args(window_size, causal)
     _varlen_fwd_kernel[(programs, h)](
         q, k, v, out, lse, *meta, work_list(cu_seqlens_q, cfg.block_m), block_table if paged else cu_seqlens_k,
         q.stride(0), q.stride(1), *kv_strides, block_table.stride(0) if paged else 0,
@@ -310,7 +318,7 @@ def varlen_backward(
     """
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
-    meta, b, flags = _metadata(cu_seqlens_q, cu_seqlens_k, seqused_k)
+    meta, b, flags = varlen_launch_meta(cu_seqlens_q, cu_seqlens_k, seqused_k)
     # New contiguous tensors (the kernels compute their strides), zero for rows in no sequence.
     dq = torch.zeros((tq, h, d), dtype=q.dtype, device=q.device)
     dk = torch.zeros((tk, h_kv, d), dtype=k.dtype, device=k.device)
