@@ -175,16 +175,9 @@ VARLEN_CASES = [  # lengths_q, lengths_k, h, h_kv, d, dtype, seqused_k
 ]
 
 
-def _varlen_oracle_case(lens_q, lens_k, h, h_kv, d, dtype, used, causal):
-    from .test_varlen import _oracle, _pack
-
-    q, cu_q = _pack(lens_q, h, d, dtype, "cuda")
-    k, cu_k = _pack(lens_k, h_kv, d, dtype, "cuda")
-    v, dout = torch.randn_like(k), torch.randn_like(q)
-    seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
-    dlse = torch.zeros(h, q.shape[0], device="cuda", dtype=torch.float64)
-    args = (q, k, v, dout, dlse, cu_q, cu_k, used, d**-0.5, causal)
-    return (q, k, v, cu_q, cu_k, seqused), _oracle(*args, torch.float64), _oracle(*args, dtype)
+def _spy(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(name) or real(*a, **kw))
 
 
 @pytest.mark.gpu
@@ -193,29 +186,48 @@ def _varlen_oracle_case(lens_q, lens_k, h, h_kv, d, dtype, used, causal):
 @pytest.mark.parametrize("lens_q,lens_k,h,h_kv,d,dtype,used", VARLEN_CASES)
 def test_gluon_varlen_matches_oracle_and_portable(lens_q, lens_k, h, h_kv, d, dtype, used, causal,
                                                   monkeypatch):
-    """The Gluon varlen forward (zero and one-token sequences, odd lengths, Sq != Sk both ways,
-    GQA/MQA, seqused_k): out and lse against the float64 oracle sequence by sequence (2x rule),
-    and the portable varlen kernel's."""
-    from flash_module.kernels.varlen import varlen_forward
+    """The Gluon varlen forward and backward passes (zero and one-token sequences, odd lengths,
+    Sq != Sk both ways, GQA/MQA, seqused_k): out, lse and the gradients of out and lse against
+    the float64 oracle sequence by sequence (2x rule), and against the portable varlen kernels."""
+    from flash_module.kernels import gluon_bwd
+    from flash_module.kernels.varlen import varlen_backward, varlen_forward
 
-    (q, k, v, cu_q, cu_k, seqused), hi, lo = _varlen_oracle_case(lens_q, lens_k, h, h_kv, d, dtype, used,
-                                                                 causal)
-    assert gluon_fwd.varlen_supported(q, k, v, False)
+    from .test_varlen import _oracle, _pack
+
+    q, cu_q = _pack(lens_q, h, d, dtype, "cuda")
+    k, cu_k = _pack(lens_k, h_kv, d, dtype, "cuda")
+    v, dout = torch.randn_like(k), torch.randn_like(q)
+    seqused = None if used is None else torch.tensor(used, dtype=torch.int32, device="cuda")
+    dlse = torch.randn(h, q.shape[0], device="cuda")
+    args = (q, k, v, dout, dlse.double(), cu_q, cu_k, used, d**-0.5, causal)
+    hi, lo = _oracle(*args, torch.float64), _oracle(*args, dtype)
+    assert gluon_fwd.varlen_supported(q, k, v, False) and gluon_bwd.varlen_supported(q, k, v, dout, False)
+
+    def run():
+        out, lse = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
+        grads = varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, d**-0.5, causal, seqused,
+                                dlse.masked_fill(lse.isinf(), 0))
+        return out, lse, *grads
+
     calls = []
-    real = gluon_fwd.varlen_forward
-    monkeypatch.setattr(gluon_fwd, "varlen_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    out, lse = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
-    assert calls, "the Gluon varlen forward did not run"
-    again = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
-    assert torch.equal(out, again[0]) and torch.equal(lse, again[1])  # deterministic
-    assert_flash_rule("out", out, hi[0], lo[0], dtype)
+    for module, name in ((gluon_fwd, "varlen_forward"), (gluon_bwd, "varlen_dkdv"), (gluon_bwd, "varlen_dq")):
+        _spy(monkeypatch, module, name, calls)
+    ours = run()
+    assert set(calls) == {"varlen_forward", "varlen_dkdv"} | ({"varlen_dq"} if d != 256 else set()), calls
+    assert all(torch.equal(a, b) for a, b in zip(ours, run()))  # deterministic
+    for i, name in ((0, "out"), (2, "dq"), (3, "dk"), (4, "dv")):
+        assert_flash_rule(name, ours[i], hi[i], lo[i], dtype)
     finite = torch.isfinite(hi[1])
-    assert torch.equal(torch.isfinite(lse), finite)  # -inf exactly where a row sees no key
-    assert torch.allclose(lse.double()[finite], hi[1][finite], atol=1e-3, rtol=0)
+    assert torch.equal(torch.isfinite(ours[1]), finite)  # -inf exactly where a row sees no key
+    assert torch.allclose(ours[1].double()[finite], hi[1][finite], atol=1e-3, rtol=0)
     monkeypatch.setattr(gluon_fwd, "VARLEN", False)
-    out_p, lse_p = varlen_forward(q, k, v, cu_q, cu_k, d**-0.5, causal, seqused)
-    assert (out.double() - out_p.double()).abs().max() <= 2 * (out_p.double() - hi[0]).abs().max() + 1e-3
-    assert torch.equal(torch.isfinite(lse_p), finite)
+    monkeypatch.setattr(gluon_bwd, "VARLEN", False)
+    portable = run()
+    for name, a, pt, o in zip(["out", "lse", "dq", "dk", "dv"], ours, portable, hi):
+        ok = torch.isfinite(o)
+        assert torch.equal(torch.isfinite(pt), ok), name
+        gap = (a.double() - pt.double())[ok].abs().max().item() if ok.any() else 0.0
+        assert gap <= 2 * (pt.double() - o)[ok].abs().max().item() + 1e-3, (name, gap)
 
 
 @pytest.mark.gpu
@@ -224,20 +236,29 @@ def test_gluon_varlen_matches_oracle_and_portable(lens_q, lens_k, h, h_kv, d, dt
 def test_gluon_varlen_keeps_a_nan_in_its_sequence(d):
     """Each program's descriptors end at its own sequence's end: NaN rows of sequence 1, and NaN
     rows past the last sequence (an unfilled buffer), leave sequences 0 and 2 exactly as they
-    are alone."""
+    are alone, forward and backward."""
+    from flash_module.kernels.varlen import varlen_backward, varlen_forward
+
     lens = [70, 45, 100]
-    q, k, v = (torch.randn(sum(lens) + 30, 2, d, dtype=torch.bfloat16, device="cuda") for _ in range(3))
-    for t in (q, k, v):
+    q, k, v, dout = (torch.randn(sum(lens) + 30, 2, d, dtype=torch.bfloat16, device="cuda") for _ in range(4))
+    for t in (q, k, v, dout):
         t[70:115] = float("nan")
         t[215:] = float("nan")
     cu = torch.tensor([0, 70, 115, 215], dtype=torch.int32, device="cuda")
-    out, lse, _ = fm.flash_attn_varlen_func(q, k, v, cu, cu, 100, 100, return_attn_probs=True)
+
+    def run(q, k, v, dout, cu):
+        out, lse = varlen_forward(q, k, v, cu, cu, d**-0.5, True)
+        return out, lse, *varlen_backward(dout, q, k, v, out, lse, cu, cu, d**-0.5, True)
+
+    packed = run(q, k, v, dout, cu)
     for lo, hi in ((0, 70), (115, 215)):
         one = torch.tensor([0, hi - lo], dtype=torch.int32, device="cuda")
-        alone, alone_lse, _ = fm.flash_attn_varlen_func(q[lo:hi], k[lo:hi], v[lo:hi], one, one,
-                                                        return_attn_probs=True)
-        assert torch.equal(out[lo:hi], alone) and torch.equal(lse[:, lo:hi], alone_lse)
-    assert out[70:115].isnan().all() and (out[215:] == 0).all()
+        alone = run(q[lo:hi], k[lo:hi], v[lo:hi], dout[lo:hi], one)
+        for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], packed, alone):
+            part = a[:, lo:hi] if name == "lse" else a[lo:hi]
+            assert torch.equal(part, b), name
+    assert packed[0][70:115].isnan().all() and (packed[0][215:] == 0).all()
+    assert all((g[215:] == 0).all() for g in packed[2:])
 
 
 @pytest.mark.gpu
@@ -245,29 +266,48 @@ def test_gluon_varlen_keeps_a_nan_in_its_sequence(d):
 @pytest.mark.parametrize("softcap,alibi,sink,window", VARIANTS)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gluon_varlen_variants(causal, softcap, alibi, sink, window, monkeypatch):
-    """Softcap, ALiBi ((H,) and (B, H)), sinks and windows in the Gluon varlen forward, per
-    sequence against the float64 oracle (2x rule): out and lse."""
-    monkeypatch.setattr(gluon_fwd, "VARIANTS", True)
-    lens_q, lens_k, h, h_kv, d, dtype = [203, 1, 60], [113, 40, 300], 4, 2, 128, torch.bfloat16
+    """Softcap, ALiBi ((H,) and (B, H)), sinks and windows in the Gluon varlen forward and
+    backward, against the float64 oracle run sequence by sequence (2x rule): out, lse and the
+    gradients (the sink's too)."""
+    from flash_module.kernels import gluon_bwd
+
     from .test_varlen import _pack
 
+    monkeypatch.setattr(gluon_fwd, "VARIANTS", True)
+    monkeypatch.setattr(gluon_bwd, "VARIANTS", True)
+    lens_q, lens_k, h, h_kv, d, dtype = [203, 1, 60], [113, 40, 300], 4, 2, 128, torch.bfloat16
     q, cu_q = _pack(lens_q, h, d, dtype, "cuda")
     k, cu_k = _pack(lens_k, h_kv, d, dtype, "cuda")
     v = torch.randn_like(k)
     b = len(lens_q)
     slopes = None if alibi is None else (torch.rand(h if alibi == "h" else (b, h), device="cuda") * 0.3)
     sink_t = torch.randn(h, device="cuda") + 1.0 if sink else None
-    assert gluon_fwd.varlen_supported(q, k, v, False)
-    out, lse, _ = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
+    inputs = (q, k, v) + ((sink_t,) if sink else ())
+    assert gluon_fwd.varlen_supported(q, k, v, False) and gluon_bwd.varlen_supported(q, k, v, q, False)
+    calls = []
+    for module, name in ((gluon_fwd, "varlen_forward"), (gluon_bwd, "varlen_dkdv"), (gluon_bwd, "varlen_dq")):
+        _spy(monkeypatch, module, name, calls)
+    xs = [t.detach().requires_grad_() for t in inputs]
+    out, lse, _ = fm.flash_attn_varlen_func(*xs[:3], cu_q, cu_k, max(lens_q), max(lens_k), causal=causal,
                                             window_size=window, softcap=softcap, alibi_slopes=slopes,
-                                            return_attn_probs=True, learnable_sink=sink_t)
-    for i in range(b):
-        qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[i:i + 1])
-        seq = (q[qs:qe], k[ks:ke], v[ks:ke])
-        (o_hi, l_hi), (o_lo, _) = (attention_ref(*(t[None].to(dt) for t in seq), None, causal, True, softcap,
-                                                 sl, window, sink=sink_t) for dt in (torch.float64, dtype))
-        assert_flash_rule(f"out[{i}]", out[qs:qe][None], o_hi, o_lo, dtype)
-        finite = torch.isfinite(l_hi[0])
-        assert torch.equal(torch.isfinite(lse[:, qs:qe]), finite)
-        assert torch.allclose(lse[:, qs:qe].double()[finite], l_hi[0][finite], atol=2e-3, rtol=0)
+                                            return_attn_probs=True, learnable_sink=xs[3] if sink else None)
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, xs, dout)
+    assert set(calls) == {"varlen_forward", "varlen_dkdv", "varlen_dq"}, calls
+
+    def oracle(dt):
+        ys = [t.detach().to(dt).requires_grad_() for t in inputs]
+        outs, lses = [], []
+        for i in range(b):
+            qs, qe, ks, ke = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+            sl = None if slopes is None else (slopes if slopes.dim() == 1 else slopes[i:i + 1])
+            seq = (ys[0][None, qs:qe], ys[1][None, ks:ke], ys[2][None, ks:ke])
+            o, l_ = attention_ref(*seq, None, causal, True, softcap, sl, window, sink=ys[3] if sink else None)
+            outs.append(o[0])
+            lses.append(l_[0])
+        o = torch.cat(outs)
+        return (o, torch.cat(lses, 1), *torch.autograd.grad(o, ys, dout.to(dt)))
+
+    hi, lo = oracle(torch.float64), oracle(dtype)
+    for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv", "dsink"], (out, lse, *grads), hi, lo):
+        assert_flash_rule(name, a, o, p, dtype)

@@ -35,7 +35,7 @@ __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_la
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
-                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_sequence", "varlen_bounds"]
+                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_item", "sequence_descriptor"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -199,7 +199,7 @@ if HAVE_GLUON:
         gl.store(X + offs, x.to(X.dtype.element_ty), mask=rows[:, None] < S)
 
     @gluon.jit
-    def varlen_sequence(CuBlocks, p, B, LOG_B: gl.constexpr):
+    def _varlen_sequence(CuBlocks, p, B, LOG_B: gl.constexpr):
         """Work item ``p``'s sequence in a varlen launch: the largest ``b`` in [0, B] with
         ``CuBlocks[b] <= p`` (``B``: past the last block), by binary search over the prefix sums
         of the sequences' block counts (``varlen.seq_of_block``); ``2**LOG_B > B``."""
@@ -211,10 +211,39 @@ if HAVE_GLUON:
         return b
 
     @gluon.jit
-    def varlen_bounds(Cu, b, T):
+    def _varlen_bounds(Cu, b, T):
         """(first row as int64, length) of sequence ``b`` from its cu_seqlens, clamped into
         [0, T] (``varlen.seq_bounds``): a wrong cu_seqlens gives a wrong answer, never an
         access outside the tensor."""
         start = gl.minimum(gl.maximum(gl.load(Cu + b), 0), T)
         end = gl.minimum(gl.maximum(gl.load(Cu + b + 1), start), T)
         return start.to(gl.int64), end - start
+
+    @gluon.jit
+    def varlen_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: gl.constexpr, LOG_B: gl.constexpr,
+                    HAS_SEQUSED: gl.constexpr):
+        """This program's work item in a varlen launch (axis 0 walks ``CuBlocks``, the work list
+        of BLOCK-row blocks; ``varlen.work_item``): ``(b, q_start, len_q, k_start, len_k,
+        start)``, ``start`` the block's first row inside its sequence.  A program past the last
+        block gets sequence B - 1 with both lengths 0 (it loads at most one tile and stores
+        nothing).  ``HAS_SEQUSED``: sequence b has only its first ``SeqUsedK[b]`` keys."""
+        p = gl.program_id(0)
+        b = _varlen_sequence(CuBlocks, p, B, LOG_B)
+        valid = b < B
+        b = gl.minimum(b, B - 1)
+        q_start, len_q = _varlen_bounds(CuQ, b, Tq)
+        k_start, len_k = _varlen_bounds(CuK, b, Tk)
+        if HAS_SEQUSED:
+            len_k = gl.minimum(gl.maximum(gl.load(SeqUsedK + b), 0), len_k)
+        start = (p - gl.load(CuBlocks + b)) * BLOCK
+        return b, q_start, gl.where(valid, len_q, 0), k_start, gl.where(valid, len_k, 0), start
+
+    @gluon.jit
+    def sequence_descriptor(X, start, stride, length, width, box: gl.constexpr, layout: gl.constexpr):
+        """A TMA descriptor, made on the device, of one packed sequence's rows of ``X`` (rows
+        ``start`` .. ``start + length - 1``, ``stride`` elements apart, ``width`` = heads * D
+        contiguous elements each), read as (1, length, width) in ``box`` boxes: rows past the
+        sequence's end come in as zeros, as :func:`descriptor_3d`'s do past S.  A length of 0
+        becomes 1 (TMA wants no empty dimension; callers load nothing then)."""
+        return tma.make_tensor_descriptor(X + start * stride, [1, gl.maximum(length, 1), width], [stride, stride, 1],
+                                          box, layout)

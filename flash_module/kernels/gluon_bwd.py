@@ -48,7 +48,7 @@ import torch
 from .._runtime import cdiv
 from . import _common
 from ._common import LOG2E
-from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d
+from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d, set_scratch_allocator, shared_layout_3d
 
 if HAVE_GLUON:
     from ._gluon import (
@@ -58,10 +58,12 @@ if HAVE_GLUON:
         kv_ring,
         mbarrier,
         producer,
+        sequence_descriptor,
         store_rows,
         tile_key_blocks,
         tma,
         variant_scores,
+        varlen_item,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
@@ -88,6 +90,9 @@ DQ_CONFIGS = {64: (128, 64, 3, "ws"), 128: (128, 64, 3, "ws"), 256: (64, 64, 8)}
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_BWD_VARIANTS", "1") != "0"
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
+#: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
+#: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
+VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
 
 
 def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variants: bool) -> bool:
@@ -172,8 +177,8 @@ if HAVE_GLUON:
         mbarrier.invalidate(bars.index(1))
 
     @gluon.jit
-    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
-                   Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
+    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                   Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
                    stride_ah, win_l, win_r,
                    qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
@@ -200,7 +205,7 @@ if HAVE_GLUON:
                        q_smem.index(1 - stage), do_smem.index(1 - stage), qo_bytes)
         # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
         rows = m0 + gl.arange(0, BLOCK_M, col_layout)
-        stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
+        stats = Stats_b + (off_h * 3).to(gl.int64) * stats_len
         lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
         delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
 
@@ -233,19 +238,14 @@ if HAVE_GLUON:
         return dk, dv
 
     @gluon.jit
-    def _dkdv_kernel(
-        q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
-        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
-        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, num_warps: gl.constexpr,
-    ):
-        pid_n = gl.program_id(0)
-        pid_bh = gl.program_id(1)
-        off_b = pid_bh // H_KV
-        off_hkv = pid_bh % H_KV
-        start_n = pid_n * BLOCK_N
-
+    def _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DK, DV, off_b, off_hkv, start_n, H_KV, GROUP, Sq, Sk,
+                   causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r,
+                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
+                   SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, num_warps: gl.constexpr):
+        """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
+        entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
+        docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
+        (.., Sk, H_KV, D) contiguous, keys past Sk not stored."""
         # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
         s_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[0]
         d_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[1]
@@ -285,7 +285,6 @@ if HAVE_GLUON:
         # the rest without a mask (a window masks every block).  ``it`` counts steps over both
         # loops (ring stage and phase).
         MASK_FIRST: gl.constexpr = IS_CAUSAL or WINDOW
-        alibi_b = Alibi + off_b * stride_ab
         n_mask = n_m
         if IS_CAUSAL:
             n_mask = gl.minimum(gl.maximum(gl.cdiv(start_n + BLOCK_N - 1 - causal_offset - m_first * BLOCK_M,
@@ -294,15 +293,15 @@ if HAVE_GLUON:
         for _g in range(GROUP):
             for _ in range(n_mask):
                 dk, dv = _dkdv_step(
-                    it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
-                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
+                    it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                    Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST, SOFTCAP, ALIBI,
                     WINDOW, s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
-                    it, total, n_m, m_first, off_b, off_hkv, GROUP, H, Sq, causal_offset, stats_len, qk_scale,
-                    Stats, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
+                    it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                    Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, WINDOW,
                     s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
@@ -311,6 +310,23 @@ if HAVE_GLUON:
         # dK, dV: (B, Sk, H_kv, D) contiguous; keys past Sk are not stored.
         store_rows(DK, dk * sm_scale, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
         store_rows(DV, dv, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
+
+    @gluon.jit
+    def _dkdv_kernel(
+        q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
+        H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
+        win_l, win_r,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
+        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Program = one BLOCK_N-row key block of one K/V head of one batch entry
+        (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len)."""
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H_KV
+        _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats + (off_b * H * 3).to(gl.int64) * stats_len, DK, DV, off_b,
+                   pid_bh % H_KV, gl.program_id(0) * BLOCK_N, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale,
+                   sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r, HEAD_DIM, BLOCK_M, BLOCK_N,
+                   IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, num_warps)
 
     @gluon.jit
     def _dq_kernel(
@@ -386,7 +402,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dq_consumer(wg, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                     v_empty, Stats, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset,
+                     v_empty, Stats_b, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset,
                      stats_len, qk_scale, sm_scale, start_m, cap2, Alibi_bh, win_l, win_r, HEAD_DIM: gl.constexpr,
                      ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
                      SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr):
@@ -407,7 +423,7 @@ if HAVE_GLUON:
         tma.async_copy_global_to_shared(q_desc, [off_b, row0, off_h * HEAD_DIM], bar, q_smem.index(wg))
         tma.async_copy_global_to_shared(do_desc, [off_b, row0, off_h * HEAD_DIM], bar, do_smem.index(wg))
         rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
-        stats = Stats + ((off_b * H + off_h) * 3).to(gl.int64) * stats_len
+        stats = Stats_b + (off_h * 3).to(gl.int64) * stats_len
         lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
         delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
         dq = gl.zeros([ROWS, HEAD_DIM], gl.float32, d_layout)
@@ -460,23 +476,17 @@ if HAVE_GLUON:
         store_rows(DQ, dq * sm_scale, row0, off_b, off_h, Sq, H, d_layout)
 
     @gluon.jit
-    def _ws_dq_kernel(
-        q_desc, k_desc, v_desc, do_desc, Stats, DQ,
-        H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r,
-        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-        num_warps: gl.constexpr,
-    ):
-        """dQ of one BLOCK_M-row query tile, warp-specialized as the forward is
-        (``gluon_fwd._fwd_kernel``): two consumer warpgroups (:func:`_dq_consumer`) own half of
-        the rows each, one producer warp streams K and V (``_gluon.producer``)."""
+    def _ws_dq_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DQ, off_b, off_h, start_m, H, GROUP, Sq, Sk,
+                    causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_bh, win_l, win_r,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                    IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr):
+        """dQ of query rows [start_m, start_m + BLOCK_M) of head ``off_h`` of batch entry ``off_b``
+        of the descriptors, warp-specialized as the forward is (``gluon_fwd._attend_tile``): two
+        consumer warpgroups (:func:`_dq_consumer`) own half of the rows each, one producer warp
+        streams K and V (``_gluon.producer``).  ``Stats_b``: the entry's (H, 3, stats_len) row
+        statistics; DQ (.., Sq, H, D) contiguous."""
         ROWS: gl.constexpr = BLOCK_M // 2
         dtype: gl.constexpr = q_desc.dtype
-        pid_bh = gl.program_id(1)
-        off_b = pid_bh // H
-        off_h = pid_bh % H
-        start_m = gl.program_id(0) * BLOCK_M
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], do_desc.layout)
         qo_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
@@ -486,19 +496,97 @@ if HAVE_GLUON:
         fence_async_shared()
         first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
                                                          BLOCK_N, IS_CAUSAL, WINDOW)
-        alibi_bh = Alibi + off_b * stride_ab + off_h * stride_ah
         gl.warp_specialize(
             [(_dq_consumer, (0, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, Stats, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
+                             v_empty, Stats_b, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
                              causal_offset, stats_len, qk_scale, sm_scale, start_m, cap2, alibi_bh, win_l, win_r,
                              HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)),
              (_dq_consumer, (1, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
-                             v_empty, Stats, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
+                             v_empty, Stats_b, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
                              causal_offset, stats_len, qk_scale, sm_scale, start_m, cap2, alibi_bh, win_l, win_r,
                              HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b,
                           (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
+
+    @gluon.jit
+    def _ws_dq_kernel(
+        q_desc, k_desc, v_desc, do_desc, Stats, DQ,
+        H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
+        win_l, win_r,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Program = one BLOCK_M-row query tile of one head of one batch entry (:func:`_ws_dq_tile`);
+        Stats (B * H, 3, stats_len)."""
+        pid_bh = gl.program_id(1)
+        off_b = pid_bh // H
+        off_h = pid_bh % H
+        _ws_dq_tile(q_desc, k_desc, v_desc, do_desc, Stats + (off_b * H * 3).to(gl.int64) * stats_len, DQ, off_b,
+                    off_h, gl.program_id(0) * BLOCK_M, H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
+                    cap2, Alibi + off_b * stride_ab + off_h * stride_ah, win_l, win_r, HEAD_DIM, BLOCK_M, BLOCK_N,
+                    STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+
+
+    @gluon.jit
+    def _varlen_dkdv_kernel(
+        Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats, stride_qs, stride_ks, stride_vs,
+        stride_dos, B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
+        win_l, win_r,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
+        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, LOG_B: gl.constexpr,
+        HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr, kv_layout: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Varlen dK/dV: program (p, h_kv) = key block p of the work list ``CuBlocks`` (over
+        cu_seqlens_k) for K/V head h_kv (:func:`_dkdv_tile`), through descriptors of its own
+        sequence's rows (``_gluon.sequence_descriptor``: zeros past the sequence's end).  Stats
+        (H, 3, stats_len) with sequence b's rows from ``16 * CuStats[b]`` (``varlen.seq_stats``);
+        DK, DV (Tk, H_kv, D) contiguous; key blocks past seqused_k skip the work and store nothing."""
+        off_hkv = gl.program_id(1)
+        H = H_KV * GROUP
+        b, q_start, len_q, k_start, len_k, start_n = varlen_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_N,
+                                                                 LOG_B, HAS_SEQUSED)
+        len_q = gl.where(start_n < len_k, len_q, 0)  # no query block for a key block past seqused_k
+        q_box: gl.constexpr = [1, BLOCK_M, HEAD_DIM]
+        kv_box: gl.constexpr = [1, BLOCK_N, HEAD_DIM]
+        q_desc = sequence_descriptor(Q, q_start, stride_qs, len_q, H * HEAD_DIM, q_box, q_layout)
+        do_desc = sequence_descriptor(DO, q_start, stride_dos, len_q, H * HEAD_DIM, q_box, q_layout)
+        k_desc = sequence_descriptor(K, k_start, stride_ks, len_k, H_KV * HEAD_DIM, kv_box, kv_layout)
+        v_desc = sequence_descriptor(V, k_start, stride_vs, len_k, H_KV * HEAD_DIM, kv_box, kv_layout)
+        kv_base = k_start * (H_KV * HEAD_DIM)
+        _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats + gl.load(CuStats + b).to(gl.int64) * 16, DK + kv_base,
+                   DV + kv_base, 0, off_hkv, start_n, H_KV, GROUP, len_q, len_k, len_k - len_q, stats_len, qk_scale,
+                   sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r, HEAD_DIM, BLOCK_M, BLOCK_N,
+                   IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, num_warps)
+
+    @gluon.jit
+    def _varlen_ws_dq_kernel(
+        Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats, stride_qs, stride_ks, stride_vs,
+        stride_dos, B, H, GROUP, Tq, Tk, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
+        win_l, win_r,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+        LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr, kv_layout: gl.constexpr,
+        num_warps: gl.constexpr,
+    ):
+        """Varlen dQ: program (p, h) = query block p of the work list ``CuBlocks`` (over
+        cu_seqlens_q) for head h (:func:`_ws_dq_tile`), through its own sequence's descriptors;
+        Stats as :func:`_varlen_dkdv_kernel`'s; DQ (Tq, H, D) contiguous."""
+        off_h = gl.program_id(1)
+        b, q_start, len_q, k_start, len_k, start_m = varlen_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
+                                                                 LOG_B, HAS_SEQUSED)
+        q_box: gl.constexpr = [1, BLOCK_M // 2, HEAD_DIM]
+        kv_box: gl.constexpr = [1, BLOCK_N, HEAD_DIM]
+        width_kv = (H // GROUP) * HEAD_DIM
+        q_desc = sequence_descriptor(Q, q_start, stride_qs, len_q, H * HEAD_DIM, q_box, q_layout)
+        do_desc = sequence_descriptor(DO, q_start, stride_dos, len_q, H * HEAD_DIM, q_box, q_layout)
+        k_desc = sequence_descriptor(K, k_start, stride_ks, len_k, width_kv, kv_box, kv_layout)
+        v_desc = sequence_descriptor(V, k_start, stride_vs, len_k, width_kv, kv_box, kv_layout)
+        _ws_dq_tile(q_desc, k_desc, v_desc, do_desc, Stats + gl.load(CuStats + b).to(gl.int64) * 16,
+                    DQ + q_start * (H * HEAD_DIM), 0, off_h, start_m, H, GROUP, len_q, len_k, len_k - len_q,
+                    stats_len, qk_scale, sm_scale, cap2, Alibi + b * stride_ab + off_h * stride_ah, win_l, win_r,
+                    HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
 
 
 def _variant_args(q: torch.Tensor, softmax_scale: float, causal: bool, softcap: float,
@@ -564,3 +652,74 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
         descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
     )
+
+
+def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variants: bool) -> bool:
+    """Whether the varlen dK/dV pass (:func:`varlen_dkdv`) can run this packed call: q and dout
+    (Tq, H, D), k/v (Tk, H_kv, D), each with (H, D) dense and 16-byte aligned rows (any row
+    stride); ``variants``: dropout or a variant only the portable kernels take."""
+    if not (HAVE_GLUON and ENABLED and VARLEN) or variants or q.device.type != "cuda":
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in HEAD_DIMS:
+        return False
+    if torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    for t in (q, k, v, dout):
+        _, h, d = t.shape
+        if t.stride()[1:] != (d, 1) or t.stride(0) % 8 or t.data_ptr() % 16 or t.dtype != q.dtype:
+            return False
+    return q.numel() > 0 and k.numel() > 0
+
+
+def varlen_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
+                cu_stats: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, launch_meta: tuple,
+                cu_blocks: torch.Tensor, softmax_scale: float, causal: bool, softcap: float = 0.0,
+                alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1)) -> None:
+    """Fill ``dk``/``dv`` (Tk, H_kv, D), contiguous and zero where no key block stores, from the
+    packed statistics of ``varlen._varlen_preprocess`` (``stats``, ``cu_stats``);
+    ``launch_meta`` as ``gluon_fwd.varlen_forward`` takes it, ``cu_blocks``: the key-block work
+    list (``varlen.work_list`` over cu_seqlens_k) for BLOCK_N = :func:`varlen_blocks` ``[0]``."""
+    tq, h, d = q.shape
+    tk, h_kv = k.shape[0], k.shape[1]
+    block_m, block_n, num_warps = DKDV_CONFIGS[d]
+    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
+    meta, b, meta_flags = launch_meta
+    set_scratch_allocator()
+    _varlen_dkdv_kernel[(cdiv(tk, block_n) + b, h_kv)](
+        q, k, v, dout, stats, dk, dv, *meta, cu_blocks, cu_stats, q.stride(0), k.stride(0), v.stride(0),
+        dout.stride(0), b, h_kv, h // h_kv, tq, tk, stats.shape[-1], *scalars, HEAD_DIM=d, BLOCK_M=block_m,
+        BLOCK_N=block_n, q_layout=shared_layout_3d(q, block_m), kv_layout=shared_layout_3d(k, block_n),
+        num_warps=num_warps, **flags, **meta_flags,
+    )
+
+
+def varlen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
+              cu_stats: torch.Tensor, dq_out: torch.Tensor, launch_meta: tuple, cu_blocks: torch.Tensor,
+              softmax_scale: float, causal: bool, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
+              window_size: tuple[int, int] = (-1, -1)) -> None:
+    """Fill ``dq_out`` (Tq, H, D) contiguous with the warp-specialized dQ pass (head dims whose
+    :data:`DQ_CONFIGS` entry is "ws"; callers check :func:`varlen_dq_takes`); ``cu_blocks``: the
+    query-block work list for BLOCK_M = :func:`varlen_blocks` ``[1]``; the rest as :func:`varlen_dkdv`."""
+    tq, h, d = q.shape
+    tk, h_kv = k.shape[0], k.shape[1]
+    block_m, block_n, stages, _ = DQ_CONFIGS[d]
+    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
+    meta, b, meta_flags = launch_meta
+    set_scratch_allocator()
+    _varlen_ws_dq_kernel[(cdiv(tq, block_m) + b, h)](
+        q, k, v, dout, stats, dq_out, *meta, cu_blocks, cu_stats, q.stride(0), k.stride(0), v.stride(0),
+        dout.stride(0), b, h, h // h_kv, tq, tk, stats.shape[-1], *scalars, HEAD_DIM=d, BLOCK_M=block_m,
+        BLOCK_N=block_n, STAGES=stages, q_layout=shared_layout_3d(q, block_m // 2),
+        kv_layout=shared_layout_3d(k, block_n), num_warps=4, **flags, **meta_flags,
+    )
+
+
+def varlen_dq_takes(d: int) -> bool:
+    """Whether the varlen dQ pass runs in Gluon at head dim ``d`` (after :func:`varlen_supported`;
+    the warp-specialized pass only: at D=256 the portable varlen dQ runs)."""
+    return d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
+
+
+def varlen_blocks(d: int) -> tuple[int, int]:
+    """(key rows per dK/dV program, query rows per dQ program) of the varlen passes at head dim ``d``."""
+    return DKDV_CONFIGS[d][1], DQ_CONFIGS[d][0]

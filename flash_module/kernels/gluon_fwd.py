@@ -53,12 +53,12 @@ if HAVE_GLUON:
         kv_ring,
         mbarrier,
         producer,
+        sequence_descriptor,
         store_rows,
         tile_key_blocks,
         tma,
         variant_scores,
-        varlen_bounds,
-        varlen_sequence,
+        varlen_item,
         warpgroup_mma,
         warpgroup_mma_wait,
     )
@@ -305,27 +305,13 @@ if HAVE_GLUON:
         Programs past the last block get an empty sequence: one Q load, no key block, no store.
         Out (Tq, H, D) and Lse (H, Tq) contiguous."""
         ROWS: gl.constexpr = BLOCK_M // 2
-        p = gl.program_id(0)
         off_h = gl.program_id(1)
-        H_KV = H // GROUP
-        b = varlen_sequence(CuBlocks, p, B, LOG_B)
-        valid = b < B
-        b = gl.minimum(b, B - 1)
-        q_start, len_q = varlen_bounds(CuQ, b, Tq)
-        k_start, len_k = varlen_bounds(CuK, b, Tk)
-        if HAS_SEQUSED:
-            len_k = gl.minimum(gl.maximum(gl.load(SeqUsedK + b), 0), len_k)
-        len_q = gl.where(valid, len_q, 0)
-        len_k = gl.where(valid, len_k, 0)
-        start_m = (p - gl.load(CuBlocks + b)) * BLOCK_M
-        # Descriptors of this sequence's rows; TMA wants no empty dimension (an empty sequence
-        # loads nothing but its first Q tile, zero-filled past row 1, and stores nothing).
-        q_desc = tma.make_tensor_descriptor(Q + q_start * stride_qs, [1, gl.maximum(len_q, 1), H * HEAD_DIM],
-                                            [stride_qs, stride_qs, 1], [1, ROWS, HEAD_DIM], q_layout)
-        k_desc = tma.make_tensor_descriptor(K + k_start * stride_ks, [1, gl.maximum(len_k, 1), H_KV * HEAD_DIM],
-                                            [stride_ks, stride_ks, 1], [1, BLOCK_N, HEAD_DIM], kv_layout)
-        v_desc = tma.make_tensor_descriptor(V + k_start * stride_vs, [1, gl.maximum(len_k, 1), H_KV * HEAD_DIM],
-                                            [stride_vs, stride_vs, 1], [1, BLOCK_N, HEAD_DIM], kv_layout)
+        b, q_start, len_q, k_start, len_k, start_m = varlen_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK_M,
+                                                                 LOG_B, HAS_SEQUSED)
+        width_kv = (H // GROUP) * HEAD_DIM
+        q_desc = sequence_descriptor(Q, q_start, stride_qs, len_q, H * HEAD_DIM, [1, ROWS, HEAD_DIM], q_layout)
+        k_desc = sequence_descriptor(K, k_start, stride_ks, len_k, width_kv, [1, BLOCK_N, HEAD_DIM], kv_layout)
+        v_desc = sequence_descriptor(V, k_start, stride_vs, len_k, width_kv, [1, BLOCK_N, HEAD_DIM], kv_layout)
         _attend_tile(q_desc, k_desc, v_desc, Out + q_start * (H * HEAD_DIM), Lse + off_h.to(gl.int64) * Tq + q_start,
                      0, off_h, H, GROUP, len_q, len_k, len_k - len_q, start_m, win_l, win_r, qk_scale, cap2,
                      Alibi + b * stride_ab + off_h * stride_ah, Sink, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,

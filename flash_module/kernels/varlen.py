@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .._runtime import acc_dtype, cdiv, lse_dtype
 from ..configs import bwd_configs, fwd_config
-from . import _common, gluon_fwd
+from . import _common, gluon_bwd, gluon_fwd
 from ._common import (
     add_sink,
     attend_rows,
@@ -327,6 +327,7 @@ def varlen_backward(
         return dq, dk, dv
     stats, cu_stats = _varlen_preprocess(out, dout, lse, dlse, cu_seqlens_q, flags)
     dkdv_cfg, dq_cfg = bwd_configs(q.dtype, d, q.device)
+    causal_in = causal
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                dout.stride(0), dout.stride(1))
@@ -335,12 +336,26 @@ def varlen_backward(
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), **flags,
                   **_common.kernel_flags(q))
-    if tk > 0:
+    # Hopper: the Gluon passes (dropout: portable; softcap, ALiBi and windows too unless
+    # gluon_bwd.VARIANTS; at D=256 the dQ pass stays portable)
+    portable_only = bool(dropout_p) or softmax_scale <= 0 or (not gluon_bwd.VARIANTS and (
+        bool(softcap) or window or alibi_slopes is not None))
+    gluon = gluon_bwd.varlen_supported(q, k, v, dout, portable_only)
+    launch = (meta, b, flags)
+    gluon_args = (softmax_scale, causal_in, softcap, alibi_slopes, window_size)
+    if gluon and tk > 0:
+        gluon_bwd.varlen_dkdv(q, k, v, dout, stats, cu_stats, dk, dv, launch,
+                              work_list(cu_seqlens_k, gluon_bwd.varlen_blocks(d)[0]), *gluon_args)
+    elif tk > 0:
         _varlen_bwd_dkdv_kernel[(cdiv(tk, dkdv_cfg.block_n) + b, h_kv)](
             q, k, v, dout, stats, dk, dv, *meta, work_list(cu_seqlens_k, dkdv_cfg.block_n), cu_stats,
             *strides, b, h_kv, h // h_kv, tq, tk, stats.shape[-1], *scales, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n,
             num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
         )
+    if gluon and gluon_bwd.varlen_dq_takes(d):
+        gluon_bwd.varlen_dq(q, k, v, dout, stats, cu_stats, dq, launch,
+                            work_list(cu_seqlens_q, gluon_bwd.varlen_blocks(d)[1]), *gluon_args)
+        return dq, dk, dv
     _varlen_bwd_dq_kernel[(cdiv(tq, dq_cfg.block_m) + b, h)](
         q, k, v, dout, stats, dq, *meta, work_list(cu_seqlens_q, dq_cfg.block_m), cu_stats,
         *strides, b, h, h // h_kv, tq, tk, stats.shape[-1], *scales, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
