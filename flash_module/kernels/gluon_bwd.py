@@ -34,6 +34,11 @@ D=256 the dQ pass takes no variant: the portable dQ runs then), contiguous (B, S
 Every pass reads them through 3-D (batch, sequence, heads * D) TMA descriptors
 (``_gluon.descriptor_3d``): rows past a sequence's end come in as zeros, never the next
 sequence's, so a NaN in one batch element cannot reach another's gradients.
+Packed sequences (varlen: :func:`varlen_dkdv`, :func:`varlen_dq`): the dK/dV and the
+warp-specialized dQ tile bodies (:func:`_dkdv_tile`, :func:`_ws_dq_tile`) run by work lists over
+the sequences' key / query blocks, each program reading its own sequence through descriptors
+built on the device (``_gluon.sequence_descriptor``: zeros past the sequence's end) and the
+packed statistics of ``varlen._varlen_preprocess``; at D=256 the portable varlen dQ runs.
 Deterministic (no atomics).  :func:`supported` says whether a call qualifies;
 ``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
 under the interpreter (Gluon has none): CI runs the portable kernels.

@@ -33,6 +33,12 @@ Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, (B, S, H,
 in (S, H, D) (:func:`supported`); no dropout or mask; softcap, ALiBi, attention sinks and sliding
 windows (key blocks outside the window skipped, ``_gluon.window_blocks``) unless
 :data:`VARIANTS` is off.  No interpreter (Gluon has none): CI runs the portable kernel.
+
+Packed sequences (varlen, :func:`varlen_forward`): the same tile body (:func:`_attend_tile`) run
+by a work list over the sequences' query blocks, as ``varlen._varlen_fwd_kernel``'s; each program
+builds TMA descriptors of its own sequence's rows on the device
+(``_gluon.sequence_descriptor``), so a tile past the sequence's end reads zeros here too.  A
+paged cache and dropout take the portable varlen kernel.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """FlashAttention-2 forward over packed variable-length sequences ("varlen"), in Triton.
 
-Work in progress for issue #12 (see docs/varlen.md): forward and backward kernels, not yet
-behind an op or a public function.
+The portable kernels of ``flash_attn_varlen_func`` (ops ``varlen_fwd`` / ``varlen_bwd``, issue
+#12, docs/varlen.md): forward, backward, paged K/V.  On Hopper, fp16/bf16 calls without a paged
+cache or dropout run the Gluon kernels instead (``gluon_fwd.varlen_forward``,
+``gluon_bwd.varlen_dkdv`` / ``varlen_dq``), from the same work lists and statistics.
 
 Layout (flash-attn's varlen layout): q (Tq, H, D), k and v (Tk, H_kv, D) hold B sequences back
 to back; sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and
