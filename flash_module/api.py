@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 
 import torch
 from torch import Tensor
@@ -100,27 +101,40 @@ def _check_scale(name: str, scale: object) -> None:
         raise ValueError(f"{name} must be finite, got {scale!r}")
 
 
-def _check_variants(dropout_p: object, window_size: object, softcap: object, alibi_slopes: object) -> None:
-    """Malformed values are ValueError/TypeError."""
+def _window_pair(window_size: object) -> tuple[int, int]:
+    """``window_size`` as a tuple of two Python ints.  flash-attn takes any pair of integers,
+    0-d integer tensors included (its own tests pass ``torch.randint(0, n, (2,))``), so this
+    does too; a CUDA tensor costs a host sync here, as it would there."""
+    if isinstance(window_size, (tuple, list, Tensor)) and len(window_size) == 2:
+        try:
+            if not any(isinstance(w, bool) or (isinstance(w, Tensor) and (w.dim() or w.is_floating_point()))
+                       for w in window_size):
+                return operator.index(window_size[0]), operator.index(window_size[1])
+        except TypeError:
+            pass
+    raise TypeError(f"window_size must be a pair (left, right) of ints (-1 = unbounded), got {window_size!r}")
+
+
+def _check_variants(dropout_p: object, window_size: object, softcap: object,
+                    alibi_slopes: object) -> tuple[int, int]:
+    """Malformed values are ValueError/TypeError.  Returns ``window_size`` as two Python ints
+    (:func:`_window_pair`)."""
     if (type(dropout_p) in (float, int) and dropout_p == 0 and type(softcap) in (float, int) and softcap == 0
             and alibi_slopes is None and type(window_size) is tuple and len(window_size) == 2
             and type(window_size[0]) is int and type(window_size[1]) is int and window_size == (-1, -1)):
-        return  # the defaults (every call today): nothing to check
+        return window_size  # the defaults (every call today): nothing to check
     _check_real("dropout_p", dropout_p)
     if not 0.0 <= float(dropout_p) <= 1.0:
         raise ValueError(f"dropout_p must be in [0, 1], got {dropout_p!r}")
-    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2 or not all(
-            isinstance(w, int) and not isinstance(w, bool) for w in window_size):
-        raise TypeError(
-            f"window_size must be a pair (left, right) of ints (-1 = unbounded), got {window_size!r}"
-        )
+    window_size = _window_pair(window_size)
     if min(window_size) < -1:
-        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {tuple(window_size)}")
+        raise ValueError(f"window_size entries must be >= -1 (-1 = unbounded), got {window_size}")
     _check_real("softcap", softcap)
     if not (float(softcap) >= 0.0 and math.isfinite(float(softcap))):
         raise ValueError(f"softcap must be finite and >= 0 (0 = off), got {softcap!r}")
     if alibi_slopes is not None and not isinstance(alibi_slopes, Tensor):
         raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+    return window_size
 
 
 def _check_alibi(alibi_slopes: Tensor | None, q: Tensor, batch: int, heads: int) -> None:
@@ -301,7 +315,7 @@ def flash_attn_func(
         _check_tensor(name, t, "(batch, seqlen, nheads, headdim)")
     _check_qkv_bshd(q, k, v, ("q", "k", "v"), "(batch, seqlen, nheads, headdim)")
     _check_scale("softmax_scale", softmax_scale)
-    _check_variants(dropout_p, window_size, softcap, alibi_slopes)
+    window_size = _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
     _check_sink(learnable_sink, q, q.shape[2])
     out, lse, scale, rng = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
@@ -518,7 +532,7 @@ def flash_attn_varlen_func(
     _check_max_seqlen("max_seqlen_q", max_seqlen_q)
     _check_max_seqlen("max_seqlen_k", max_seqlen_k)
     _check_scale("softmax_scale", softmax_scale)
-    _check_variants(dropout_p, window_size, softcap, alibi_slopes)
+    window_size = _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, cu_seqlens_q.numel() - 1, q.shape[1])
     _check_sink(learnable_sink, q, q.shape[1])
     if block_table is not None:
@@ -768,7 +782,7 @@ def flash_attn_with_kvcache(
         if paged:
             raise ValueError("cache_leftpad cannot be used with block_table (paged caches), as in flash-attn")
     _check_scale("softmax_scale", softmax_scale)
-    _check_variants(0.0, window_size, softcap, alibi_slopes)
+    window_size = _check_variants(0.0, window_size, softcap, alibi_slopes)
     _check_alibi(alibi_slopes, q, b, h)
     _check_sink(learnable_sink, q, h)
     _check_num_splits(num_splits)
@@ -865,8 +879,7 @@ def scaled_dot_product_attention(
         raise ValueError(
             f"query has {q.shape[2]} heads but key/value have {k.shape[2]}: pass enable_gqa=True for GQA/MQA"
         )
-    if softcap or window_size != (-1, -1):
-        _check_variants(0.0, window_size, softcap, None)
+    window_size = _check_variants(0.0, window_size, softcap, None)
     _check_sink(learnable_sink, q, q.shape[2])
     out = _attention(q, k, v, scale, is_causal, False, mode, num_splits, impl, softcap, None,
                      tuple(window_size), learnable_sink, float(dropout_p), attn_mask)[0]

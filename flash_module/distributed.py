@@ -345,7 +345,7 @@ def ring_attention(
         raise RuntimeError("ring_attention needs an initialised torch.distributed process group")
     _check_equal_shards(q, k, group)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    _check_variants(dropout_p, window_size, softcap, alibi_slopes)
+    window_size = _check_variants(dropout_p, window_size, softcap, alibi_slopes)
     chunk = q.shape[1] // (2 if layout == "zigzag" else 1)
     if dropout_p and chunk % 16:
         raise ValueError(f"ring_attention with dropout_p > 0 needs chunks of a multiple of 16 tokens (the "

@@ -6,6 +6,8 @@
 # gluon: the Hopper Gluon kernels: tests/test_gluon_fwd.py and test_gluon_bwd.py, then
 # benchmarks/bench_gluon_fwd.py (GLUON_FWD_ARGS) and bench_gluon_bwd.py (GLUON_ARGS, default: --variants)
 # against the portable kernels, cuDNN and FA2.
+# upstream: flash-attn's own tests/test_flash_attn.py against flash_module (scripts/upstream_tests.py; needs
+# .upstream/flash-attention, carried: UPSTREAM_SAMPLE cases, default 600; UPSTREAM_ARGS extra pytest args).
 # ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full transpose).
 # variants: benchmarks/bench_variants.py (VARIANTS_ARGS; each variant's overhead, FlexAttention alongside).
 # window: benchmarks/bench_window.py (WINDOW_ARGS; 64k causal with a 4k window vs full causal, FlexAttention too).
@@ -54,6 +56,10 @@ for step in $steps; do
       echo "pytest workers: $workers (GPU memory ${mem_mb} MiB)" | tee -a "$OUT/env.txt"
       python3 -m pytest tests -q -n "$workers" --dist loadgroup -p no:cacheprovider -m "gpu or not gpu" --timeout 900 ${PYTEST_ARGS:-} \
         2>&1 | tee "$OUT/tests.log" | tail -30
+      ;;
+    upstream)
+      python3 scripts/upstream_tests.py --sample "${UPSTREAM_SAMPLE:-600}" --junit "$OUT/upstream.xml" -- \
+        -n "${PYTEST_WORKERS:-8}" -rfE --tb=line ${UPSTREAM_ARGS:-} 2>&1 | tee "$OUT/upstream.log" | tail -40
       ;;
     bench)
       python3 benchmarks/bench.py --json "$OUT/bench.json" --plot "$OUT/bench.png" ${BENCH_ARGS:-} \

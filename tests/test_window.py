@@ -230,3 +230,25 @@ def test_shift_moves_the_diagonal(impl, causal, window, alibi, device):
     for ours, theirs in ((out, ref[:, shift:]), (lse, ref_lse[:, :, shift:]), (dq, grads[0][:, shift:]),
                          (dk, grads[1]), (dv, grads[2])):
         torch.testing.assert_close(ours.double(), theirs, atol=2e-5, rtol=1e-4)
+
+
+def test_window_size_as_integer_tensors_like_flash_attn_tests(device):
+    """flash-attn's own tests pass ``window_size = torch.randint(0, seqlen_k, (2,))``: a pair of
+    integer tensors is the same window as the pair of ints, in every entry point; floats and
+    bools are still a TypeError."""
+    q, k, v = make_qkv(1, 40, 50, 2, 1, 16, torch.float32, device, requires_grad=False)
+    window = torch.tensor([7, 3])
+    expected = fm.flash_attn_func(q, k, v, window_size=(7, 3))
+    assert torch.equal(fm.flash_attn_func(q, k, v, window_size=window), expected)
+    assert torch.equal(fm.flash_attn_func(q, k, v, window_size=(window[0], window[1])), expected)
+    cu_q = torch.tensor([0, 40], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 50], dtype=torch.int32, device=device)
+    varlen = (q[0], k[0], v[0], cu_q, cu_k, 40, 50)
+    assert torch.equal(fm.flash_attn_varlen_func(*varlen, window_size=window),
+                       fm.flash_attn_varlen_func(*varlen, window_size=(7, 3)))
+    cache = (q[:, :1], k.clone(), v.clone())
+    assert torch.equal(fm.flash_attn_with_kvcache(*cache, cache_seqlens=30, window_size=window),
+                       fm.flash_attn_with_kvcache(*cache, cache_seqlens=30, window_size=(7, 3)))
+    for bad in ((7.0, 3), (True, 3), torch.tensor([7.0, 3.0]), torch.tensor([[7, 3]]), (7,)):
+        with pytest.raises(TypeError, match="window_size"):
+            fm.flash_attn_func(q, k, v, window_size=bad)
