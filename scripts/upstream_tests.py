@@ -59,6 +59,33 @@ from flash_module.api import _get_block_size_n  # noqa: F401
 
 USE_TRITON_ROCM = False
 '''
+#: ``--cpu``: the suite's rotary helper in torch ops (theirs launches a Triton kernel on the
+#: current CUDA device): rows at positions ``seqlen_offsets + i``, the first ``2 * cos.shape[-1]``
+#: features rotated, pairs (2i, 2i + 1) when interleaved, else (i, i + rotary_dim / 2).
+CPU_ROTARY = '''import torch
+
+
+def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None,
+                     max_seqlen=None):
+    assert cu_seqlens is None, "the CPU stand-in takes (batch, seqlen, nheads, headdim) only"
+    b, s = x.shape[:2]
+    rd = 2 * cos.shape[-1]
+    offsets = torch.as_tensor(seqlen_offsets, device=x.device).reshape(-1, 1)
+    pos = (offsets + torch.arange(s, device=x.device)).expand(b, s)
+    c, n = cos[pos][:, :, None].float(), sin[pos][:, :, None].float()  # (b, s, 1, rd / 2)
+    rot = x[..., :rd].float()
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack([x1 * c - x2 * n, x1 * n + x2 * c], -1).flatten(-2)
+    else:
+        x1, x2 = rot.chunk(2, -1)
+        out = torch.cat([x1 * c - x2 * n, x1 * n + x2 * c], -1)
+    out = torch.cat([out.to(x.dtype), x[..., rd:]], -1)
+    if inplace:
+        x.copy_(out)
+        return x
+    return out
+'''
 CONFTEST = '''import random
 
 SAMPLE, SEED, INTERNAL = {sample}, {seed}, {internal!r}
@@ -106,6 +133,8 @@ def build(checkout: Path, root: Path, sample: int, seed: int, internal: bool, cp
     (pkg / "flash_attn_interface.py").write_text(SHIM_INTERFACE)
     for rel in NEEDED[1:]:
         shutil.copy(checkout / rel, root / rel)
+    if cpu:
+        (pkg / "layers" / "rotary.py").write_text(CPU_ROTARY)
     tests = root / "tests"
     tests.mkdir()
     text = (checkout / NEEDED[0]).read_text()
@@ -126,8 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-internal", action="store_true",
                     help="also run the tests of flash-attn's private API")
     ap.add_argument("--cpu", action="store_true",
-                    help="an API dry run on the CPU (the suite's device strings rewritten; its rotary "
-                         "kernel then needs TRITON_INTERPRET=1)")
+                    help="an API dry run on flash_module's CPU path (the suite's device strings "
+                         "rewritten, its rotary helper in torch ops)")
     args, extra = ap.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     if args.populate_from:
