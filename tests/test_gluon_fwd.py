@@ -194,6 +194,7 @@ def test_gluon_varlen_matches_oracle_and_portable(lens_q, lens_k, h, h_kv, d, dt
 
     from .test_varlen import _oracle, _pack
 
+    monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)  # the kernel at every length
     q, cu_q = _pack(lens_q, h, d, dtype, "cuda")
     k, cu_k = _pack(lens_k, h_kv, d, dtype, "cuda")
     v, dout = torch.randn_like(k), torch.randn_like(q)
@@ -233,12 +234,13 @@ def test_gluon_varlen_matches_oracle_and_portable(lens_q, lens_k, h, h_kv, d, dt
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
 @pytest.mark.parametrize("d", [64, 128, 256])
-def test_gluon_varlen_keeps_a_nan_in_its_sequence(d):
+def test_gluon_varlen_keeps_a_nan_in_its_sequence(d, monkeypatch):
     """Each program's descriptors end at its own sequence's end: NaN rows of sequence 1, and NaN
     rows past the last sequence (an unfilled buffer), leave sequences 0 and 2 exactly as they
     are alone, forward and backward."""
     from flash_module.kernels.varlen import varlen_backward, varlen_forward
 
+    monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
     lens = [70, 45, 100]
     q, k, v, dout = (torch.randn(sum(lens) + 30, 2, d, dtype=torch.bfloat16, device="cuda") for _ in range(4))
     for t in (q, k, v, dout):
@@ -311,3 +313,33 @@ def test_gluon_varlen_variants(causal, softcap, alibi, sink, window, monkeypatch
     hi, lo = oracle(torch.float64), oracle(dtype)
     for name, a, o, p in zip(["out", "lse", "dq", "dk", "dv", "dsink"], (out, lse, *grads), hi, lo):
         assert_flash_rule(name, a, o, p, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+def test_gluon_varlen_cuda_graph_replays_for_new_lengths():
+    """The Gluon varlen passes under CUDA-graph capture (their descriptor scratch comes from the
+    graph's memory pool): captured once, replayed with other cu_seqlens of the same total, each
+    replay equal to an eager call, forward and backward."""
+    from .test_varlen import _cu
+
+    shape = (700, 4, 128)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    cu = _cu([300, 250, 150], "cuda")
+
+    def step():
+        out = fm.flash_attn_varlen_func(q, k, v, cu, cu, causal=True)
+        return (out, *torch.autograd.grad(out, (q, k, v), dout))
+
+    step()  # compile the kernels outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for lengths in ([300, 250, 150], [1, 0, 699], [699, 1, 0], [129, 128, 443]):
+        cu.copy_(_cu(lengths, "cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, step()):
+            assert torch.equal(a, b), lengths

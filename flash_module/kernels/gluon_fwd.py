@@ -351,14 +351,18 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     )
 
 
-def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool) -> bool:
+def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool, batch: int = 1) -> bool:
     """Whether :func:`varlen_forward` can run this packed call: q (Tq, H, D), k/v (Tk, H_kv, D),
-    each with (H, D) dense and 16-byte aligned rows (any row stride: packed QKV is fine);
-    ``variants``: the call has something only the portable varlen kernel takes (a paged cache,
-    dropout, a softmax scale <= 0; softcap, ALiBi, sinks and windows unless :data:`VARIANTS`)."""
+    each with (H, D) dense and 16-byte aligned rows (any row stride: packed QKV is fine), ``batch``
+    sequences; ``variants``: the call has something only the portable varlen kernel takes (a
+    paged cache, dropout, a softmax scale <= 0; softcap, ALiBi, sinks and windows unless
+    :data:`VARIANTS`).  At D=64 the dense rule for short keys (:data:`D64_MIN_KEYS`) applies to
+    the mean key length Tk / batch (the lengths themselves are on the device)."""
     if not (HAVE_GLUON and ENABLED and VARLEN) or variants or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in FWD_CONFIGS:
+        return False
+    if q.shape[-1] == 64 and k.shape[0] < D64_MIN_KEYS * max(batch, 1):
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False

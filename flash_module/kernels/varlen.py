@@ -269,7 +269,7 @@ def varlen_forward(
     # windows too unless gluon_fwd.VARIANTS)
     portable_only = paged or bool(dropout_p) or softmax_scale <= 0 or (not gluon_fwd.VARIANTS and (
         bool(softcap) or tuple(window_size) != (-1, -1) or alibi_slopes is not None or sink is not None))
-    if gluon_fwd.varlen_supported(q, k, v, portable_only):
+    if gluon_fwd.varlen_supported(q, k, v, portable_only, b):
         gluon_fwd.varlen_forward(q, k, v, (meta, b, flags), work_list(cu_seqlens_q, gluon_fwd.varlen_block_m(d)),
                                  softmax_scale, causal, out, lse, softcap, alibi_slopes, sink, window_size)
         return out, lse
