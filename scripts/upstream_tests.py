@@ -88,9 +88,12 @@ def apply_rotary_emb(x, cos, sin, interleaved=False, inplace=False, seqlen_offse
 '''
 CONFTEST = '''import random
 
+import pytest
+
 SAMPLE, SEED, INTERNAL = {sample}, {seed}, {internal!r}
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m: the sample is drawn from what they keep
 def pytest_collection_modifyitems(config, items):
     dropped = [it for it in items if it.originalname in INTERNAL]
     kept = [it for it in items if it.originalname not in INTERNAL]
