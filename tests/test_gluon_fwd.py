@@ -332,7 +332,12 @@ def test_gluon_varlen_cuda_graph_replays_for_new_lengths():
         out = fm.flash_attn_varlen_func(q, k, v, cu, cu, causal=True)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    step()  # compile the kernels outside the capture
+    side = torch.cuda.Stream()  # warm up (compile, autograd's first use) on a side stream, as torch advises
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
