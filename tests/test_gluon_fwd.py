@@ -348,3 +348,65 @@ def test_gluon_varlen_cuda_graph_replays_for_new_lengths():
         torch.cuda.synchronize()
         for a, b in zip(captured, step()):
             assert torch.equal(a, b), lengths
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,sq,sk,h,h_kv,d", [
+    pytest.param(2, 203, 113, 4, 2, 128, id="203x113-d128"),
+    pytest.param(1, 300, 1100, 2, 1, 256, id="300x1100-d256"),
+    pytest.param(2, 1000, 2100, 2, 2, 64, id="1000x2100-d64"),
+])
+def test_gluon_dropout_uses_the_portable_mask(b, sq, sk, h, h_kv, d, causal, monkeypatch):
+    """Dropout in the Gluon forward (``gluon_fwd.DROPOUT``): its mask is built in the wgmma
+    layout (``_gluon.dropout_keep_mma``) and must be the portable kernels' bit for bit, since the
+    backward regenerates it there.  Out, lse and the gradients against the float64 oracle run
+    with the host-regenerated mask (2x rule)."""
+    from flash_module import reference
+    from flash_module.api import dropout_seed
+
+    monkeypatch.setattr(gluon_fwd, "DROPOUT", True)
+    monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
+    p = 0.17
+    q, k, v = make_qkv(b, sq, sk, h, h_kv, d, torch.bfloat16, "cuda")
+    calls = []
+    _spy(monkeypatch, gluon_fwd, "forward", calls)
+    torch.manual_seed(5)
+    mask = reference.dropout_mask(dropout_seed(torch.device("cuda")), p, b, h, sq, sk)
+    torch.manual_seed(5)
+    out, lse, _ = fm.flash_attn_func(q, k, v, p, causal=causal, return_attn_probs=True)
+    assert calls, "the Gluon forward did not run"
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert_matches_reference((out, lse, *grads), q, k, v, dout, causal, True, torch.bfloat16, dropout_p=p,
+                             dropout_mask=mask)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+def test_gluon_varlen_dropout_uses_the_portable_mask(monkeypatch):
+    """The Gluon varlen forward with dropout gives the portable varlen kernel's output (the same
+    mask: row counters per sequence and head), within the 2x rule of the portable error."""
+    from .test_varlen import _pack
+
+    monkeypatch.setattr(gluon_fwd, "DROPOUT", True)
+    lens = [203, 0, 1, 130]
+    q, cu = _pack(lens, 4, 128, torch.bfloat16, "cuda")
+    k, v = torch.randn_like(q), torch.randn_like(q)
+
+    def run():
+        torch.manual_seed(9)
+        return fm.flash_attn_varlen_func(q, k, v, cu, cu, 203, 203, dropout_p=0.3, causal=True)
+
+    calls = []
+    _spy(monkeypatch, gluon_fwd, "varlen_forward", calls)
+    ours = run()
+    assert calls, "the Gluon varlen forward did not run"
+    monkeypatch.setattr(gluon_fwd, "VARLEN", False)
+    portable = run()
+    monkeypatch.setattr(gluon_fwd, "DROPOUT", False)
+    torch.manual_seed(9)
+    no_drop = fm.flash_attn_varlen_func(q, k, v, cu, cu, 203, 203, causal=True)
+    gap = (ours.float() - portable.float()).abs().max().item()
+    assert gap < 0.05 < (portable.float() - no_drop.float()).abs().max().item(), gap  # same mask, a real mask

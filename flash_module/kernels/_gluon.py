@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1
+
 try:  # Gluon with the Hopper ops (triton >= 3.5)
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
@@ -35,7 +37,7 @@ __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_la
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
-                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_item", "sequence_descriptor"]
+                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -247,3 +249,49 @@ if HAVE_GLUON:
         becomes 1 (TMA wants no empty dimension; callers load nothing then)."""
         return tma.make_tensor_descriptor(X + start * stride, [1, gl.maximum(length, 1), width], [stride, stride, 1],
                                           box, layout)
+
+    @gluon.jit
+    def _philox(seed, c0, c1, c2, c3):
+        """Philox-4x32-7 in Gluon: ``_common.philox`` (same constants, rounds and key schedule), for
+        the Gluon kernels' dropout masks."""
+        k0 = (seed & 0xFFFFFFFF).to(gl.uint32)
+        k1 = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
+        for _ in gl.static_range(PHILOX_ROUNDS):
+            a0 = c0
+            a2 = c2
+            c0 = gl.umulhi(a2, PHILOX_M1) ^ c1 ^ k0
+            c2 = gl.umulhi(a0, PHILOX_M0) ^ c3 ^ k1
+            c1 = a2 * PHILOX_M1
+            c3 = a0 * PHILOX_M0
+            k0 = k0 + PHILOX_W0
+            k1 = k1 + PHILOX_W1
+        return c0, c1, c2, c3
+
+    @gluon.jit
+    def dropout_keep_mma(seed, row0, start_n, thresh, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                         layout: gl.constexpr):
+        """Dropout's keep mask of a (ROWS, BLOCK_N) score tile, the same bits as
+        ``_common.dropout_keep`` (``row0``: the int64 row counter of the tile's first row, ``stream
+        << 32 | i``; ``start_n``: its first key; both multiples of 16), built in ``layout``, a
+        4-warp wgmma accumulator layout.  A Philox call (counter: key quad, row pair, stream, 0)
+        serves rows {i, i + 8} x keys {j, j + 1, j + 8, j + 9}: exactly the entries one thread
+        holds in that layout, so the calls run in a (ROWS / 2, BLOCK_N / 4) blocked layout (warp
+        = 8 row pairs, lane = row pair x key quad) and the joins, reshape and permute below only
+        rename registers (offline, sm_90: no shared memory, no shuffles).  Row ``i + 8s``, key
+        ``j + 8k + h`` reads half ``h`` of word ``2s + k``."""
+        calls: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [4, 1], [1, 0])
+        P: gl.constexpr = ROWS // 2
+        Q: gl.constexpr = BLOCK_N // 4
+        row0 = gl.to_tensor(row0).to(gl.int64)
+        stream = (row0 >> 32).to(gl.uint32)
+        pair = ((row0 & 0xFFFFFFFF) // 2 + gl.arange(0, P, gl.SliceLayout(1, calls))).to(gl.uint32)
+        quad = (start_n // 4 + gl.arange(0, Q, gl.SliceLayout(0, calls))).to(gl.uint32)
+        zero = gl.zeros([P, Q], gl.uint32, calls)
+        w0, w1, w2, w3 = _philox(seed, quad[None, :] + zero, pair[:, None] + zero, stream + zero, zero)
+        # a half is kept iff it is >= thresh (``_common._keep_bits``; an int arg of 1 arrives as a constexpr)
+        t32 = gl.to_tensor(thresh).to(gl.uint32) << 16
+        k0 = gl.join(gl.join((w0 << 16) >= t32, w0 >= t32), gl.join((w1 << 16) >= t32, w1 >= t32))  # (P, Q, h, k)
+        k1 = gl.join(gl.join((w2 << 16) >= t32, w2 >= t32), gl.join((w3 << 16) >= t32, w3 >= t32))
+        keep = gl.reshape(gl.join(k0, k1), [ROWS // 16, 8, BLOCK_N // 16, 4, 2, 2, 2])  # a, i8, b, q, h, k, s
+        keep = gl.reshape(gl.permute(keep, [0, 6, 1, 2, 5, 3, 4]), [ROWS, BLOCK_N])  # (a, s, i8), (b, k, q, h)
+        return gl.convert_layout(keep, layout)

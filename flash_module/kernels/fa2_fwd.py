@@ -113,13 +113,14 @@ def fa2_forward(
     lse = torch.empty((b, h, sq), dtype=lse_dtype(q.dtype), device=q.device)
     causal_in = causal
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
-    # Hopper: the Gluon forward (dropout, masks and explicit configs: portable; softcap, ALiBi,
-    # sinks and windows too unless gluon_fwd.VARIANTS)
-    portable_only = bool(dropout_p or config) or softmax_scale <= 0 or attn_mask is not None or (
+    # Hopper: the Gluon forward (masks and explicit configs: portable; dropout too unless
+    # gluon_fwd.DROPOUT; softcap, ALiBi, sinks and windows too unless gluon_fwd.VARIANTS)
+    portable_only = bool(config) or softmax_scale <= 0 or attn_mask is not None or (
+        bool(dropout_p) and not gluon_fwd.DROPOUT) or (
         not gluon_fwd.VARIANTS and (bool(softcap or window) or alibi_slopes is not None or sink is not None))
     if gluon_fwd.supported(q, k, v, portable_only):
         gluon_fwd.forward(q, k, v, softmax_scale, causal_in, causal_offset, out, lse, softcap, alibi_slopes, sink,
-                          window_size)
+                          window_size, dropout_p=dropout_p, rng=rng, drop_offsets=drop_offsets)
         return out, lse
     cfg = config or fwd_config(q.dtype, d, causal_in, q.device)  # (tuned per requested causality)
     mask = _common.mask_args(attn_mask, (b, h, sq, sk), q)

@@ -53,6 +53,7 @@ from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d, set_scrat
 
 if HAVE_GLUON:
     from ._gluon import (
+        dropout_keep_mma,
         fence_async_shared,
         gl,
         gluon,
@@ -83,6 +84,10 @@ D64_MIN_KEYS = 2048
 #: 411 -> 532, ALiBi 448 -> 598, sink 478 -> 686; a 4k window over 64k causal keys 7.96x faster
 #: than full causal.
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
+#: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=1``).  Off: the mask
+#: generator (``_gluon.dropout_keep_mma``) was written offline and has not run on a GPU yet;
+#: the backward's passes take dropout on the portable kernels either way.
+DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "0") == "1"
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 #: Whether packed (varlen) calls run the Gluon forward too (``FLASH_MODULE_GLUON_VARLEN=0``: the
@@ -168,15 +173,28 @@ if HAVE_GLUON:
         gl.store(Lse_row + rows, lse, mask=rows < Sq)
 
     @gluon.jit
+    def _dropped(p, seed, drop_row, start_n, drop_thresh, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                 s_layout: gl.constexpr, DROPOUT: gl.constexpr):
+        """P as the P V matmul takes it: with ``DROPOUT``, zero where the mask of rows ``drop_row``..
+        and keys ``start_n``.. drops it (``_gluon.dropout_keep_mma``, the portable kernels' bits)."""
+        if DROPOUT:
+            p = gl.where(dropout_keep_mma(seed, drop_row, start_n, drop_thresh, ROWS, BLOCK_N, s_layout), p, 0.0)
+        return p
+
+    @gluon.jit
     def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                   first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale,
-                  start_m, cap2, Alibi_bh, Sink, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  start_m, cap2, Alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
+                  HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                  SINK: gl.constexpr, WINDOW: gl.constexpr):
+                  SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
         """One warpgroup: query rows [start_m + wg * ROWS, + ROWS) against every K/V block of
         the tile, key blocks first .. total - 1 (its own Q load, then the loop of the module
         docstring; blocks outside [full_lo, full_hi) masked), releasing each K stage after its S
-        and each V stage after its P V; then its own O and LSE."""
+        and each V stage after its P V; then its own O and LSE.  ``DROPOUT``: the P V matmuls take
+        P with the dropped probabilities zeroed (:func:`_dropped`), the row sums keep them, and O is
+        scaled by ``drop_scale`` = 1 / (1 - p) at the end; ``drop_row0`` is the row counter of the
+        program's row 0 (``_common.dropout_keep``), ``drop_col`` the keys' offset in the mask."""
         dtype: gl.constexpr = q_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -196,6 +214,10 @@ if HAVE_GLUON:
         slope2 = 0.0
         if ALIBI:  # this head's slope, log2 domain
             slope2 = gl.load(Alibi_bh) * LOG2E_C
+        seed = 0
+        if DROPOUT:
+            seed = gl.load(Rng).to(gl.int64)
+        drop_row = drop_row0 + wg * ROWS
         mbarrier.wait(q_bar.index(wg), phase=0)
         if total > first:
             mbarrier.wait(k_ready.index(0), phase=0)
@@ -206,6 +228,7 @@ if HAVE_GLUON:
             keys = first * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, win_l,
                                                    win_r, True, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+            p = _dropped(p, seed, drop_row, first * BLOCK_N + drop_col, drop_thresh, ROWS, BLOCK_N, s_layout, DROPOUT)
         for i in range(1, total - first):  # block j = first + i, the i-th of the ring
             j = first + i
             ks = i % STAGES
@@ -228,6 +251,7 @@ if HAVE_GLUON:
                 p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2,
                                                    slope2, win_l, win_r, True, IS_CAUSAL, SOFTCAP, ALIBI,
                                                    WINDOW)
+            p = _dropped(p, seed, drop_row, j * BLOCK_N + drop_col, drop_thresh, ROWS, BLOCK_N, s_layout, DROPOUT)
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(vs), count=1)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
@@ -244,13 +268,16 @@ if HAVE_GLUON:
             l_i = l_i * alpha + gl.exp2(sink2 - m_sub)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
             m_i = m_new
+        if DROPOUT:  # the kept probabilities, times 1 / (1 - p)
+            o = o * drop_scale
         _store_out(o, m_i, l_i, row0, rows, Out, Lse_row, off_b, off_h, H, Sq, o_layout)
 
     @gluon.jit
     def _attend_tile(q_desc, k_desc, v_desc, Out, Lse_row, off_b, off_h, H, GROUP, Sq, Sk, causal_offset, start_m,
-                     win_l, win_r, qk_scale, cap2, alibi_bh, Sink, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                     BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr,
-                     ALIBI: gl.constexpr, SINK: gl.constexpr, WINDOW: gl.constexpr):
+                     win_l, win_r, qk_scale, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
+                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                     IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
+                     WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
         """One BLOCK_M-row query tile of head ``off_h`` (rows [start_m, start_m + BLOCK_M) of batch
         entry ``off_b`` of the descriptors) against its key blocks: the default partition (4 warps)
         and one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of
@@ -271,12 +298,14 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                           first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
-                          qk_scale, start_m, cap2, alibi_bh, Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL,
-                          SOFTCAP, ALIBI, SINK, WINDOW)),
+                          qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
+                          drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW,
+                          DROPOUT)),
              (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                           first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
-                          qk_scale, start_m, cap2, alibi_bh, Sink, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL,
-                          SOFTCAP, ALIBI, SINK, WINDOW)),
+                          qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
+                          drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW,
+                          DROPOUT)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
                          off_b, kv_col, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
@@ -284,10 +313,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _fwd_kernel(
         q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
-        stride_ab, stride_ah, Sink,
+        stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, num_warps: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_M-row query tile of one head of one batch entry
         (:func:`_attend_tile`); Out (B, Sq, H, D) and Lse (B, H, Sq) contiguous."""
@@ -297,16 +326,18 @@ if HAVE_GLUON:
         off_h = pid_bh % H
         _attend_tile(q_desc, k_desc, v_desc, Out, Lse + pid_bh.to(gl.int64) * Sq, off_b, off_h, H, GROUP, Sq, Sk,
                      causal_offset, pid_m * BLOCK_M, win_l, win_r, qk_scale, cap2,
-                     Alibi + off_b * stride_ab + off_h * stride_ah, Sink, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                     IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW)
+                     Alibi + off_b * stride_ab + off_h * stride_ah, Sink, Rng,
+                     (pid_bh.to(gl.int64) << 32) + drop_row_off + pid_m * BLOCK_M, drop_col_off, drop_thresh,
+                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT)
 
     @gluon.jit
     def _varlen_fwd_kernel(
         Q, K, V, Out, Lse, CuQ, CuK, SeqUsedK, CuBlocks, stride_qs, stride_ks, stride_vs, B, H, GROUP, Tq, Tk,
-        win_l, win_r, qk_scale, cap2, Alibi, stride_ab, stride_ah, Sink,
+        win_l, win_r, qk_scale, cap2, Alibi, stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off,
+        drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
         kv_layout: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Varlen: program (p, h) = work item p of the query-block list ``CuBlocks`` (as
@@ -325,14 +356,16 @@ if HAVE_GLUON:
         v_desc = sequence_descriptor(V, k_start, stride_vs, len_k, width_kv, [1, BLOCK_N, HEAD_DIM], kv_layout)
         _attend_tile(q_desc, k_desc, v_desc, Out + q_start * (H * HEAD_DIM), Lse + off_h.to(gl.int64) * Tq + q_start,
                      0, off_h, H, GROUP, len_q, len_k, len_k - len_q, start_m, win_l, win_r, qk_scale, cap2,
-                     Alibi + b * stride_ab + off_h * stride_ah, Sink, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES,
-                     IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW)
+                     Alibi + b * stride_ab + off_h * stride_ah, Sink, Rng,
+                     ((b * H + off_h).to(gl.int64) << 32) + drop_row_off + start_m, drop_col_off, drop_thresh,
+                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
             causal_offset: int, out: torch.Tensor, lse: torch.Tensor, softcap: float = 0.0,
             alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
-            window_size: tuple[int, int] = (-1, -1), config: tuple[int, int, int] | None = None) -> None:
+            window_size: tuple[int, int] = (-1, -1), config: tuple[int, int, int] | None = None,
+            dropout_p: float = 0.0, rng: torch.Tensor | None = None, drop_offsets: tuple[int, int] = (0, 0)) -> None:
     """Fill ``out`` (B, Sq, H, D) contiguous and ``lse`` (B, H, Sq) fp32 (callers check
     :func:`supported` first); ``softcap``, ``alibi_slopes`` (fp32 (H,) or (B, H)), ``sink``
     (fp32 (H,)) and ``window_size`` as ``fa2_fwd.fa2_forward`` takes them; ``config``:
@@ -345,9 +378,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     _fwd_kernel[(cdiv(sq, block_m), b * h)](
         descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
         h, h // h_kv, sq, sk, causal_offset, win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
-        _common.sink_args(sink, q),
+        _common.sink_args(sink, q), *_dropout_args(dropout_p, rng, q, drop_offsets),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, num_warps=4,
+        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p), num_warps=4,
     )
 
 
@@ -376,7 +409,8 @@ def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants
 def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_meta: tuple,
                    cu_blocks: torch.Tensor, softmax_scale: float, causal: bool, out: torch.Tensor, lse: torch.Tensor,
                    softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None, sink: torch.Tensor | None = None,
-                   window_size: tuple[int, int] = (-1, -1)) -> None:
+                   window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+                   rng: torch.Tensor | None = None) -> None:
     """Fill ``out`` (Tq, H, D) and ``lse`` (H, Tq) (contiguous, pre-filled with 0 / -inf for
     rows in no sequence) for packed sequences, as ``varlen.varlen_forward`` defines them
     (callers check :func:`varlen_supported` first).  ``launch_meta``: ``varlen.varlen_launch_meta``'s
@@ -392,8 +426,9 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_met
     _varlen_fwd_kernel[(cdiv(tq, block_m) + b, h)](
         q, k, v, out, lse, *meta, cu_blocks, q.stride(0), k.stride(0), v.stride(0), b, h, h // h_kv, tq,
         k.shape[0], win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q), _common.sink_args(sink, q),
+        *_dropout_args(dropout_p, rng, q),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window,
+        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p),
         q_layout=shared_layout_3d(q, block_m // 2), kv_layout=shared_layout_3d(k, block_n), num_warps=4, **flags,
     )
 
@@ -401,3 +436,10 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_met
 def varlen_block_m(d: int) -> int:
     """The query rows per program of the Gluon varlen forward at head dim ``d``."""
     return FWD_CONFIGS[d][0]
+
+
+def _dropout_args(dropout_p: float, rng: torch.Tensor | None, like: torch.Tensor,
+                  offsets: tuple[int, int] = (0, 0)) -> tuple:
+    """``(Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale)``: ``_common.dropout_args``
+    without the low half of the scale (fp16/bf16 only here)."""
+    return _common.dropout_args(dropout_p, rng, like, offsets)[:5]

@@ -265,13 +265,15 @@ def varlen_forward(
     programs = cdiv(tq, cfg.block_m) + b  # >= the total block count, from shapes only
     if b == 0 or programs == 0 or h == 0:  # no sequence: nothing to launch (work_item needs B >= 1)
         return out, lse
-    # Hopper: the Gluon forward (a paged cache and dropout: portable; softcap, ALiBi, sinks and
-    # windows too unless gluon_fwd.VARIANTS)
-    portable_only = paged or bool(dropout_p) or softmax_scale <= 0 or (not gluon_fwd.VARIANTS and (
-        bool(softcap) or tuple(window_size) != (-1, -1) or alibi_slopes is not None or sink is not None))
+    # Hopper: the Gluon forward (a paged cache: portable; dropout too unless gluon_fwd.DROPOUT;
+    # softcap, ALiBi, sinks and windows too unless gluon_fwd.VARIANTS)
+    portable_only = paged or (bool(dropout_p) and not gluon_fwd.DROPOUT) or softmax_scale <= 0 or (
+        not gluon_fwd.VARIANTS and (bool(softcap) or tuple(window_size) != (-1, -1) or alibi_slopes is not None
+                                    or sink is not None))
     if gluon_fwd.varlen_supported(q, k, v, portable_only, b):
         gluon_fwd.varlen_forward(q, k, v, (meta, b, flags), work_list(cu_seqlens_q, gluon_fwd.varlen_block_m(d)),
-                                 softmax_scale, causal, out, lse, softcap, alibi_slopes, sink, window_size)
+                                 softmax_scale, causal, out, lse, softcap, alibi_slopes, sink, window_size, dropout_p,
+                                 rng)
         return out, lse
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
     _varlen_fwd_kernel[(programs, h)](
