@@ -30,7 +30,8 @@ sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit
 sequence's, so a NaN in one batch entry cannot reach another.
 
 Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, (B, S, H, D) inputs dense
-in (S, H, D) (:func:`supported`); no dropout or mask; softcap, ALiBi, attention sinks and sliding
+in (S, H, D) (:func:`supported`); no mask; dropout with :data:`DROPOUT` (the portable kernels'
+mask, ``_gluon.dropout_keep_mma``); softcap, ALiBi, attention sinks and sliding
 windows (key blocks outside the window skipped, ``_gluon.window_blocks``) unless
 :data:`VARIANTS` is off.  No interpreter (Gluon has none): CI runs the portable kernel.
 
