@@ -359,26 +359,30 @@ def test_gluon_varlen_cuda_graph_replays_for_new_lengths():
     pytest.param(2, 1000, 2100, 2, 2, 64, id="1000x2100-d64"),
 ])
 def test_gluon_dropout_uses_the_portable_mask(b, sq, sk, h, h_kv, d, causal, monkeypatch):
-    """Dropout in the Gluon forward (``gluon_fwd.DROPOUT``): its mask is built in the wgmma
-    layout (``_gluon.dropout_keep_mma``) and must be the portable kernels' bit for bit, since the
-    backward regenerates it there.  Out, lse and the gradients against the float64 oracle run
-    with the host-regenerated mask (2x rule)."""
+    """Dropout in the Gluon passes (``gluon_fwd.DROPOUT``, ``gluon_bwd.DROPOUT``): the mask is
+    built in the wgmma layouts (``_gluon.dropout_keep_mma``, ``dropout_keep_mma_t`` for the dK/dV
+    pass's transposed tile) and must be the portable kernels' bit for bit.  Out, lse and the
+    gradients against the float64 oracle run with the host-regenerated mask (2x rule); at D=256
+    the backward stays portable (``gluon_bwd.dropout_takes``)."""
     from flash_module import reference
     from flash_module.api import dropout_seed
+    from flash_module.kernels import gluon_bwd
 
     monkeypatch.setattr(gluon_fwd, "DROPOUT", True)
+    monkeypatch.setattr(gluon_bwd, "DROPOUT", True)
     monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
     p = 0.17
     q, k, v = make_qkv(b, sq, sk, h, h_kv, d, torch.bfloat16, "cuda")
     calls = []
-    _spy(monkeypatch, gluon_fwd, "forward", calls)
+    for module, name in ((gluon_fwd, "forward"), (gluon_bwd, "dkdv"), (gluon_bwd, "dq")):
+        _spy(monkeypatch, module, name, calls)
     torch.manual_seed(5)
     mask = reference.dropout_mask(dropout_seed(torch.device("cuda")), p, b, h, sq, sk)
     torch.manual_seed(5)
     out, lse, _ = fm.flash_attn_func(q, k, v, p, causal=causal, return_attn_probs=True)
-    assert calls, "the Gluon forward did not run"
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert calls == ["forward"] + (["dkdv", "dq"] if d != 256 else []), calls
     assert_matches_reference((out, lse, *grads), q, k, v, dout, causal, True, torch.bfloat16, dropout_p=p,
                              dropout_mask=mask)
 
@@ -386,27 +390,33 @@ def test_gluon_dropout_uses_the_portable_mask(b, sq, sk, h, h_kv, d, causal, mon
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
 def test_gluon_varlen_dropout_uses_the_portable_mask(monkeypatch):
-    """The Gluon varlen forward with dropout gives the portable varlen kernel's output (the same
-    mask: row counters per sequence and head), within the 2x rule of the portable error."""
+    """The Gluon varlen passes with dropout give the portable varlen kernels' output and
+    gradients (the same mask: row counters per sequence and head), within bf16 rounding."""
+    from flash_module.kernels import gluon_bwd
+
     from .test_varlen import _pack
 
     monkeypatch.setattr(gluon_fwd, "DROPOUT", True)
+    monkeypatch.setattr(gluon_bwd, "DROPOUT", True)
     lens = [203, 0, 1, 130]
     q, cu = _pack(lens, 4, 128, torch.bfloat16, "cuda")
-    k, v = torch.randn_like(q), torch.randn_like(q)
+    k, v, dout = torch.randn_like(q), torch.randn_like(q), torch.randn_like(q)
+    xs = [t.requires_grad_() for t in (q, k, v)]
 
-    def run():
+    def run(p=0.3):
         torch.manual_seed(9)
-        return fm.flash_attn_varlen_func(q, k, v, cu, cu, 203, 203, dropout_p=0.3, causal=True)
+        out = fm.flash_attn_varlen_func(*xs, cu, cu, 203, 203, dropout_p=p, causal=True)
+        return (out, *torch.autograd.grad(out, xs, dout))
 
     calls = []
-    _spy(monkeypatch, gluon_fwd, "varlen_forward", calls)
+    for module, name in ((gluon_fwd, "varlen_forward"), (gluon_bwd, "varlen_dkdv"), (gluon_bwd, "varlen_dq")):
+        _spy(monkeypatch, module, name, calls)
     ours = run()
-    assert calls, "the Gluon varlen forward did not run"
+    assert calls == ["varlen_forward", "varlen_dkdv", "varlen_dq"], calls
     monkeypatch.setattr(gluon_fwd, "VARLEN", False)
+    monkeypatch.setattr(gluon_bwd, "VARLEN", False)
     portable = run()
-    monkeypatch.setattr(gluon_fwd, "DROPOUT", False)
-    torch.manual_seed(9)
-    no_drop = fm.flash_attn_varlen_func(q, k, v, cu, cu, 203, 203, causal=True)
-    gap = (ours.float() - portable.float()).abs().max().item()
-    assert gap < 0.05 < (portable.float() - no_drop.float()).abs().max().item(), gap  # same mask, a real mask
+    no_drop = run(0.0)
+    for a, b, c in zip(ours, portable, no_drop):  # the same mask, and a real one
+        gap = (a.float() - b.float()).abs().max().item()
+        assert gap < 0.05 * b.float().abs().max().item() < (b.float() - c.float()).abs().max().item(), gap

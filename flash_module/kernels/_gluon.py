@@ -37,7 +37,8 @@ __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_la
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
-                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma"]
+                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma",
+                "dropout_keep_mma_t"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
 #: warp gets 24): 2 x 128 x 240 + 128 x 24 fills the register file.
@@ -287,11 +288,51 @@ if HAVE_GLUON:
         pair = ((row0 & 0xFFFFFFFF) // 2 + gl.arange(0, P, gl.SliceLayout(1, calls))).to(gl.uint32)
         quad = (start_n // 4 + gl.arange(0, Q, gl.SliceLayout(0, calls))).to(gl.uint32)
         zero = gl.zeros([P, Q], gl.uint32, calls)
-        w0, w1, w2, w3 = _philox(seed, quad[None, :] + zero, pair[:, None] + zero, stream + zero, zero)
-        # a half is kept iff it is >= thresh (``_common._keep_bits``; an int arg of 1 arrives as a constexpr)
-        t32 = gl.to_tensor(thresh).to(gl.uint32) << 16
-        k0 = gl.join(gl.join((w0 << 16) >= t32, w0 >= t32), gl.join((w1 << 16) >= t32, w1 >= t32))  # (P, Q, h, k)
-        k1 = gl.join(gl.join((w2 << 16) >= t32, w2 >= t32), gl.join((w3 << 16) >= t32, w3 >= t32))
-        keep = gl.reshape(gl.join(k0, k1), [ROWS // 16, 8, BLOCK_N // 16, 4, 2, 2, 2])  # a, i8, b, q, h, k, s
+        w = _philox(seed, quad[None, :] + zero, pair[:, None] + zero, stream + zero, zero)
+        keep = gl.reshape(_keep_bits(w, thresh), [ROWS // 16, 8, BLOCK_N // 16, 4, 2, 2, 2])  # a, i8, b, q, h, k, s
         keep = gl.reshape(gl.permute(keep, [0, 6, 1, 2, 5, 3, 4]), [ROWS, BLOCK_N])  # (a, s, i8), (b, k, q, h)
+        return gl.convert_layout(keep, layout)
+
+    @gluon.jit
+    def _keep_bits(words, thresh):
+        """The eight keep bits of each Philox call: ``(words)`` its four uint32 words; bit (h, k, s)
+        (trailing dims, in that order) is half ``h`` of word ``2s + k`` compared with ``thresh``
+        (``_common._keep_bits``; an int arg of 1 arrives as a constexpr)."""
+        w0, w1, w2, w3 = words
+        t32 = gl.to_tensor(thresh).to(gl.uint32) << 16
+        k0 = gl.join(gl.join((w0 << 16) >= t32, w0 >= t32), gl.join((w1 << 16) >= t32, w1 >= t32))
+        k1 = gl.join(gl.join((w2 << 16) >= t32, w2 >= t32), gl.join((w3 << 16) >= t32, w3 >= t32))
+        return gl.join(k0, k1)
+
+    @gluon.constexpr_function
+    def _calls_t_layout(BLOCK_N, BLOCK_M):
+        """The (BLOCK_N / 4 key quads, BLOCK_M / 2 query pairs) Philox calls of a transposed
+        (keys, queries) tile, placed where a 4-warp wgmma accumulator of that tile needs them: warp
+        w and lane t hold key rows 16w + t // 4 (+ 8), so quad 4w + t // 8, with lanes t and t ^ 4
+        sharing each call (one takes the even key, one the odd); query columns 8n + 2 (t % 4) (+ 1),
+        so pairs 8 (n // 2) + 2 (t % 4) (+ 1)."""
+        reg = [[0, 1]] + [[0, 8 << i] for i in range((BLOCK_M // 16).bit_length() - 1)]
+        lane = [[0, 2], [0, 4], [0, 0], [1, 0], [2, 0]]
+        warp = [[4 << i, 0] for i in range((BLOCK_N // 16).bit_length() - 1)]
+        return gl.DistributedLinearLayout(reg, lane, warp, [], [BLOCK_N // 4, BLOCK_M // 2])
+
+    @gluon.jit
+    def dropout_keep_mma_t(seed, row0, start_n, thresh, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                           layout: gl.constexpr):
+        """:func:`dropout_keep_mma` of the transposed (BLOCK_N keys, BLOCK_M queries) tile, in its
+        4-warp wgmma accumulator ``layout`` (the dK/dV pass's S^T).  A thread there holds keys
+        {r, r + 8} of one call's four, so two lanes compute each call
+        (:func:`_calls_t_layout`) and keep the half they need; offline (sm_90) the conversion
+        moves no data through shared memory."""
+        calls: gl.constexpr = _calls_t_layout(BLOCK_N, BLOCK_M)
+        QD: gl.constexpr = BLOCK_N // 4
+        PP: gl.constexpr = BLOCK_M // 2
+        row0 = gl.to_tensor(row0).to(gl.int64)
+        stream = (row0 >> 32).to(gl.uint32)
+        quad = (start_n // 4 + gl.arange(0, QD, gl.SliceLayout(1, calls))).to(gl.uint32)
+        pair = ((row0 & 0xFFFFFFFF) // 2 + gl.arange(0, PP, gl.SliceLayout(0, calls))).to(gl.uint32)
+        zero = gl.zeros([QD, PP], gl.uint32, calls)
+        w = _philox(seed, quad[:, None] + zero, pair[None, :] + zero, stream + zero, zero)
+        keep = gl.reshape(_keep_bits(w, thresh), [QD // 4, 4, PP // 8, 8, 2, 2, 2])  # a, q, b, i8, h, k, s
+        keep = gl.reshape(gl.permute(keep, [0, 5, 1, 4, 2, 6, 3]), [BLOCK_N, BLOCK_M])  # (a, k, q, h), (b, s, i8)
         return gl.convert_layout(keep, layout)

@@ -139,14 +139,16 @@ def fa2_backward(
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), MASK=mask[5],
                   **_common.kernel_flags(q))
     # Hopper: the Gluon passes (same results) for plain attention and, with gluon_bwd.VARIANTS,
-    # softcap, ALiBi and windows; dropout, masks and explicit launch configs (tuning, their
-    # tests) take the portable kernels
-    variants = bool(softcap or window) or alibi_slopes is not None
-    portable_only = bool(dropout_p or configs) or mask[5] != 0 or (variants and not gluon_bwd.VARIANTS)
+    # softcap, ALiBi and windows (dropout too at gluon_bwd.dropout_takes); masks and explicit
+    # launch configs (tuning, their tests) take the portable kernels
+    variants = bool(softcap or window or dropout_p) or alibi_slopes is not None
+    portable_only = bool(configs) or mask[5] != 0 or (variants and not gluon_bwd.VARIANTS) or (
+        bool(dropout_p) and not gluon_bwd.dropout_takes(d))
     gluon = gluon_bwd.supported(q, k, v, dout, portable_only)
+    drop = dict(dropout_p=dropout_p, rng=rng, drop_offsets=drop_offsets)
     if gluon:
         gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal_in, causal_offset, softcap=softcap,
-                       alibi_slopes=alibi_slopes, window_size=window_size)
+                       alibi_slopes=alibi_slopes, window_size=window_size, **drop)
     else:
         _bwd_dkdv_kernel[(cdiv(sk, dkdv_cfg.block_n), b * h_kv)](
             q, k, v, dout, stats, dk, dv, *args, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1],
@@ -155,7 +157,7 @@ def fa2_backward(
         )
     if gluon and gluon_bwd.dq_takes(d, variants):
         gluon_bwd.dq(q, k, v, dout, stats, dq, softmax_scale, causal_in, causal_offset, softcap=softcap,
-                     alibi_slopes=alibi_slopes, window_size=window_size)
+                     alibi_slopes=alibi_slopes, window_size=window_size, **drop)
         return dq, dk, dv
     dmask, dmask_args = _mask_grad_args(attn_mask if mask_grad else None, (b, h, sq, sk), q)
     _bwd_dq_kernel[(cdiv(sq, dq_cfg.block_m), b * h)](

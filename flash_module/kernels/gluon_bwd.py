@@ -57,6 +57,8 @@ from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d, set_scrat
 
 if HAVE_GLUON:
     from ._gluon import (
+        dropout_keep_mma,
+        dropout_keep_mma_t,
         fence_async_shared,
         gl,
         gluon,
@@ -95,6 +97,9 @@ DQ_CONFIGS = {64: (128, 64, 3, "ws"), 128: (128, 64, 3, "ws"), 256: (64, 64, 8)}
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_BWD_VARIANTS", "1") != "0"
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
+#: Whether dropout runs in the Gluon passes (``FLASH_MODULE_GLUON_DROPOUT=1``, as
+#: ``gluon_fwd.DROPOUT``; off until their first GPU run), at the head dims of :func:`dropout_takes`.
+DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "0") == "1"
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
@@ -182,17 +187,30 @@ if HAVE_GLUON:
         mbarrier.invalidate(bars.index(1))
 
     @gluon.jit
+    def _drop_args(Rng, stream0, row_off, col_off, thresh, scale, DROPOUT: gl.constexpr):
+        """The dK/dV pass's dropout arguments as one tuple (:func:`_dkdv_step`): the seed read from
+        ``Rng`` (0 without ``DROPOUT``), then the rest as given."""
+        seed = 0
+        if DROPOUT:
+            seed = gl.load(Rng).to(gl.int64)
+        return seed, stream0, row_off, col_off, thresh, scale
+
+    @gluon.jit
     def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                    Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
-                   stride_ah, win_l, win_r,
+                   stride_ah, win_l, win_r, start_n, drop,
                    qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-                   s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr, SYNC: gl.constexpr):
+                   DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
+                   SYNC: gl.constexpr):
         """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
         ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
         ``MASKED``: the block reaches above the causal diagonal (with ``WINDOW``: may reach out
         of the window).  ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed
-        (``_gluon.variant_scores``), and dS through the cap's ``1 - tanh^2``."""
+        (``_gluon.variant_scores``), and dS through the cap's ``1 - tanh^2``.  ``DROPOUT``: ``drop`` =
+        (seed, the query heads' first stream b * H, row offset, key offset, threshold, 1 / (1 - p)):
+        dV takes the kept P, dS the kept dP times 1 / (1 - p) (dV is scaled once, at the end), with
+        the forward's mask of the transposed tile (``_gluon.dropout_keep_mma_t``)."""
         dtype: gl.constexpr = q_desc.dtype
         stage = it % 2
         m0 = (m_first + it % n_m) * BLOCK_M
@@ -233,8 +251,16 @@ if HAVE_GLUON:
                 p_t = gl.where((keys[:, None] >= diag - win_l) & (keys[:, None] <= diag + win_r), p_t, 0.0)
             else:
                 p_t = gl.where(keys[:, None] <= diag, p_t, 0.0)
-        dv = warpgroup_mma(gl.convert_layout(p_t.to(dtype), a_layout), do_s, dv, is_async=True)
+        p_v = p_t
+        if DROPOUT:
+            seed, stream0, row_off, col_off, thresh, scale = drop
+            row_ctr = ((stream0 + off_h).to(gl.int64) << 32) + row_off + m0
+            keep_t = dropout_keep_mma_t(seed, row_ctr, start_n + col_off, thresh, BLOCK_N, BLOCK_M, s_layout)
+            p_v = gl.where(keep_t, p_t, 0.0)
+        dv = warpgroup_mma(gl.convert_layout(p_v.to(dtype), a_layout), do_s, dv, is_async=True)
         dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
+        if DROPOUT:
+            dp_t = gl.where(keep_t, dp_t * scale, 0.0)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
             ds_t = ds_t * (1.0 - t_t * t_t)
@@ -244,9 +270,10 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DK, DV, off_b, off_hkv, start_n, H_KV, GROUP, Sq, Sk,
-                   causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r,
+                   causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r, drop,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                   SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, num_warps: gl.constexpr):
+                   SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
+                   num_warps: gl.constexpr):
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
@@ -300,29 +327,32 @@ if HAVE_GLUON:
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
-                    stride_ah, win_l, win_r, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST, SOFTCAP, ALIBI,
-                    WINDOW, s_layout, a_layout, col_layout, num_warps > 4)
+                    stride_ah, win_l, win_r, start_n, drop, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST, SOFTCAP,
+                    ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
-                    stride_ah, win_l, win_r, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False, SOFTCAP, ALIBI, WINDOW,
-                    s_layout, a_layout, col_layout, num_warps > 4)
+                    stride_ah, win_l, win_r, start_n, drop, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False, SOFTCAP,
+                    ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4)
                 it += 1
 
         _release(kv_bar, bars)
         # dK, dV: (B, Sk, H_kv, D) contiguous; keys past Sk are not stored.
         store_rows(DK, dk * sm_scale, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
+        if DROPOUT:  # the kept P's 1 / (1 - p), once
+            dv = dv * drop[5]
         store_rows(DV, dv, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
 
     @gluon.jit
     def _dkdv_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
         H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r,
+        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
-        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, num_warps: gl.constexpr,
+        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_N-row key block of one K/V head of one batch entry
         (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len)."""
@@ -330,8 +360,9 @@ if HAVE_GLUON:
         off_b = pid_bh // H_KV
         _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats + (off_b * H * 3).to(gl.int64) * stats_len, DK, DV, off_b,
                    pid_bh % H_KV, gl.program_id(0) * BLOCK_N, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale,
-                   sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r, HEAD_DIM, BLOCK_M, BLOCK_N,
-                   IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, num_warps)
+                   sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r,
+                   _drop_args(Rng, off_b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
+                   HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps)
 
     @gluon.jit
     def _dq_kernel(
@@ -408,16 +439,19 @@ if HAVE_GLUON:
     @gluon.jit
     def _dq_consumer(wg, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
                      v_empty, Stats_b, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset,
-                     stats_len, qk_scale, sm_scale, start_m, cap2, Alibi_bh, win_l, win_r, HEAD_DIM: gl.constexpr,
-                     ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                     SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr):
+                     stats_len, qk_scale, sm_scale, start_m, cap2, Alibi_bh, win_l, win_r, Rng, drop_row0, drop_col,
+                     drop_thresh, drop_scale, HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                     STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                     WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
         """dQ of query rows [start_m + wg * ROWS, + ROWS) (one warpgroup; Q and dO in shared
         memory), over the K/V blocks j = first .. total - 1 the producer streams (the i-th in
         ring stage i % STAGES): per block, S_j = Q K_j^T, dP_j = dO V_j^T and the block before's
         dQ += dS K are issued together, and P_j = exp2(S_j qk_scale - lse2), dS_j = P_j (dP_j -
         delta) run under the last two.  Blocks outside [full_lo, full_hi) are masked (keys past
         Sk, causal, the window).  V_j is released after dP_j, K_j after its dQ matmul.
-        ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed, dS through ``1 - tanh^2``."""
+        ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed, dS through ``1 - tanh^2``.
+        ``DROPOUT``: dP kept where the forward's mask keeps P (``_gluon.dropout_keep_mma``, rows from
+        the row counter ``drop_row0`` of the program's row 0), times ``drop_scale``."""
         dtype: gl.constexpr = q_desc.dtype
         s_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[0]
         d_layout: gl.constexpr = _mma_layouts(ROWS, BLOCK_N, HEAD_DIM, 4)[1]
@@ -438,6 +472,10 @@ if HAVE_GLUON:
         slope2 = 0.0
         if ALIBI:  # this head's slope, log2 domain
             slope2 = gl.load(Alibi_bh) * LOG2E_C
+        seed = 0
+        if DROPOUT:
+            seed = gl.load(Rng).to(gl.int64)
+        drop_row = drop_row0 + wg * ROWS
         mbarrier.wait(bar, phase=0)
         for i in range(total - first):
             j = first + i
@@ -469,6 +507,9 @@ if HAVE_GLUON:
                 p = gl.where(ok, p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp_tok,))
             mbarrier.arrive(v_empty.index(st), count=1)
+            if DROPOUT:
+                keep = dropout_keep_mma(seed, drop_row, j * BLOCK_N + drop_col, drop_thresh, ROWS, BLOCK_N, s_layout)
+                dp = gl.where(keep, dp * drop_scale, 0.0)
             ds = p * (dp - delta[:, None])
             if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
                 ds = ds * (1.0 - t * t)
@@ -482,9 +523,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _ws_dq_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DQ, off_b, off_h, start_m, H, GROUP, Sq, Sk,
-                    causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_bh, win_l, win_r,
+                    causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_bh, win_l, win_r, Rng, drop_row0,
+                    drop_col, drop_thresh, drop_scale,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                    IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr):
+                    IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+                    DROPOUT: gl.constexpr):
         """dQ of query rows [start_m, start_m + BLOCK_M) of head ``off_h`` of batch entry ``off_b``
         of the descriptors, warp-specialized as the forward is (``gluon_fwd._attend_tile``): two
         consumer warpgroups (:func:`_dq_consumer`) own half of the rows each, one producer warp
@@ -505,11 +548,13 @@ if HAVE_GLUON:
             [(_dq_consumer, (0, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, Stats_b, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
                              causal_offset, stats_len, qk_scale, sm_scale, start_m, cap2, alibi_bh, win_l, win_r,
-                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)),
+                             Rng, drop_row0, drop_col, drop_thresh, drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES,
+                             IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)),
              (_dq_consumer, (1, q_desc, do_desc, q_smem, do_smem, qo_bar, k_smem, v_smem, k_ready, v_ready, k_empty,
                              v_empty, Stats_b, DQ, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
                              causal_offset, stats_len, qk_scale, sm_scale, start_m, cap2, alibi_bh, win_l, win_r,
-                             HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)),
+                             Rng, drop_row0, drop_col, drop_thresh, drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES,
+                             IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b,
                           (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
@@ -518,10 +563,10 @@ if HAVE_GLUON:
     def _ws_dq_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DQ,
         H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r,
+        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-        num_warps: gl.constexpr,
+        DROPOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_M-row query tile of one head of one batch entry (:func:`_ws_dq_tile`);
         Stats (B * H, 3, stats_len)."""
@@ -530,17 +575,19 @@ if HAVE_GLUON:
         off_h = pid_bh % H
         _ws_dq_tile(q_desc, k_desc, v_desc, do_desc, Stats + (off_b * H * 3).to(gl.int64) * stats_len, DQ, off_b,
                     off_h, gl.program_id(0) * BLOCK_M, H, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale,
-                    cap2, Alibi + off_b * stride_ab + off_h * stride_ah, win_l, win_r, HEAD_DIM, BLOCK_M, BLOCK_N,
-                    STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+                    cap2, Alibi + off_b * stride_ab + off_h * stride_ah, win_l, win_r, Rng,
+                    (pid_bh.to(gl.int64) << 32) + drop_row_off + gl.program_id(0) * BLOCK_M, drop_col_off,
+                    drop_thresh, drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW,
+                    DROPOUT)
 
 
     @gluon.jit
     def _varlen_dkdv_kernel(
         Q, K, V, DO, Stats, DK, DV, CuQ, CuK, SeqUsedK, CuBlocks, CuStats, stride_qs, stride_ks, stride_vs,
         stride_dos, B, H_KV, GROUP, Tq, Tk, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r,
+        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
-        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, LOG_B: gl.constexpr,
+        SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr, LOG_B: gl.constexpr,
         HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr, kv_layout: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Varlen dK/dV: program (p, h_kv) = key block p of the work list ``CuBlocks`` (over
@@ -562,17 +609,18 @@ if HAVE_GLUON:
         kv_base = k_start * (H_KV * HEAD_DIM)
         _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats + gl.load(CuStats + b).to(gl.int64) * 16, DK + kv_base,
                    DV + kv_base, 0, off_hkv, start_n, H_KV, GROUP, len_q, len_k, len_k - len_q, stats_len, qk_scale,
-                   sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r, HEAD_DIM, BLOCK_M, BLOCK_N,
-                   IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, num_warps)
+                   sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r,
+                   _drop_args(Rng, b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
+                   HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps)
 
     @gluon.jit
     def _varlen_ws_dq_kernel(
         Q, K, V, DO, Stats, DQ, CuQ, CuK, SeqUsedK, CuBlocks, CuStats, stride_qs, stride_ks, stride_vs,
         stride_dos, B, H, GROUP, Tq, Tk, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r,
+        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-        LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr, kv_layout: gl.constexpr,
+        DROPOUT: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr, kv_layout: gl.constexpr,
         num_warps: gl.constexpr,
     ):
         """Varlen dQ: program (p, h) = query block p of the work list ``CuBlocks`` (over
@@ -590,26 +638,32 @@ if HAVE_GLUON:
         v_desc = sequence_descriptor(V, k_start, stride_vs, len_k, width_kv, kv_box, kv_layout)
         _ws_dq_tile(q_desc, k_desc, v_desc, do_desc, Stats + gl.load(CuStats + b).to(gl.int64) * 16,
                     DQ + q_start * (H * HEAD_DIM), 0, off_h, start_m, H, GROUP, len_q, len_k, len_k - len_q,
-                    stats_len, qk_scale, sm_scale, cap2, Alibi + b * stride_ab + off_h * stride_ah, win_l, win_r,
-                    HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
+                    stats_len, qk_scale, sm_scale, cap2, Alibi + b * stride_ab + off_h * stride_ah, win_l, win_r, Rng,
+                    ((b * H + off_h).to(gl.int64) << 32) + drop_row_off + start_m, drop_col_off, drop_thresh,
+                    drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)
 
 
 def _variant_args(q: torch.Tensor, softmax_scale: float, causal: bool, softcap: float,
-                  alibi_slopes: torch.Tensor | None, window_size: tuple[int, int]) -> tuple[tuple, dict]:
+                  alibi_slopes: torch.Tensor | None, window_size: tuple[int, int], dropout_p: float = 0.0,
+                  rng: torch.Tensor | None = None, drop_offsets: tuple[int, int] = (0, 0)) -> tuple[tuple, dict]:
     """The passes' scalar arguments from ``qk_scale`` on and their compile-time flags:
-    ``((qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah, win_l, win_r), flags)`` (the
-    forward's scales, ``_common.qk_scale``; causal folds into a bounded window,
-    ``_common.window_args``)."""
+    ``((qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah, win_l, win_r, Rng, drop_row_off,
+    drop_col_off, drop_thresh, drop_scale), flags)`` (the forward's scales, ``_common.qk_scale``;
+    causal folds into a bounded window, ``_common.window_args``; dropout as
+    ``_common.dropout_args``, without the scale's low half)."""
     qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
-    flags = dict(IS_CAUSAL=causal, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window)
-    return (qk_scale, softmax_scale, cap2, *_common.alibi_args(alibi_slopes, q), win_l, win_r), flags
+    flags = dict(IS_CAUSAL=causal, SOFTCAP=bool(softcap), ALIBI=alibi_slopes is not None, WINDOW=window,
+                 DROPOUT=bool(dropout_p))
+    return (qk_scale, softmax_scale, cap2, *_common.alibi_args(alibi_slopes, q), win_l, win_r,
+            *_common.dropout_args(dropout_p, rng, q, drop_offsets)[:5]), flags
 
 
 def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
        dq_out: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
        config: tuple[int, ...] | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-       window_size: tuple[int, int] = (-1, -1)) -> None:
+       window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, rng: torch.Tensor | None = None,
+       drop_offsets: tuple[int, int] = (0, 0)) -> None:
     """Fill ``dq_out`` (B, Sq, H, D) contiguous (callers check :func:`supported` first).
     ``config``: (BLOCK_M, BLOCK_N, num_warps) runs :func:`_dq_kernel` (no variants: callers
     check :func:`dq_takes`); (BLOCK_M, BLOCK_N, stages, "ws") the warp-specialized
@@ -619,7 +673,8 @@ def dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, st
     sk, h_kv = k.shape[1], k.shape[2]
     if config[-1] == "ws":
         block_m, block_n, stages, _ = config
-        scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
+        scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p,
+                                       rng, drop_offsets)
         _ws_dq_kernel[(cdiv(sq, block_m), b * h)](
             descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n),
             descriptor_3d(dout, block_m // 2), stats, dq_out, h, h // h_kv, sq, sk, causal_offset,
@@ -645,14 +700,16 @@ def dq_takes(d: int, variants: bool) -> bool:
 def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
          dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
          config: tuple[int, ...] | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-         window_size: tuple[int, int] = (-1, -1)) -> None:
+         window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, rng: torch.Tensor | None = None,
+         drop_offsets: tuple[int, int] = (0, 0)) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
     BLOCK_N, num_warps) of :func:`_dkdv_kernel`."""
     b, sq, h, d = q.shape
     block_m, block_n, num_warps = config or DKDV_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
-    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
+    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng,
+                                   drop_offsets)
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
         descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
@@ -679,7 +736,8 @@ def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: to
 def varlen_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
                 cu_stats: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, launch_meta: tuple,
                 cu_blocks: torch.Tensor, softmax_scale: float, causal: bool, softcap: float = 0.0,
-                alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1)) -> None:
+                alibi_slopes: torch.Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
+                dropout_p: float = 0.0, rng: torch.Tensor | None = None) -> None:
     """Fill ``dk``/``dv`` (Tk, H_kv, D), contiguous and zero where no key block stores, from the
     packed statistics of ``varlen._varlen_preprocess`` (``stats``, ``cu_stats``);
     ``launch_meta`` as ``gluon_fwd.varlen_forward`` takes it, ``cu_blocks``: the key-block work
@@ -687,7 +745,7 @@ def varlen_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
     block_m, block_n, num_warps = DKDV_CONFIGS[d]
-    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
+    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng)
     meta, b, meta_flags = launch_meta
     set_scratch_allocator()
     _varlen_dkdv_kernel[(cdiv(tk, block_n) + b, h_kv)](
@@ -701,14 +759,15 @@ def varlen_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
 def varlen_dq(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, stats: torch.Tensor,
               cu_stats: torch.Tensor, dq_out: torch.Tensor, launch_meta: tuple, cu_blocks: torch.Tensor,
               softmax_scale: float, causal: bool, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
-              window_size: tuple[int, int] = (-1, -1)) -> None:
+              window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0,
+              rng: torch.Tensor | None = None) -> None:
     """Fill ``dq_out`` (Tq, H, D) contiguous with the warp-specialized dQ pass (head dims whose
     :data:`DQ_CONFIGS` entry is "ws"; callers check :func:`varlen_dq_takes`); ``cu_blocks``: the
     query-block work list for BLOCK_M = :func:`varlen_blocks` ``[1]``; the rest as :func:`varlen_dkdv`."""
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
     block_m, block_n, stages, _ = DQ_CONFIGS[d]
-    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size)
+    scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng)
     meta, b, meta_flags = launch_meta
     set_scratch_allocator()
     _varlen_ws_dq_kernel[(cdiv(tq, block_m) + b, h)](
@@ -728,3 +787,10 @@ def varlen_dq_takes(d: int) -> bool:
 def varlen_blocks(d: int) -> tuple[int, int]:
     """(key rows per dK/dV program, query rows per dQ program) of the varlen passes at head dim ``d``."""
     return DKDV_CONFIGS[d][1], DQ_CONFIGS[d][0]
+
+
+def dropout_takes(d: int) -> bool:
+    """Whether the Gluon passes take dropout at head dim ``d``: with :data:`DROPOUT`, where both
+    passes use one-warpgroup score tiles (the mask is built in that layout: dK/dV on 4 warps, the
+    warp-specialized dQ), i.e. D=64 and 128."""
+    return DROPOUT and DKDV_CONFIGS.get(d, (0, 0, 0))[2] == 4 and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"

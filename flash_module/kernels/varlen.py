@@ -340,13 +340,13 @@ def varlen_backward(
     common = dict(HEAD_DIM=d, BLOCK_D=_common.block_d(d), IS_CAUSAL=causal, SOFTCAP=bool(softcap),
                   ALIBI=alibi_slopes is not None, WINDOW=window, DROPOUT=bool(dropout_p), **flags,
                   **_common.kernel_flags(q))
-    # Hopper: the Gluon passes (dropout: portable; softcap, ALiBi and windows too unless
-    # gluon_bwd.VARIANTS; at D=256 the dQ pass stays portable)
-    portable_only = bool(dropout_p) or softmax_scale <= 0 or (not gluon_bwd.VARIANTS and (
-        bool(softcap) or window or alibi_slopes is not None))
+    # Hopper: the Gluon passes (dropout: portable unless gluon_bwd.dropout_takes; softcap, ALiBi
+    # and windows too unless gluon_bwd.VARIANTS; at D=256 the dQ pass stays portable)
+    portable_only = (bool(dropout_p) and not gluon_bwd.dropout_takes(d)) or softmax_scale <= 0 or (
+        not gluon_bwd.VARIANTS and (bool(softcap) or window or alibi_slopes is not None or bool(dropout_p)))
     gluon = gluon_bwd.varlen_supported(q, k, v, dout, portable_only)
     launch = (meta, b, flags)
-    gluon_args = (softmax_scale, causal_in, softcap, alibi_slopes, window_size)
+    gluon_args = (softmax_scale, causal_in, softcap, alibi_slopes, window_size, dropout_p, rng)
     if gluon and tk > 0:
         gluon_bwd.varlen_dkdv(q, k, v, dout, stats, cu_stats, dk, dv, launch,
                               work_list(cu_seqlens_k, gluon_bwd.varlen_blocks(d)[0]), *gluon_args)
