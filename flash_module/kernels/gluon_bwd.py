@@ -29,7 +29,9 @@ Softcap, ALiBi and sliding windows (with :data:`VARIANTS`): the forward's scores
 query blocks of a key block (dK/dV, every step masked) and the key blocks of a query tile (dQ,
 ``_gluon.window_blocks``).
 
-Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no dropout or mask (and at
+Scope: fp16/bf16, head dims 64, 128 and 256 (:data:`HEAD_DIMS`), no mask, dropout only with
+:data:`DROPOUT` at D=64/128 (:func:`dropout_takes`: the forward's mask regenerated in each pass's
+wgmma layout, ``_gluon.dropout_keep_mma`` / ``dropout_keep_mma_t``) (and at
 D=256 the dQ pass takes no variant: the portable dQ runs then), contiguous (B, S, H, D) inputs.
 Every pass reads them through 3-D (batch, sequence, heads * D) TMA descriptors
 (``_gluon.descriptor_3d``): rows past a sequence's end come in as zeros, never the next
