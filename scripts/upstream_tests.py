@@ -43,17 +43,12 @@ NEEDED = ("tests/test_flash_attn.py", "flash_attn/bert_padding.py", "flash_attn/
 #: no public function of flash_module stands behind them.
 INTERNAL = ("test_flash_attn_varlen_paged_kv_num_splits", "test_flash_attn_generator_arg_must_be_none")
 
-SHIM_INIT = '''"""flash_attn's public API, served by flash_module (scripts/upstream_tests.py)."""
-from flash_module import (
-    flash_attn_func,
-    flash_attn_kvpacked_func,
-    flash_attn_qkvpacked_func,
-    flash_attn_varlen_func,
-    flash_attn_varlen_kvpacked_func,
-    flash_attn_varlen_qkvpacked_func,
-    flash_attn_with_kvcache,
-)
-'''
+#: flash-attn's public functions the suite imports; the shim serves flash_module's.
+PUBLIC = ("flash_attn_func", "flash_attn_kvpacked_func", "flash_attn_qkvpacked_func",
+          "flash_attn_varlen_func", "flash_attn_varlen_kvpacked_func", "flash_attn_varlen_qkvpacked_func",
+          "flash_attn_with_kvcache")
+SHIM_INIT = ('"""flash_attn\'s public API, served by flash_module (scripts/upstream_tests.py)."""\n'
+             f"from flash_module import {', '.join(PUBLIC)}  # noqa: F401\n")
 SHIM_INTERFACE = '''from flash_module import *  # noqa: F401,F403
 from flash_module.api import _get_block_size_n  # noqa: F401
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1
+from ._common import philox, seq_bounds, seq_of_block
 
 try:  # Gluon with the Hopper ops (triton >= 3.5)
     from triton.experimental import gluon
@@ -202,27 +202,6 @@ if HAVE_GLUON:
         gl.store(X + offs, x.to(X.dtype.element_ty), mask=rows[:, None] < S)
 
     @gluon.jit
-    def _varlen_sequence(CuBlocks, p, B, LOG_B: gl.constexpr):
-        """Work item ``p``'s sequence in a varlen launch: the largest ``b`` in [0, B] with
-        ``CuBlocks[b] <= p`` (``B``: past the last block), by binary search over the prefix sums
-        of the sequences' block counts (``varlen.seq_of_block``); ``2**LOG_B > B``."""
-        b = p * 0
-        for i in gl.static_range(LOG_B):
-            cand = b + (1 << (LOG_B - 1 - i))
-            start = gl.load(CuBlocks + gl.minimum(cand, B))
-            b = gl.where((cand <= B) & (start <= p), cand, b)
-        return b
-
-    @gluon.jit
-    def _varlen_bounds(Cu, b, T):
-        """(first row as int64, length) of sequence ``b`` from its cu_seqlens, clamped into
-        [0, T] (``varlen.seq_bounds``): a wrong cu_seqlens gives a wrong answer, never an
-        access outside the tensor."""
-        start = gl.minimum(gl.maximum(gl.load(Cu + b), 0), T)
-        end = gl.minimum(gl.maximum(gl.load(Cu + b + 1), start), T)
-        return start.to(gl.int64), end - start
-
-    @gluon.jit
     def varlen_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: gl.constexpr, LOG_B: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr):
         """This program's work item in a varlen launch (axis 0 walks ``CuBlocks``, the work list
@@ -231,11 +210,11 @@ if HAVE_GLUON:
         block gets sequence B - 1 with both lengths 0 (it loads at most one tile and stores
         nothing).  ``HAS_SEQUSED``: sequence b has only its first ``SeqUsedK[b]`` keys."""
         p = gl.program_id(0)
-        b = _varlen_sequence(CuBlocks, p, B, LOG_B)
+        b = seq_of_block(CuBlocks, p, B, LOG_B)
         valid = b < B
         b = gl.minimum(b, B - 1)
-        q_start, len_q = _varlen_bounds(CuQ, b, Tq)
-        k_start, len_k = _varlen_bounds(CuK, b, Tk)
+        q_start, len_q = seq_bounds(CuQ, b, Tq)
+        k_start, len_k = seq_bounds(CuK, b, Tk)
         if HAS_SEQUSED:
             len_k = gl.minimum(gl.maximum(gl.load(SeqUsedK + b), 0), len_k)
         start = (p - gl.load(CuBlocks + b)) * BLOCK
@@ -250,23 +229,6 @@ if HAVE_GLUON:
         becomes 1 (TMA wants no empty dimension; callers load nothing then)."""
         return tma.make_tensor_descriptor(X + start * stride, [1, gl.maximum(length, 1), width], [stride, stride, 1],
                                           box, layout)
-
-    @gluon.jit
-    def _philox(seed, c0, c1, c2, c3):
-        """Philox-4x32-7 in Gluon: ``_common.philox`` (same constants, rounds and key schedule), for
-        the Gluon kernels' dropout masks."""
-        k0 = (seed & 0xFFFFFFFF).to(gl.uint32)
-        k1 = ((seed >> 32) & 0xFFFFFFFF).to(gl.uint32)
-        for _ in gl.static_range(PHILOX_ROUNDS):
-            a0 = c0
-            a2 = c2
-            c0 = gl.umulhi(a2, PHILOX_M1) ^ c1 ^ k0
-            c2 = gl.umulhi(a0, PHILOX_M0) ^ c3 ^ k1
-            c1 = a2 * PHILOX_M1
-            c3 = a0 * PHILOX_M0
-            k0 = k0 + PHILOX_W0
-            k1 = k1 + PHILOX_W1
-        return c0, c1, c2, c3
 
     @gluon.jit
     def dropout_keep_mma(seed, row0, start_n, thresh, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
@@ -288,7 +250,7 @@ if HAVE_GLUON:
         pair = ((row0 & 0xFFFFFFFF) // 2 + gl.arange(0, P, gl.SliceLayout(1, calls))).to(gl.uint32)
         quad = (start_n // 4 + gl.arange(0, Q, gl.SliceLayout(0, calls))).to(gl.uint32)
         zero = gl.zeros([P, Q], gl.uint32, calls)
-        w = _philox(seed, quad[None, :] + zero, pair[:, None] + zero, stream + zero, zero)
+        w = philox(seed, quad[None, :] + zero, pair[:, None] + zero, stream + zero, zero)
         keep = gl.reshape(_keep_bits(w, thresh), [ROWS // 16, 8, BLOCK_N // 16, 4, 2, 2, 2])  # a, i8, b, q, h, k, s
         keep = gl.reshape(gl.permute(keep, [0, 6, 1, 2, 5, 3, 4]), [ROWS, BLOCK_N])  # (a, s, i8), (b, k, q, h)
         return gl.convert_layout(keep, layout)
@@ -332,7 +294,7 @@ if HAVE_GLUON:
         quad = (start_n // 4 + gl.arange(0, QD, gl.SliceLayout(1, calls))).to(gl.uint32)
         pair = ((row0 & 0xFFFFFFFF) // 2 + gl.arange(0, PP, gl.SliceLayout(0, calls))).to(gl.uint32)
         zero = gl.zeros([QD, PP], gl.uint32, calls)
-        w = _philox(seed, quad[:, None] + zero, pair[None, :] + zero, stream + zero, zero)
+        w = philox(seed, quad[:, None] + zero, pair[None, :] + zero, stream + zero, zero)
         keep = gl.reshape(_keep_bits(w, thresh), [QD // 4, 4, PP // 8, 8, 2, 2, 2])  # a, q, b, i8, h, k, s
         keep = gl.reshape(gl.permute(keep, [0, 5, 1, 4, 2, 6, 3]), [BLOCK_N, BLOCK_M])  # (a, k, q, h), (b, s, i8)
         return gl.convert_layout(keep, layout)

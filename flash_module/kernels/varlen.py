@@ -36,31 +36,12 @@ from ._common import (
     lse_epilogue,
     preprocess_rows,
     scaled,
+    seq_bounds,
+    seq_of_block,
     store_row_stats,
     store_tile,
     tile_ptrs,
 )
-
-
-@triton.jit
-def seq_of_block(CuBlocks, p, B, LOG_B: tl.constexpr):
-    """The sequence ``b`` whose query blocks include work item ``p``: the largest ``b`` in
-    [0, B] with ``cu_blocks[b] <= p`` (``B`` when ``p`` is past the last block).  Sequences with
-    no block (length 0) are skipped by construction.  ``2**LOG_B > B``."""
-    b = p * 0
-    for i in tl.static_range(LOG_B):
-        cand = b + (1 << (LOG_B - 1 - i))
-        start = tl.load(CuBlocks + cand, mask=cand <= B, other=2147483647)
-        b = tl.where(start <= p, cand, b)
-    return b
-
-
-@triton.jit
-def seq_bounds(Cu, b, T):
-    """(start, length) of sequence ``b`` from its cu_seqlens, clamped into [0, T]."""
-    start = tl.minimum(tl.maximum(tl.load(Cu + b), 0), T)
-    end = tl.minimum(tl.maximum(tl.load(Cu + b + 1), start), T)
-    return start.to(tl.int64), end - start
 
 
 @triton.jit
