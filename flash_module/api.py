@@ -490,10 +490,13 @@ def flash_attn_varlen_func(
         return_attn_probs: also return ``softmax_lse`` (nheads, total_q) float32 and the
             probabilities (batch, nheads, max_len_q, max_len_k), zero-padded (for testing: it
             reads the lengths on the host).
-        block_table: (batch, pages_per_seq) int32 or None: paged K/V for inference.  k and v
-            are then caches (num_pages, page_size, nheads_k, headdim), page_size a power of two
-            >= 16; key ``j`` of sequence ``b`` is row ``j % page_size`` of page
+        block_table: (batch, pages_per_seq) int32 or None: paged K/V.  k and v are then
+            caches (num_pages, page_size, nheads_k, headdim), page_size a power of two >= 16;
+            key ``j`` of sequence ``b`` is row ``j % page_size`` of page
             ``block_table[b, j // page_size]``, and ``cu_seqlens_k`` gives the key lengths.
+            Without gradients the kernels read the pages in place; when an input requires grad,
+            each sequence's pages are gathered into a contiguous copy first (O(N) memory) and
+            the gradients of k and v arrive in the pages.
         seqused_k: (batch,) int32 or None: sequence ``b`` uses only its first ``seqused_k[b]``
             keys (its K/V rows still start at ``cu_seqlens_k[b]``).
         mode, impl: as in :func:`flash_attn_func`; only ``mode="fa2"`` has a varlen
@@ -543,12 +546,13 @@ def flash_attn_varlen_func(
             raise ValueError(f"with block_table, k and v must be paged caches (num_pages, page_size, "
                              f"nheads_k, headdim), page_size a power of two >= 16, got k: {tuple(k.shape)}, "
                              f"v: {tuple(v.shape)}")
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            raise ValueError("paged K/V (block_table) is inference only: its inputs must not require grad")
     if checks.active():  # opt-in: reads the offsets on the host
         k_tokens = block_table.shape[1] * k.shape[1] if paged else k.shape[0]
         checks.varlen(q, k_tokens, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
                       block_table, k.shape[0])
+    if paged and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        k, v, cu_seqlens_k, seqused_k = _unpage(k, v, block_table, cu_seqlens_k, seqused_k)
+        block_table = None
     mode, impl = ops.check_varlen_mode(mode, impl)
     _check_no_functorch_grad()
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
@@ -565,6 +569,24 @@ def flash_attn_varlen_func(
                               bool(causal), float(softcap), alibi_slopes, tuple(window_size),
                               float(dropout_p), rng)
     return out, lse.to(acc_dtype(q.dtype)), probs
+
+
+def _unpage(k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor,
+            seqused_k: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Paged K/V with gradients: the kernels read pages only forwards, so each sequence's pages
+    are gathered into one contiguous copy, (batch * pages_per_seq * page_size, nheads_k,
+    headdim): O(N) memory, the size of the keys the table addresses.  Indexing is
+    differentiable, so dK/dV flow back into the pages (summed where pages are shared).
+    Sequence ``b`` starts at row ``b * pages_per_seq * page_size`` and uses its
+    ``seqused_k`` (or ``cu_seqlens_k``) length; table entries are clamped into the cache, as
+    the kernels clamp them, so no value reads out of bounds."""
+    batch, per_seq = block_table.shape
+    span = per_seq * k.shape[1]
+    pages = block_table.long().clamp(0, k.shape[0] - 1)
+    k, v = (t[pages].flatten(0, 2) for t in (k, v))  # (batch * span, nheads_k, headdim)
+    used = seqused_k if seqused_k is not None else cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    starts = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * span
+    return k, v, starts, used.clamp(0, span).to(torch.int32)
 
 
 def flash_attn_varlen_qkvpacked_func(

@@ -214,8 +214,25 @@ def test_paged_kv_equals_contiguous(page, causal, impl, device):
     got, got_lse, got_p = fm.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, causal=causal,
                                                     block_table=table, impl=impl, return_attn_probs=True)
     assert torch.equal(got, want) and torch.equal(got_lse, want_lse) and torch.equal(got_p, want_p)
-    with pytest.raises(ValueError, match="inference only"):
-        fm.flash_attn_varlen_func(q.requires_grad_(), k_pages, v_pages, cu_q, cu_k, block_table=table)
+    # With gradients (flash-attn's suite runs the paged forward on inputs that require grad):
+    # the same output, dQ of the contiguous call, and dK/dV land in the pages that hold the keys.
+    for t in (q, k, v, k_pages, v_pages):
+        t.requires_grad_()
+    do = torch.randn_like(want)
+    want = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=causal, impl=impl)
+    dq, dk, dv = torch.autograd.grad(want, (q, k, v), do)
+    got = fm.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, causal=causal, block_table=table,
+                                    impl=impl)
+    got_dq, got_dk, got_dv = torch.autograd.grad(got, (q, k_pages, v_pages), do)
+    assert torch.equal(got, want) and torch.equal(got_dq, dq)
+    want_dk, want_dv = torch.zeros_like(k_pages), torch.zeros_like(v_pages)
+    for b, n in enumerate(lens_k):
+        start = int(cu_k[b])
+        for j in range(_cdiv(n, page)):
+            rows = slice(start + j * page, start + min(n, (j + 1) * page))
+            want_dk[table[b, j], :rows.stop - rows.start] = dk[rows]
+            want_dv[table[b, j], :rows.stop - rows.start] = dv[rows]
+    assert torch.equal(got_dk, want_dk) and torch.equal(got_dv, want_dv)
 
 
 def _cdiv(a: int, b: int) -> int:

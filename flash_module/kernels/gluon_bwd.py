@@ -99,9 +99,9 @@ DQ_CONFIGS = {64: (128, 64, 3, "ws"), 128: (128, 64, 3, "ws"), 256: (64, 64, 8)}
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_BWD_VARIANTS", "1") != "0"
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
-#: Whether dropout runs in the Gluon passes (``FLASH_MODULE_GLUON_DROPOUT=1``, as
-#: ``gluon_fwd.DROPOUT``; off until their first GPU run), at the head dims of :func:`dropout_takes`.
-DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "0") == "1"
+#: Whether dropout runs in the Gluon passes (``FLASH_MODULE_GLUON_DROPOUT=0`` turns it off, as
+#: for ``gluon_fwd.DROPOUT``), at the head dims of :func:`dropout_takes`.
+DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"

@@ -85,10 +85,9 @@ D64_MIN_KEYS = 2048
 #: 411 -> 532, ALiBi 448 -> 598, sink 478 -> 686; a 4k window over 64k causal keys 7.96x faster
 #: than full causal.
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
-#: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=1``).  Off: the mask
-#: generator (``_gluon.dropout_keep_mma``) was written offline and has not run on a GPU yet;
-#: the backward's passes take dropout on the portable kernels either way.
-DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "0") == "1"
+#: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=0``: the portable
+#: kernel takes it).  The mask (``_gluon.dropout_keep_mma``) is the portable kernels' bit for bit.
+DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 #: Whether packed (varlen) calls run the Gluon forward too (``FLASH_MODULE_GLUON_VARLEN=0``: the
