@@ -119,6 +119,7 @@ VARIANTS = [  # softcap, alibi slopes shape, sink, window_size
     pytest.param(30.0, None, False, (-1, -1), id="softcap"),
     pytest.param(0.0, "h", False, (-1, -1), id="alibi-h"),
     pytest.param(0.0, "bh", False, (-1, -1), id="alibi-bh"),
+    pytest.param(0.0, "h", False, (300, 70), id="alibi-window"),
     pytest.param(0.0, None, True, (-1, -1), id="sink"),
     pytest.param(0.0, None, False, (100, 0), id="window-100-0"),
     pytest.param(0.0, None, False, (37, 150), id="window-37-150"),

@@ -238,7 +238,21 @@ if HAVE_GLUON:
         q_s = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do_s = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         s_t, dp_t = _two_products(k_smem, q_s, v_smem, do_s, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout))
-        if SOFTCAP or ALIBI:
+        if ALIBI and not SOFTCAP:
+            slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
+            # A tile wholly on one side of the diagonal: the bias separates into a per-key and a
+            # per-query vector (``gluon_fwd._alibi_side_step``), one FMA and one add per score.
+            left = start_n + BLOCK_N - 1 <= m0 + causal_offset
+            if left | (start_n >= m0 + BLOCK_M - 1 + causal_offset):
+                sl = gl.where(left, slope2, -slope2)
+                kb = (keys - start_n).to(gl.float32) * sl
+                c = (rows + (causal_offset - start_n)).to(gl.float32) * sl + lse2
+                p_t = gl.exp2(s_t * qk_scale + kb[:, None] - c[None, :])  # (BLOCK_N, BLOCK_M)
+            else:
+                x_t, t_t = variant_scores(s_t, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[None, :],
+                                          keys.to(gl.float32)[:, None], SOFTCAP, ALIBI)
+                p_t = gl.exp2(x_t - lse2[None, :])
+        elif SOFTCAP or ALIBI:
             slope2 = 0.0
             if ALIBI:
                 slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
@@ -493,7 +507,21 @@ if HAVE_GLUON:
             dq_tok = warpgroup_mma(ds, k_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-            if SOFTCAP or ALIBI:
+            if ALIBI and not SOFTCAP:
+                # A tile wholly on one side of the diagonal: the bias separates into a per-key and a
+                # per-row vector (``gluon_fwd._alibi_side_step``), one FMA and one add per score.
+                kb0 = j * BLOCK_N
+                left = kb0 + BLOCK_N - 1 <= row0 + causal_offset
+                if left | (kb0 >= row0 + ROWS - 1 + causal_offset):
+                    sl = gl.where(left, slope2, -slope2)
+                    kb = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)).to(gl.float32) * sl
+                    r = (rows + (causal_offset - kb0)).to(gl.float32) * sl + lse2
+                    p = gl.exp2(s * qk_scale + kb[None, :] - r[:, None])  # (ROWS, BLOCK_N)
+                else:
+                    x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
+                                          keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
+                    p = gl.exp2(x - lse2[:, None])
+            elif SOFTCAP or ALIBI:
                 x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
                                       keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
                 p = gl.exp2(x - lse2[:, None])  # (ROWS, BLOCK_N)
