@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import philox, seq_bounds, seq_of_block
+from ._common import philox, work_item
 
 try:  # Gluon with the Hopper ops (triton >= 3.5)
     from triton.experimental import gluon
@@ -204,20 +204,11 @@ if HAVE_GLUON:
     @gluon.jit
     def varlen_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: gl.constexpr, LOG_B: gl.constexpr,
                     HAS_SEQUSED: gl.constexpr):
-        """This program's work item in a varlen launch (axis 0 walks ``CuBlocks``, the work list
-        of BLOCK-row blocks; ``varlen.work_item``): ``(b, q_start, len_q, k_start, len_k,
-        start)``, ``start`` the block's first row inside its sequence.  A program past the last
-        block gets sequence B - 1 with both lengths 0 (it loads at most one tile and stores
-        nothing).  ``HAS_SEQUSED``: sequence b has only its first ``SeqUsedK[b]`` keys."""
-        p = gl.program_id(0)
-        b = seq_of_block(CuBlocks, p, B, LOG_B)
-        valid = b < B
-        b = gl.minimum(b, B - 1)
-        q_start, len_q = seq_bounds(CuQ, b, Tq)
-        k_start, len_k = seq_bounds(CuK, b, Tk)
-        if HAS_SEQUSED:
-            len_k = gl.minimum(gl.maximum(gl.load(SeqUsedK + b), 0), len_k)
-        start = (p - gl.load(CuBlocks + b)) * BLOCK
+        """``_common.work_item`` for the Gluon varlen kernels: ``(b, q_start, len_q, k_start,
+        len_k, start)``.  A program past the last block gets sequence B - 1 with both lengths 0
+        (it loads at most one tile and stores nothing)."""
+        valid, q_start, len_q, k_start, len_k, start, b = work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK,
+                                                                    LOG_B, HAS_SEQUSED)
         return b, q_start, gl.where(valid, len_q, 0), k_start, gl.where(valid, len_k, 0), start
 
     @gluon.jit

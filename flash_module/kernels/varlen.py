@@ -36,31 +36,11 @@ from ._common import (
     lse_epilogue,
     preprocess_rows,
     scaled,
-    seq_bounds,
-    seq_of_block,
     store_row_stats,
     store_tile,
     tile_ptrs,
+    work_item,
 )
-
-
-@triton.jit
-def work_item(CuQ, CuK, SeqUsedK, CuBlocks, B, Tq, Tk, BLOCK: tl.constexpr, LOG_B: tl.constexpr,
-              HAS_SEQUSED: tl.constexpr):
-    """This program's work item (axis 0 walks the work list of ``CuBlocks``, in blocks of
-    ``BLOCK`` rows): ``(valid, q_start, len_q, k_start, len_k, start, b)``, where ``start`` is
-    the block's first row inside its sequence, ``b`` the sequence (clamped into [0, B - 1]) and
-    ``valid`` is False past the last block (B >= 1).
-    With ``HAS_SEQUSED`` only the first ``seqused_k[b]`` keys of sequence ``b`` exist (clamped
-    into [0, its cu_seqlens_k length])."""
-    p = tl.program_id(0)
-    b = seq_of_block(CuBlocks, p, B, LOG_B)
-    bc = tl.minimum(b, B - 1)  # in bounds even for the programs that have no work
-    q_start, len_q = seq_bounds(CuQ, bc, Tq)
-    k_start, len_k = seq_bounds(CuK, bc, Tk)
-    if HAS_SEQUSED:
-        len_k = tl.minimum(tl.maximum(tl.load(SeqUsedK + bc), 0), len_k)
-    return b < B, q_start, len_q, k_start, len_k, (p - tl.load(CuBlocks + bc)) * BLOCK, bc
 
 
 @triton.jit
