@@ -95,7 +95,8 @@ DQ_HEAD_DIMS = () if os.environ.get("FLASH_MODULE_GLUON_DQ", "") == "0" else HEA
 DQ_CONFIGS = {64: (128, 64, 3, "ws"), 128: (128, 64, 3, "ws"), 256: (64, 64, 8)}
 #: Whether softcap, ALiBi and sliding windows run in the Gluon passes too (the dK/dV pass at
 #: every head dim, the warp-specialized dQ at D=64/128; else the portable kernels;
-#: ``FLASH_MODULE_GLUON_BWD_VARIANTS=0``).  Dropout and masks always take the portable kernels.
+#: ``FLASH_MODULE_GLUON_BWD_VARIANTS=0``).  Dropout follows :data:`DROPOUT`; masks always take the
+#: portable kernels.
 VARIANTS = os.environ.get("FLASH_MODULE_GLUON_BWD_VARIANTS", "1") != "0"
 #: ``FLASH_MODULE_GLUON=0`` turns the Gluon pass off (the portable kernel runs everywhere).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"

@@ -39,7 +39,7 @@ Packed sequences (varlen, :func:`varlen_forward`): the same tile body (:func:`_a
 by a work list over the sequences' query blocks, as ``varlen._varlen_fwd_kernel``'s; each program
 builds TMA descriptors of its own sequence's rows on the device
 (``_gluon.sequence_descriptor``), so a tile past the sequence's end reads zeros here too.  A
-paged cache and dropout take the portable varlen kernel.
+paged cache takes the portable varlen kernel.
 """
 
 from __future__ import annotations
