@@ -577,16 +577,21 @@ def _unpage(k: Tensor, v: Tensor, block_table: Tensor, cu_seqlens_k: Tensor,
     are gathered into one contiguous copy, (batch * pages_per_seq * page_size, nheads_k,
     headdim): O(N) memory, the size of the keys the table addresses.  Indexing is
     differentiable, so dK/dV flow back into the pages (summed where pages are shared).
-    Sequence ``b`` starts at row ``b * pages_per_seq * page_size`` and uses its
-    ``seqused_k`` (or ``cu_seqlens_k``) length; table entries are clamped into the cache, as
-    the kernels clamp them, so no value reads out of bounds."""
+    Sequence ``b`` starts at row ``b * pages_per_seq * page_size`` and uses the key length the
+    paged kernels would (``cu_seqlens_k`` clamped as they clamp it, then ``seqused_k``, then the
+    table's keys); table entries are clamped into the cache, as the kernels clamp them, so no
+    value reads out of bounds."""
     batch, per_seq = block_table.shape
     span = per_seq * k.shape[1]
     pages = block_table.long().clamp(0, k.shape[0] - 1)
     k, v = (t[pages].flatten(0, 2) for t in (k, v))  # (batch * span, nheads_k, headdim)
-    used = seqused_k if seqused_k is not None else cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    cu = cu_seqlens_k.long()
+    start = cu[:-1].clamp(0, batch * span)
+    used = torch.maximum(cu[1:], start).clamp(max=batch * span) - start
+    if seqused_k is not None:
+        used = torch.minimum(seqused_k.long().clamp(min=0), used)
     starts = torch.arange(batch + 1, device=block_table.device, dtype=torch.int32) * span
-    return k, v, starts, used.clamp(0, span).to(torch.int32)
+    return k, v, starts, used.clamp(max=span).to(torch.int32)
 
 
 def flash_attn_varlen_qkvpacked_func(

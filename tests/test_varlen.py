@@ -235,6 +235,28 @@ def test_paged_kv_equals_contiguous(page, causal, impl, device):
     assert torch.equal(got_dk, want_dk) and torch.equal(got_dv, want_dv)
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("cu_k,used", [
+    pytest.param([0, 20, 27], [17, 30], id="seqused-past-its-length"),
+    pytest.param([0, 40, 90], None, id="lengths-past-the-table"),
+    pytest.param([0, 5, 3], None, id="decreasing-offsets"),
+])
+def test_paged_kv_with_grad_keeps_the_kernels_lengths(cu_k, used, impl, device):
+    """With gradients the pages are gathered first (``api._unpage``); the key lengths it gives
+    the contiguous kernels are those the paged kernels use, bad values included (clamped the
+    same way), so the output does not depend on whether an input requires grad."""
+    q, cu_q = _pack([2, 3], 2, 16, torch.float32, device)
+    k_pages, v_pages = (torch.randn(4, 16, 1, 16, device=device) for _ in range(2))
+    table = torch.tensor([[3, 1], [0, 2]], dtype=torch.int32, device=device)
+    cu_k = torch.tensor(cu_k, dtype=torch.int32, device=device)
+    used = None if used is None else torch.tensor(used, dtype=torch.int32, device=device)
+    args = (k_pages, v_pages, cu_q, cu_k)
+    kw = dict(block_table=table, causal=True, seqused_k=used, impl=impl)
+    want = fm.flash_attn_varlen_func(q, *args, **kw)
+    got = fm.flash_attn_varlen_func(q.clone().requires_grad_(), *args, **kw)
+    assert torch.equal(got, want)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
