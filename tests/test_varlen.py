@@ -203,12 +203,7 @@ def test_paged_kv_equals_contiguous(page, causal, impl, device):
     order = torch.randperm(len(lens_k) * per_seq, device=device)
     table = order.view(len(lens_k), per_seq).to(torch.int32)
     k_pages, v_pages = (torch.randn(len(lens_k) * per_seq, page, 2, 32, device=device) for _ in range(2))
-    for b, n in enumerate(lens_k):
-        start = int(cu_k[b])
-        for j in range(_cdiv(n, page)):
-            rows = slice(start + j * page, start + min(n, (j + 1) * page))
-            k_pages[table[b, j], :rows.stop - rows.start] = k[rows]
-            v_pages[table[b, j], :rows.stop - rows.start] = v[rows]
+    _into_pages((k_pages, v_pages), (k, v), lens_k, cu_k, table)
     want, want_lse, want_p = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=causal, impl=impl,
                                                        return_attn_probs=True)
     got, got_lse, got_p = fm.flash_attn_varlen_func(q, k_pages, v_pages, cu_q, cu_k, causal=causal,
@@ -226,13 +221,19 @@ def test_paged_kv_equals_contiguous(page, causal, impl, device):
     got_dq, got_dk, got_dv = torch.autograd.grad(got, (q, k_pages, v_pages), do)
     assert torch.equal(got, want) and torch.equal(got_dq, dq)
     want_dk, want_dv = torch.zeros_like(k_pages), torch.zeros_like(v_pages)
-    for b, n in enumerate(lens_k):
-        start = int(cu_k[b])
+    _into_pages((want_dk, want_dv), (dk, dv), lens_k, cu_k, table)
+    assert torch.equal(got_dk, want_dk) and torch.equal(got_dv, want_dv)
+
+
+def _into_pages(pages, packed, lens, cu, table):
+    """Copy each sequence's packed rows of each tensor in ``packed`` into its pages (in place)."""
+    page = pages[0].shape[1]
+    for b, n in enumerate(lens):
+        start = int(cu[b])
         for j in range(_cdiv(n, page)):
             rows = slice(start + j * page, start + min(n, (j + 1) * page))
-            want_dk[table[b, j], :rows.stop - rows.start] = dk[rows]
-            want_dv[table[b, j], :rows.stop - rows.start] = dv[rows]
-    assert torch.equal(got_dk, want_dk) and torch.equal(got_dv, want_dv)
+            for dst, src in zip(pages, packed):
+                dst[table[b, j], :rows.stop - rows.start] = src[rows]
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
