@@ -421,3 +421,36 @@ def test_gluon_varlen_dropout_uses_the_portable_mask(monkeypatch):
     for a, b, c in zip(ours, portable, no_drop):  # the same mask, and a real one
         gap = (a.float() - b.float()).abs().max().item()
         assert gap < 0.05 * b.float().abs().max().item() < (b.float() - c.float()).abs().max().item(), gap
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("softcap,causal,d,sq,sk", [
+    pytest.param(0.0, False, 128, 1000, 2100, id="d128"),
+    pytest.param(0.0, True, 128, 2100, 2100, id="d128-causal"),
+    pytest.param(30.0, True, 64, 300, 2500, id="d64-softcap-causal"),
+    pytest.param(0.0, False, 256, 700, 1100, id="d256"),
+])
+def test_gluon_pingpong_gives_the_same_bits(softcap, causal, d, sq, sk, monkeypatch):
+    """``gluon_fwd.PINGPONG`` (the two consumers alternate their matmuls) changes only when
+    each warpgroup issues its work, never what it computes: out and LSE equal the free-running
+    schedule's bit for bit, dense and varlen (with a short key range and one empty sequence, so
+    that the consumers' loops run 0, 1 and many rounds)."""
+    from .test_varlen import _pack
+
+    monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
+    q, k, v = make_qkv(2, sq, sk, 4, 2, d, torch.bfloat16, "cuda")
+    qp, cu_q = _pack([sq, 1, 0, 130], 4, d, torch.bfloat16, "cuda")
+    kp, cu_k = _pack([sk, 90, 0, 1], 2, d, torch.bfloat16, "cuda")
+    vp = torch.randn_like(kp)
+
+    def run():
+        dense = fm.flash_attn_func(q, k, v, causal=causal, softcap=softcap, return_attn_probs=True)[:2]
+        packed = fm.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, causal=causal, softcap=softcap,
+                                           return_attn_probs=True)[:2]
+        return (*dense, *packed)
+
+    free = run()
+    monkeypatch.setattr(gluon_fwd, "PINGPONG", True)
+    for a, b in zip(free, run()):
+        assert torch.equal(a, b)

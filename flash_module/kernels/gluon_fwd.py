@@ -88,6 +88,9 @@ VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
 #: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=0``: the portable
 #: kernel takes it).  The mask (``_gluon.dropout_keep_mma``) is the portable kernels' bit for bit.
 DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
+#: Whether the two consumers alternate their matmuls (``FLASH_MODULE_GLUON_PINGPONG=1``; off: they
+#: drift freely).  An experiment for issues #13/#15, written offline, not yet run on a GPU.
+PINGPONG = os.environ.get("FLASH_MODULE_GLUON_PINGPONG", "0") == "1"
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 #: Whether packed (varlen) calls run the Gluon forward too (``FLASH_MODULE_GLUON_VARLEN=0``: the
@@ -182,12 +185,12 @@ if HAVE_GLUON:
         return p
 
     @gluon.jit
-    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
+    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse_row,
                   first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale,
                   start_m, cap2, Alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
                   HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                  SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
+                  SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr):
         """One warpgroup: query rows [start_m + wg * ROWS, + ROWS) against every K/V block of
         the tile, key blocks first .. total - 1 (its own Q load, then the loop of the module
         docstring; blocks outside [full_lo, full_hi) masked), releasing each K stage after its S
@@ -236,10 +239,15 @@ if HAVE_GLUON:
             mbarrier.wait(k_ready.index(ks), phase=(i // STAGES) & 1)
             mbarrier.wait(v_ready.index(vs), phase=((i - 1) // STAGES) & 1)
             k_s = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
+            if PINGPONG:  # wait for the other consumer to have issued its matmuls of this round
+                if (i >= 2) | ((wg == 1) & (i >= 1)):
+                    mbarrier.wait(turn.index(wg), phase=(i - 2 + wg) & 1)
             s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
             v_s = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
             o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s, o, is_async=True)
+            if PINGPONG:  # the other consumer's turn
+                mbarrier.arrive(turn.index(1 - wg), count=1)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks), count=1)
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
@@ -277,7 +285,7 @@ if HAVE_GLUON:
                      win_l, win_r, qk_scale, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-                     WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
+                     WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr):
         """One BLOCK_M-row query tile of head ``off_h`` (rows [start_m, start_m + BLOCK_M) of batch
         entry ``off_b`` of the descriptors) against its key blocks: the default partition (4 warps)
         and one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of
@@ -292,20 +300,27 @@ if HAVE_GLUON:
         for i in gl.static_range(2):
             mbarrier.init(q_bar.index(i), count=1)
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
+        # PINGPONG: consumer w waits on turn[w] before issuing a round's matmuls and then
+        # arrives on the other's, so their matmuls alternate (FA3's ping-pong schedule).
+        turn = k_ready  # a stand-in, never touched without PINGPONG
+        if PINGPONG:
+            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
         first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
                                                          BLOCK_N, IS_CAUSAL, WINDOW)
         gl.warp_specialize(
-            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
-                          first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
+            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, Out,
+                          Lse_row, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
                           qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
                           drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW,
-                          DROPOUT)),
-             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
-                          first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
+                          DROPOUT, PINGPONG)),
+             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, Out,
+                          Lse_row, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
                           qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
                           drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW,
-                          DROPOUT)),
+                          DROPOUT, PINGPONG)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
                          off_b, kv_col, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
@@ -316,7 +331,7 @@ if HAVE_GLUON:
         stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, num_warps: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_M-row query tile of one head of one batch entry
         (:func:`_attend_tile`); Out (B, Sq, H, D) and Lse (B, H, Sq) contiguous."""
@@ -328,7 +343,8 @@ if HAVE_GLUON:
                      causal_offset, pid_m * BLOCK_M, win_l, win_r, qk_scale, cap2,
                      Alibi + off_b * stride_ab + off_h * stride_ah, Sink, Rng,
                      (pid_bh.to(gl.int64) << 32) + drop_row_off + pid_m * BLOCK_M, drop_col_off, drop_thresh,
-                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT)
+                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT,
+                     PINGPONG)
 
     @gluon.jit
     def _varlen_fwd_kernel(
@@ -337,7 +353,7 @@ if HAVE_GLUON:
         drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
         kv_layout: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Varlen: program (p, h) = work item p of the query-block list ``CuBlocks`` (as
@@ -358,7 +374,8 @@ if HAVE_GLUON:
                      0, off_h, H, GROUP, len_q, len_k, len_k - len_q, start_m, win_l, win_r, qk_scale, cap2,
                      Alibi + b * stride_ab + off_h * stride_ah, Sink, Rng,
                      ((b * H + off_h).to(gl.int64) << 32) + drop_row_off + start_m, drop_col_off, drop_thresh,
-                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT)
+                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT,
+                     PINGPONG)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -380,7 +397,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
         h, h // h_kv, sq, sk, causal_offset, win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
         _common.sink_args(sink, q), *_dropout_args(dropout_p, rng, q, drop_offsets),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p), num_warps=4,
+        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p), PINGPONG=PINGPONG, num_warps=4,
     )
 
 
@@ -429,6 +446,7 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_met
         *_dropout_args(dropout_p, rng, q),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
         ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p),
+        PINGPONG=PINGPONG,
         q_layout=shared_layout_3d(q, block_m // 2), kv_layout=shared_layout_3d(k, block_n), num_warps=4, **flags,
     )
 
