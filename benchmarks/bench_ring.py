@@ -14,8 +14,11 @@ on its shard, a barrier before each iteration and the slowest rank's time kept:
   many hops as the ring makes: W - 1 forward, W - 2 and W - 1 backward).
 
 It reports global tokens/s (forward + backward), TFLOP/s per GPU (FLOPs of the global attention,
-3.5 x the forward's 4 * B * H * N^2 * D, halved when causal, divided by W) and the fraction of the
-communication hidden behind compute, ``(compute + comm - ring) / comm`` clamped to [0, 1].
+3.5 x the forward's 4 * B * H * N^2 * D, halved when causal, divided by W), the exposed time
+(ring - compute) and the fraction of the communication hidden behind compute, ``(comm -
+exposed) / comm`` clamped to [0, 1].  Ring and compute run alternately, one of each per
+iteration, and the exposed time is the median of the per-iteration differences: a drift of the
+clocks over the run then shifts both sides alike instead of showing up as exposed time.
 Medians over ``--iters`` iterations (CUDA events on GPU, perf_counter on CPU).
 
 With ``--docs N`` the global sequence is a packed sequence of N documents of random lengths
@@ -80,33 +83,44 @@ class _Timer:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
+    def once(self, fn, group) -> float:
+        """The slowest rank's time of one call of ``fn``, in ms."""
+        dist.barrier(group)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(self.device)
+            ms = start.elapsed_time(end)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ms = (time.perf_counter() - t0) * 1e3
+        slowest = torch.tensor([ms], dtype=torch.float64, device=self.device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        return float(slowest.item())
+
     def __call__(self, fn, iters: int, group) -> float:
         """Median over iterations of the slowest rank's time, in ms."""
         fn()  # warm-up: compiles, allocations, NCCL connections
-        times = []
-        for _ in range(iters):
-            dist.barrier(group)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize(self.device)
-                ms = start.elapsed_time(end)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ms = (time.perf_counter() - t0) * 1e3
-            slowest = torch.tensor([ms], dtype=torch.float64, device=self.device)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-            times.append(float(slowest.item()))
-        return statistics.median(times)
+        return statistics.median(self.once(fn, group) for _ in range(iters))
+
+    def paired(self, fn_a, fn_b, iters: int, group) -> tuple[float, float, float]:
+        """``fn_a`` and ``fn_b`` alternately, one of each per iteration: the medians of their
+        times and the median of the per-iteration differences a - b, in ms."""
+        fn_a()
+        fn_b()
+        pairs = [(self.once(fn_a, group), self.once(fn_b, group)) for _ in range(iters)]
+        return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+                statistics.median(a - b for a, b in pairs))
 
 
-def _hidden_share(compute: float, comm: float, ring: float) -> float | None:
-    """The share of ``comm`` hidden behind ``compute`` when both run as ``ring``, in [0, 1]."""
-    return min(1.0, max(0.0, (compute + comm - ring) / comm)) if comm > 0 else None
+def _hidden_share(exposed: float, comm: float) -> float | None:
+    """The share of ``comm`` hidden behind the compute when ``exposed`` ms of the ring's time
+    are not compute, in [0, 1]."""
+    return min(1.0, max(0.0, (comm - exposed) / comm)) if comm > 0 else None
 
 
 def _pct(x: float | None) -> str:
@@ -158,15 +172,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
             with torch.no_grad():
                 forward()
 
-        ring_ms, ring_fwd_ms = timer(step, args.iters, group), timer(step_fwd, args.iters, group)
         real = fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group
-        fmd._ring_exchange = _local_exchange
-        fmd._gather_blocks = lambda x, group, world, layout: x.repeat(world, *[1] * (x.dim() - 1))
-        fmd._sum_over_group = lambda x, group: x
-        try:
-            compute_ms, compute_fwd_ms = timer(step, args.iters, group), timer(step_fwd, args.iters, group)
-        finally:
-            fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group = real
+
+        def local(fn):
+            """``fn`` with the ring's exchanges replaced by local no-ops (the compute alone)."""
+            def run_local() -> None:
+                fmd._ring_exchange = _local_exchange
+                fmd._gather_blocks = lambda x, group, world, layout: x.repeat(world, *[1] * (x.dim() - 1))
+                fmd._sum_over_group = lambda x, group: x
+                try:
+                    fn()
+                finally:
+                    fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group = real
+            return run_local
+
+        ring_ms, compute_ms, exposed_ms = timer.paired(step, local(step), args.iters, group)
+        ring_fwd_ms, compute_fwd_ms, exposed_fwd_ms = timer.paired(step_fwd, local(step_fwd), args.iters,
+                                                                   group)
         real_exchange = real[0]
 
         acc = acc_dtype(dtype)
@@ -198,22 +220,23 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 flops = sum(ring_flops(1, args.heads, n, args.head_dim, args.causal) for n in lengths)
             else:
                 flops = ring_flops(args.batch, args.heads, seq_total, args.head_dim, args.causal)
-            hidden = _hidden_share(compute_ms, comm_ms, ring_ms)
+            hidden = _hidden_share(exposed_ms, comm_ms)
             results.append(dict(
                 world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                 causal=args.causal, layout=args.layout, mode=args.mode, impl=args.impl, dtype=args.dtype,
                 docs=args.docs, method=args.method if packed else "ring",
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms,
+                ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms, exposed_ms=exposed_ms,
+                exposed_share=exposed_ms / ring_ms,
                 tokens_per_s=(1 if packed else args.batch) * seq_total / (ring_ms * 1e-3),
                 tflops_per_gpu=flops / world / (ring_ms * 1e-3) / 1e12,
                 comm_hidden=hidden,
                 # per pass: the backward's times are the step's minus the forward's
                 ring_fwd_ms=ring_fwd_ms, compute_fwd_ms=compute_fwd_ms, comm_fwd_ms=comm_fwd_ms,
-                comm_hidden_fwd=_hidden_share(compute_fwd_ms, comm_fwd_ms, ring_fwd_ms),
-                comm_hidden_bwd=_hidden_share(compute_ms - compute_fwd_ms, comm_ms - comm_fwd_ms,
-                                             ring_ms - ring_fwd_ms),
+                exposed_fwd_ms=exposed_fwd_ms,
+                comm_hidden_fwd=_hidden_share(exposed_fwd_ms, comm_fwd_ms),
+                comm_hidden_bwd=_hidden_share(exposed_ms - exposed_fwd_ms, comm_ms - comm_fwd_ms),
                 tflops_per_gpu_fwd=flops / 3.5 / world / (ring_fwd_ms * 1e-3) / 1e12,
                 tflops_per_gpu_bwd=flops * 2.5 / 3.5 / world / ((ring_ms - ring_fwd_ms) * 1e-3) / 1e12,
             ))
@@ -237,7 +260,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.extend(dict(r) for r in results)
             r = rows[-1]
             print(f"W={world} N={r['seq_total']}: ring {r['ring_ms']:.2f} ms, compute {r['compute_ms']:.2f}, "
-                  f"comm {r['comm_ms']:.2f} | {r['tokens_per_s']:.3g} tok/s, "
+                  f"comm {r['comm_ms']:.2f}, exposed {r['exposed_ms']:.2f} "
+                  f"({100 * r['exposed_share']:.1f}% of the step) | {r['tokens_per_s']:.3g} tok/s, "
                   f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {_pct(r['comm_hidden'])} | fwd: ring "
                   f"{r['ring_fwd_ms']:.2f} compute {r['compute_fwd_ms']:.2f} comm {r['comm_fwd_ms']:.2f} "
                   f"{r['tflops_per_gpu_fwd']:.1f} TFLOP/s hidden {_pct(r['comm_hidden_fwd'])} | bwd: "

@@ -230,6 +230,7 @@ def test_bench_ring_cpu_smoke(tmp_path):
         assert r["ring_ms"] > 0 and r["compute_ms"] > 0 and r["tokens_per_s"] > 0
     assert rows[0]["comm_hidden"] is None and rows[1]["comm_ms"] > 0
     assert 0.0 <= rows[1]["comm_hidden"] <= 1.0
+    assert "exposed_ms" in rows[1] and rows[1]["exposed_share"] == rows[1]["exposed_ms"] / rows[1]["ring_ms"]
     # packed documents through ring_attention_varlen, K/V all-gathered
     res = subprocess.run([sys.executable, str(path), *argv, "--docs", "3", "--method", "allgather"],
                          capture_output=True, text=True, timeout=600)
