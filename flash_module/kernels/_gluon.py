@@ -37,7 +37,7 @@ __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_la
 if HAVE_GLUON:
     __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
-                "tanh_approx", "variant_scores", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma",
+                "tanh_approx", "variant_scores", "alibi_side", "alibi_separable_p", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma",
                 "dropout_keep_mma_t"]
 
 #: Registers per thread of a consumer warpgroup of the warp-specialized kernels (the producer
@@ -106,6 +106,28 @@ if HAVE_GLUON:
         if ALIBI:
             x = x - slope2 * gl.abs(diag - keys)
         return x, t
+
+    @gluon.jit
+    def alibi_side(key0, n_keys: gl.constexpr, diag0, n_diag: gl.constexpr):
+        """Where an ALiBi tile lies against the diagonal: keys key0 .. key0 + n_keys - 1 against
+        diagonal positions (row + causal_offset) diag0 .. diag0 + n_diag - 1.  Returns ``(left,
+        one_sided)``: ``left``, every key at or left of every diagonal position; ``one_sided``,
+        that or every key at or right of them.  On such a tile the bias separates
+        (:func:`alibi_separable_p`)."""
+        left = key0 + n_keys - 1 <= diag0
+        return left, left | (key0 >= diag0 + n_diag - 1)
+
+    @gluon.jit
+    def alibi_separable_p(s, qk_scale, slope2, left, key_off, diag_off, lse2):
+        """P = exp2(s qk_scale - slope2 |diag - key| - lse2) on a tile that lies on one side of the
+        diagonal (:func:`alibi_side`), where |diag - key| = +-(diag_off - key_off) with offsets
+        from any common origin: a per-key and a per-row vector, so P costs one FMA and one add per
+        score instead of :func:`variant_scores`' four operations.  ``key_off``, ``diag_off`` and
+        ``lse2`` come shaped to broadcast against ``s`` (a (1, N) or (N, 1) vector each)."""
+        sl = gl.where(left, slope2, -slope2)
+        kb = key_off.to(gl.float32) * sl
+        r = diag_off.to(gl.float32) * sl + lse2
+        return gl.exp2(s * qk_scale + kb - r)
 
     @gluon.jit
     def load_block(desc, b, n, col, bar, buf):

@@ -59,6 +59,8 @@ from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d, set_scrat
 
 if HAVE_GLUON:
     from ._gluon import (
+        alibi_separable_p,
+        alibi_side,
         dropout_keep_mma,
         dropout_keep_mma_t,
         fence_async_shared,
@@ -241,14 +243,10 @@ if HAVE_GLUON:
         s_t, dp_t = _two_products(k_smem, q_s, v_smem, do_s, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout))
         if ALIBI and not SOFTCAP:
             slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
-            # A tile wholly on one side of the diagonal: the bias separates into a per-key and a
-            # per-query vector (``gluon_fwd._alibi_side_step``), one FMA and one add per score.
-            left = start_n + BLOCK_N - 1 <= m0 + causal_offset
-            if left | (start_n >= m0 + BLOCK_M - 1 + causal_offset):
-                sl = gl.where(left, slope2, -slope2)
-                kb = (keys - start_n).to(gl.float32) * sl
-                c = (rows + (causal_offset - start_n)).to(gl.float32) * sl + lse2
-                p_t = gl.exp2(s_t * qk_scale + kb[:, None] - c[None, :])  # (BLOCK_N, BLOCK_M)
+            left, one_sided = alibi_side(start_n, BLOCK_N, m0 + causal_offset, BLOCK_M)
+            if one_sided:  # the separable bias, one FMA and one add per score
+                p_t = alibi_separable_p(s_t, qk_scale, slope2, left, (keys - start_n)[:, None],
+                                        (rows + (causal_offset - start_n))[None, :], lse2[None, :])
             else:
                 x_t, t_t = variant_scores(s_t, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[None, :],
                                           keys.to(gl.float32)[:, None], SOFTCAP, ALIBI)
@@ -509,15 +507,10 @@ if HAVE_GLUON:
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
             if ALIBI and not SOFTCAP:
-                # A tile wholly on one side of the diagonal: the bias separates into a per-key and a
-                # per-row vector (``gluon_fwd._alibi_side_step``), one FMA and one add per score.
-                kb0 = j * BLOCK_N
-                left = kb0 + BLOCK_N - 1 <= row0 + causal_offset
-                if left | (kb0 >= row0 + ROWS - 1 + causal_offset):
-                    sl = gl.where(left, slope2, -slope2)
-                    kb = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout)).to(gl.float32) * sl
-                    r = (rows + (causal_offset - kb0)).to(gl.float32) * sl + lse2
-                    p = gl.exp2(s * qk_scale + kb[None, :] - r[:, None])  # (ROWS, BLOCK_N)
+                left, one_sided = alibi_side(j * BLOCK_N, BLOCK_N, row0 + causal_offset, ROWS)
+                if one_sided:  # the separable bias, one FMA and one add per score
+                    p = alibi_separable_p(s, qk_scale, slope2, left, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :],
+                                          (rows + (causal_offset - j * BLOCK_N))[:, None], lse2[:, None])
                 else:
                     x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
                                           keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
