@@ -1,12 +1,13 @@
 """The Hopper forward (issue #15): the Gluon forward against the portable Triton one and the peers.
 
     PYTHONPATH=$PWD python benchmarks/bench_gluon_fwd.py [--shapes 128x4096x16x16x1,...]
-        [--configs 128x128x3,...] [--dtype bf16|fp16]
+        [--configs 128x128x3,...] [--dtype bf16|fp16] [--flex] [--persistent]
 
 For each shape (D x N x H x H_kv x causal, B = 64k tokens / N) prints the forward's TFLOP/s
 (4 * B * H * N^2 * D, halved when causal; ``triton.testing.do_bench``, median) of ``portable``
 (the Triton kernel), ``gluon`` (:mod:`flash_module.kernels.gluon_fwd`, the default on sm_90),
-SDPA's cuDNN and flash (FA2) backends, FlexAttention (compiled) with ``--flex``, and the Gluon
+SDPA's cuDNN and flash (FA2) backends, FlexAttention (compiled) with ``--flex``, the persistent
+Gluon forward (``gluon_fwd.PERSISTENT``) with ``--persistent``, and the Gluon
 forward at other launch configs (BLOCK_M x BLOCK_N x warps x stages).  A benchmark, not a test.
 """
 
@@ -28,7 +29,7 @@ SHAPES = ("64x1024x32x32x1,64x4096x32x32x0,64x16384x32x32x1,128x1024x16x16x1,128
 
 
 def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, dtype: torch.dtype,
-              configs: list, flex: bool) -> dict:
+              configs: list, flex: bool, persistent: bool = False) -> dict:
     b = max(1, tokens // n)
     q = torch.randn(b, n, h, d, device="cuda", dtype=dtype)
     k = torch.randn(b, n, h_kv, d, device="cuda", dtype=dtype)
@@ -45,6 +46,10 @@ def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, dtyp
     for name, enabled in (("portable", False), ("gluon", True)):
         gluon_fwd.ENABLED = enabled
         res[name] = tflops(lambda: fm.flash_attn_func(q, k, v, causal=causal))
+    if persistent:  # gluon_fwd.PERSISTENT, then the default again (the drift between the two)
+        for name, on in (("persistent", True), ("gluon2", False)):
+            gluon_fwd.PERSISTENT = on
+            res[name] = tflops(lambda: fm.flash_attn_func(q, k, v, causal=causal))
     default = gluon_fwd.FWD_CONFIGS
     for cfg in configs:
         gluon_fwd.FWD_CONFIGS = {**default, d: cfg}
@@ -71,17 +76,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--configs", default="", help="Gluon launch configs as columns, e.g. 128x128x3")
     ap.add_argument("--flex", action="store_true", help="FlexAttention too (compiles per shape)")
+    ap.add_argument("--persistent", action="store_true",
+                    help="the persistent Gluon forward (gluon_fwd.PERSISTENT) too, then the default again")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| {args.dtype}")
-    cols = ["portable", "gluon", "cudnn", "flash"] + (["flex"] if args.flex else []) + [
+    cols = ["portable", "gluon"] + (["persistent", "gluon2"] if args.persistent else []) + [
+        "cudnn", "flash"] + (["flex"] if args.flex else []) + [
         "x".join(map(str, c)) for c in configs]
     print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | gluon/cudnn")
     for shape in args.shapes.split(","):
         d, n, h, h_kv, causal = (int(x) for x in shape.split("x"))
-        res = run_shape(d, n, h, h_kv, bool(causal), args.tokens, dtype, configs, args.flex)
+        res = run_shape(d, n, h, h_kv, bool(causal), args.tokens, dtype, configs, args.flex, args.persistent)
         print(f"{d:4} {n:6} {h:3} {h_kv:3} {causal:6} | " + " ".join(f"{res[c]:10.1f}" for c in cols)
               + f" | {res['gluon'] / res['cudnn']:.2f}", flush=True)
 

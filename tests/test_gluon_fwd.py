@@ -425,32 +425,45 @@ def test_gluon_varlen_dropout_uses_the_portable_mask(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
-@pytest.mark.parametrize("softcap,causal,d,sq,sk", [
-    pytest.param(0.0, False, 128, 1000, 2100, id="d128"),
-    pytest.param(0.0, True, 128, 2100, 2100, id="d128-causal"),
-    pytest.param(30.0, True, 64, 300, 2500, id="d64-softcap-causal"),
-    pytest.param(0.0, False, 256, 700, 1100, id="d256"),
+@pytest.mark.parametrize("programs", [3, 7, None], ids=lambda p: f"programs{p}")
+@pytest.mark.parametrize("variant,causal,d,sq,sk", [
+    pytest.param("", False, 128, 1000, 2100, id="d128"),
+    pytest.param("", True, 128, 2100, 2100, id="d128-causal"),
+    pytest.param("", True, 128, 700, 300, id="d128-causal-rows-without-keys"),
+    pytest.param("softcap", True, 64, 300, 2500, id="d64-softcap-causal"),
+    pytest.param("alibi", False, 256, 700, 1100, id="d256-alibi"),
+    pytest.param("window", True, 128, 1500, 1500, id="d128-window"),
+    pytest.param("dropout", False, 128, 513, 777, id="d128-dropout"),
+    pytest.param("sink", True, 128, 1, 1000, id="d128-sink-one-row"),
 ])
-def test_gluon_pingpong_gives_the_same_bits(softcap, causal, d, sq, sk, monkeypatch):
-    """``gluon_fwd.PINGPONG`` (the two consumers alternate their matmuls) changes only when
-    each warpgroup issues its work, never what it computes: out and LSE equal the free-running
-    schedule's bit for bit, dense and varlen (with a short key range and one empty sequence, so
-    that the consumers' loops run 0, 1 and many rounds)."""
-    from .test_varlen import _pack
-
+def test_gluon_persistent_gives_the_same_bits(variant, causal, d, sq, sk, programs, monkeypatch):
+    """``gluon_fwd.PERSISTENT`` (one program per SM walking the query tiles, the K/V ring and
+    the Q buffers carried from tile to tile) changes which program runs a tile, never what it
+    computes: out and LSE equal the one-tile-per-program kernel's bit for bit, with few
+    programs (each walks many tiles: the ring wraps at every phase, Q is prefetched across
+    heads and batch entries), tiles without a key, and every variant."""
     monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
     q, k, v = make_qkv(2, sq, sk, 4, 2, d, torch.bfloat16, "cuda")
-    qp, cu_q = _pack([sq, 1, 0, 130], 4, d, torch.bfloat16, "cuda")
-    kp, cu_k = _pack([sk, 90, 0, 1], 2, d, torch.bfloat16, "cuda")
-    vp = torch.randn_like(kp)
+    kw = dict(causal=causal, return_attn_probs=True)
+    if variant == "softcap":
+        kw["softcap"] = 30.0
+    elif variant == "alibi":
+        kw["alibi_slopes"] = torch.rand(2, 4, device="cuda")
+    elif variant == "window":
+        kw["window_size"] = (300, 0)
+    elif variant == "dropout":
+        kw["dropout_p"] = 0.2
+    elif variant == "sink":
+        kw["learnable_sink"] = torch.randn(4, device="cuda")
 
     def run():
-        dense = fm.flash_attn_func(q, k, v, causal=causal, softcap=softcap, return_attn_probs=True)[:2]
-        packed = fm.flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, causal=causal, softcap=softcap,
-                                           return_attn_probs=True)[:2]
-        return (*dense, *packed)
+        if variant == "dropout":
+            torch.manual_seed(5)
+        return fm.flash_attn_func(q, k, v, **kw)[:2]
 
-    free = run()
-    monkeypatch.setattr(gluon_fwd, "PINGPONG", True)
-    for a, b in zip(free, run()):
+    single = run()
+    monkeypatch.setattr(gluon_fwd, "PERSISTENT", True)
+    monkeypatch.setattr(gluon_fwd, "PROGRAMS", programs)
+    for a, b in zip(single, run()):
         assert torch.equal(a, b)
+    assert single[0].abs().sum() > 0

@@ -157,17 +157,19 @@ if HAVE_GLUON:
 
     @gluon.jit
     def producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b, kv_col,
-                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """One warp: K and V of key blocks first .. total - 1, the i-th of them into stage
-        i % STAGES as soon as both consumers have released the stage's previous block
-        (``*_empty``: two arrivals per use)."""
+                 c0, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+        """One warp: K and V of key blocks first .. total - 1, the i-th of them into ring
+        position c = c0 + i (stage c % STAGES) as soon as both consumers have released the
+        stage's previous block (``*_empty``: two arrivals per use); ``c0``: the blocks the ring
+        took before (a persistent program's earlier tiles), else 0."""
         for i in range(total - first):
-            st = i % STAGES
-            again = ((i // STAGES) & 1) ^ 1  # the stage's previous use (i - STAGES) is done
+            c = c0 + i
+            st = c % STAGES
+            again = ((c // STAGES) & 1) ^ 1  # the stage's previous use (c - STAGES) is done
             n = (first + i) * BLOCK_N
-            mbarrier.wait(k_empty.index(st), phase=again, pred=i >= STAGES)
+            mbarrier.wait(k_empty.index(st), phase=again, pred=c >= STAGES)
             load_block(k_desc, off_b, n, kv_col, k_ready.index(st), k_smem.index(st))
-            mbarrier.wait(v_empty.index(st), phase=again, pred=i >= STAGES)
+            mbarrier.wait(v_empty.index(st), phase=again, pred=c >= STAGES)
             load_block(v_desc, off_b, n, kv_col, v_ready.index(st), v_smem.index(st))
 
     @gluon.jit

@@ -580,7 +580,7 @@ if HAVE_GLUON:
                              Rng, drop_row0, drop_col, drop_thresh, drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES,
                              IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b,
-                          (off_h // GROUP) * HEAD_DIM, BLOCK_N, STAGES))],
+                          (off_h // GROUP) * HEAD_DIM, 0, BLOCK_N, STAGES))],
             [4, 1], [CONSUMER_REGS, 24])
 
     @gluon.jit

@@ -88,9 +88,14 @@ VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
 #: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=0``: the portable
 #: kernel takes it).  The mask (``_gluon.dropout_keep_mma``) is the portable kernels' bit for bit.
 DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
-#: Whether the two consumers alternate their matmuls (``FLASH_MODULE_GLUON_PINGPONG=1``; off: they
-#: drift freely).  An experiment for issues #13/#15, written offline, not yet run on a GPU.
-PINGPONG = os.environ.get("FLASH_MODULE_GLUON_PINGPONG", "0") == "1"
+#: Whether the dense forward runs persistent (``FLASH_MODULE_GLUON_PERSISTENT=1``): one program per
+#: SM walks the query tiles (:func:`_persistent_fwd_kernel`), so a tile's loads overlap the one
+#: before's epilogue.  Off: on an H200 (performance.md, sixteenth session) it gained 1-5% at 1k-4k
+#: and at D=64/256 but lost 5-15% at D=128, N=16k; its outputs equal the default's bit for bit.
+PERSISTENT = os.environ.get("FLASH_MODULE_GLUON_PERSISTENT", "0") == "1"
+#: The persistent kernel's program count (None: one per SM; tests set a few, so that every
+#: program walks many tiles).
+PROGRAMS: int | None = None
 #: ``FLASH_MODULE_GLUON_FWD=0`` turns the Gluon forward off (the portable kernel runs).
 ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 #: Whether packed (varlen) calls run the Gluon forward too (``FLASH_MODULE_GLUON_VARLEN=0``: the
@@ -185,19 +190,33 @@ if HAVE_GLUON:
         return p
 
     @gluon.jit
-    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse_row,
+    def _load_q(q_desc, q_buf, bar, off_b, row0, off_h, pred):
+        """TMA: rows row0 .. of head ``off_h`` of batch entry ``off_b`` into ``q_buf``, landing on ``bar``."""
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+        mbarrier.expect(bar, q_desc.block_type.nbytes, pred=pred)
+        tma.async_copy_global_to_shared(q_desc, [off_b, row0, off_h * HEAD_DIM], bar, q_buf, pred=pred)
+
+    @gluon.jit
+    def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                   first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale,
                   start_m, cap2, Alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
+                  c0, q_phase, next_b, next_m, next_h, has_next,
                   HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                  SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr):
+                  SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PERSISTENT: gl.constexpr):
         """One warpgroup: query rows [start_m + wg * ROWS, + ROWS) against every K/V block of
         the tile, key blocks first .. total - 1 (its own Q load, then the loop of the module
         docstring; blocks outside [full_lo, full_hi) masked), releasing each K stage after its S
         and each V stage after its P V; then its own O and LSE.  ``DROPOUT``: the P V matmuls take
         P with the dropped probabilities zeroed (:func:`_dropped`), the row sums keep them, and O is
         scaled by ``drop_scale`` = 1 / (1 - p) at the end; ``drop_row0`` is the row counter of the
-        program's row 0 (``_common.dropout_keep``), ``drop_col`` the keys' offset in the mask."""
+        program's row 0 (``_common.dropout_keep``), ``drop_col`` the keys' offset in the mask.
+        ``c0``: the ring position of the tile's first key block (blocks the program's earlier
+        tiles took), ``q_phase``: the Q barrier's phase for this tile.  ``PERSISTENT``: this
+        tile's Q was loaded before (the first tile's by :func:`_persistent_consumer`, the others'
+        by the tile before); once the last S is done, Q's buffer takes the rows of the next tile
+        (``next_b``, ``next_m``, ``next_h``) if ``has_next``, so that load runs under this
+        tile's last P V and epilogue."""
         dtype: gl.constexpr = q_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -206,8 +225,8 @@ if HAVE_GLUON:
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row0 = start_m + wg * ROWS
         q_buf = q_smem.index(wg)
-        mbarrier.expect(q_bar.index(wg), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [off_b, row0, off_h * HEAD_DIM], q_bar.index(wg), q_buf)
+        if not PERSISTENT:
+            _load_q(q_desc, q_buf, q_bar.index(wg), off_b, row0, off_h, True)
         rows = row0 + gl.arange(0, ROWS, gl.SliceLayout(1, s_layout))
         m_i = gl.full([ROWS], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([ROWS], gl.float32, gl.SliceLayout(1, s_layout))
@@ -221,33 +240,28 @@ if HAVE_GLUON:
         if DROPOUT:
             seed = gl.load(Rng).to(gl.int64)
         drop_row = drop_row0 + wg * ROWS
-        mbarrier.wait(q_bar.index(wg), phase=0)
+        mbarrier.wait(q_bar.index(wg), phase=q_phase)
         if total > first:
-            mbarrier.wait(k_ready.index(0), phase=0)
-            k_s = k_smem.index(0).reshape([BLOCK_N, HEAD_DIM])
+            mbarrier.wait(k_ready.index(c0 % STAGES), phase=(c0 // STAGES) & 1)
+            k_s = k_smem.index(c0 % STAGES).reshape([BLOCK_N, HEAD_DIM])
             s = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                               use_acc=False)
-            mbarrier.arrive(k_empty.index(0), count=1)
+            mbarrier.arrive(k_empty.index(c0 % STAGES), count=1)
             keys = first * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
             p, alpha, m_i, l_i = _softmax_step(s, m_i, l_i, rows, keys, Sk, causal_offset, qk_scale, cap2, slope2, win_l,
                                                    win_r, True, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW)
             p = _dropped(p, seed, drop_row, first * BLOCK_N + drop_col, drop_thresh, ROWS, BLOCK_N, s_layout, DROPOUT)
         for i in range(1, total - first):  # block j = first + i, the i-th of the ring
             j = first + i
-            ks = i % STAGES
-            vs = (i - 1) % STAGES
-            mbarrier.wait(k_ready.index(ks), phase=(i // STAGES) & 1)
-            mbarrier.wait(v_ready.index(vs), phase=((i - 1) // STAGES) & 1)
+            ks = (c0 + i) % STAGES
+            vs = (c0 + i - 1) % STAGES
+            mbarrier.wait(k_ready.index(ks), phase=((c0 + i) // STAGES) & 1)
+            mbarrier.wait(v_ready.index(vs), phase=((c0 + i - 1) // STAGES) & 1)
             k_s = k_smem.index(ks).reshape([BLOCK_N, HEAD_DIM])
-            if PINGPONG:  # wait for the other consumer to have issued its matmuls of this round
-                if (i >= 2) | ((wg == 1) & (i >= 1)):
-                    mbarrier.wait(turn.index(wg), phase=(i - 2 + wg) & 1)
             s_tok = warpgroup_mma(q_s, k_s.permute((1, 0)), gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout),
                                   use_acc=False, is_async=True)
             v_s = v_smem.index(vs).reshape([BLOCK_N, HEAD_DIM])
             o_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_s, o, is_async=True)
-            if PINGPONG:  # the other consumer's turn
-                mbarrier.arrive(turn.index(1 - wg), count=1)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
             mbarrier.arrive(k_empty.index(ks), count=1)
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
@@ -263,11 +277,15 @@ if HAVE_GLUON:
             o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
             mbarrier.arrive(v_empty.index(vs), count=1)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+        if PERSISTENT:  # no matmul reads Q any more: the next tile's rows can land
+            _load_q(q_desc, q_buf, q_bar.index(wg), next_b, next_m + wg * ROWS, next_h, has_next)
         if total > first:
-            last = total - first - 1
+            last = c0 + total - first - 1
             mbarrier.wait(v_ready.index(last % STAGES), phase=(last // STAGES) & 1)
             v_last = v_smem.index(last % STAGES).reshape([BLOCK_N, HEAD_DIM])
             o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, o)
+            if PERSISTENT:  # the ring runs on into the next tile: release the last V too
+                mbarrier.arrive(v_empty.index(last % STAGES), count=1)
         if SINK:  # the head's sink logit joins the denominator (``_common.add_sink``)
             sink2 = gl.load(Sink + off_h) * LOG2E_C + gl.zeros_like(m_i)
             m_new = gl.maximum(m_i, sink2)
@@ -285,7 +303,7 @@ if HAVE_GLUON:
                      win_l, win_r, qk_scale, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
                      HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                      IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-                     WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr):
+                     WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
         """One BLOCK_M-row query tile of head ``off_h`` (rows [start_m, start_m + BLOCK_M) of batch
         entry ``off_b`` of the descriptors) against its key blocks: the default partition (4 warps)
         and one worker (4 warps) each own half of its rows, a one-warp worker runs the TMA loads of
@@ -293,36 +311,130 @@ if HAVE_GLUON:
         Key blocks: [0, n_full) seen by every row and inside Sk (no mask), [n_full, total) masked
         (causal: bottom-right by causal_offset; the block holding key Sk - 1)."""
         ROWS: gl.constexpr = BLOCK_M // 2
-        dtype: gl.constexpr = q_desc.dtype
         kv_col = (off_h // GROUP) * HEAD_DIM
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
+        q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _tile_smem(q_desc, k_desc, v_desc, STAGES)
+        first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
+                                                         BLOCK_N, IS_CAUSAL, WINDOW)
+        gl.warp_specialize(
+            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
+                          first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
+                          qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
+                          drop_scale, 0, 0, 0, 0, 0, False, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP,
+                          ALIBI, SINK, WINDOW, DROPOUT, False)),
+             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
+                          first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
+                          qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
+                          drop_scale, 0, 0, 0, 0, 0, False, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP,
+                          ALIBI, SINK, WINDOW, DROPOUT, False)),
+             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
+                         off_b, kv_col, 0, BLOCK_N, STAGES))],
+            [4, 1], [CONSUMER_REGS, 24])
+
+    @gluon.jit
+    def _tile_smem(q_desc, k_desc, v_desc, STAGES: gl.constexpr):
+        """Shared memory of a program: two Q buffers (one per consumer) with their barriers, and
+        the K/V ring (``_gluon.kv_ring``), initialised and fenced."""
+        ROWS: gl.constexpr = q_desc.block_type.shape[1]
+        HEAD_DIM: gl.constexpr = q_desc.block_type.shape[2]
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [2, 1, ROWS, HEAD_DIM], q_desc.layout)
         q_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(q_bar.index(i), count=1)
         k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = kv_ring(k_desc, v_desc, STAGES)
-        # PINGPONG: consumer w waits on turn[w] before issuing a round's matmuls and then
-        # arrives on the other's, so their matmuls alternate (FA3's ping-pong schedule).
-        turn = k_ready  # a stand-in, never touched without PINGPONG
-        if PINGPONG:
-            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(turn.index(i), count=1)
         fence_async_shared()
-        first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
-                                                         BLOCK_N, IS_CAUSAL, WINDOW)
+        return q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty
+
+    @gluon.jit
+    def _tile_of(k, n_m, n_tiles, H, IS_CAUSAL: gl.constexpr):
+        """The persistent program's k-th tile: ``(pid_m, off_b, off_h, pid_bh, valid)``.  Program
+        p of G takes tiles 2 (p + i G) and 2 (p + i G) + 1 (i = k // 2) of the list, whose query
+        tiles of one head are consecutive (their K and V stay in L2) and, causal, paired heavy
+        with light (last, first, second to last, second, ...): every pair costs the same, so
+        the programs stay in step and keep to the same few heads (a plain round-robin let them
+        drift apart, out of L2: causal 16k ran at 0.72x, performance.md sixteenth session)."""
+        t = 2 * (gl.program_id(0) + (k // 2) * gl.num_programs(0)) + (k & 1)
+        pid_bh = t // n_m
+        pid_m = t % n_m
+        if IS_CAUSAL:
+            pid_m = gl.where((pid_m & 1) == 0, n_m - 1 - pid_m // 2, pid_m // 2)
+        return pid_m, pid_bh // H, pid_bh % H, pid_bh, t < n_tiles
+
+    @gluon.jit
+    def _persistent_consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
+                             n_m, n_tiles, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi, stride_ab,
+                             stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
+                             HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr,
+                             ALIBI: gl.constexpr, SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr):
+        """Consumer ``wg`` of the persistent kernel: the program's tiles (:func:`_tile_of`), each
+        as :func:`_consumer` does one, the ring position and the Q barrier's phase carried over."""
+        ROWS: gl.constexpr = BLOCK_M // 2
+        pid_m, off_b, off_h, pid_bh, valid = _tile_of(0, n_m, n_tiles, H, IS_CAUSAL)
+        _load_q(q_desc, q_smem.index(wg), q_bar.index(wg), off_b, pid_m * BLOCK_M + wg * ROWS, off_h, True)
+        c0 = 0
+        q_phase = 0
+        for k in range(0, 2 * gl.cdiv(gl.cdiv(n_tiles, 2) - gl.program_id(0), gl.num_programs(0))):
+            pid_m, off_b, off_h, pid_bh, valid = _tile_of(k, n_m, n_tiles, H, IS_CAUSAL)
+            next_m, next_b, next_h, next_bh, has_next = _tile_of(k + 1, n_m, n_tiles, H, IS_CAUSAL)
+            if valid:  # (the last pair of the list may have one tile)
+                start_m = pid_m * BLOCK_M
+                first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
+                                                                 BLOCK_N, IS_CAUSAL, WINDOW)
+                _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out,
+                          Lse + pid_bh.to(gl.int64) * Sq, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk,
+                          causal_offset, win_l, win_r, qk_scale, start_m, cap2,
+                          Alibi + off_b * stride_ab + off_h * stride_ah, Sink, Rng,
+                          (pid_bh.to(gl.int64) << 32) + drop_row_off + start_m, drop_col_off, drop_thresh,
+                          drop_scale, c0, q_phase, next_b, next_m * BLOCK_M, next_h, has_next, HEAD_DIM, ROWS,
+                          BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT, True)
+                c0 += total - first
+                q_phase ^= 1
+
+    @gluon.jit
+    def _persistent_producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_m, n_tiles, H,
+                             GROUP, Sk, causal_offset, win_l, win_r, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """The producer warp of the persistent kernel: each tile's K/V blocks (``_gluon.producer``)
+        in the consumers' tile order, the ring running on across tiles, so that the next tile's
+        first blocks load while the consumers finish this one."""
+        HEAD_DIM: gl.constexpr = k_desc.block_type.shape[2]
+        c0 = 0
+        for k in range(0, 2 * gl.cdiv(gl.cdiv(n_tiles, 2) - gl.program_id(0), gl.num_programs(0))):
+            pid_m, off_b, off_h, pid_bh, valid = _tile_of(k, n_m, n_tiles, H, IS_CAUSAL)
+            if valid:
+                first, total, full_lo, full_hi = tile_key_blocks(pid_m * BLOCK_M, Sk, causal_offset, win_l, win_r, BLOCK_M,
+                                                     BLOCK_N, IS_CAUSAL, WINDOW)
+                producer(k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total, off_b,
+                         (off_h // GROUP) * HEAD_DIM, c0, BLOCK_N, STAGES)
+                c0 += total - first
+
+    @gluon.jit
+    def _persistent_fwd_kernel(
+        q_desc, k_desc, v_desc, Out, Lse, H, GROUP, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
+        stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, n_m, n_tiles,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """:func:`_fwd_kernel`'s tiles (n_m query tiles x B H heads = n_tiles) run by G <=
+        n_tiles / 2 programs, each walking its pairs of tiles (:func:`_tile_of`) with one set-up
+        of shared memory and warps: the producer loads the next tile's K/V and each consumer
+        the next tile's Q while this tile's last P V and epilogue run."""
+        q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _tile_smem(q_desc, k_desc, v_desc, STAGES)
         gl.warp_specialize(
-            [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, Out,
-                          Lse_row, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
-                          qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
-                          drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW,
-                          DROPOUT, PINGPONG)),
-             (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, Out,
-                          Lse_row, first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
-                          qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
-                          drop_scale, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW,
-                          DROPOUT, PINGPONG)),
-             (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
-                         off_b, kv_col, BLOCK_N, STAGES))],
+            [(_persistent_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out,
+                                     Lse, n_m, n_tiles, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
+                                     stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh,
+                                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK,
+                                     WINDOW, DROPOUT)),
+             (_persistent_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out,
+                                     Lse, n_m, n_tiles, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale, cap2, Alibi,
+                                     stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh,
+                                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK,
+                                     WINDOW, DROPOUT)),
+             (_persistent_producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, n_m, n_tiles,
+                                     H, GROUP, Sk, causal_offset, win_l, win_r, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL,
+                                     WINDOW))],
             [4, 1], [CONSUMER_REGS, 24])
 
     @gluon.jit
@@ -331,7 +443,7 @@ if HAVE_GLUON:
         stride_ab, stride_ah, Sink, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_M-row query tile of one head of one batch entry
         (:func:`_attend_tile`); Out (B, Sq, H, D) and Lse (B, H, Sq) contiguous."""
@@ -343,8 +455,7 @@ if HAVE_GLUON:
                      causal_offset, pid_m * BLOCK_M, win_l, win_r, qk_scale, cap2,
                      Alibi + off_b * stride_ab + off_h * stride_ah, Sink, Rng,
                      (pid_bh.to(gl.int64) << 32) + drop_row_off + pid_m * BLOCK_M, drop_col_off, drop_thresh,
-                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT,
-                     PINGPONG)
+                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT)
 
     @gluon.jit
     def _varlen_fwd_kernel(
@@ -353,7 +464,7 @@ if HAVE_GLUON:
         drop_thresh, drop_scale,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
-        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PINGPONG: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
+        WINDOW: gl.constexpr, DROPOUT: gl.constexpr, LOG_B: gl.constexpr, HAS_SEQUSED: gl.constexpr, q_layout: gl.constexpr,
         kv_layout: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Varlen: program (p, h) = work item p of the query-block list ``CuBlocks`` (as
@@ -374,8 +485,7 @@ if HAVE_GLUON:
                      0, off_h, H, GROUP, len_q, len_k, len_k - len_q, start_m, win_l, win_r, qk_scale, cap2,
                      Alibi + b * stride_ab + off_h * stride_ah, Sink, Rng,
                      ((b * H + off_h).to(gl.int64) << 32) + drop_row_off + start_m, drop_col_off, drop_thresh,
-                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT,
-                     PINGPONG)
+                     drop_scale, HEAD_DIM, BLOCK_M, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool,
@@ -392,13 +502,19 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     block_m, block_n, stages = config or FWD_CONFIGS[d]
     qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
-    _fwd_kernel[(cdiv(sq, block_m), b * h)](
-        descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
-        h, h // h_kv, sq, sk, causal_offset, win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
-        _common.sink_args(sink, q), *_dropout_args(dropout_p, rng, q, drop_offsets),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
-        ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p), PINGPONG=PINGPONG, num_warps=4,
-    )
+    args = (descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
+            h, h // h_kv, sq, sk, causal_offset, win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
+            _common.sink_args(sink, q), *_dropout_args(dropout_p, rng, q, drop_offsets))
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
+                ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p),
+                num_warps=4)
+    n_m = cdiv(sq, block_m)
+    if PERSISTENT:
+        n_tiles = n_m * b * h
+        programs = min(cdiv(n_tiles, 2), PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
+        _persistent_fwd_kernel[(programs,)](*args, n_m, n_tiles, **meta)
+    else:
+        _fwd_kernel[(n_m, b * h)](*args, **meta)
 
 
 def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool, batch: int = 1) -> bool:
@@ -446,7 +562,6 @@ def varlen_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch_met
         *_dropout_args(dropout_p, rng, q),
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, IS_CAUSAL=causal, SOFTCAP=bool(softcap),
         ALIBI=alibi_slopes is not None, SINK=sink is not None, WINDOW=window, DROPOUT=bool(dropout_p),
-        PINGPONG=PINGPONG,
         q_layout=shared_layout_3d(q, block_m // 2), kv_layout=shared_layout_3d(k, block_n), num_warps=4, **flags,
     )
 
