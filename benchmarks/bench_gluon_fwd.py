@@ -6,8 +6,9 @@
 For each shape (D x N x H x H_kv x causal, B = 64k tokens / N) prints the forward's TFLOP/s
 (4 * B * H * N^2 * D, halved when causal; ``triton.testing.do_bench``, median) of ``portable``
 (the Triton kernel), ``gluon`` (:mod:`flash_module.kernels.gluon_fwd`, the default on sm_90),
-SDPA's cuDNN and flash (FA2) backends, FlexAttention (compiled) with ``--flex``, the persistent
-Gluon forward (``gluon_fwd.PERSISTENT``) with ``--persistent``, and the Gluon
+SDPA's cuDNN and flash (FA2) backends, FlexAttention (compiled) with ``--flex``, with
+``--persistent`` the one-tile-per-program Gluon forward (``gluon_fwd.PERSISTENT`` off) and the
+default again, and the Gluon
 forward at other launch configs (BLOCK_M x BLOCK_N x warps x stages).  A benchmark, not a test.
 """
 
@@ -46,8 +47,9 @@ def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, dtyp
     for name, enabled in (("portable", False), ("gluon", True)):
         gluon_fwd.ENABLED = enabled
         res[name] = tflops(lambda: fm.flash_attn_func(q, k, v, causal=causal))
-    if persistent:  # gluon_fwd.PERSISTENT, then the default again (the drift between the two)
-        for name, on in (("persistent", True), ("gluon2", False)):
+    if persistent:  # the one-tile kernel, then the default again (the drift between the two)
+        default_persistent = gluon_fwd.PERSISTENT
+        for name, on in (("one-tile", False), ("gluon2", default_persistent)):
             gluon_fwd.PERSISTENT = on
             res[name] = tflops(lambda: fm.flash_attn_func(q, k, v, causal=causal))
     default = gluon_fwd.FWD_CONFIGS
@@ -77,13 +79,13 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="Gluon launch configs as columns, e.g. 128x128x3")
     ap.add_argument("--flex", action="store_true", help="FlexAttention too (compiles per shape)")
     ap.add_argument("--persistent", action="store_true",
-                    help="the persistent Gluon forward (gluon_fwd.PERSISTENT) too, then the default again")
+                    help="the one-tile Gluon forward (gluon_fwd.PERSISTENT off), then the default again")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| {args.dtype}")
-    cols = ["portable", "gluon"] + (["persistent", "gluon2"] if args.persistent else []) + [
+    cols = ["portable", "gluon"] + (["one-tile", "gluon2"] if args.persistent else []) + [
         "cudnn", "flash"] + (["flex"] if args.flex else []) + [
         "x".join(map(str, c)) for c in configs]
     print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | gluon/cudnn")

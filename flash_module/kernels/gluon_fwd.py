@@ -29,6 +29,11 @@ end of Sk run the masked step.  Q, K and V are read through 3-D TMA descriptors 
 sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit, never the next
 sequence's, so a NaN in one batch entry cannot reach another.
 
+Dense calls run persistent (:data:`PERSISTENT`, :func:`_persistent_fwd_kernel`): one program per
+SM walks its tiles (:func:`_tile_of`) with one set-up, the ring and the Q barriers running on
+from tile to tile, so a tile's first loads and its Q overlap the tile before's last P V and
+epilogue.
+
 Scope: fp16/bf16, head dims in :data:`FWD_CONFIGS`, softmax_scale > 0, (B, S, H, D) inputs dense
 in (S, H, D) (:func:`supported`); no mask; dropout with :data:`DROPOUT` (the portable kernels'
 mask, ``_gluon.dropout_keep_mma``); softcap, ALiBi, attention sinks and sliding
@@ -88,11 +93,12 @@ VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
 #: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=0``: the portable
 #: kernel takes it).  The mask (``_gluon.dropout_keep_mma``) is the portable kernels' bit for bit.
 DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
-#: Whether the dense forward runs persistent (``FLASH_MODULE_GLUON_PERSISTENT=1``): one program per
-#: SM walks the query tiles (:func:`_persistent_fwd_kernel`), so a tile's loads overlap the one
-#: before's epilogue.  Off: on an H200 (performance.md, sixteenth session) it gained 1-5% at 1k-4k
-#: and at D=64/256 but lost 5-15% at D=128, N=16k; its outputs equal the default's bit for bit.
-PERSISTENT = os.environ.get("FLASH_MODULE_GLUON_PERSISTENT", "0") == "1"
+#: Whether the dense forward runs persistent (``FLASH_MODULE_GLUON_PERSISTENT=0`` turns it off): one
+#: program per SM walks the query tiles (:func:`_persistent_fwd_kernel`), so a tile's loads overlap
+#: the one before's epilogue.  On an H200 (bf16, performance.md sixteenth session): +4-7% at 1k
+#: (D=128), +5-11% at D=256 1k, +1-5% at 2k-8k, equal within noise at 16k; the same bits as the
+#: one-tile kernel.
+PERSISTENT = os.environ.get("FLASH_MODULE_GLUON_PERSISTENT", "1") != "0"
 #: The persistent kernel's program count (None: one per SM; tests set a few, so that every
 #: program walks many tiles).
 PROGRAMS: int | None = None
@@ -200,7 +206,7 @@ if HAVE_GLUON:
     def _consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                   first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r, qk_scale,
                   start_m, cap2, Alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh, drop_scale,
-                  c0, q_phase, next_b, next_m, next_h, has_next,
+                  c0, q_phase, next_k, n_m, n_tiles,
                   HEAD_DIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
                   STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
                   SINK: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr, PERSISTENT: gl.constexpr):
@@ -214,9 +220,9 @@ if HAVE_GLUON:
         ``c0``: the ring position of the tile's first key block (blocks the program's earlier
         tiles took), ``q_phase``: the Q barrier's phase for this tile.  ``PERSISTENT``: this
         tile's Q was loaded before (the first tile's by :func:`_persistent_consumer`, the others'
-        by the tile before); once the last S is done, Q's buffer takes the rows of the next tile
-        (``next_b``, ``next_m``, ``next_h``) if ``has_next``, so that load runs under this
-        tile's last P V and epilogue."""
+        by the tile before); once the last S is done, Q's buffer takes the rows of the program's
+        next tile (its ``next_k``-th, :func:`_tile_of`, if there is one), so that load runs
+        under this tile's last P V and epilogue."""
         dtype: gl.constexpr = q_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
@@ -278,7 +284,8 @@ if HAVE_GLUON:
             mbarrier.arrive(v_empty.index(vs), count=1)
             o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
         if PERSISTENT:  # no matmul reads Q any more: the next tile's rows can land
-            _load_q(q_desc, q_buf, q_bar.index(wg), next_b, next_m + wg * ROWS, next_h, has_next)
+            next_m, next_b, next_h, next_bh, has_next = _tile_of(next_k, n_m, n_tiles, H, IS_CAUSAL)
+            _load_q(q_desc, q_buf, q_bar.index(wg), next_b, next_m * (2 * ROWS) + wg * ROWS, next_h, has_next)
         if total > first:
             last = c0 + total - first - 1
             mbarrier.wait(v_ready.index(last % STAGES), phase=(last // STAGES) & 1)
@@ -319,12 +326,12 @@ if HAVE_GLUON:
             [(_consumer, (0, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                           first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
                           qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
-                          drop_scale, 0, 0, 0, 0, 0, False, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP,
+                          drop_scale, 0, 0, 0, 0, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP,
                           ALIBI, SINK, WINDOW, DROPOUT, False)),
              (_consumer, (1, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse_row,
                           first, total, full_lo, full_hi, off_b, off_h, H, Sq, Sk, causal_offset, win_l, win_r,
                           qk_scale, start_m, cap2, alibi_bh, Sink, Rng, drop_row0, drop_col, drop_thresh,
-                          drop_scale, 0, 0, 0, 0, 0, False, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP,
+                          drop_scale, 0, 0, 0, 0, 0, HEAD_DIM, ROWS, BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP,
                           ALIBI, SINK, WINDOW, DROPOUT, False)),
              (producer, (k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, first, total,
                          off_b, kv_col, 0, BLOCK_N, STAGES))],
@@ -346,18 +353,31 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _tile_of(k, n_m, n_tiles, H, IS_CAUSAL: gl.constexpr):
-        """The persistent program's k-th tile: ``(pid_m, off_b, off_h, pid_bh, valid)``.  Program
-        p of G takes tiles 2 (p + i G) and 2 (p + i G) + 1 (i = k // 2) of the list, whose query
-        tiles of one head are consecutive (their K and V stay in L2) and, causal, paired heavy
-        with light (last, first, second to last, second, ...): every pair costs the same, so
-        the programs stay in step and keep to the same few heads (a plain round-robin let them
-        drift apart, out of L2: causal 16k ran at 0.72x, performance.md sixteenth session)."""
-        t = 2 * (gl.program_id(0) + (k // 2) * gl.num_programs(0)) + (k & 1)
+        """The persistent program's k-th tile: ``(pid_m, off_b, off_h, pid_bh, valid)``.  In the
+        list of tiles, a head's query tiles are consecutive (their K and V stay in L2).
+        Non-causal, program p of G takes tiles p, p + G, p + 2G, ...  Causal, it takes pairs,
+        tiles 2 (p + i G) and 2 (p + i G) + 1 (i = k // 2), and a head's tiles are listed heavy
+        with light (last, first, second to last, second, ...): every pair costs the same, so the
+        programs stay in step and keep to the same few heads (one tile at a time let them drift
+        apart, out of L2: causal 16k ran at 0.72x, performance.md sixteenth session)."""
+        if IS_CAUSAL:
+            t = 2 * (gl.program_id(0) + (k // 2) * gl.num_programs(0)) + (k & 1)
+        else:
+            t = gl.program_id(0) + k * gl.num_programs(0)
         pid_bh = t // n_m
         pid_m = t % n_m
         if IS_CAUSAL:
             pid_m = gl.where((pid_m & 1) == 0, n_m - 1 - pid_m // 2, pid_m // 2)
         return pid_m, pid_bh // H, pid_bh % H, pid_bh, t < n_tiles
+
+    @gluon.jit
+    def _tiles_of_program(n_tiles, IS_CAUSAL: gl.constexpr):
+        """How many tiles :func:`_tile_of` gives this program (causal: the last pair may hold
+        one tile only; ``valid`` says)."""
+        if IS_CAUSAL:
+            return 2 * gl.cdiv(gl.cdiv(n_tiles, 2) - gl.program_id(0), gl.num_programs(0))
+        else:
+            return gl.cdiv(n_tiles - gl.program_id(0), gl.num_programs(0))
 
     @gluon.jit
     def _persistent_consumer(wg, q_desc, q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, Out, Lse,
@@ -373,9 +393,8 @@ if HAVE_GLUON:
         _load_q(q_desc, q_smem.index(wg), q_bar.index(wg), off_b, pid_m * BLOCK_M + wg * ROWS, off_h, True)
         c0 = 0
         q_phase = 0
-        for k in range(0, 2 * gl.cdiv(gl.cdiv(n_tiles, 2) - gl.program_id(0), gl.num_programs(0))):
+        for k in range(0, _tiles_of_program(n_tiles, IS_CAUSAL)):
             pid_m, off_b, off_h, pid_bh, valid = _tile_of(k, n_m, n_tiles, H, IS_CAUSAL)
-            next_m, next_b, next_h, next_bh, has_next = _tile_of(k + 1, n_m, n_tiles, H, IS_CAUSAL)
             if valid:  # (the last pair of the list may have one tile)
                 start_m = pid_m * BLOCK_M
                 first, total, full_lo, full_hi = tile_key_blocks(start_m, Sk, causal_offset, win_l, win_r, BLOCK_M,
@@ -385,7 +404,7 @@ if HAVE_GLUON:
                           causal_offset, win_l, win_r, qk_scale, start_m, cap2,
                           Alibi + off_b * stride_ab + off_h * stride_ah, Sink, Rng,
                           (pid_bh.to(gl.int64) << 32) + drop_row_off + start_m, drop_col_off, drop_thresh,
-                          drop_scale, c0, q_phase, next_b, next_m * BLOCK_M, next_h, has_next, HEAD_DIM, ROWS,
+                          drop_scale, c0, q_phase, k + 1, n_m, n_tiles, HEAD_DIM, ROWS,
                           BLOCK_N, STAGES, IS_CAUSAL, SOFTCAP, ALIBI, SINK, WINDOW, DROPOUT, True)
                 c0 += total - first
                 q_phase ^= 1
@@ -399,7 +418,7 @@ if HAVE_GLUON:
         first blocks load while the consumers finish this one."""
         HEAD_DIM: gl.constexpr = k_desc.block_type.shape[2]
         c0 = 0
-        for k in range(0, 2 * gl.cdiv(gl.cdiv(n_tiles, 2) - gl.program_id(0), gl.num_programs(0))):
+        for k in range(0, _tiles_of_program(n_tiles, IS_CAUSAL)):
             pid_m, off_b, off_h, pid_bh, valid = _tile_of(k, n_m, n_tiles, H, IS_CAUSAL)
             if valid:
                 first, total, full_lo, full_hi = tile_key_blocks(pid_m * BLOCK_M, Sk, causal_offset, win_l, win_r, BLOCK_M,
@@ -416,8 +435,8 @@ if HAVE_GLUON:
         IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, SINK: gl.constexpr,
         WINDOW: gl.constexpr, DROPOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """:func:`_fwd_kernel`'s tiles (n_m query tiles x B H heads = n_tiles) run by G <=
-        n_tiles / 2 programs, each walking its pairs of tiles (:func:`_tile_of`) with one set-up
+        """:func:`_fwd_kernel`'s tiles (n_m query tiles x B H heads = n_tiles) run by G programs
+        (<= n_tiles, causal <= n_tiles / 2), each walking its tiles (:func:`_tile_of`) with one set-up
         of shared memory and warps: the producer loads the next tile's K/V and each consumer
         the next tile's Q while this tile's last P V and epilogue run."""
         q_smem, q_bar, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty = _tile_smem(q_desc, k_desc, v_desc, STAGES)
@@ -511,7 +530,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     n_m = cdiv(sq, block_m)
     if PERSISTENT:
         n_tiles = n_m * b * h
-        programs = min(cdiv(n_tiles, 2), PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
+        programs = min(cdiv(n_tiles, 2) if causal else n_tiles, PROGRAMS or torch.cuda.get_device_properties(q.device).multi_processor_count)
         _persistent_fwd_kernel[(programs,)](*args, n_m, n_tiles, **meta)
     else:
         _fwd_kernel[(n_m, b * h)](*args, **meta)
