@@ -9,7 +9,9 @@ Triton), ``gluon-dkdv`` (the Gluon dK/dV pass and the portable dQ), ``gluon`` (b
 SDPA's cuDNN and flash (FA2) backends; the last column is the default on sm_90 (which of the two
 Gluon columns :data:`gluon_bwd.DQ_HEAD_DIMS` picks) over cuDNN.  ``--variants`` adds other launch
 configs of the Gluon passes, ``--configs dkdv:128x64x4,dq:64x64x8`` any others (BLOCK_M x
-BLOCK_N x warps, or BLOCK_M x BLOCK_N x stages x ws for the warp-specialized dQ pass).
+BLOCK_N x warps, or BLOCK_M x BLOCK_N x stages x ws for the warp-specialized dQ pass),
+``--fused`` the one-pass backward (``gluon_bwd.FUSED_DQ``: dQ by atomics in the dK/dV pass) and
+the default again.
 A benchmark, not a test.
 """
 
@@ -38,8 +40,10 @@ def _bwd_ms(out: torch.Tensor, inputs: tuple, dout: torch.Tensor) -> float:
     return triton.testing.do_bench(lambda: torch.autograd.grad(out, inputs, dout, retain_graph=True))
 
 
-def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, variants: list = ()) -> dict:
-    """TFLOP/s of each backward for one shape."""
+def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, variants: list = (),
+              fused: bool = False) -> dict:
+    """TFLOP/s of each backward for one shape (``fused``: also the one-pass backward,
+    ``gluon_bwd.FUSED_DQ``, at the head dims it takes)."""
     b = max(1, tokens // n)
     q = torch.randn(b, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(b, n, h_kv, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -63,6 +67,11 @@ def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, vari
                 res[name] = math.nan
         gluon_bwd.DKDV_CONFIGS, gluon_bwd.DQ_CONFIGS = defaults
     gluon_bwd.ENABLED, gluon_bwd.DQ_HEAD_DIMS = True, default_dq
+    if fused:
+        default_fused = gluon_bwd.FUSED_DQ
+        for name, on in (("fused dQ", True), ("gluon2", default_fused)):  # then the default again
+            gluon_bwd.FUSED_DQ = on
+            res[name] = flops / _bwd_ms(fm.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout) / 1e9
     res["default"] = res["gluon" if d in default_dq else "gluon-dkdv"]
     qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))
     for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
@@ -82,6 +91,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--variants", action="store_true", help="also other launch configs of the Gluon passes")
     ap.add_argument("--configs", default="", help="more configs as columns, e.g. dkdv:128x64x4,dq:64x64x8")
+    ap.add_argument("--fused", action="store_true",
+                    help="the one-pass backward (dQ by atomics, gluon_bwd.FUSED_DQ), then the default again")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     variants = list(VARIANTS) if args.variants else []
@@ -90,11 +101,12 @@ def main() -> None:
         name = f"{kind} {cfg}"
         cfg = tuple(x if x == "ws" else int(x) for x in cfg.split("x"))
         variants.append((name, cfg if kind == "dkdv" else None, cfg if kind == "dq" else None))
-    cols = [*OURS, "cudnn", "flash"] + [v[0] for v in variants]
+    fused_cols = ["fused dQ", "gluon2"] if args.fused else []
+    cols = [*OURS, *fused_cols, "cudnn", "flash"] + [v[0] for v in variants]
     print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | default/cudnn")
     for shape in args.shapes.split(","):
         d, n, h, h_kv, causal = (int(x) for x in shape.split("x"))
-        res = run_shape(d, n, h, h_kv, bool(causal), args.tokens, variants)
+        res = run_shape(d, n, h, h_kv, bool(causal), args.tokens, variants, args.fused)
         print(f"{d:4} {n:6} {h:3} {h_kv:3} {causal:6} | " + " ".join(f"{res[c]:10.1f}" for c in cols)
               + f" | {res['default'] / res['cudnn']:.2f}", flush=True)
 

@@ -107,3 +107,66 @@ def test_backward_keeps_a_nan_in_its_sequence(d, monkeypatch):
         out_i, _ = ops.attention_fwd(qi, ki, vi, d**-0.5, True, True, "fa2")
         alone = torch.autograd.grad(out_i, (qi, ki, vi), dout[i:i + 1])
         assert all(torch.equal(g[i:i + 1], a) for g, a in zip(grads, alone))
+
+
+def test_fused_dq_routing(monkeypatch):
+    """The one-pass backward (dQ by atomics in the dK/dV pass) runs only with its flag, at its
+    head dims, and never under ``torch.use_deterministic_algorithms(True)`` (atomic sums are not
+    bitwise reproducible): then the two passes run."""
+    monkeypatch.setattr(gluon_bwd, "FUSED_DQ", True)
+    assert gluon_bwd.fused_dq_takes(64) and not gluon_bwd.fused_dq_takes(128)
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not gluon_bwd.fused_dq_takes(64)
+    finally:
+        torch.use_deterministic_algorithms(was)
+    monkeypatch.setattr(gluon_bwd, "FUSED_DQ", False)
+    assert not gluon_bwd.fused_dq_takes(64)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
+@pytest.mark.parametrize("variant", ["plain", "softcap", "alibi", "window", "dropout"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("b,sq,sk,h,h_kv,dtype", [
+    pytest.param(2, 113, 203, 4, 2, torch.bfloat16, id="113x203-gqa-bf16"),
+    pytest.param(1, 1, 17, 2, 2, torch.float16, id="1x17-fp16"),
+    pytest.param(2, 1000, 2048, 2, 1, torch.bfloat16, id="1000x2048-mqa-bf16"),
+    pytest.param(1, 2100, 700, 4, 4, torch.float16, id="2100x700-fp16"),
+])
+def test_fused_dq_matches_the_two_passes(b, sq, sk, h, h_kv, dtype, causal, variant, monkeypatch):
+    """``gluon_bwd.FUSED_DQ`` at D=64: dK and dV are the two-pass backward's bit for bit (the
+    same steps), dQ equals its dQ up to the order of one fp32 sum (atomics: one rounding of the
+    output apart), and plain dQ keeps the 2x rule against the float64 oracle."""
+    import flash_module as fm
+
+    d = 64
+    q, k, v = make_qkv(b, sq, sk, h, h_kv, d, dtype, "cuda")
+    dout = torch.randn(b, sq, h, d, dtype=dtype, device="cuda")
+    kw = dict(causal=causal)
+    if variant == "softcap":
+        kw["softcap"] = 20.0
+    elif variant == "alibi":
+        kw["alibi_slopes"] = torch.rand(b, h, device="cuda")
+    elif variant == "window":
+        kw["window_size"] = (100, 30)
+    p = 0.15 if variant == "dropout" else 0.0
+
+    def grads():
+        torch.manual_seed(3)
+        out = fm.flash_attn_func(q, k, v, p, **kw)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    assert gluon_bwd.supported(q, k, v, dout, variants=False)
+    dq2, dk2, dv2 = grads()
+    monkeypatch.setattr(gluon_bwd, "FUSED_DQ", True)
+    assert gluon_bwd.fused_dq_takes(d)
+    dq1, dk1, dv1 = grads()
+    assert torch.equal(dk1, dk2) and torch.equal(dv1, dv2)
+    scale = dq2.float().abs().max().item()
+    torch.testing.assert_close(dq1.float(), dq2.float(), rtol=2**-7, atol=1e-4 * scale)
+    if variant == "plain":
+        _, _, dq_hi, _, _ = reference_grads(q, k, v, dout, causal, True, dtype=torch.float64)
+        _, _, dq_lo, _, _ = reference_grads(q, k, v, dout, causal, True)
+        assert_flash_rule("dq", dq1, dq_hi, dq_lo, dtype)

@@ -41,7 +41,10 @@ warp-specialized dQ tile bodies (:func:`_dkdv_tile`, :func:`_ws_dq_tile`) run by
 the sequences' key / query blocks, each program reading its own sequence through descriptors
 built on the device (``_gluon.sequence_descriptor``: zeros past the sequence's end) and the
 packed statistics of ``varlen._varlen_preprocess``; at D=256 the portable varlen dQ runs.
-Deterministic (no atomics).  :func:`supported` says whether a call qualifies;
+Deterministic (no atomics), unless :data:`FUSED_DQ` (opt-in, D=64, dense): then the dK/dV pass
+also computes dQ, adding each step's dS K into an fp32 buffer by atomics, and the dQ pass does
+not run (5 matmuls per tile pair instead of 7; :func:`fused_dq_takes`, never under
+``torch.use_deterministic_algorithms(True)``).  :func:`supported` says whether a call qualifies;
 ``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
 under the interpreter (Gluon has none): CI runs the portable kernels.
 """
@@ -105,6 +108,15 @@ ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 #: Whether dropout runs in the Gluon passes (``FLASH_MODULE_GLUON_DROPOUT=0`` turns it off, as
 #: for ``gluon_fwd.DROPOUT``), at the head dims of :func:`dropout_takes`.
 DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
+#: Whether the dK/dV pass also computes dQ (``FLASH_MODULE_GLUON_FUSED_DQ=1``): dS K per step added
+#: into an fp32 buffer by atomics, five matmuls per tile pair instead of seven (issue #15's first
+#: lead), at :data:`FUSED_DQ_HEAD_DIMS`, dense calls.  Not bitwise reproducible, so
+#: ``torch.use_deterministic_algorithms(True)`` keeps the two passes; flash-attn's
+#: ``deterministic=True`` does not reach the backward yet (the ops' schema would carry it: to do
+#: before this becomes a default).  Off: written offline (sm_90: no spills at D=64, 16 ``REDG
+#: .F32x2`` per thread per step; D=128 spills 256-320 bytes), not yet run on a GPU.
+FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "0") == "1"
+FUSED_DQ_HEAD_DIMS = (64,)
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
@@ -203,11 +215,11 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                    Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
-                   stride_ah, win_l, win_r, start_n, drop,
+                   stride_ah, win_l, win_r, start_n, drop, fused,
                    qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
                    DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
-                   SYNC: gl.constexpr):
+                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr):
         """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
         ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
         ``MASKED``: the block reaches above the causal diagonal (with ``WINDOW``: may reach out
@@ -215,7 +227,10 @@ if HAVE_GLUON:
         (``_gluon.variant_scores``), and dS through the cap's ``1 - tanh^2``.  ``DROPOUT``: ``drop`` =
         (seed, the query heads' first stream b * H, row offset, key offset, threshold, 1 / (1 - p)):
         dV takes the kept P, dS the kept dP times 1 / (1 - p) (dV is scaled once, at the end), with
-        the forward's mask of the transposed tile (``_gluon.dropout_keep_mma_t``)."""
+        the forward's mask of the transposed tile (``_gluon.dropout_keep_mma_t``).  ``FUSED_DQ``:
+        also this step's share of dQ, dQ_m += dS K sm_scale, added into the fp32 buffer by
+        atomics; ``fused`` = (two shared-memory tiles for dS^T, the buffer's batch entry (Sq, H, D),
+        H, sm_scale); dS^T goes through shared memory to be read transposed as the A operand."""
         dtype: gl.constexpr = q_desc.dtype
         stage = it % 2
         m0 = (m_first + it % n_m) * BLOCK_M
@@ -279,20 +294,42 @@ if HAVE_GLUON:
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
             ds_t = ds_t * (1.0 - t_t * t_t)
-        dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
-        dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        if FUSED_DQ:
+            ds_smem, DQ_b, H, sm_scale = fused
+            ds16 = ds_t.to(dtype)
+            dk = warpgroup_mma(gl.convert_layout(ds16, a_layout), q_s, dk, is_async=True)
+            # dS^T (BLOCK_N, BLOCK_M) into one of two buffers: a warp storing into this one has
+            # passed the step before's barrier, so every warp's dQ matmul of two steps ago is done
+            ds_s = ds_smem.index(stage)
+            ds_s.store(ds16)
+            fence_async_shared()
+            gl.thread_barrier()
+            q_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, 4)[1]  # (BLOCK_M, D)
+            dq = warpgroup_mma(ds_s.permute((1, 0)), k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout),
+                               use_acc=False, is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+            q_rows = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, q_layout))
+            cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, q_layout))
+            offs = (q_rows[:, None].to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
+            gl.atomic_add(DQ_b + offs, dq * sm_scale, mask=(q_rows[:, None] < Sq) & (cols[None, :] < HEAD_DIM),
+                          sem="relaxed")
+        else:
+            dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
         return dk, dv
 
     @gluon.jit
     def _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DK, DV, off_b, off_hkv, start_n, H_KV, GROUP, Sq, Sk,
-                   causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r, drop,
+                   causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r, drop, DQ_b,
                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
                    SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
-                   num_warps: gl.constexpr):
+                   num_warps: gl.constexpr, FUSED_DQ: gl.constexpr):
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
-        (.., Sk, H_KV, D) contiguous, keys past Sk not stored."""
+        (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ`` (one warpgroup): dQ too,
+        added by atomics into ``DQ_b``, the batch entry's rows of an fp32 (.., Sq, H, D) buffer
+        (:func:`_dkdv_step`)."""
         # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
         s_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[0]
         d_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[1]
@@ -318,6 +355,11 @@ if HAVE_GLUON:
         n_m = gl.maximum(m_end - m_first, 0)
         total = n_m * GROUP  # steps: (query head of the group, query block)
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
+        fused = (k_smem, DQ_b, H_KV * GROUP, sm_scale)  # (a stand-in without FUSED_DQ)
+        if FUSED_DQ:
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
+            fused = (gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout), DQ_b, H_KV * GROUP,
+                     sm_scale)
 
         # Step 0's Q and dO.
         if total > 0:
@@ -342,15 +384,15 @@ if HAVE_GLUON:
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
-                    stride_ah, win_l, win_r, start_n, drop, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST, SOFTCAP,
-                    ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4)
+                    stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST,
+                    SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
-                    stride_ah, win_l, win_r, start_n, drop, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False, SOFTCAP,
-                    ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4)
+                    stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False,
+                    SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ)
                 it += 1
 
         _release(kv_bar, bars)
@@ -364,20 +406,22 @@ if HAVE_GLUON:
     def _dkdv_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
         H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale,
+        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, DQacc,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
         SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
-        num_warps: gl.constexpr,
+        FUSED_DQ: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_N-row key block of one K/V head of one batch entry
-        (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len)."""
+        (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len); ``FUSED_DQ``: dQ too, added into
+        ``DQacc``, fp32 (B, Sq, H, D) contiguous and zeroed."""
         pid_bh = gl.program_id(1)
         off_b = pid_bh // H_KV
         _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats + (off_b * H * 3).to(gl.int64) * stats_len, DK, DV, off_b,
                    pid_bh % H_KV, gl.program_id(0) * BLOCK_N, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale,
                    sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, off_b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
-                   HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps)
+                   DQacc + (off_b * Sq * H).to(gl.int64) * HEAD_DIM, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP,
+                   ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ)
 
     @gluon.jit
     def _dq_kernel(
@@ -635,7 +679,7 @@ if HAVE_GLUON:
                    DV + kv_base, 0, off_hkv, start_n, H_KV, GROUP, len_q, len_k, len_k - len_q, stats_len, qk_scale,
                    sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
-                   HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps)
+                   DK, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, False)
 
     @gluon.jit
     def _varlen_ws_dq_kernel(
@@ -725,10 +769,11 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
          dk: torch.Tensor, dv: torch.Tensor, softmax_scale: float, causal: bool, causal_offset: int,
          config: tuple[int, ...] | None = None, softcap: float = 0.0, alibi_slopes: torch.Tensor | None = None,
          window_size: tuple[int, int] = (-1, -1), dropout_p: float = 0.0, rng: torch.Tensor | None = None,
-         drop_offsets: tuple[int, int] = (0, 0)) -> None:
+         drop_offsets: tuple[int, int] = (0, 0), dq_acc: torch.Tensor | None = None) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
-    BLOCK_N, num_warps) of :func:`_dkdv_kernel`."""
+    BLOCK_N, num_warps) of :func:`_dkdv_kernel`.  ``dq_acc``: a zeroed fp32 (B, Sq, H, D) buffer
+    that also receives dQ, by atomics (one-warpgroup configs; callers check :func:`fused_dq_takes`)."""
     b, sq, h, d = q.shape
     block_m, block_n, num_warps = config or DKDV_CONFIGS[d]
     sk, h_kv = k.shape[1], k.shape[2]
@@ -736,8 +781,17 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
                                    drop_offsets)
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
         descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
-        stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **flags,
+        stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars,
+        dk if dq_acc is None else dq_acc, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        FUSED_DQ=dq_acc is not None, num_warps=num_warps, **flags,
     )
+
+
+def fused_dq_takes(d: int) -> bool:
+    """Whether the dK/dV pass also computes dQ (by atomics, in place of the dQ pass) at head dim
+    ``d`` (after :func:`supported`): with :data:`FUSED_DQ`, at :data:`FUSED_DQ_HEAD_DIMS`, unless
+    ``torch.use_deterministic_algorithms(True)`` asks for bitwise reproducible gradients."""
+    return FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
 
 
 def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variants: bool) -> bool:
