@@ -29,6 +29,9 @@ all-gather with the rank's own K/V repeated and skips the dK/dV all-reduce, and 
 all-gather of K and V plus the all-reduce of the fp32 dK/dV of the whole sequence.
 
 NCCL's NVLink multicast is kept off (NCCL_NVLS_ENABLE=0 and friends) as the device notes ask.
+``--env KEY=VALUE,...`` sets more variables for the ranks (recorded in each row), e.g.
+``NCCL_MAX_P2P_NCHANNELS=1``: fewer channels, so NCCL's send/receive kernels take fewer SMs from
+the attention kernels they overlap.
 """
 
 from __future__ import annotations
@@ -225,7 +228,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 world=world, seq_per_rank=args.seq_per_rank, seq_total=seq_total, batch=args.batch,
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                 causal=args.causal, layout=args.layout, mode=args.mode, impl=args.impl, dtype=args.dtype,
-                docs=args.docs, method=args.method if packed else "ring",
+                docs=args.docs, method=args.method if packed else "ring", env=dict(args.env),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms, exposed_ms=exposed_ms,
                 exposed_share=exposed_ms / ring_ms,
@@ -248,6 +251,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
 def run(args: argparse.Namespace) -> list[dict]:
     """Spawn each world size in turn; one result row per world size."""
     os.environ.update(SAFE_ENV)  # inherited by the spawned ranks
+    os.environ.update(dict(args.env))  # --env: e.g. NCCL_MAX_P2P_NCHANNELS=1 (NCCL's SM share)
     available = torch.cuda.device_count() if args.device == "cuda" else max(args.worlds)
     rows: list[dict] = []
     with mp.get_context("spawn").Manager() as manager:
@@ -289,7 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=("cuda", "cpu"), default=default_device)
     p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--env", type=_env_pairs, default=[],
+                   help="KEY=VALUE[,KEY=VALUE] set for the ranks, e.g. NCCL_MAX_P2P_NCHANNELS=1 (how many "
+                        "SMs NCCL's send/receive kernels take from attention); multicast stays off")
     return p
+
+
+def _env_pairs(text: str) -> list[tuple[str, str]]:
+    pairs = [item.split("=", 1) for item in text.split(",") if item]
+    if any(len(p) != 2 or not p[0] for p in pairs) or any(k in SAFE_ENV for k, _ in pairs):
+        raise argparse.ArgumentTypeError(f"--env wants KEY=VALUE pairs (not {sorted(SAFE_ENV)}): {text!r}")
+    return [(k, v) for k, v in pairs]
 
 
 def main(argv: list[str] | None = None) -> int:

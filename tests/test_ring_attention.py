@@ -231,13 +231,16 @@ def test_bench_ring_cpu_smoke(tmp_path):
     assert rows[0]["comm_hidden"] is None and rows[1]["comm_ms"] > 0
     assert 0.0 <= rows[1]["comm_hidden"] <= 1.0
     assert "exposed_ms" in rows[1] and rows[1]["exposed_share"] == rows[1]["exposed_ms"] / rows[1]["ring_ms"]
+    assert rows[1]["env"] == {}
     # packed documents through ring_attention_varlen, K/V all-gathered
-    res = subprocess.run([sys.executable, str(path), *argv, "--docs", "3", "--method", "allgather"],
+    res = subprocess.run([sys.executable, str(path), *argv, "--docs", "3", "--method", "allgather",
+                          "--env", "NCCL_MAX_P2P_NCHANNELS=1"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [(r["world"], r["docs"], r["method"]) for r in rows] == [(1, 3, "allgather"), (2, 3, "allgather")]
     assert rows[1]["comm_ms"] > 0 and rows[1]["ring_ms"] > 0
+    assert rows[1]["env"] == {"NCCL_MAX_P2P_NCHANNELS": "1"}
 
 
 def test_shard_helpers():
