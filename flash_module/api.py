@@ -194,9 +194,11 @@ def _attention(
     mode: str, num_splits: int = 0, impl: str = "auto", softcap: float = 0.0,
     alibi_slopes: Tensor | None = None, window_size: tuple[int, int] = (-1, -1),
     learnable_sink: Tensor | None = None, dropout_p: float = 0.0, attn_mask: Tensor | None = None,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, float, Tensor | None]:
     """Run the op on validated bshd views. Returns (out, lse, scale, rng): ``rng`` is the dropout
-    seed drawn for this call (None without dropout)."""
+    seed drawn for this call (None without dropout); ``deterministic``: a bitwise reproducible
+    backward (flash-attn's argument)."""
     mode, impl = ops.check_mode(mode, impl)  # a mode without a variant raises in its op (ops._no_variants)
     _check_num_splits(num_splits)
     _check_no_functorch_grad()
@@ -206,7 +208,7 @@ def _attention(
     rng = dropout_seed(q.device) if dropout_p else None
     out, lse = ops.call(ops.attention_fwd, q, k, v, scale, bool(causal), bottom_right, mode, num_splits, impl,
                         float(softcap), alibi_slopes, int(window_size[0]), int(window_size[1]),
-                        learnable_sink, float(dropout_p), rng, attn_mask)
+                        learnable_sink, float(dropout_p), rng, attn_mask, 0, False, 0, bool(deterministic))
     return out, lse, scale, rng
 
 
@@ -268,8 +270,10 @@ def flash_attn_func(
             as in flash-attn >= 2.1: query ``i`` attends keys ``j <= i + Sk - Sq``.  When
             Sq > Sk the first ``Sq - Sk`` query rows see no key: their output is 0 and their
             LSE is -inf.
-        deterministic: accepted for compatibility; the backward is always deterministic (no
-            atomics: running it twice gives the same bits).
+        deterministic: a bitwise reproducible backward (running it twice gives the same bits).
+            The default backward is one already (no atomics); ``True`` also rules out the
+            opt-in one-pass backward (``FLASH_MODULE_GLUON_FUSED_DQ=1``), whose dQ is a sum of
+            atomics, as does ``torch.use_deterministic_algorithms(True)``.
         return_attn_probs: also return ``softmax_lse`` (batch, nheads, seqlen_q) float32 and
             the attention probabilities (batch, nheads, seqlen_q, seqlen_k), recomputed from the
             LSE (O(Sq*Sk) memory, for testing; not differentiable; with dropout see below).
@@ -319,7 +323,8 @@ def flash_attn_func(
     _check_alibi(alibi_slopes, q, q.shape[0], q.shape[2])
     _check_sink(learnable_sink, q, q.shape[2])
     out, lse, scale, rng = _attention(q, k, v, softmax_scale, causal, True, mode, num_splits, impl, softcap,
-                                      alibi_slopes, tuple(window_size), learnable_sink, float(dropout_p))
+                                      alibi_slopes, tuple(window_size), learnable_sink, float(dropout_p),
+                                      deterministic=bool(deterministic))
     if not return_attn_probs:
         return out
     with torch.no_grad():

@@ -29,9 +29,11 @@ mask's gradient) and
 ``shift`` (an int, default 0: query ``i``'s diagonal key moves from ``i + Sk - Sq`` / ``i`` to
 that plus ``shift``, and with it the causal mask, the window and ALiBi's distances; ring
 attention passes how far behind the query chunk the key chunk sits in the sequence), then
-``acc_out`` (forward: O in the accumulator dtype, before its rounding) and ``drop_offset``
+``acc_out`` (forward: O in the accumulator dtype, before its rounding), ``drop_offset``
 (dropout: query row i and key j draw the mask bits of row ``i + drop_offset`` and key ``j +
-drop_offset - shift`` of a longer sequence; multiples of 16).
+drop_offset - shift`` of a longer sequence; multiples of 16) and ``deterministic`` (the
+backward must be bitwise reproducible: no path whose sums are atomics; the forward op only
+passes it to its backward).
 
 ``mode`` names the algorithm (:data:`MODES`): ``fa2`` (default), ``fa1`` (FA1's loop order,
 O/l/m in HBM) or ``tiling`` (split-KV: key chunks in parallel, merged like the tiling softmax).
@@ -94,6 +96,7 @@ class AttentionArgs:
     mask_grad: bool = False  # backward: also return the float attn_mask's gradient (fa2 only)
     out_dtype: torch.dtype | None = None  # forward: O's dtype (None: q's; the ring merges fp32 partials)
     drop_offset: int = 0  # dropout: query row 0 is row drop_offset of a longer sequence's mask (ring chunks)
+    deterministic: bool = False  # backward: bitwise reproducible (no atomic sums; flash-attn's argument)
 
     @property
     def drop_offsets(self) -> tuple[int, int]:
@@ -163,7 +166,7 @@ def _fa2_bwd_triton(dout, q, k, v, out, lse, dlse, a: AttentionArgs):
     return fa2_backward(dout, q, k, v, out, lse, dlse, a.softmax_scale, a.causal, a.causal_offset,
                         softcap=a.softcap, alibi_slopes=a.alibi_slopes, window_size=a.window,
                         dropout_p=a.dropout_p, rng=a.rng, attn_mask=a.attn_mask, mask_grad=a.mask_grad,
-                        drop_offsets=a.drop_offsets)
+                        drop_offsets=a.drop_offsets, deterministic=a.deterministic)
 
 
 def _no_variants(mode: str, a: AttentionArgs) -> None:
@@ -320,11 +323,12 @@ def _args(q: Tensor, k: Tensor, softmax_scale: float, causal: bool, bottom_right
           window: tuple[int, int] = (-1, -1), sink: Tensor | None = None, dropout_p: float = 0.0,
           rng: Tensor | None = None, attn_mask: Tensor | None = None, shift: int = 0,
           mask_grad: bool = False, out_dtype: torch.dtype | None = None,
-          drop_offset: int = 0) -> AttentionArgs:
+          drop_offset: int = 0, deterministic: bool = False) -> AttentionArgs:
     offset = (k.shape[1] - q.shape[1] if bottom_right else 0) + int(shift)
     return AttentionArgs(float(softmax_scale), bool(causal), offset, int(num_splits), float(softcap),
                          alibi_slopes, (int(window[0]), int(window[1])), sink, float(dropout_p), rng,
-                         attn_mask, int(shift), bool(mask_grad), out_dtype, int(drop_offset))
+                         attn_mask, int(shift), bool(mask_grad), out_dtype, int(drop_offset),
+                         bool(deterministic))
 
 
 def _lse_without_work(q: Tensor, k: Tensor, causal: bool, bottom_right: bool,
@@ -453,6 +457,7 @@ def attention_fwd(
     shift: int = 0,
     acc_out: bool = False,
     drop_offset: int = 0,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor]:
     fn = _implementation(mode, impl, q).forward
     out_dtype = acc_dtype(q.dtype) if acc_out else None
@@ -480,7 +485,8 @@ def attention_fwd(
 @attention_fwd.register_fake
 def _attention_fwd_fake(q, k, v, softmax_scale, causal, bottom_right, mode, num_splits=0, impl="auto",
                         softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1, sink=None,
-                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, acc_out=False, drop_offset=0):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, acc_out=False, drop_offset=0,
+                        deterministic=False):
     b, sq, h, d = q.shape
     out = q.new_empty((b, sq, h, d), dtype=acc_dtype(q.dtype) if acc_out else q.dtype)
     lse = q.new_empty((b, h, sq), dtype=lse_dtype(q.dtype))
@@ -510,15 +516,16 @@ def attention_bwd(
     attn_mask: Tensor | None = None,
     shift: int = 0,
     drop_offset: int = 0,
+    deterministic: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
                      alibi_slopes, (window_left, window_right), dropout_p, rng, attn_mask, shift,
-                     drop_offset=drop_offset)
+                     drop_offset=drop_offset, deterministic=deterministic)
 
 
 def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode, impl, softcap,
               alibi_slopes, window, dropout_p, rng, attn_mask, shift, mask_grad: bool = False,
-              drop_offset: int = 0) -> tuple:
+              drop_offset: int = 0, deterministic: bool = False) -> tuple:
     """The body of both backward ops: ``(dq, dk, dv)``, and with ``mask_grad`` the float mask's
     gradient too (shaped and typed like the mask), from the algorithm table's backward."""
     _check_rng(dropout_p, rng)
@@ -533,7 +540,7 @@ def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right
     with device_guard(q):
         args = _args(q, k, softmax_scale, causal, bottom_right, softcap=softcap, alibi_slopes=alibi_slopes,
                      window=window, dropout_p=dropout_p, rng=rng, attn_mask=attn_mask, shift=shift,
-                     mask_grad=mask_grad, drop_offset=drop_offset)
+                     mask_grad=mask_grad, drop_offset=drop_offset, deterministic=deterministic)
         grads = fn(dout, q, k, v, out, lse, dlse, args)
     if mask_grad:
         grads = (*grads[:3], grads[3].to(attn_mask.dtype))
@@ -543,7 +550,7 @@ def _backward(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right
 @attention_bwd.register_fake
 def _attention_bwd_fake(dout, q, k, v, out, lse, dlse, softmax_scale, causal, bottom_right, mode,
                         impl="auto", softcap=0.0, alibi_slopes=None, window_left=-1, window_right=-1,
-                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, drop_offset=0):
+                        dropout_p=0.0, rng=None, attn_mask=None, shift=0, drop_offset=0, deterministic=False):
     return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
 
 
@@ -597,10 +604,12 @@ def _attention_bwd_mask_fake(dout, q, k, v, out, lse, dlse, attn_mask, softmax_s
 
 def _fwd_setup_context(ctx, inputs, output) -> None:
     (q, k, v, softmax_scale, causal, bottom_right, mode, _num_splits, impl, softcap, alibi_slopes,
-     window_left, window_right, sink, dropout_p, rng, attn_mask, shift, _acc_out, drop_offset) = inputs
+     window_left, window_right, sink, dropout_p, rng, attn_mask, shift, _acc_out, drop_offset,
+     deterministic) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, sink, rng, attn_mask)
     ctx.drop_offset = drop_offset
+    ctx.deterministic = deterministic
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
     ctx.args = (softmax_scale, causal, bottom_right, mode, impl, softcap)
     ctx.window = (window_left, window_right)
@@ -623,10 +632,11 @@ def _fwd_backward(ctx, dout, dlse):
                                                ctx.drop_offset)
     else:
         dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, dlse, *ctx.args, alibi_slopes, *ctx.window,
-                                   ctx.dropout_p, rng, attn_mask, ctx.shift, ctx.drop_offset)
+                                   ctx.dropout_p, rng, attn_mask, ctx.shift, ctx.drop_offset,
+                                   ctx.deterministic)
     dsink = sink_grad(sink, out, dout, lse, dlse) if ctx.sink_grad else None
     return (dq, dk, dv, None, None, None, None, None, None, None, None, None, None, dsink, None, None, dmask,
-            None, None, None)
+            None, None, None, None)
 
 
 def _check_drop_offset(dropout_p: float, drop_offset: int, shift: int) -> None:

@@ -233,3 +233,30 @@ def test_call_bumps_versions_of_mutated_tensors(device):
     ops.call(ops.kvcache_append, k_cache, v_cache, k_new, v_new, lens, None, None, "auto")
     assert k_cache._version > before[0] and v_cache._version > before[1]
     assert torch.equal(k_cache[0, 3], k_new[0, 0]) and torch.equal(v_cache[1, 7], v_new[1, 0])
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_reaches_the_backward(deterministic, monkeypatch, device):
+    """flash-attn's ``deterministic`` travels with the forward op to the backward kernels
+    (``fa2_backward(deterministic=...)``, which then never takes the one-pass backward's atomic
+    dQ), eagerly and through ``torch.compile``; the gradients are the same either way here."""
+    from flash_module.kernels import fa2_bwd
+
+    seen = []
+    real = fa2_bwd.fa2_backward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fa2_bwd, "fa2_backward", spy)
+    q, k, v = make_qkv(1, 17, 33, 2, 1, 32, torch.float32, device)
+    out = fm.flash_attn_func(q, k, v, causal=True, deterministic=deterministic, impl="triton")
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    def attend(a, b, c):
+        return fm.flash_attn_func(a, b, c, causal=True, deterministic=deterministic, impl="triton")
+
+    compiled = torch.compile(attend, fullgraph=True)
+    again = torch.autograd.grad(compiled(q, k, v).sum(), (q, k, v))
+    assert seen == [deterministic, deterministic]
+    assert all(torch.equal(a, b) for a, b in zip(grads, again))

@@ -110,6 +110,7 @@ def fa2_backward(
     attn_mask: torch.Tensor | None = None,
     mask_grad: bool = False,
     drop_offsets: tuple[int, int] = (0, 0),
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the FA2 backward. Shapes as :func:`.fa2_fwd.fa2_forward`; ``dout`` like ``out``;
     ``softcap``, ``alibi_slopes``, ``window_size``, ``dropout_p``, ``rng``, ``attn_mask`` and
@@ -119,7 +120,8 @@ def fa2_backward(
     ``mask_grad`` (a float ``attn_mask``) also the mask's gradient, shaped like the mask and in
     the accumulator dtype: dS summed over the dims the mask broadcasts, added up by the dQ
     kernel (:func:`._common.mask_grad_add`; atomics, so a broadcast mask's sums are not
-    bitwise reproducible).
+    bitwise reproducible).  ``deterministic``: never the one-pass Gluon backward, whose dQ is a
+    sum of atomics (``gluon_bwd.FUSED_DQ``); every other path is bitwise reproducible anyway.
     """
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
@@ -146,7 +148,7 @@ def fa2_backward(
         bool(dropout_p) and not gluon_bwd.dropout_takes(d))
     gluon = gluon_bwd.supported(q, k, v, dout, portable_only)
     drop = dict(dropout_p=dropout_p, rng=rng, drop_offsets=drop_offsets)
-    if gluon and gluon_bwd.fused_dq_takes(d):  # one pass: dQ by atomics into an fp32 buffer
+    if gluon and not deterministic and gluon_bwd.fused_dq_takes(d):  # one pass: dQ by atomics (fp32)
         dq_acc = torch.zeros((b, sq, h, d), dtype=torch.float32, device=q.device)
         gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal_in, causal_offset, softcap=softcap,
                        alibi_slopes=alibi_slopes, window_size=window_size, dq_acc=dq_acc, **drop)

@@ -43,8 +43,8 @@ built on the device (``_gluon.sequence_descriptor``: zeros past the sequence's e
 packed statistics of ``varlen._varlen_preprocess``; at D=256 the portable varlen dQ runs.
 Deterministic (no atomics), unless :data:`FUSED_DQ` (opt-in, D=64, dense): then the dK/dV pass
 also computes dQ, adding each step's dS K into an fp32 buffer by atomics, and the dQ pass does
-not run (5 matmuls per tile pair instead of 7; :func:`fused_dq_takes`, never under
-``torch.use_deterministic_algorithms(True)``).  :func:`supported` says whether a call qualifies;
+not run (5 matmuls per tile pair instead of 7; :func:`fused_dq_takes`; never with
+``deterministic=True`` or under ``torch.use_deterministic_algorithms(True)``).  :func:`supported` says whether a call qualifies;
 ``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
 under the interpreter (Gluon has none): CI runs the portable kernels.
 """
@@ -111,9 +111,8 @@ DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
 #: Whether the dK/dV pass also computes dQ (``FLASH_MODULE_GLUON_FUSED_DQ=1``): dS K per step added
 #: into an fp32 buffer by atomics, five matmuls per tile pair instead of seven (issue #15's first
 #: lead), at :data:`FUSED_DQ_HEAD_DIMS`, dense calls.  Not bitwise reproducible, so
-#: ``torch.use_deterministic_algorithms(True)`` keeps the two passes; flash-attn's
-#: ``deterministic=True`` does not reach the backward yet (the ops' schema would carry it: to do
-#: before this becomes a default).  Off: written offline (sm_90: no spills at D=64, 16 ``REDG
+#: ``torch.use_deterministic_algorithms(True)`` and flash-attn's ``deterministic=True`` (which the
+#: ops carry to ``fa2_bwd.fa2_backward``) keep the two passes.  Off: written offline (sm_90: no spills at D=64, 16 ``REDG
 #: .F32x2`` per thread per step; D=128 spills 256-320 bytes), not yet run on a GPU.
 FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "0") == "1"
 FUSED_DQ_HEAD_DIMS = (64,)
