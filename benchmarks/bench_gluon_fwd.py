@@ -78,10 +78,14 @@ def main() -> None:
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--configs", default="", help="Gluon launch configs as columns, e.g. 128x128x3")
     ap.add_argument("--flex", action="store_true", help="FlexAttention too (compiles per shape)")
+    ap.add_argument("--d64-min-keys", type=int, default=None,
+                    help="gluon_fwd.D64_MIN_KEYS for this run (0: the Gluon forward at every D=64 length)")
     ap.add_argument("--persistent", action="store_true",
                     help="the one-tile Gluon forward (gluon_fwd.PERSISTENT off), then the default again")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+    if args.d64_min_keys is not None:
+        gluon_fwd.D64_MIN_KEYS = args.d64_min_keys
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| {args.dtype}")
