@@ -10,8 +10,8 @@ SDPA's cuDNN and flash (FA2) backends; the last column is the default on sm_90 (
 Gluon columns :data:`gluon_bwd.DQ_HEAD_DIMS` picks) over cuDNN.  ``--variants`` adds other launch
 configs of the Gluon passes, ``--configs dkdv:128x64x4,dq:64x64x8`` any others (BLOCK_M x
 BLOCK_N x warps, or BLOCK_M x BLOCK_N x stages x ws for the warp-specialized dQ pass),
-``--fused`` the one-pass backward (``gluon_bwd.FUSED_DQ``: dQ by atomics in the dK/dV pass) and
-the default again.
+``--fused`` the one-pass backward (``gluon_bwd.FUSED_DQ``: dQ by atomics in the dK/dV pass, at
+every head dim of ``FUSED_DKDV_CONFIGS``) and the default again.
 A benchmark, not a test.
 """
 
@@ -67,10 +67,11 @@ def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, vari
                 res[name] = math.nan
         gluon_bwd.DKDV_CONFIGS, gluon_bwd.DQ_CONFIGS = defaults
     gluon_bwd.ENABLED, gluon_bwd.DQ_HEAD_DIMS = True, default_dq
-    if fused:
-        default_fused = gluon_bwd.FUSED_DQ
-        for name, on in (("fused dQ", True), ("gluon2", default_fused)):  # then the default again
-            gluon_bwd.FUSED_DQ = on
+    if fused:  # every head dim with a one-pass config, then the default again
+        default_fused = gluon_bwd.FUSED_DQ, gluon_bwd.FUSED_DQ_HEAD_DIMS
+        every_dim = True, tuple(gluon_bwd.FUSED_DKDV_CONFIGS)
+        for name, on in (("fused dQ", every_dim), ("gluon2", default_fused)):
+            gluon_bwd.FUSED_DQ, gluon_bwd.FUSED_DQ_HEAD_DIMS = on
             res[name] = flops / _bwd_ms(fm.flash_attn_func(q, k, v, causal=causal), (q, k, v), dout) / 1e9
     res["default"] = res["gluon" if d in default_dq else "gluon-dkdv"]
     qt, kt, vt = (t.detach().transpose(1, 2).requires_grad_() for t in (q, k, v))

@@ -116,6 +116,10 @@ DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
 #: .F32x2`` per thread per step; D=128 spills 256-320 bytes), not yet run on a GPU.
 FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "0") == "1"
 FUSED_DQ_HEAD_DIMS = (64,)
+#: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps).  D=128 (not in
+#: :data:`FUSED_DQ_HEAD_DIMS` yet): 128 keys on two warpgroups, each holding half of dQ's
+#: columns; offline it spills 72-112 bytes (one warpgroup on 64 x 64: 152-224).
+FUSED_DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 128, 8)}
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
@@ -295,15 +299,16 @@ if HAVE_GLUON:
             ds_t = ds_t * (1.0 - t_t * t_t)
         if FUSED_DQ:
             ds_smem, DQ_b, H, sm_scale = fused
-            ds16 = ds_t.to(dtype)
-            dk = warpgroup_mma(gl.convert_layout(ds16, a_layout), q_s, dk, is_async=True)
-            # dS^T (BLOCK_N, BLOCK_M) into one of two buffers: a warp storing into this one has
-            # passed the step before's barrier, so every warp's dQ matmul of two steps ago is done
+            # dS^T (BLOCK_N, BLOCK_M) into one of two buffers (a warp storing into this one has
+            # passed the step before's barrier, so every warp's matmuls of two steps ago are
+            # done), the A operand of both dK (as it is) and dQ (transposed)
             ds_s = ds_smem.index(stage)
-            ds_s.store(ds16)
+            ds_s.store(ds_t.to(dtype))
             fence_async_shared()
             gl.thread_barrier()
-            q_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, 4)[1]  # (BLOCK_M, D)
+            dk = warpgroup_mma(ds_s, q_s, dk, is_async=True)
+            # (BLOCK_M, D); with two warpgroups (SYNC: 8 warps) each holds half of dQ's columns
+            q_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, 8 if SYNC else 4)[1]
             dq = warpgroup_mma(ds_s.permute((1, 0)), k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout),
                                use_acc=False, is_async=True)
             dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
@@ -326,7 +331,7 @@ if HAVE_GLUON:
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
-        (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ`` (one warpgroup): dQ too,
+        (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ``: dQ too,
         added by atomics into ``DQ_b``, the batch entry's rows of an fp32 (.., Sq, H, D) buffer
         (:func:`_dkdv_step`)."""
         # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
@@ -772,9 +777,10 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
     BLOCK_N, num_warps) of :func:`_dkdv_kernel`.  ``dq_acc``: a zeroed fp32 (B, Sq, H, D) buffer
-    that also receives dQ, by atomics (one-warpgroup configs; callers check :func:`fused_dq_takes`)."""
+    that also receives dQ, by atomics (then :data:`FUSED_DKDV_CONFIGS` by default; callers check
+    :func:`fused_dq_takes`)."""
     b, sq, h, d = q.shape
-    block_m, block_n, num_warps = config or DKDV_CONFIGS[d]
+    block_m, block_n, num_warps = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
     sk, h_kv = k.shape[1], k.shape[2]
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng,
                                    drop_offsets)
