@@ -7,8 +7,8 @@ For each shape (D x N x H x H_kv x causal, B = 64k tokens / N) prints the forwar
 (4 * B * H * N^2 * D, halved when causal; ``triton.testing.do_bench``, median) of ``portable``
 (the Triton kernel), ``gluon`` (:mod:`flash_module.kernels.gluon_fwd`, the default on sm_90),
 SDPA's cuDNN and flash (FA2) backends, FlexAttention (compiled) with ``--flex``, with
-``--persistent`` the one-tile-per-program Gluon forward (``gluon_fwd.PERSISTENT`` off) and the
-default again, and the Gluon
+``--persistent`` the Gluon forward persistent and with one tile per program
+(``gluon_fwd.PERSISTENT`` on, then off), and the Gluon
 forward at other launch configs (BLOCK_M x BLOCK_N x warps x stages).  A benchmark, not a test.
 """
 
@@ -47,11 +47,12 @@ def run_shape(d: int, n: int, h: int, h_kv: int, causal: bool, tokens: int, dtyp
     for name, enabled in (("portable", False), ("gluon", True)):
         gluon_fwd.ENABLED = enabled
         res[name] = tflops(lambda: fm.flash_attn_func(q, k, v, causal=causal))
-    if persistent:  # the one-tile kernel, then the default again (the drift between the two)
+    if persistent:  # both schedules after the default column (two readings of one of them)
         default_persistent = gluon_fwd.PERSISTENT
-        for name, on in (("one-tile", False), ("gluon2", default_persistent)):
+        for name, on in (("persistent", True), ("one-tile", False)):
             gluon_fwd.PERSISTENT = on
             res[name] = tflops(lambda: fm.flash_attn_func(q, k, v, causal=causal))
+        gluon_fwd.PERSISTENT = default_persistent
     default = gluon_fwd.FWD_CONFIGS
     for cfg in configs:
         gluon_fwd.FWD_CONFIGS = {**default, d: cfg}
@@ -81,7 +82,7 @@ def main() -> None:
     ap.add_argument("--d64-min-keys", type=int, default=None,
                     help="gluon_fwd.D64_MIN_KEYS for this run (0: the Gluon forward at every D=64 length)")
     ap.add_argument("--persistent", action="store_true",
-                    help="the one-tile Gluon forward (gluon_fwd.PERSISTENT off), then the default again")
+                    help="the Gluon forward persistent and one tile per program (gluon_fwd.PERSISTENT)")
     args = ap.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     if args.d64_min_keys is not None:
@@ -89,7 +90,7 @@ def main() -> None:
     configs = [tuple(int(x) for x in c.split("x")) for c in args.configs.split(",") if c]
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} "
           f"| {args.dtype}")
-    cols = ["portable", "gluon"] + (["one-tile", "gluon2"] if args.persistent else []) + [
+    cols = ["portable", "gluon"] + (["persistent", "one-tile"] if args.persistent else []) + [
         "cudnn", "flash"] + (["flex"] if args.flex else []) + [
         "x".join(map(str, c)) for c in configs]
     print("   D      N   H Hkv causal | " + " ".join(f"{c:>10}" for c in cols) + " | gluon/cudnn")

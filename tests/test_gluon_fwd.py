@@ -437,9 +437,9 @@ def test_gluon_varlen_dropout_uses_the_portable_mask(monkeypatch):
     pytest.param("sink", True, 128, 1, 1000, id="d128-sink-one-row"),
 ])
 def test_gluon_persistent_gives_the_same_bits(variant, causal, d, sq, sk, programs, monkeypatch):
-    """``gluon_fwd.PERSISTENT`` (the default: one program per SM walking the query tiles, the K/V
-    ring and the Q buffers carried from tile to tile) changes which program runs a tile, never
-    what it computes: out and LSE equal the one-tile-per-program kernel's bit for bit, with few
+    """``gluon_fwd.PERSISTENT`` (one program per SM walking the query tiles, the K/V ring and the
+    Q buffers carried from tile to tile) changes which program runs a tile, never what it
+    computes: out and LSE equal the one-tile-per-program kernel's bit for bit, with few
     programs (each walks many tiles: the ring wraps at every phase, Q is prefetched across
     heads and batch entries), tiles without a key, and every variant."""
     monkeypatch.setattr(gluon_fwd, "D64_MIN_KEYS", 0)
