@@ -115,6 +115,7 @@ def test_fused_dq_routing(monkeypatch):
     bitwise reproducible): then the two passes run."""
     monkeypatch.setattr(gluon_bwd, "FUSED_DQ", True)
     assert gluon_bwd.fused_dq_takes(64) and not gluon_bwd.fused_dq_takes(128)
+    assert not gluon_bwd.fused_dq_takes(64, deterministic=True)
     was = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:

@@ -44,7 +44,8 @@ packed statistics of ``varlen._varlen_preprocess``; at D=256 the portable varlen
 Deterministic (no atomics), unless :data:`FUSED_DQ` (opt-in, D=64, dense): then the dK/dV pass
 also computes dQ, adding each step's dS K into an fp32 buffer by atomics, and the dQ pass does
 not run (5 matmuls per tile pair instead of 7; :func:`fused_dq_takes`; never with
-``deterministic=True`` or under ``torch.use_deterministic_algorithms(True)``).  :func:`supported` says whether a call qualifies;
+``deterministic=True`` or under ``torch.use_deterministic_algorithms(True)``).
+:func:`supported` says whether a call qualifies;
 ``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
 under the interpreter (Gluon has none): CI runs the portable kernels.
 """
@@ -112,8 +113,9 @@ DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
 #: into an fp32 buffer by atomics, five matmuls per tile pair instead of seven (issue #15's first
 #: lead), at :data:`FUSED_DQ_HEAD_DIMS`, dense calls.  Not bitwise reproducible, so
 #: ``torch.use_deterministic_algorithms(True)`` and flash-attn's ``deterministic=True`` (which the
-#: ops carry to ``fa2_bwd.fa2_backward``) keep the two passes.  Off: written offline (sm_90: no spills at D=64, 16 ``REDG
-#: .F32x2`` per thread per step; D=128 spills 256-320 bytes), not yet run on a GPU.
+#: ops carry to ``fa2_bwd.fa2_backward``) keep the two passes.  Off: written offline (sm_90: no
+#: spills at D=64, 16 ``REDG.E.ADD.F32x2`` per thread per step; D=128: :data:`FUSED_DKDV_CONFIGS`),
+#: not yet run on a GPU.
 FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "0") == "1"
 FUSED_DQ_HEAD_DIMS = (64,)
 #: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps).  D=128 (not in
@@ -359,11 +361,11 @@ if HAVE_GLUON:
         n_m = gl.maximum(m_end - m_first, 0)
         total = n_m * GROUP  # steps: (query head of the group, query block)
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
-        fused = (k_smem, DQ_b, H_KV * GROUP, sm_scale)  # (a stand-in without FUSED_DQ)
+        ds_smem = k_smem  # dS^T's two tiles with FUSED_DQ (else a stand-in, never touched)
         if FUSED_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
-            fused = (gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout), DQ_b, H_KV * GROUP,
-                     sm_scale)
+            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        fused = (ds_smem, DQ_b, H_KV * GROUP, sm_scale)
 
         # Step 0's Q and dO.
         if total > 0:
@@ -792,11 +794,13 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
     )
 
 
-def fused_dq_takes(d: int) -> bool:
+def fused_dq_takes(d: int, deterministic: bool = False) -> bool:
     """Whether the dK/dV pass also computes dQ (by atomics, in place of the dQ pass) at head dim
     ``d`` (after :func:`supported`): with :data:`FUSED_DQ`, at :data:`FUSED_DQ_HEAD_DIMS`, unless
-    ``torch.use_deterministic_algorithms(True)`` asks for bitwise reproducible gradients."""
-    return FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
+    the call (``deterministic``) or ``torch.use_deterministic_algorithms(True)`` asks for bitwise
+    reproducible gradients."""
+    return (FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not deterministic
+            and not torch.are_deterministic_algorithms_enabled())
 
 
 def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, variants: bool) -> bool:
