@@ -271,9 +271,11 @@ def flash_attn_func(
             Sq > Sk the first ``Sq - Sk`` query rows see no key: their output is 0 and their
             LSE is -inf.
         deterministic: a bitwise reproducible backward (running it twice gives the same bits).
-            The default backward is one already (no atomics); ``True`` also rules out the
-            opt-in one-pass backward (``FLASH_MODULE_GLUON_FUSED_DQ=1``), whose dQ is a sum of
-            atomics, as does ``torch.use_deterministic_algorithms(True)``.
+            By default the Hopper backward at head dim 64 adds dQ up from its key blocks in no
+            fixed order (one pass, TMA reductions into fp32), so dQ may differ in the last bits
+            from run to run; ``True`` (or ``torch.use_deterministic_algorithms(True)``) runs the
+            two-pass backward there, which has no atomics.  Elsewhere the backward is
+            deterministic either way.
         return_attn_probs: also return ``softmax_lse`` (batch, nheads, seqlen_q) float32 and
             the attention probabilities (batch, nheads, seqlen_q, seqlen_k), recomputed from the
             LSE (O(Sq*Sk) memory, for testing; not differentiable; with dropout see below).

@@ -30,6 +30,24 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def restore_deterministic_algorithms():
+    """Restores ``torch.use_deterministic_algorithms`` after a test that changes it."""
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+@pytest.fixture
+def deterministic_algorithms(restore_deterministic_algorithms):
+    """``torch.use_deterministic_algorithms(True)`` (warnings only) for one test: a bitwise
+    reproducible backward, also where the default one adds dQ up by atomics (the Hopper
+    one-pass backward at D=64)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

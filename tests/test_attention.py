@@ -84,7 +84,7 @@ def test_rows_without_keys_are_zero(mode, device):
 
 
 @pytest.mark.parametrize("mode", [pytest.param(m, marks=pytest.mark.slow) for m in ("fa2", "fa1", "tiling")])
-def test_backward_is_deterministic(mode, device):
+def test_backward_is_deterministic(mode, device, deterministic_algorithms):
     q, k, v = make_qkv(2, 113, 203, 4, 1, 64, torch.float16, device)
     dout = torch.randn(2, 113, 4, 64, dtype=torch.float16, device=device)
     first = _run(q, k, v, dout, True, True, mode)

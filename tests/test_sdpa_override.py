@@ -139,9 +139,10 @@ def test_torch_flash_registry_hook_registers_where_torch_has_it():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_torch_flash_backend_runs_our_kernels(causal):
+def test_torch_flash_backend_runs_our_kernels(causal, deterministic_algorithms):
     """Activated through torch's registry, SDPA's own flash backend runs our kernels: forward and
-    backward by flash-attn's rule, dropout reproducible under the same seed."""
+    backward by flash-attn's rule, dropout reproducible under the same seed (bit for bit under
+    ``torch.use_deterministic_algorithms``, which the one-pass D=64 backward's dQ needs)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     if not override.register_torch_flash_impl():

@@ -34,8 +34,30 @@ except ImportError:  # pragma: no cover - depends on the installed Triton
 
 __all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_layout_3d",
            "set_scratch_allocator"]
+#: Whether the installed Gluon can add a shared-memory tile into global memory by TMA
+#: (``cp.reduce.async.bulk.tensor``): :func:`tma_add`.
+HAVE_TMA_ADD = False
 if HAVE_GLUON:
-    __all__ += ["gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
+    if hasattr(tma, "async_atomic_add"):  # triton >= 3.7 names it
+        tma_add = tma.async_atomic_add
+        HAVE_TMA_ADD = True
+    else:  # triton 3.5/3.6: the op is there, its Python wrapper is not
+        from triton._C.libtriton import gluon_ir as _gluon_ir
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _builtin
+
+        HAVE_TMA_ADD = hasattr(_gluon_ir.GluonOpBuilder, "create_async_tma_reduce")
+
+        @_builtin
+        def tma_add(tensor_desc, coord, src, _semantic=None):
+            """Add the shared-memory tile ``src`` into ``tensor_desc`` at ``coord`` (an async
+            TMA reduction, one bulk group: ``tma.store_wait`` before ``src`` is written again)."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
+
+if HAVE_GLUON:
+    __all__ += ["HAVE_TMA_ADD", "tma_add", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
                 "tanh_approx", "variant_scores", "alibi_side", "alibi_separable_p", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma",
                 "dropout_keep_mma_t"]
@@ -56,9 +78,10 @@ def descriptor_3d(t: torch.Tensor, rows: int):
 
 
 def shared_layout_3d(t: torch.Tensor, rows: int):
-    """The shared-memory layout of a (1, rows, D) box of ``t`` (fp16/bf16, D last), as the
-    descriptors of :func:`descriptor_3d` and the kernels' device-side ones use it."""
-    gdt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
+    """The shared-memory layout of a (1, rows, D) box of ``t`` (fp16/bf16, or the backward's
+    fp32 dQ buffer; D last), as the descriptors of :func:`descriptor_3d` and the kernels'
+    device-side ones use it."""
+    gdt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[t.dtype]
     return gl.NVMMASharedLayout.get_default_for([1, rows, t.shape[-1]], gdt)
 
 

@@ -41,10 +41,11 @@ warp-specialized dQ tile bodies (:func:`_dkdv_tile`, :func:`_ws_dq_tile`) run by
 the sequences' key / query blocks, each program reading its own sequence through descriptors
 built on the device (``_gluon.sequence_descriptor``: zeros past the sequence's end) and the
 packed statistics of ``varlen._varlen_preprocess``; at D=256 the portable varlen dQ runs.
-Deterministic (no atomics), unless :data:`FUSED_DQ` (opt-in, D=64, dense): then the dK/dV pass
-also computes dQ, adding each step's dS K into an fp32 buffer by atomics, and the dQ pass does
-not run (5 matmuls per tile pair instead of 7; :func:`fused_dq_takes`; never with
-``deterministic=True`` or under ``torch.use_deterministic_algorithms(True)``).
+At D=64 (dense calls, :data:`FUSED_DQ`) the dK/dV pass also computes dQ, adding each step's
+dS K into an fp32 buffer by TMA reductions, and the dQ pass does not run (5 matmuls per tile
+pair instead of 7; :func:`fused_dq_takes`).  Its dQ is a sum in no fixed order, so
+``deterministic=True`` and ``torch.use_deterministic_algorithms(True)`` run the two passes,
+which have no atomics and are bitwise reproducible.
 :func:`supported` says whether a call qualifies;
 ``fa2_bwd.fa2_backward`` uses these passes then, and the portable ones otherwise.  Not available
 under the interpreter (Gluon has none): CI runs the portable kernels.
@@ -59,7 +60,15 @@ import torch
 from .._runtime import cdiv
 from . import _common
 from ._common import LOG2E
-from ._gluon import CONSUMER_REGS, HAVE_GLUON, LOG2E_C, descriptor_3d, set_scratch_allocator, shared_layout_3d
+from ._gluon import (
+    CONSUMER_REGS,
+    HAVE_GLUON,
+    HAVE_TMA_ADD,
+    LOG2E_C,
+    descriptor_3d,
+    set_scratch_allocator,
+    shared_layout_3d,
+)
 
 if HAVE_GLUON:
     from ._gluon import (
@@ -77,6 +86,7 @@ if HAVE_GLUON:
         store_rows,
         tile_key_blocks,
         tma,
+        tma_add,
         variant_scores,
         varlen_item,
         warpgroup_mma,
@@ -109,18 +119,27 @@ ENABLED = os.environ.get("FLASH_MODULE_GLUON", "1") != "0"
 #: Whether dropout runs in the Gluon passes (``FLASH_MODULE_GLUON_DROPOUT=0`` turns it off, as
 #: for ``gluon_fwd.DROPOUT``), at the head dims of :func:`dropout_takes`.
 DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
-#: Whether the dK/dV pass also computes dQ (``FLASH_MODULE_GLUON_FUSED_DQ=1``): dS K per step added
-#: into an fp32 buffer by atomics, five matmuls per tile pair instead of seven (issue #15's first
-#: lead), at :data:`FUSED_DQ_HEAD_DIMS`, dense calls.  Not bitwise reproducible, so
-#: ``torch.use_deterministic_algorithms(True)`` and flash-attn's ``deterministic=True`` (which the
-#: ops carry to ``fa2_bwd.fa2_backward``) keep the two passes.  Off: written offline (sm_90: no
-#: spills at D=64, 16 ``REDG.E.ADD.F32x2`` per thread per step; D=128: :data:`FUSED_DKDV_CONFIGS`),
-#: not yet run on a GPU.
-FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "0") == "1"
+#: How the one-pass backward adds each step's dQ tile into the fp32 buffer: True (where the
+#: installed Gluon has it, :data:`_gluon.HAVE_TMA_ADD`), the registers go to shared memory and one
+#: thread issues a TMA reduction (``cp.reduce.async.bulk.tensor``) that runs under the next
+#: step's matmuls; False, every thread adds its share with vector atomics (``REDG.E.ADD.F32x2``,
+#: 16 per thread per step at D=64), 13-23% slower than the two passes on an H200 (seventeenth
+#: session).  ``FLASH_MODULE_GLUON_FUSED_DQ_TMA=0``: the atomics.
+FUSED_DQ_TMA = HAVE_TMA_ADD and os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ_TMA", "1") != "0"
+#: Whether the dK/dV pass also computes dQ (one pass, issue #15's first lead): dS K per step added
+#: into an fp32 buffer, five matmuls per tile pair instead of seven, at :data:`FUSED_DQ_HEAD_DIMS`,
+#: dense calls.  Not bitwise reproducible, so ``torch.use_deterministic_algorithms(True)`` and
+#: flash-attn's ``deterministic=True`` (which the ops carry to ``fa2_bwd.fa2_backward``) keep the
+#: two passes.  On by default where the TMA adds exist (H200, bf16: the backward 1.06-1.08x the
+#: two passes' at D=64, 1k-16k; at D=128 0.76-0.93x, so not there);
+#: ``FLASH_MODULE_GLUON_FUSED_DQ=0`` / ``=1`` turns it off / on.
+FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "1" if FUSED_DQ_TMA else "0") == "1"
 FUSED_DQ_HEAD_DIMS = (64,)
 #: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps).  D=128 (not in
-#: :data:`FUSED_DQ_HEAD_DIMS` yet): 128 keys on two warpgroups, each holding half of dQ's
-#: columns; offline it spills 72-112 bytes (one warpgroup on 64 x 64: 152-224).
+#: :data:`FUSED_DQ_HEAD_DIMS`): 128 keys on two warpgroups, each holding half of dQ's columns;
+#: offline it spills (8-176 bytes with the TMA adds), and on the H200 it ran at 0.76-0.93x the
+#: two passes (64 x 64 on one warpgroup: 0.65-0.70x).  At D=64, 64 x 128 on two warpgroups was
+#: 0.86-0.91x the 64 x 64 one.
 FUSED_DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 128, 8)}
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
@@ -224,7 +243,7 @@ if HAVE_GLUON:
                    qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
                    DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
-                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr):
+                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
         """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
         ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
         ``MASKED``: the block reaches above the causal diagonal (with ``WINDOW``: may reach out
@@ -235,7 +254,9 @@ if HAVE_GLUON:
         the forward's mask of the transposed tile (``_gluon.dropout_keep_mma_t``).  ``FUSED_DQ``:
         also this step's share of dQ, dQ_m += dS K sm_scale, added into the fp32 buffer by
         atomics; ``fused`` = (two shared-memory tiles for dS^T, the buffer's batch entry (Sq, H, D),
-        H, sm_scale); dS^T goes through shared memory to be read transposed as the A operand."""
+        H, sm_scale, the buffer's descriptor, its shared-memory tiles); dS^T goes through shared
+        memory to be read transposed as the A operand.  ``DQ_TMA``: the dQ tile is added by a TMA
+        reduction from one of the (1, BLOCK_M, D) fp32 tiles (else by atomics from registers)."""
         dtype: gl.constexpr = q_desc.dtype
         stage = it % 2
         m0 = (m_first + it % n_m) * BLOCK_M
@@ -300,13 +321,16 @@ if HAVE_GLUON:
         if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
             ds_t = ds_t * (1.0 - t_t * t_t)
         if FUSED_DQ:
-            ds_smem, DQ_b, H, sm_scale = fused
+            ds_smem, DQ_b, H, sm_scale, dq_desc, dq_smem = fused
             # dS^T (BLOCK_N, BLOCK_M) into one of two buffers (a warp storing into this one has
             # passed the step before's barrier, so every warp's matmuls of two steps ago are
             # done), the A operand of both dK (as it is) and dQ (transposed)
             ds_s = ds_smem.index(stage)
             ds_s.store(ds_t.to(dtype))
             fence_async_shared()
+            if DQ_TMA:  # the TMA add that last read this step's dQ tile is done reading it (the
+                # thread that issued it waits here; the barrier tells the others)
+                tma.store_wait(dq_smem.shape[0] - 1)
             gl.thread_barrier()
             dk = warpgroup_mma(ds_s, q_s, dk, is_async=True)
             # (BLOCK_M, D); with two warpgroups (SYNC: 8 warps) each holds half of dQ's columns
@@ -314,11 +338,18 @@ if HAVE_GLUON:
             dq = warpgroup_mma(ds_s.permute((1, 0)), k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout),
                                use_acc=False, is_async=True)
             dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-            q_rows = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, q_layout))
-            cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, q_layout))
-            offs = (q_rows[:, None].to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
-            gl.atomic_add(DQ_b + offs, dq * sm_scale, mask=(q_rows[:, None] < Sq) & (cols[None, :] < HEAD_DIM),
-                          sem="relaxed")
+            if DQ_TMA:  # (1, BLOCK_M, D) tile, rows past Sq clipped by the descriptor
+                dq_s = dq_smem.index(it % dq_smem.shape[0])
+                dq_s.reshape([BLOCK_M, HEAD_DIM]).store(dq * sm_scale)
+                fence_async_shared()
+                gl.thread_barrier()
+                tma_add(dq_desc, [off_b, m0, off_h * HEAD_DIM], dq_s)
+            else:
+                q_rows = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, q_layout))
+                cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, q_layout))
+                offs = (q_rows[:, None].to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
+                gl.atomic_add(DQ_b + offs, dq * sm_scale,
+                              mask=(q_rows[:, None] < Sq) & (cols[None, :] < HEAD_DIM), sem="relaxed")
         else:
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
@@ -327,9 +358,9 @@ if HAVE_GLUON:
     @gluon.jit
     def _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DK, DV, off_b, off_hkv, start_n, H_KV, GROUP, Sq, Sk,
                    causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r, drop, DQ_b,
-                   HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
-                   SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
-                   num_warps: gl.constexpr, FUSED_DQ: gl.constexpr):
+                   dq_desc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+                   DROPOUT: gl.constexpr, num_warps: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
@@ -361,11 +392,15 @@ if HAVE_GLUON:
         n_m = gl.maximum(m_end - m_first, 0)
         total = n_m * GROUP  # steps: (query head of the group, query block)
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
-        ds_smem = k_smem  # dS^T's two tiles with FUSED_DQ (else a stand-in, never touched)
+        ds_smem = k_smem  # dS^T's two tiles with FUSED_DQ (else stand-ins, never touched)
+        dq_smem = q_smem
         if FUSED_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
             ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
-        fused = (ds_smem, DQ_b, H_KV * GROUP, sm_scale)
+            if DQ_TMA:  # fp32 dQ tiles for the TMA adds: two while they fit (D=64: 32 KB)
+                DQ_BUFS: gl.constexpr = 2 if HEAD_DIM <= 64 else 1
+                dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFS, 1, BLOCK_M, HEAD_DIM], dq_desc.layout)
+        fused = (ds_smem, DQ_b, H_KV * GROUP, sm_scale, dq_desc, dq_smem)
 
         # Step 0's Q and dO.
         if total > 0:
@@ -391,17 +426,21 @@ if HAVE_GLUON:
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST,
-                    SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ)
+                    SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ,
+                    DQ_TMA)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
                     it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False,
-                    SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ)
+                    SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ,
+                    DQ_TMA)
                 it += 1
 
         _release(kv_bar, bars)
+        if FUSED_DQ and DQ_TMA:  # the last TMA adds have read their tiles
+            tma.store_wait(0)
         # dK, dV: (B, Sk, H_kv, D) contiguous; keys past Sk are not stored.
         store_rows(DK, dk * sm_scale, start_n, off_b, off_hkv, Sk, H_KV, d_layout)
         if DROPOUT:  # the kept P's 1 / (1 - p), once
@@ -412,22 +451,23 @@ if HAVE_GLUON:
     def _dkdv_kernel(
         q_desc, k_desc, v_desc, do_desc, Stats, DK, DV,
         H, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale, sm_scale, cap2, Alibi, stride_ab, stride_ah,
-        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, DQacc,
+        win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, DQacc, dq_desc,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
         SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
-        FUSED_DQ: gl.constexpr, num_warps: gl.constexpr,
+        FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_N-row key block of one K/V head of one batch entry
         (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len); ``FUSED_DQ``: dQ too, added into
-        ``DQacc``, fp32 (B, Sq, H, D) contiguous and zeroed."""
+        ``DQacc``, fp32 (B, Sq, H, D) contiguous and zeroed (``DQ_TMA``: through ``dq_desc``, its
+        :func:`descriptor_3d`)."""
         pid_bh = gl.program_id(1)
         off_b = pid_bh // H_KV
         _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats + (off_b * H * 3).to(gl.int64) * stats_len, DK, DV, off_b,
                    pid_bh % H_KV, gl.program_id(0) * BLOCK_N, H_KV, GROUP, Sq, Sk, causal_offset, stats_len, qk_scale,
                    sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, off_b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
-                   DQacc + (off_b * Sq * H).to(gl.int64) * HEAD_DIM, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP,
-                   ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ)
+                   DQacc + (off_b * Sq * H).to(gl.int64) * HEAD_DIM, dq_desc, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                   SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ, DQ_TMA)
 
     @gluon.jit
     def _dq_kernel(
@@ -685,7 +725,8 @@ if HAVE_GLUON:
                    DV + kv_base, 0, off_hkv, start_n, H_KV, GROUP, len_q, len_k, len_k - len_q, stats_len, qk_scale,
                    sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
-                   DK, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, False)
+                   DK, q_desc, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps,
+                   False, False)
 
     @gluon.jit
     def _varlen_ws_dq_kernel(
@@ -786,11 +827,13 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
     sk, h_kv = k.shape[1], k.shape[2]
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng,
                                    drop_offsets)
+    q_desc = descriptor_3d(q, block_m)
+    dq_tma = dq_acc is not None and FUSED_DQ_TMA
     _dkdv_kernel[(cdiv(sk, block_n), b * h_kv)](
-        descriptor_3d(q, block_m), descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
+        q_desc, descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars,
-        dk if dq_acc is None else dq_acc, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        FUSED_DQ=dq_acc is not None, num_warps=num_warps, **flags,
+        dk if dq_acc is None else dq_acc, descriptor_3d(dq_acc, block_m) if dq_tma else q_desc, HEAD_DIM=d,
+        BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma, num_warps=num_warps, **flags,
     )
 
 
