@@ -29,7 +29,7 @@ end of Sk run the masked step.  Q, K and V are read through 3-D TMA descriptors 
 sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit, never the next
 sequence's, so a NaN in one batch entry cannot reach another.
 
-With :data:`PERSISTENT` (opt-in) dense calls run :func:`_persistent_fwd_kernel`: one program
+With :data:`PERSISTENT` (the default) dense calls run :func:`_persistent_fwd_kernel`: one program
 per SM walks its tiles (:func:`_tile_of`) with one set-up, the ring and the Q barriers running
 on from tile to tile, so a tile's first loads and its Q overlap the tile before's last P V and
 epilogue.
@@ -93,15 +93,17 @@ VARIANTS = os.environ.get("FLASH_MODULE_GLUON_VARIANTS", "1") != "0"
 #: Whether dropout runs in the Gluon forward (``FLASH_MODULE_GLUON_DROPOUT=0``: the portable
 #: kernel takes it).  The mask (``_gluon.dropout_keep_mma``) is the portable kernels' bit for bit.
 DROPOUT = os.environ.get("FLASH_MODULE_GLUON_DROPOUT", "1") != "0"
-#: Whether the dense forward runs persistent (``FLASH_MODULE_GLUON_PERSISTENT=1``): one program per
-#: SM walks the query tiles (:func:`_persistent_fwd_kernel`), so a tile's loads overlap the one
-#: before's epilogue.  On an H200 (bf16, performance.md sixteenth session): +4-7% at 1k (D=128),
-#: +5-11% at D=256 1k, +1-5% at 2k-8k, equal within noise at 16k; the same bits as the one-tile
-#: kernel.  Off by default: its tiles are assigned statically, so a program that starts late (its
-#: SM busy with a kernel on another stream: NCCL's under ring attention or FSDP) delays the whole
-#: kernel by that long, where one-tile programs would spread over the SMs that are free; not yet
-#: measured, and a tile counter taken with atomics (dynamic assignment) would remove it.
-PERSISTENT = os.environ.get("FLASH_MODULE_GLUON_PERSISTENT", "0") == "1"
+#: Whether the dense forward runs persistent (``FLASH_MODULE_GLUON_PERSISTENT=0`` turns it off): one
+#: program per SM walks the query tiles (:func:`_persistent_fwd_kernel`), so a tile's loads overlap
+#: the one before's epilogue.  On an H200 (bf16, performance.md sixteenth session): +4-7% at 1k
+#: (D=128), +5-11% at D=256 1k, +1-5% at 2k-8k, equal within noise at 16k; the same bits as the
+#: one-tile kernel.  Its tiles are assigned statically, so a program that starts late (its SM busy
+#: with a kernel on another stream: NCCL's under ring attention or FSDP) would delay the whole
+#: kernel by that long; under the ring's NCCL kernels (2x H200, 16k per GPU, seventeenth session)
+#: the ring step took as long as with one-tile programs (43.51 / 43.44 ms non-causal, 24.67 / 24.15
+#: causal), so it is the default.  A tile counter taken with atomics (dynamic assignment) would
+#: remove the risk altogether.
+PERSISTENT = os.environ.get("FLASH_MODULE_GLUON_PERSISTENT", "1") == "1"
 #: The persistent kernel's program count (None: one per SM; tests set a few, so that every
 #: program walks many tiles).
 PROGRAMS: int | None = None
