@@ -20,7 +20,8 @@
 # varlen: benchmarks/bench_varlen.py (VARLEN_ARGS; packed documents, fwd + bwd, the peers).
 # ring (a machine with several GPUs): the NCCL ring-attention tests (dense, packed documents, torch's
 # context_parallel on our kernels) and the 1->2->4->8 GPU weak-scaling benchmark (RING_ARGS, default:
-# causal zigzag, 16k tokens per GPU; RING_PACKED="--docs N" adds packed documents by ring and all-gather).
+# causal zigzag, 16k tokens per GPU; RING_PACKED="--docs N" adds packed documents by ring and all-gather;
+# RING_TRANSPORT="--worlds 2,4" adds benchmarks/ring_transport.py: one hop by NCCL and by copy engine).
 # Environment knobs: TUNE_DIMS ("64 128 256"), TUNE_PASSES ("fwd,bwd"; or dkdv / dq alone),
 # TUNE_CONFIGS (only these candidates), TUNE_BUDGET (s), PYTEST_ARGS (extra pytest args, e.g. a -k filter), BENCH_ARGS (CLI args),
 # SPEED_ARGS (pytest-benchmark args, e.g. -k "d128-n16k"), PYTEST_WORKERS (default: one per 20 GB of GPU memory, <= 8).
@@ -71,6 +72,11 @@ for step in $steps; do
         -p no:cacheprovider -k "nccl or torch_context" 2>&1 | tee "$OUT/ring_tests.log" | tail -15
       python3 benchmarks/bench_ring.py --json "$OUT/ring.json" ${RING_ARGS:---causal --layout zigzag} \
         2>&1 | tee "$OUT/ring.log"
+      # RING_TRANSPORT (e.g. "--worlds 2,4"): what one hop costs the attention beside it, NCCL's
+      # send/receive against a copy-engine pull through symmetric memory
+      if [ -n "${RING_TRANSPORT:-}" ]; then
+        python3 benchmarks/ring_transport.py --json "$OUT/transport.json" $RING_TRANSPORT 2>&1 | tee "$OUT/transport.log"
+      fi
       # RING_PACKED (e.g. "--docs 16"): packed documents too, by ring and by all-gather
       if [ -n "${RING_PACKED:-}" ]; then
         for method in ring allgather; do
