@@ -31,7 +31,8 @@ all-gather of K and V plus the all-reduce of the fp32 dK/dV of the whole sequenc
 NCCL's NVLink multicast is kept off (NCCL_NVLS_ENABLE=0 and friends) as the device notes ask.
 ``--env KEY=VALUE,...`` sets more variables for the ranks (recorded in each row), e.g.
 ``NCCL_MAX_P2P_NCHANNELS=1``: fewer channels, so NCCL's send/receive kernels take fewer SMs from
-the attention kernels they overlap.
+the attention kernels they overlap.  ``--transport copy`` runs the ring (and the "comm" hops)
+through ``flash_module.distributed``'s copy-engine transport instead of NCCL's send/receive.
 """
 
 from __future__ import annotations
@@ -175,11 +176,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
             with torch.no_grad():
                 forward()
 
+        fmd.TRANSPORT = args.transport
         real = fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group
 
         def local(fn):
             """``fn`` with the ring's exchanges replaced by local no-ops (the compute alone)."""
             def run_local() -> None:
+                fmd.TRANSPORT = "p2p"  # (its exchange is the one replaced)
                 fmd._ring_exchange = _local_exchange
                 fmd._gather_blocks = lambda x, group, world, layout: x.repeat(world, *[1] * (x.dim() - 1))
                 fmd._sum_over_group = lambda x, group: x
@@ -187,12 +190,12 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                     fn()
                 finally:
                     fmd._ring_exchange, fmd._gather_blocks, fmd._sum_over_group = real
+                    fmd.TRANSPORT = args.transport
             return run_local
 
         ring_ms, compute_ms, exposed_ms = timer.paired(step, local(step), args.iters, group)
         ring_fwd_ms, compute_fwd_ms, exposed_fwd_ms = timer.paired(step_fwd, local(step_fwd), args.iters,
                                                                    group)
-        real_exchange = real[0]
 
         acc = acc_dtype(dtype)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
@@ -208,12 +211,18 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 return
             # forward K/V hops; the backward's K/V hops (it starts from the forward's last shard
             # and ends on its own) and its fp32 dK/dV hops (the last one: home)
-            hops = [([kd, vd], world - 1), ([kd, vd], world - 2), ([dk, dv], world - 1)]
-            for tensors, n in hops[:1] if forward_only else hops:
+            # (through the ring's transport, each K/V hop sending what the last one brought, as
+            # the ring does; the dK/dV ones a fresh accumulator each time)
+            hops = [([kd, vd], world - 1, True), ([kd, vd], world - 2, True), ([dk, dv], world - 1, False)]
+            for tensors, n, onward in hops[:1] if forward_only else hops:
+                if n <= 0:
+                    continue
+                transport = fmd._transport(group, [tensors])
                 for _ in range(n):
-                    _, reqs = real_exchange(tensors, group, rank, world)
-                    for r in reqs:
-                        r.wait()
+                    recv, handle = transport.exchange(tensors)
+                    transport.wait(handle)
+                    tensors = recv if onward else tensors
+                transport.finish()
 
         comm_ms = timer(comm_only, args.iters, group) if world > 1 else 0.0
         comm_fwd_ms = timer(lambda: comm_only(True), args.iters, group) if world > 1 else 0.0
@@ -229,6 +238,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 heads=args.heads, kv_heads=args.kv_heads or args.heads, head_dim=args.head_dim,
                 causal=args.causal, layout=args.layout, mode=args.mode, impl=args.impl, dtype=args.dtype,
                 docs=args.docs, method=args.method if packed else "ring", env=dict(args.env),
+                transport=args.transport,
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 ring_ms=ring_ms, compute_ms=compute_ms, comm_ms=comm_ms, exposed_ms=exposed_ms,
                 exposed_share=exposed_ms / ring_ms,
@@ -263,7 +273,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             mp.spawn(_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
             rows.extend(dict(r) for r in results)
             r = rows[-1]
-            print(f"W={world} N={r['seq_total']}: ring {r['ring_ms']:.2f} ms, compute {r['compute_ms']:.2f}, "
+            print(f"W={world} N={r['seq_total']} ({r['transport']}): ring {r['ring_ms']:.2f} ms, "
+                  f"compute {r['compute_ms']:.2f}, "
                   f"comm {r['comm_ms']:.2f}, exposed {r['exposed_ms']:.2f} "
                   f"({100 * r['exposed_share']:.1f}% of the step) | {r['tokens_per_s']:.3g} tok/s, "
                   f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {_pct(r['comm_hidden'])} | fwd: ring "
@@ -293,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     default_device = "cuda" if torch.cuda.is_available() else "cpu"
     p.add_argument("--device", choices=("cuda", "cpu"), default=default_device)
     p.add_argument("--json", dest="json_path", default=None)
+    p.add_argument("--transport", choices=fmd.TRANSPORTS, default="p2p",
+                   help="how the ring moves shards: p2p (NCCL send/receive) or copy (copy engines through "
+                        "symmetric memory; flash_module.distributed.TRANSPORT)")
     p.add_argument("--env", type=_env_pairs, default=[],
                    help="KEY=VALUE[,KEY=VALUE] set for the ranks, e.g. NCCL_MAX_P2P_NCHANNELS=1 (how many "
                         "SMs NCCL's send/receive kernels take from attention); multicast stays off")

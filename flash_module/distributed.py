@@ -28,6 +28,10 @@ without a single visible key are skipped.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import warnings
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -37,6 +41,15 @@ from ._runtime import acc_dtype, lse_dtype
 from .api import _check_alibi, _check_qkv_bshd, _check_sink, _check_tensor, _check_variants, dropout_seed
 
 LAYOUTS = ("contiguous", "zigzag")
+#: How the ring moves K/V (and the backward's dK/dV) between ranks (``FLASH_MODULE_RING_TRANSPORT``
+#: at import; the attribute is read at each call): ``"p2p"`` (the default), torch.distributed's
+#: ``batch_isend_irecv`` (NCCL's copy kernels on GPUs, which take SMs from the attention they
+#: overlap); ``"copy"``, pulls through torch's symmetric memory that the GPUs' copy engines run
+#: (:class:`_SymmetricPull`; eager CUDA calls: compiled or captured calls, CPU groups and torch
+#: builds without symmetric memory keep ``"p2p"``).  ``"copy"`` has not run on a GPU yet
+#: (``benchmarks/ring_transport.py`` measures both).
+TRANSPORTS = ("p2p", "copy")
+TRANSPORT = os.environ.get("FLASH_MODULE_RING_TRANSPORT", "p2p")
 #: How :func:`ring_attention_varlen` moves K/V between ranks.
 METHODS = ("ring", "allgather")
 
@@ -135,6 +148,177 @@ def _wait(reqs) -> None:
         r.wait()
 
 
+class _P2P:
+    """The ring's exchanges by torch.distributed point-to-point ops (transport ``"p2p"``)."""
+
+    def __init__(self, group) -> None:
+        self.group, self.world, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+
+    def exchange(self, tensors: list[Tensor], reverse: bool = False, lane: int = 0):
+        """Start sending ``tensors`` one rank on (``reverse``: back) and receiving the other
+        neighbour's; returns (the received tensors, a handle for :meth:`wait`)."""
+        return _ring_exchange(tensors, self.group, self.rank, self.world, reverse)
+
+    def wait(self, handle) -> None:
+        """Make the current stream wait for an exchange's arrival."""
+        _wait(handle)
+
+    def keep(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Received tensors that must outlive the ring pass (their own buffers here)."""
+        return tensors
+
+    def finish(self) -> None:
+        """End of a ring pass."""
+
+
+#: Per (group name, device): (this rank's symmetric buffer, its handle) (transport ``"copy"``);
+#: buffers outgrown stay alive in _RETIRED (a peer may still read one).
+_WORKSPACES: dict = {}
+_RETIRED: list = []
+#: Per device: the stream the ``"copy"`` transport's barriers and copies run on.
+_SIDE_STREAMS: dict = {}
+
+
+def _symmetric_workspace(group, device: torch.device, nbytes: int):
+    """A byte buffer of at least ``nbytes`` in torch's symmetric memory for ``group`` (a
+    collective the first time and whenever it grows: every rank asks for the same size at the
+    same call), and its handle (``get_buffer(rank, sizes, dtype, storage_offset)``,
+    ``barrier(channel)``); None where there is none (CPU, no symmetric memory in this torch)."""
+    if device.type != "cuda":
+        return None
+    key = (group.group_name, device.index)
+    cached = _WORKSPACES.get(key)
+    if cached is not None and cached[0].numel() >= nbytes:
+        return cached
+    try:
+        from torch.distributed import _symmetric_memory as symm_mem
+
+        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # older torch needs it, newer deprecates it
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                symm_mem.enable_symm_mem_for_group(group.group_name)
+        size = max(nbytes, 2 * cached[0].numel() if cached else 0)
+        buf = symm_mem.empty(size, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(buf, group.group_name)
+    except Exception as err:  # noqa: BLE001 - no symmetric memory here: the caller keeps "p2p"
+        warnings.warn(f"ring attention: transport 'copy' unavailable ({type(err).__name__}: {err}); "
+                      "using 'p2p'", RuntimeWarning, stacklevel=3)
+        return None
+    if cached is not None:
+        _RETIRED.append(cached)
+    _WORKSPACES[key] = (buf, handle)
+    return buf, handle
+
+
+def _align(n: int, to: int = 256) -> int:
+    return (n + to - 1) // to * to
+
+
+class _SymmetricPull:
+    """The ring's exchanges as pulls through symmetric memory (transport ``"copy"``).
+
+    Each lane (a stream of shards: the forward's K/V; the backward's K/V and its dK/dV) owns two
+    slots in a buffer every rank of the group can read.  At a lane's exchange n every rank
+    publishes its shard in slot n % 2 (a local copy, unless the shard already lies there: it
+    arrived at exchange n - 1), meets the others at a barrier, and copies its source
+    neighbour's slot n % 2 into its own slot (n + 1) % 2.  That copy runs between the GPUs on
+    their copy engines and takes no SM from the attention kernels.  One barrier per exchange is
+    enough: a rank overwrites slot (n + 1) % 2 only after every rank has passed exchange n's
+    barrier, so after every pull from it at exchange n - 1; and the side stream first waits for
+    the compute stream, so after every kernel that read it.  :meth:`finish` adds a last
+    barrier, so the next pass's first publish cannot overwrite a slot a peer still reads.
+    ``workspace`` = (this rank's byte buffer, a handle with ``get_buffer`` and ``barrier``);
+    ``lanes``: bytes per slot of each lane.  On CUDA everything runs on a side stream, in order.
+    """
+
+    def __init__(self, group, device: torch.device, workspace, lanes: list[int]) -> None:
+        self.world, self.rank = dist.get_world_size(group), dist.get_rank(group)
+        self.handle = workspace[1]
+        self.slot_bytes = [_align(n) for n in lanes]
+        self.base = [2 * sum(self.slot_bytes[:i]) for i in range(len(lanes))]  # each lane's first byte
+        self.count = [0] * len(lanes)  # exchanges so far per lane
+        self.side = None
+        if device.type == "cuda":
+            self.side = _SIDE_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
+
+    @staticmethod
+    def bytes_needed(lanes: list[int]) -> int:
+        """The workspace size for slots of these byte sizes."""
+        return sum(2 * _align(n) for n in lanes)
+
+    def _slot(self, rank: int, lane: int, slot: int, like: list[Tensor]) -> list[Tensor]:
+        """Views of ``rank``'s slot ``slot`` of ``lane``, shaped like ``like`` (one after another)."""
+        offset, views = self.base[lane] + slot * self.slot_bytes[lane], []
+        for t in like:
+            elem = t.element_size()
+            views.append(self.handle.get_buffer(rank, tuple(t.shape), t.dtype, offset // elem))
+            offset += _align(t.numel() * elem)
+        return views
+
+    def _on_side(self):
+        """The side stream's context, after it waits for the current stream (a no-op on CPU)."""
+        if self.side is None:
+            return contextlib.nullcontext()
+        self.side.wait_stream(torch.cuda.current_stream(self.side.device))
+        return torch.cuda.stream(self.side)
+
+    def exchange(self, tensors: list[Tensor], reverse: bool = False, lane: int = 0):
+        """As :meth:`_P2P.exchange`: publish ``tensors`` in this rank's slot n % 2 of ``lane``,
+        meet at a barrier, pull the source neighbour's slot n % 2 into this rank's slot
+        (n + 1) % 2, which is returned (views of the workspace)."""
+        n = self.count[lane]
+        self.count[lane] += 1
+        src = (self.rank + (1 if reverse else -1)) % self.world
+        mine = self._slot(self.rank, lane, n % 2, tensors)
+        recv = self._slot(self.rank, lane, (n + 1) % 2, tensors)
+        theirs = self._slot(src, lane, n % 2, tensors)
+        with self._on_side():
+            for t, slot in zip(tensors, mine):
+                if t.data_ptr() != slot.data_ptr():  # (the shard received at exchange n - 1 lies there)
+                    if self.side is not None:
+                        t.record_stream(self.side)  # read here: not reused before this copy is done
+                    slot.copy_(t)
+            self.handle.barrier(channel=0)
+            for r, t in zip(recv, theirs):
+                r.copy_(t)  # peer memory -> local: the copy engines
+            event = None
+            if self.side is not None:
+                event = torch.cuda.Event()
+                event.record(self.side)
+        return recv, event
+
+    def wait(self, handle) -> None:
+        if handle is not None:
+            torch.cuda.current_stream(self.side.device).wait_event(handle)
+
+    def keep(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Workspace views that must outlive the pass, copied out (the slots are reused)."""
+        return [t.clone() for t in tensors]
+
+    def finish(self) -> None:
+        """The pass's last barrier: every pull from this rank's slots is done before the next
+        pass writes them."""
+        with self._on_side():
+            self.handle.barrier(channel=0)
+
+
+def _transport(group, like: list[list[Tensor]]):
+    """The ring's transport for one pass (:data:`TRANSPORT`); ``like``: per lane, the tensors
+    its exchanges carry (for the ``"copy"`` transport's slot sizes)."""
+    if TRANSPORT not in TRANSPORTS:
+        raise ValueError(f"FLASH_MODULE_RING_TRANSPORT must be one of {TRANSPORTS}, got {TRANSPORT!r}")
+    device = like[0][0].device
+    traced = torch.compiler.is_compiling() or (
+        device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    if TRANSPORT == "copy" and not traced and dist.get_world_size(group) > 1:
+        group = group if group is not None else dist.group.WORLD
+        lanes = [sum(_align(t.numel() * t.element_size()) for t in ts) for ts in like]
+        workspace = _symmetric_workspace(group, device, _SymmetricPull.bytes_needed(lanes))
+        if workspace is not None:
+            return _SymmetricPull(group, device, workspace, lanes)
+    return _P2P(group)
+
+
 def _merge(out_a, lse_a, out_b, lse_b):
     """merge_attention_states on either layout: dense (B, S, H, D) / (B, H, S), or varlen
     (T, H, D) / (H, T), given a batch dim of one."""
@@ -162,9 +346,10 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
     outs: list[Tensor | None] = [None] * n
     lses: list[Tensor | None] = [None] * n
     kv = [k.contiguous(), v.contiguous()]
+    transport = _transport(group, [kv])
     for step in range(world):
         if step + 1 < world:  # the next shard travels while this one computes
-            nxt, reqs = _ring_exchange(kv, group, rank, world)
+            nxt, reqs = transport.exchange(kv)
         k_ids = _chunk_ids((rank - step) % world, world, layout)
         ks, vs = kv[0].chunk(n, dim=seq_dim), kv[1].chunk(n, dim=seq_dim)
         for i, j, diag, shift in _pairs(q_ids, k_ids, causal, sq, window):
@@ -174,8 +359,11 @@ def _ring_forward(q, k, v, group, layout, causal, window, seq_dim, attend):
             else:
                 outs[i], lses[i] = _merge(outs[i], lses[i], o, lse)
         if step + 1 < world:
-            _wait(reqs)
+            transport.wait(reqs)
             kv = nxt
+    if world > 1:
+        kv = transport.keep(kv)  # held until the backward
+        transport.finish()
     for i in range(n):  # only possible with causal and no visible chunk: not with these layouts
         if outs[i] is None:
             outs[i] = torch.zeros_like(qs[i], dtype=acc)
@@ -211,11 +399,13 @@ def _ring_backward(dout, q, k, v, out, lse, kv_last, group, layout, causal, wind
     acc = dq.dtype
     kv = list(kv_last)  # the visiting shard's K, V
     d_in, reqs_d = None, []  # dK/dV of the visiting shard from the ranks after this one, in flight
+    transport = _transport(group, [kv, [torch.empty(k.shape, dtype=acc, device="meta"),  # (sizes only)
+                                        torch.empty(v.shape, dtype=acc, device="meta")]])
     for step in range(world):
         k_ids = _chunk_ids((rank + 1 + step) % world, world, layout)
         hop = step + 2 < world  # the next step's shard travels during this one (the last is ours)
         if hop:
-            nxt_kv, reqs_kv = _ring_exchange(kv, group, rank, world, reverse=True)
+            nxt_kv, reqs_kv = transport.exchange(kv, reverse=True, lane=0)
         ks, vs = kv[0].chunk(n, dim=seq_dim), kv[1].chunk(n, dim=seq_dim)
         d = [torch.zeros(k.shape, dtype=acc, device=k.device),  # contiguous, whatever k's strides
              torch.zeros(v.shape, dtype=acc, device=v.device)]
@@ -227,16 +417,18 @@ def _ring_backward(dout, q, k, v, out, lse, kv_last, group, layout, causal, wind
             dks[j].add_(dkj)
             dvs[j].add_(dvj)
         if d_in is not None:  # sent by the next rank after its previous step
-            _wait(reqs_d)
+            transport.wait(reqs_d)
             d[0].add_(d_in[0])
             d[1].add_(d_in[1])
         if step + 1 < world:  # on to the rank that attends to this shard next (last: its owner)
-            d_in, reqs_d = _ring_exchange(d, group, rank, world, reverse=True)
+            d_in, reqs_d = transport.exchange(d, reverse=True, lane=1)
         if hop:
-            _wait(reqs_kv)
+            transport.wait(reqs_kv)
             kv = nxt_kv
         elif step + 2 == world:
             kv = [k.contiguous(), v.contiguous()]  # the last step: this rank's own shard
+    if world > 1:
+        transport.finish()
     return dq, d[0], d[1]
 
 

@@ -86,6 +86,10 @@ def _worker(rank, world, port, case, errors, backend="gloo"):
         ours = [out, *torch.autograd.grad(out, inputs, shard(dout))]
         if sink is not None:  # each rank's dsink covers its rows: the group's sum is the full gradient
             dist.all_reduce(ours[-1])
+        if os.environ.get("FLASH_MODULE_RING_TRANSPORT") == "copy" and world > 1:
+            from flash_module import distributed as fmd
+
+            assert fmd._WORKSPACES, "the copy transport fell back to p2p"
 
         def single_process(ref_dtype):  # the full sequence on one device, PyTorch path
             qf, kf, vf = (t.to(ref_dtype).requires_grad_() for t in (q, k, v))
@@ -210,6 +214,101 @@ def test_ring_attention_nccl(world, case, monkeypatch):
     for name, value in SAFE_NCCL_ENV.items():
         monkeypatch.setenv(name, value)  # inherited by the spawned ranks
     _spawn_and_check(world, case, "nccl", fp32_tol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world, case", [p for p in NCCL_CASES if p.id in ("w2-causal-zigzag-gqa-bf16",
+                                                                           "w4-causal-contig-fp16")])
+def test_ring_attention_nccl_copy_transport(world, case, monkeypatch):
+    """The same comparison with the hops pulled through symmetric memory by the copy engines
+    (``FLASH_MODULE_RING_TRANSPORT=copy``, read by the spawned ranks at import)."""
+    monkeypatch.setenv("FLASH_MODULE_RING_TRANSPORT", "copy")
+    test_ring_attention_nccl(world, case, monkeypatch)
+
+
+_WORKSPACE_BYTES = 1 << 20
+
+
+class _SharedWorkspace:
+    """A stand-in for torch's symmetric memory on CPU: every rank's buffer is a file all the
+    spawned processes map (``torch.from_file(shared=True)``), and the barrier is gloo's."""
+
+    def __init__(self, bufs, group):
+        self.bufs, self.group = bufs, group
+
+    def get_buffer(self, rank, sizes, dtype, storage_offset=0):
+        n = torch.Size(sizes).numel()
+        return self.bufs[rank].view(dtype)[storage_offset:storage_offset + n].view(sizes)
+
+    def barrier(self, channel=0):
+        dist.barrier(self.group)
+
+
+def _transport_worker(rank, world, port, paths, layout, causal, failures):
+    from flash_module import distributed as fmd
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    bufs = [torch.from_file(p, shared=True, size=_WORKSPACE_BYTES, dtype=torch.uint8) for p in paths]
+    try:
+        handle = _SharedWorkspace(bufs, dist.group.WORLD)
+        sizes = []
+
+        def workspace(group, device, nbytes):
+            sizes.append(nbytes)
+            assert nbytes <= bufs[rank].numel()
+            return bufs[rank], handle
+
+        fmd._symmetric_workspace = workspace
+        q, k, v, dout = (shard_sequence(t, rank, world, layout) for t in _full_inputs(16 * world, 4, 2, 16,
+                                                                                     torch.float32))
+        packed_cu = torch.tensor([0, 8 * world, 16 * world], dtype=torch.int32)  # two documents
+
+        def run(transport):
+            fmd.TRANSPORT = transport
+            qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+            out = ring_attention(qs, ks, vs, causal=causal, layout=layout)
+            grads = torch.autograd.grad(out, (qs, ks, vs), dout)
+            qv, kv, vv = (fmd.shard_documents(t[0], packed_cu, rank, world, layout).requires_grad_()
+                          for t in _full_inputs(16 * world, 4, 2, 16, torch.float32)[:3])
+            out_v = fmd.ring_attention_varlen(qv, kv, vv, packed_cu, causal=causal, layout=layout)
+            return [out, *grads, out_v, *torch.autograd.grad(out_v.sum(), (qv, kv, vv))]
+
+        want = run("p2p")
+        if sizes:
+            failures.append((rank, "p2p asked for a workspace"))
+        for attempt in range(2):  # twice: the slots are reused from pass to pass
+            got = run("copy")
+            bad = [i for i, (a, b) in enumerate(zip(want, got)) if not torch.equal(a, b)]
+            if bad:
+                failures.append((rank, attempt, bad))
+        if not sizes:
+            failures.append((rank, "the copy transport never asked for its workspace"))
+    except Exception as err:  # reported, not raised: a rank dying mid-collective aborts the others
+        failures.append((rank, repr(err)))
+    finally:
+        dist.barrier()  # nobody tears the group down while a peer is still in a collective
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,layout,causal", [
+    pytest.param(2, "zigzag", True, id="w2-zigzag", marks=pytest.mark.slow),
+    pytest.param(3, "contiguous", False, id="w3-full"),
+    pytest.param(4, "zigzag", True, id="w4-zigzag", marks=pytest.mark.slow),
+])
+def test_copy_transport_gives_the_p2p_bits(world, layout, causal, tmp_path):
+    """The ``"copy"`` transport (pulls through two slots per lane of a buffer every rank reads,
+    one barrier per exchange) on CPU with shared-memory buffers and gloo barriers, processes
+    racing for real: ring attention and its packed-document variant, forward and backward
+    (K/V lanes both ways, the dK/dV lane), give the ``"p2p"`` transport's bits, in two passes
+    in a row over the same slots."""
+    paths = [str(tmp_path / f"workspace{r}") for r in range(world)]
+    for p in paths:
+        Path(p).write_bytes(bytes(_WORKSPACE_BYTES))
+    failures = mp.get_context("spawn").Manager().list()
+    mp.spawn(_transport_worker, args=(world, _free_port(), paths, layout, causal, failures), nprocs=world,
+             join=True)
+    assert not list(failures), list(failures)
 
 
 @pytest.mark.slow
