@@ -15,15 +15,15 @@ beside.  For each world size W this spawns W ranks (one GPU each, NCCL) and time
 ``slowdown`` = attn+hop - attn is what the hop costs the step when it is the shorter of the two;
 ``exposed`` = attn+hop - max(attn, hop).  Transports:
 
-* ``nccl``: ``batch_isend_irecv``, as ``flash_module.distributed`` does (NCCL's copy kernels
-  take SMs);
-* ``ce``: a pull through torch's symmetric memory: every rank publishes its shard in a
-  symmetric workspace once, and a hop is a barrier and ``copy_`` from the previous rank's
-  buffer, which runs on the copy engines and takes no SM (torch's own low-contention
-  collectives do the same); skipped where torch has no symmetric memory.
+* ``p2p``: ``batch_isend_irecv`` (NCCL's copy kernels take SMs);
+* ``copy``: a pull through torch's symmetric memory (a barrier and ``copy_`` from the previous
+  rank's slot, which the copy engines run: no SM); skipped where torch has no symmetric memory.
+
+Both are the ring's own transports (``flash_module.distributed.TRANSPORTS``), each hop sending
+on what the one before brought, as the ring does.
 
 ``--env KEY=VALUE,...`` sets more variables for the ranks (e.g. ``NCCL_MAX_P2P_NCHANNELS=4``).
-NCCL's NVLink multicast stays off.  ``--device cpu`` is a smoke run (gloo, ``nccl`` transport
+NCCL's NVLink multicast stays off.  ``--device cpu`` is a smoke run (gloo, ``p2p`` transport
 only, host clocks).  A benchmark, not a test.
 """
 
@@ -34,7 +34,6 @@ import datetime
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -45,25 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flash_module as fm  # noqa: E402
 from benchmarks.bench_ring import DTYPES, SAFE_ENV, _env_pairs, _free_port, _Timer  # noqa: E402
-
-
-def _symmetric_workspace(group, nbytes: int):
-    """torch's cached symmetric-memory workspace of at least ``nbytes`` for ``group``, or None
-    where this torch (or this machine) has none."""
-    try:
-        from torch.distributed import _symmetric_memory as symm_mem
-    except ImportError:
-        return None
-    name = group.group_name
-    try:
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # needed by older torch, deprecated later
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                symm_mem.enable_symm_mem_for_group(name)
-        return symm_mem.get_symm_mem_workspace(name, min_size=nbytes)
-    except Exception as err:  # noqa: BLE001 - report and go on with NCCL alone
-        print(f"symmetric memory unavailable: {type(err).__name__}: {err}", file=sys.stderr)
-        return None
+from flash_module import distributed as fmd  # noqa: E402
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
@@ -81,49 +62,33 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
         shape = (1, args.seq_per_rank, args.heads, args.head_dim)
         torch.manual_seed(rank)
         q, k, v = (torch.randn(shape, dtype=dtype, device=device) for _ in range(3))
-        recv = [torch.empty_like(k), torch.empty_like(v)]
-        dst, src = (rank + 1) % world, (rank - 1) % world
         side = torch.cuda.Stream(device) if cuda else None
 
         def attn() -> None:
             fm.flash_attn_func(q, k, v, causal=args.causal, impl=args.impl)
 
-        def nccl_hop() -> None:
-            ops = [dist.P2POp(dist.isend, t, dst, group) for t in (k, v)]
-            ops += [dist.P2POp(dist.irecv, r, src, group) for r in recv]
-            for req in dist.batch_isend_irecv(ops):
-                req.wait()
+        def make_hop(name: str):
+            """One K/V hop by the ring's own transport ``name`` (each hop sending what the last one
+            brought, as the ring does), or None where it is not available here."""
+            fmd.TRANSPORT = name
+            transport = fmd._transport(group, [[k, v]])
+            if name == "copy" and isinstance(transport, fmd._P2P):
+                return None
+            state = [k, v]
 
-        hops = {"nccl": nccl_hop}
-        workspace = _symmetric_workspace(group, 2 * k.numel() * k.element_size()) if cuda else None
-        if workspace is not None:
-            mine = [workspace.get_buffer(rank, k.shape, k.dtype, 0),
-                    workspace.get_buffer(rank, v.shape, v.dtype, k.numel())]
-            theirs = [workspace.get_buffer(src, k.shape, k.dtype, 0),
-                      workspace.get_buffer(src, v.shape, v.dtype, k.numel())]
-            mine[0].copy_(k)
-            mine[1].copy_(v)  # published once: the ring would keep its shard there
-            torch.cuda.synchronize(device)
-            dist.barrier(group)
+            def hop() -> None:
+                recv, handle = transport.exchange(state)
+                transport.wait(handle)
+                state[:] = recv
 
-            def ce_hop() -> None:
-                side.wait_stream(torch.cuda.current_stream(device))
-                with torch.cuda.stream(side):
-                    workspace.barrier(channel=0)  # every rank's buffer is published
-                    for r, t in zip(recv, theirs):
-                        r.copy_(t)  # copy engine: peer memory -> local
-                    workspace.barrier(channel=1)  # no rank leaves before the others read it
-                torch.cuda.current_stream(device).wait_stream(side)
+            return hop
 
-            hops["ce"] = ce_hop
+        hops = {name: h for name in fmd.TRANSPORTS if world > 1 and (h := make_hop(name)) is not None}
 
         timer = _Timer(device)
         rows = []
         attn_ms = timer(attn, args.iters, group)
         for name, hop in hops.items():
-            if world == 1:
-                break
-
             def both(hop=hop) -> None:
                 if side is None:  # CPU: no streams, so one after the other
                     hop()

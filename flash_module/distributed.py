@@ -239,7 +239,9 @@ class _SymmetricPull:
         self.count = [0] * len(lanes)  # exchanges so far per lane
         self.side = None
         if device.type == "cuda":
-            self.side = _SIDE_STREAMS.setdefault(device.index, torch.cuda.Stream(device))
+            if device.index not in _SIDE_STREAMS:
+                _SIDE_STREAMS[device.index] = torch.cuda.Stream(device)
+            self.side = _SIDE_STREAMS[device.index]
 
     @staticmethod
     def bytes_needed(lanes: list[int]) -> int:

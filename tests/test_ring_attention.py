@@ -314,7 +314,7 @@ def test_copy_transport_gives_the_p2p_bits(world, layout, causal, tmp_path):
 @pytest.mark.slow
 def test_ring_transport_cpu_smoke(tmp_path):
     """benchmarks/ring_transport.py (what one hop costs the attention beside it) runs end to
-    end with gloo on CPU: 1 and 2 ranks, the NCCL-style transport (the copy-engine one needs
+    end with gloo on CPU: 1 and 2 ranks, the p2p transport (the copy-engine one needs
     CUDA symmetric memory)."""
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "ring_transport.py"
     out = tmp_path / "transport.json"
@@ -323,7 +323,7 @@ def test_ring_transport_cpu_smoke(tmp_path):
     res = subprocess.run([sys.executable, str(path), *argv], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())
-    assert [(r["world"], r["transport"]) for r in rows] == [(1, "none"), (2, "nccl")]
+    assert [(r["world"], r["transport"]) for r in rows] == [(1, "none"), (2, "p2p")]
     two = rows[1]
     assert two["hop_ms"] > 0 and two["attn_ms"] > 0 and two["bytes_per_hop"] == 2 * 32 * 2 * 16 * 2  # K and V
     assert two["both_ms"] > 0 and two["exposed_ms"] == two["both_ms"] - max(two["attn_ms"], two["hop_ms"])

@@ -32,7 +32,7 @@ try:  # Gluon with the Hopper ops (triton >= 3.5)
 except ImportError:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_layout_3d",
+__all__ = ["HAVE_GLUON", "HAVE_TMA_ADD", "CONSUMER_REGS", "LOG2E_C", "descriptor_3d", "shared_layout_3d",
            "set_scratch_allocator"]
 #: Whether the installed Gluon can add a shared-memory tile into global memory by TMA
 #: (``cp.reduce.async.bulk.tensor``): :func:`tma_add`.
@@ -56,8 +56,7 @@ if HAVE_GLUON:
             _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
                                                       src.handle)
 
-if HAVE_GLUON:
-    __all__ += ["HAVE_TMA_ADD", "tma_add", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
+    __all__ += ["tma_add", "gluon", "gl", "fence_async_shared", "mbarrier", "tma", "warpgroup_mma", "warpgroup_mma_wait",
                 "TensorDescriptor", "load_block", "producer", "kv_ring", "key_blocks", "window_blocks", "store_rows",
                 "tanh_approx", "variant_scores", "alibi_side", "alibi_separable_p", "tile_key_blocks", "varlen_item", "sequence_descriptor", "dropout_keep_mma",
                 "dropout_keep_mma_t"]
