@@ -253,6 +253,7 @@ def _transport_worker(rank, world, port, paths, layout, causal, failures, checke
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     bufs = [torch.from_file(p, shared=True, size=_WORKSPACE_BYTES, dtype=torch.uint8) for p in paths]
+    original = fmd._symmetric_workspace
     try:
         handle = _SharedWorkspace(bufs, dist.group.WORLD)
         sizes = []
@@ -291,6 +292,12 @@ def _transport_worker(rank, world, port, paths, layout, causal, failures, checke
     except Exception as err:  # reported, not raised: a rank dying mid-collective aborts the others
         failures.append((rank, repr(err)))
     finally:
+        # The stand-in (which holds the process group) leaves the module: a process group still
+        # referenced after destroy_process_group is torn down at interpreter exit instead, where
+        # rank 0's store thread can abort the process.
+        fmd._symmetric_workspace = original
+        handle = workspace = None
+        gc.collect()
         dist.barrier()  # nobody tears the group down while a peer is still in a collective
         dist.destroy_process_group()
 

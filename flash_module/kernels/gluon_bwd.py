@@ -93,8 +93,9 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-#: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the dK/dV pass per head dim; the pass takes
-#: these head dims only.  D=64 and 128: 64 x 64 tiles with one warpgroup were 0-5% faster than
+#: Launch configs (BLOCK_M, BLOCK_N, num_warps[, "qrows"]) of the dK/dV pass per head dim; the
+#: pass takes these head dims only ("qrows": :func:`_dkdv_qrows_step`, dense calls only, no
+#: dropout; none by default).  D=64 and 128: 64 x 64 tiles with one warpgroup were 0-5% faster than
 #: 64 x 128 with two on an H200 (Gluon / portable 1.07-1.08x at D=64, 1.14-1.56x at D=128,
 #: performance.md eleventh session).  D=256: two warpgroups on 64 x 64 tiles, each holding half
 #: of the (64, 256) accumulators' columns (one warpgroup would need 256 registers per thread for
@@ -135,12 +136,16 @@ FUSED_DQ_TMA = HAVE_TMA_ADD and os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ_TMA"
 #: ``FLASH_MODULE_GLUON_FUSED_DQ=0`` / ``=1`` turns it off / on.
 FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "1" if FUSED_DQ_TMA else "0") == "1"
 FUSED_DQ_HEAD_DIMS = (64,)
-#: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps).  D=128 (not in
-#: :data:`FUSED_DQ_HEAD_DIMS`): 128 keys on two warpgroups, each holding half of dQ's columns;
-#: offline it spills (8-176 bytes with the TMA adds), and on the H200 it ran at 0.76-0.93x the
-#: two passes (64 x 64 on one warpgroup: 0.65-0.70x).  At D=64, 64 x 128 on two warpgroups was
-#: 0.86-0.91x the 64 x 64 one.
-FUSED_DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 128, 8)}
+#: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps[, "qrows"]).  D=128 (not in
+#: :data:`FUSED_DQ_HEAD_DIMS`): 128 keys on two warpgroups, each holding half of dQ's columns.
+#: With the score tiles transposed (keys as rows, :func:`_dkdv_kt_step`) it spills offline
+#: (8-176 bytes with the TMA adds) and ran at 0.76-0.93x the two passes on the H200 (64 x 64 on
+#: one warpgroup: 0.65-0.70x).  "qrows" (:func:`_dkdv_qrows_step`, queries as rows: two
+#: registers per thread for a row's statistics, P and dS double-buffered in shared memory, 224
+#: KB): offline 249 registers and no spill non-causal, 40 bytes causal (softcap/ALiBi 24-240);
+#: not yet run on a GPU, so D=128 stays on the two passes.  At D=64, 64 x 128 on two
+#: warpgroups was 0.86-0.91x the 64 x 64 one.
+FUSED_DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 128, 8, "qrows")}
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
@@ -179,6 +184,18 @@ if HAVE_GLUON:
                                            instr_shape=[16, tile_n // wn, 16])
         acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[wm, wn], instr_shape=[16, head_dim // wn, 16])
         return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
+
+    @gluon.constexpr_function
+    def _dkdv_layouts(block_m, block_n, head_dim, num_warps, qrows):
+        """The dK/dV pass's layouts (:func:`_mma_layouts` of its (BLOCK_N, D) accumulators): the
+        score tile, the accumulators, the score tile as their MMA's register A operand, a query
+        row's statistic and a key's index.  The score tile is (BLOCK_N, BLOCK_M), keys as rows, or
+        with ``qrows`` (BLOCK_M, BLOCK_N), queries as rows."""
+        scores, acc, a_op = _mma_layouts(block_n, block_m, head_dim, num_warps)
+        if qrows:
+            scores = _mma_layouts(block_m, block_n, head_dim, num_warps)[0]
+            return scores, acc, a_op, gl.SliceLayout(1, scores), gl.SliceLayout(0, scores)
+        return scores, acc, a_op, gl.SliceLayout(0, scores), gl.SliceLayout(1, scores)
 
     @gluon.jit
     def _stage_tiles(own_a_desc, own_b_desc, ring_a_desc, ring_b_desc, b, row, col, OWN_ROWS: gl.constexpr,
@@ -237,27 +254,12 @@ if HAVE_GLUON:
         return seed, stream0, row_off, col_off, thresh, scale
 
     @gluon.jit
-    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
-                   Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
-                   stride_ah, win_l, win_r, start_n, drop, fused,
-                   qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-                   DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
-                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
-        """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
-        ``m_first + it % n_m``): prefetch step it + 1's Q and dO, then the four matmuls.
-        ``MASKED``: the block reaches above the causal diagonal (with ``WINDOW``: may reach out
-        of the window).  ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed
-        (``_gluon.variant_scores``), and dS through the cap's ``1 - tanh^2``.  ``DROPOUT``: ``drop`` =
-        (seed, the query heads' first stream b * H, row offset, key offset, threshold, 1 / (1 - p)):
-        dV takes the kept P, dS the kept dP times 1 / (1 - p) (dV is scaled once, at the end), with
-        the forward's mask of the transposed tile (``_gluon.dropout_keep_mma_t``).  ``FUSED_DQ``:
-        also this step's share of dQ, dQ_m += dS K sm_scale, added into the fp32 buffer by
-        atomics; ``fused`` = (two shared-memory tiles for dS^T, the buffer's batch entry (Sq, H, D),
-        H, sm_scale, the buffer's descriptor, its shared-memory tiles); dS^T goes through shared
-        memory to be read transposed as the A operand.  ``DQ_TMA``: the dQ tile is added by a TMA
-        reduction from one of the (1, BLOCK_M, D) fp32 tiles (else by atomics from registers)."""
-        dtype: gl.constexpr = q_desc.dtype
+    def _step_begin(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, stats_len, Stats_b, q_desc, do_desc, q_smem,
+                    do_smem, bars, qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                    stat_layout: gl.constexpr, SYNC: gl.constexpr):
+        """What every dK/dV step starts with: prefetch step it + 1's Q and dO, load this query
+        block's row statistics (in ``stat_layout``), wait for its Q and dO.  Returns (ring stage,
+        first query row m0, query head, the rows, lse2, delta, Q and dO as (BLOCK_M, D) tiles)."""
         stage = it % 2
         m0 = (m_first + it % n_m) * BLOCK_M
         off_h = off_hkv * GROUP + it // n_m
@@ -273,7 +275,7 @@ if HAVE_GLUON:
             _load_pair(q_desc, do_desc, off_b, nm0, nh * HEAD_DIM, bars.index(1 - stage),
                        q_smem.index(1 - stage), do_smem.index(1 - stage), qo_bytes)
         # Row statistics of this query block (rows past Sq: lse2 = +inf, so P = 0).
-        rows = m0 + gl.arange(0, BLOCK_M, col_layout)
+        rows = m0 + gl.arange(0, BLOCK_M, stat_layout)
         stats = Stats_b + (off_h * 3).to(gl.int64) * stats_len
         lse2 = gl.load(stats + rows, mask=rows < Sq, other=float("inf"))
         delta = gl.load(stats + stats_len + rows, mask=rows < Sq, other=0.0)
@@ -281,6 +283,57 @@ if HAVE_GLUON:
         mbarrier.wait(bars.index(stage), phase=(it // 2) & 1)
         q_s = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         do_s = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        return stage, m0, off_h, rows, lse2, delta, q_s, do_s
+
+    @gluon.jit
+    def _add_dq(dq, it, m0, off_b, off_h, Sq, fused, q_layout: gl.constexpr, DQ_TMA: gl.constexpr):
+        """Add a one-pass step's dQ tile ``dq`` (BLOCK_M, D) fp32 in ``q_layout``, times sm_scale,
+        into the fp32 buffer (``fused``, as :func:`_dkdv_kt_step`): ``DQ_TMA``, through the next of
+        the (1, BLOCK_M, D) shared-memory tiles and one thread's TMA reduction (rows past Sq
+        clipped by the descriptor; the caller has waited for that tile's last reduction), else by
+        atomics from registers."""
+        ds_smem, DQ_b, H, sm_scale, dq_desc, dq_smem = fused
+        BLOCK_M: gl.constexpr = dq.shape[0]
+        HEAD_DIM: gl.constexpr = dq.shape[1]
+        if DQ_TMA:
+            dq_s = dq_smem.index(it % dq_smem.shape[0])
+            dq_s.reshape([BLOCK_M, HEAD_DIM]).store(dq * sm_scale)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma_add(dq_desc, [off_b, m0, off_h * HEAD_DIM], dq_s)
+        else:
+            q_rows = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, q_layout))
+            cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, q_layout))
+            offs = (q_rows[:, None].to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
+            gl.atomic_add(DQ_b + offs, dq * sm_scale,
+                          mask=(q_rows[:, None] < Sq) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+
+    @gluon.jit
+    def _dkdv_kt_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                      Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
+                      stride_ah, win_l, win_r, start_n, drop, fused,
+                      qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                      MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+                      DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
+                      SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
+        """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
+        ``m_first + it % n_m``) with the score tiles transposed, keys as rows (S^T, dP^T:
+        (BLOCK_N, BLOCK_M)): prefetch step it + 1's Q and dO, then the four matmuls.
+        ``MASKED``: the block reaches above the causal diagonal (with ``WINDOW``: may reach out
+        of the window).  ``SOFTCAP`` / ``ALIBI``: the forward's scores recomputed
+        (``_gluon.variant_scores``), and dS through the cap's ``1 - tanh^2``.  ``DROPOUT``: ``drop`` =
+        (seed, the query heads' first stream b * H, row offset, key offset, threshold, 1 / (1 - p)):
+        dV takes the kept P, dS the kept dP times 1 / (1 - p) (dV is scaled once, at the end), with
+        the forward's mask of the transposed tile (``_gluon.dropout_keep_mma_t``).  ``FUSED_DQ``:
+        also this step's share of dQ, dQ_m += dS K sm_scale, added into the fp32 buffer by
+        atomics; ``fused`` = (two shared-memory tiles for dS^T, the buffer's batch entry (Sq, H, D),
+        H, sm_scale, the buffer's descriptor, its shared-memory tiles); dS^T goes through shared
+        memory to be read transposed as the A operand.  ``DQ_TMA``: the dQ tile is added by a TMA
+        reduction from one of the (1, BLOCK_M, D) fp32 tiles (else by atomics from registers)."""
+        dtype: gl.constexpr = q_desc.dtype
+        stage, m0, off_h, rows, lse2, delta, q_s, do_s = _step_begin(
+            it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, stats_len, Stats_b, q_desc, do_desc, q_smem, do_smem,
+            bars, qo_bytes, HEAD_DIM, BLOCK_M, col_layout, SYNC)
         s_t, dp_t = _two_products(k_smem, q_s, v_smem, do_s, gl.zeros([BLOCK_N, BLOCK_M], gl.float32, s_layout))
         if ALIBI and not SOFTCAP:
             slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
@@ -338,21 +391,138 @@ if HAVE_GLUON:
             dq = warpgroup_mma(ds_s.permute((1, 0)), k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout),
                                use_acc=False, is_async=True)
             dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-            if DQ_TMA:  # (1, BLOCK_M, D) tile, rows past Sq clipped by the descriptor
-                dq_s = dq_smem.index(it % dq_smem.shape[0])
-                dq_s.reshape([BLOCK_M, HEAD_DIM]).store(dq * sm_scale)
-                fence_async_shared()
-                gl.thread_barrier()
-                tma_add(dq_desc, [off_b, m0, off_h * HEAD_DIM], dq_s)
-            else:
-                q_rows = m0 + gl.arange(0, BLOCK_M, gl.SliceLayout(1, q_layout))
-                cols = gl.arange(0, HEAD_DIM, gl.SliceLayout(0, q_layout))
-                offs = (q_rows[:, None].to(gl.int64) * H + off_h) * HEAD_DIM + cols[None, :]
-                gl.atomic_add(DQ_b + offs, dq * sm_scale,
-                              mask=(q_rows[:, None] < Sq) & (cols[None, :] < HEAD_DIM), sem="relaxed")
+            _add_dq(dq, it, m0, off_b, off_h, Sq, fused, q_layout, DQ_TMA)
         else:
             dk = warpgroup_mma(gl.convert_layout(ds_t.to(dtype), a_layout), q_s, dk, is_async=True)
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        return dk, dv
+
+    @gluon.jit
+    def _probs_by_rows(s, qk_scale, cap2, slope2, rows, keys, start_n, row0, causal_offset, lse2,
+                       SOFTCAP: gl.constexpr, ALIBI: gl.constexpr):
+        """P = exp2(x - lse2) of a (ROWS, BLOCK_N) score tile ``s`` with queries as rows (``rows``
+        from ``row0``, ``keys`` from ``start_n``), x the forward's log2-domain scores: plain, or
+        with softcap / ALiBi recomputed (``_gluon.variant_scores``; ALiBi alone and one-sided,
+        the separable bias, one FMA and one add per score).  Returns (P, tanh of the capped
+        scores for dS, or a stand-in without ``SOFTCAP``); masks are the caller's."""
+        ROWS: gl.constexpr = s.shape[0]
+        BLOCK_N: gl.constexpr = s.shape[1]
+        t = s
+        if ALIBI and not SOFTCAP:
+            left, one_sided = alibi_side(start_n, BLOCK_N, row0 + causal_offset, ROWS)
+            if one_sided:
+                p = alibi_separable_p(s, qk_scale, slope2, left, gl.arange(0, BLOCK_N, keys.type.layout)[None, :],
+                                      (rows + (causal_offset - start_n))[:, None], lse2[:, None])
+            else:
+                x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
+                                      keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
+                p = gl.exp2(x - lse2[:, None])
+        elif SOFTCAP or ALIBI:
+            x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
+                                  keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
+            p = gl.exp2(x - lse2[:, None])
+        else:
+            p = gl.exp2(s * qk_scale - lse2[:, None])
+        return p, t
+
+    @gluon.jit
+    def _dkdv_qrows_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                         Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
+                         stride_ah, win_l, win_r, start_n, drop, fused,
+                         qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                         BLOCK_N: gl.constexpr, MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
+                         WINDOW: gl.constexpr, DROPOUT: gl.constexpr, s_layout: gl.constexpr,
+                         stat_layout: gl.constexpr, SYNC: gl.constexpr, FUSED_DQ: gl.constexpr,
+                         DQ_TMA: gl.constexpr):
+        """Step ``it`` of the dK/dV loop with the score tiles the other way round, queries as
+        rows, as FA2's pseudo-code writes them (``FUSED_DQ``: dQ too, one pass):
+
+            S  = Q_m K^T, dP = dO_m V^T          (BLOCK_M, BLOCK_N)   wgmma, both in flight
+            P  = exp2(S * qk_scale - lse2)       -> shared memory
+            dV += P^T dO_m                       (BLOCK_N, D)         wgmma, P^T from smem, under dS
+            dS = P * (dP - delta)                -> shared memory
+            dK += dS^T Q_m  [, dQ_m = dS K]      (BLOCK_N, D), (BLOCK_M, D)
+
+        A query row's lse2 and delta then take two registers per thread (keys as rows, each
+        thread holds BLOCK_M / 4 of them, 32 registers for both at BLOCK_M = 64), which is what
+        lets the (64 x 128, two warpgroups) one-pass tile fit 255 registers at D=128.  P and dS
+        go to ``fused[0]``'s four (BLOCK_M, BLOCK_N) tiles, P to tile ``stage`` and dS to ``2 +
+        stage`` (each warpgroup writes its half of the keys; a CTA barrier before the matmuls
+        that read them whole).  Tiles by ring stage, not one each: with one, every wgmma
+        descriptor of the step is loop-invariant, the compiler hoists them all out of the loop,
+        and they overflow the uniform registers and spill (192-304 bytes against 0-40 at D=128,
+        offline).  Everything else (``fused``, variants, the dQ add) as :func:`_dkdv_kt_step`;
+        no dropout (its keep mask is built for one warpgroup)."""
+        gl.static_assert(not DROPOUT, "the queries-as-rows step has no dropout")
+        dtype: gl.constexpr = q_desc.dtype
+        stage, m0, off_h, rows, lse2, delta, q_s, do_s = _step_begin(
+            it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, stats_len, Stats_b, q_desc, do_desc, q_smem, do_smem,
+            bars, qo_bytes, HEAD_DIM, BLOCK_M, stat_layout, SYNC)
+        s, dp = _two_products(q_s, k_smem, do_s, v_smem, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
+        slope2 = 0.0
+        if ALIBI:
+            slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
+        p, t = _probs_by_rows(s, qk_scale, cap2, slope2, rows, keys, start_n, m0, causal_offset, lse2, SOFTCAP,
+                              ALIBI)  # (BLOCK_M, BLOCK_N)
+        if MASKED:  # in keys relative to the block (an arange: immediates, not a register each)
+            cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :]
+            diag = (rows + (causal_offset - start_n))[:, None]
+            if WINDOW:
+                p = gl.where((cols >= diag - win_l) & (cols <= diag + win_r), p, 0.0)
+            else:
+                p = gl.where(cols <= diag, p, 0.0)
+        ds_smem = fused[0]
+        # P into its tile (every warp has passed this step's first barrier, so every matmul of
+        # the step before, which read it, is done), then dV += P^T dO under dS's arithmetic
+        p_s = ds_smem.index(stage)
+        p_s.store(p.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
+        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp,))
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
+            ds = ds * (1.0 - t * t)
+        ds_s = ds_smem.index(2 + stage)
+        ds_s.store(ds.to(dtype))
+        fence_async_shared()
+        if FUSED_DQ and DQ_TMA:  # the TMA add that last read this step's dQ tile is done reading it
+            tma.store_wait(fused[5].shape[0] - 1)
+        gl.thread_barrier()
+        dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
+        if FUSED_DQ:
+            # (BLOCK_M, D); with two warpgroups (SYNC: 8 warps) each holds half of dQ's columns
+            q_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, 8 if SYNC else 4)[1]
+            dq = warpgroup_mma(ds_s, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout), use_acc=False,
+                               is_async=True)
+            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
+            _add_dq(dq, it, m0, off_b, off_h, Sq, fused, q_layout, DQ_TMA)
+        else:
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
+        return dk, dv
+
+    @gluon.jit
+    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                   Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
+                   stride_ah, win_l, win_r, start_n, drop, fused,
+                   qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+                   DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, stat_layout: gl.constexpr,
+                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, QROWS: gl.constexpr):
+        """One step of the dK/dV loop: :func:`_dkdv_qrows_step` (``QROWS``: one pass, queries as
+        rows) or :func:`_dkdv_kt_step` (keys as rows; two passes or one)."""
+        if QROWS:
+            dk, dv = _dkdv_qrows_step(
+                it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale, Stats_b,
+                q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b, stride_ah, win_l,
+                win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASKED, SOFTCAP, ALIBI, WINDOW,
+                DROPOUT, s_layout, stat_layout, SYNC, FUSED_DQ, DQ_TMA)
+        else:
+            dk, dv = _dkdv_kt_step(
+                it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale, Stats_b,
+                q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b, stride_ah, win_l,
+                win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASKED, SOFTCAP, ALIBI, WINDOW,
+                DROPOUT, s_layout, a_layout, stat_layout, SYNC, FUSED_DQ, DQ_TMA)
         return dk, dv
 
     @gluon.jit
@@ -360,19 +530,20 @@ if HAVE_GLUON:
                    causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r, drop, DQ_b,
                    dq_desc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-                   DROPOUT: gl.constexpr, num_warps: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
+                   DROPOUT: gl.constexpr, num_warps: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
+                   QROWS: gl.constexpr):
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
         (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ``: dQ too,
         added by atomics into ``DQ_b``, the batch entry's rows of an fp32 (.., Sq, H, D) buffer
-        (:func:`_dkdv_step`)."""
-        # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
-        s_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[0]
-        d_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[1]
-        a_layout: gl.constexpr = _mma_layouts(BLOCK_N, BLOCK_M, HEAD_DIM, num_warps)[2]
-        col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)  # a query row's statistic, per column
-        row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)  # a key row's index
+        (:func:`_dkdv_step`; ``QROWS``: one pass with queries as the score tiles' rows)."""
+        # (BLOCK_N, BLOCK_M) score tiles (QROWS: (BLOCK_M, BLOCK_N)), (BLOCK_N, D) accumulators
+        s_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[0]
+        d_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[1]
+        a_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[2]
+        col_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[3]
+        row_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[4]
 
         # Shared memory: K and V for the whole program, Q and dO in a two-stage ring.
         k_smem, v_smem, kv_bar, q_smem, do_smem, bars = _stage_tiles(
@@ -394,9 +565,13 @@ if HAVE_GLUON:
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
         ds_smem = k_smem  # dS^T's two tiles with FUSED_DQ (else stand-ins, never touched)
         dq_smem = q_smem
-        if FUSED_DQ:
+        if QROWS:  # P and dS, (BLOCK_M, BLOCK_N), two each
+            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], q_desc.dtype)
+            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, BLOCK_M, BLOCK_N], ds_layout)
+        elif FUSED_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
             ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
+        if FUSED_DQ:
             if DQ_TMA:  # fp32 dQ tiles for the TMA adds: two while they fit (D=64: 32 KB)
                 DQ_BUFS: gl.constexpr = 2 if HEAD_DIM <= 64 else 1
                 dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFS, 1, BLOCK_M, HEAD_DIM], dq_desc.layout)
@@ -427,7 +602,7 @@ if HAVE_GLUON:
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST,
                     SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ,
-                    DQ_TMA)
+                    DQ_TMA, QROWS)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
@@ -435,7 +610,7 @@ if HAVE_GLUON:
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False,
                     SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ,
-                    DQ_TMA)
+                    DQ_TMA, QROWS)
                 it += 1
 
         _release(kv_bar, bars)
@@ -454,7 +629,7 @@ if HAVE_GLUON:
         win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, DQacc, dq_desc,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
         SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
-        FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, num_warps: gl.constexpr,
+        FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, QROWS: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_N-row key block of one K/V head of one batch entry
         (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len); ``FUSED_DQ``: dQ too, added into
@@ -467,7 +642,7 @@ if HAVE_GLUON:
                    sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, off_b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
                    DQacc + (off_b * Sq * H).to(gl.int64) * HEAD_DIM, dq_desc, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL,
-                   SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ, DQ_TMA)
+                   SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ, DQ_TMA, QROWS)
 
     @gluon.jit
     def _dq_kernel(
@@ -596,21 +771,8 @@ if HAVE_GLUON:
             dq_tok = warpgroup_mma(ds, k_smem.index(prev).reshape([BLOCK_N, HEAD_DIM]), dq, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok,))
             keys = j * BLOCK_N + gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))
-            if ALIBI and not SOFTCAP:
-                left, one_sided = alibi_side(j * BLOCK_N, BLOCK_N, row0 + causal_offset, ROWS)
-                if one_sided:  # the separable bias, one FMA and one add per score
-                    p = alibi_separable_p(s, qk_scale, slope2, left, gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :],
-                                          (rows + (causal_offset - j * BLOCK_N))[:, None], lse2[:, None])
-                else:
-                    x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
-                                          keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
-                    p = gl.exp2(x - lse2[:, None])
-            elif SOFTCAP or ALIBI:
-                x, t = variant_scores(s, qk_scale, cap2, slope2, (rows + causal_offset).to(gl.float32)[:, None],
-                                      keys.to(gl.float32)[None, :], SOFTCAP, ALIBI)
-                p = gl.exp2(x - lse2[:, None])  # (ROWS, BLOCK_N)
-            else:
-                p = gl.exp2(s * qk_scale - lse2[:, None])  # (ROWS, BLOCK_N)
+            p, t = _probs_by_rows(s, qk_scale, cap2, slope2, rows, keys, j * BLOCK_N, row0, causal_offset, lse2,
+                                  SOFTCAP, ALIBI)  # (ROWS, BLOCK_N)
             if (j < full_lo) | (j >= full_hi):  # the causal diagonal, keys past Sk, the window's edges
                 ok = keys[None, :] < Sk
                 if IS_CAUSAL:
@@ -726,7 +888,7 @@ if HAVE_GLUON:
                    sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
                    DK, q_desc, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps,
-                   False, False)
+                   False, False, False)
 
     @gluon.jit
     def _varlen_ws_dq_kernel(
@@ -819,11 +981,15 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
          drop_offsets: tuple[int, int] = (0, 0), dq_acc: torch.Tensor | None = None) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
-    BLOCK_N, num_warps) of :func:`_dkdv_kernel`.  ``dq_acc``: a zeroed fp32 (B, Sq, H, D) buffer
+    BLOCK_N, num_warps[, "qrows"]) of :func:`_dkdv_kernel` ("qrows": the one-pass step with queries
+    as the score tiles' rows, :func:`_dkdv_qrows_step`).  ``dq_acc``: a zeroed fp32 (B, Sq, H, D) buffer
     that also receives dQ, by atomics (then :data:`FUSED_DKDV_CONFIGS` by default; callers check
     :func:`fused_dq_takes`)."""
     b, sq, h, d = q.shape
-    block_m, block_n, num_warps = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
+    block_m, block_n, num_warps, *kind = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
+    qrows = kind == ["qrows"]
+    if qrows and dropout_p:
+        raise ValueError(f"dK/dV config {config}: the queries-as-rows step (qrows) has no dropout")
     sk, h_kv = k.shape[1], k.shape[2]
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng,
                                    drop_offsets)
@@ -833,16 +999,19 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
         q_desc, descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars,
         dk if dq_acc is None else dq_acc, descriptor_3d(dq_acc, block_m) if dq_tma else q_desc, HEAD_DIM=d,
-        BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma, num_warps=num_warps, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma, QROWS=qrows,
+        num_warps=num_warps, **flags,
     )
 
 
-def fused_dq_takes(d: int, deterministic: bool = False) -> bool:
+def fused_dq_takes(d: int, deterministic: bool = False, dropout: bool = False) -> bool:
     """Whether the dK/dV pass also computes dQ (by atomics, in place of the dQ pass) at head dim
     ``d`` (after :func:`supported`): with :data:`FUSED_DQ`, at :data:`FUSED_DQ_HEAD_DIMS`, unless
     the call (``deterministic``) or ``torch.use_deterministic_algorithms(True)`` asks for bitwise
-    reproducible gradients."""
-    return (FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not deterministic
+    reproducible gradients, or the call has ``dropout`` and the head dim's one-pass config is a
+    "qrows" one (which has none)."""
+    qrows = FUSED_DKDV_CONFIGS.get(d, ())[3:] == ("qrows",)
+    return (FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not deterministic and not (dropout and qrows)
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -874,7 +1043,7 @@ def varlen_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     list (``varlen.work_list`` over cu_seqlens_k) for BLOCK_N = :func:`varlen_blocks` ``[0]``."""
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
-    block_m, block_n, num_warps = DKDV_CONFIGS[d]
+    block_m, block_n, num_warps = DKDV_CONFIGS[d][:3]  # (a "qrows" entry: keys as rows here)
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng)
     meta, b, meta_flags = launch_meta
     set_scratch_allocator()
@@ -921,6 +1090,6 @@ def varlen_blocks(d: int) -> tuple[int, int]:
 
 def dropout_takes(d: int) -> bool:
     """Whether the Gluon passes take dropout at head dim ``d``: with :data:`DROPOUT`, where both
-    passes use one-warpgroup score tiles (the mask is built in that layout: dK/dV on 4 warps, the
-    warp-specialized dQ), i.e. D=64 and 128."""
-    return DROPOUT and DKDV_CONFIGS.get(d, (0, 0, 0))[2] == 4 and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
+    passes use one-warpgroup score tiles (the mask is built in that layout: dK/dV on 4 warps with
+    keys as rows, the warp-specialized dQ), i.e. D=64 and 128."""
+    return DROPOUT and DKDV_CONFIGS.get(d, (0, 0, 0))[2:] == (4,) and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
