@@ -472,8 +472,9 @@ if HAVE_GLUON:
             else:
                 p = gl.where(cols <= diag, p, 0.0)
         ds_smem = fused[0]
-        # P into its tile (every warp has passed this step's first barrier, so every matmul of
-        # the step before, which read it, is done), then dV += P^T dO under dS's arithmetic
+        # P into this stage's tile (its last readers, step it - 2's matmuls, are done: every warp
+        # waited for them before it passed step it - 1's barriers), then dV += P^T dO under dS's
+        # arithmetic
         p_s = ds_smem.index(stage)
         p_s.store(p.to(dtype))
         fence_async_shared()
