@@ -5,7 +5,7 @@
 #        (default: tests bench)
 # gluon: the Hopper Gluon kernels: tests/test_gluon_fwd.py and test_gluon_bwd.py, then
 # benchmarks/bench_gluon_fwd.py (GLUON_FWD_ARGS) and bench_gluon_bwd.py (GLUON_ARGS, default: --variants)
-# against the portable kernels, cuDNN and FA2.
+# against the portable kernels, cuDNN and FA2 (GLUON_TEST_TIMEOUT: the tests' limit, default 300 s).
 # upstream: flash-attn's own tests/test_flash_attn.py against flash_module (scripts/upstream_tests.py; needs
 # .upstream/flash-attention, carried: UPSTREAM_SAMPLE cases, default 600; UPSTREAM_ARGS extra pytest args).
 # ablation: benchmarks/dropout_ablation.py per variant (ABLATION_VARIANTS, default: plain full transpose).
@@ -154,7 +154,7 @@ for step in $steps; do
         | tee "$OUT/varlen.log"
       ;;
     gluon)
-      timeout 300 python3 -m pytest tests/test_gluon_fwd.py tests/test_gluon_bwd.py -q -n "${PYTEST_WORKERS:-6}" \
+      timeout "${GLUON_TEST_TIMEOUT:-300}" python3 -m pytest tests/test_gluon_fwd.py tests/test_gluon_bwd.py -q -n "${PYTEST_WORKERS:-6}" \
         -p no:cacheprovider -m "gpu or not gpu" 2>&1 | tee "$OUT/gluon_tests.log" | tail -3
       python3 benchmarks/bench_gluon_fwd.py ${GLUON_FWD_ARGS:-} 2>&1 | grep -v -i warn | tee "$OUT/gluon_fwd_bench.log"
       python3 benchmarks/bench_gluon_bwd.py ${GLUON_ARGS:---variants} 2>&1 | grep -v -i warn \
