@@ -290,6 +290,7 @@ class _SymmetricPull:
         return recv, event
 
     def wait(self, handle) -> None:
+        """Make the current stream wait for an exchange's pulls (its event on the side stream)."""
         if handle is not None:
             torch.cuda.current_stream(self.side.device).wait_event(handle)
 

@@ -536,9 +536,10 @@ if HAVE_GLUON:
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
-        (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ``: dQ too,
-        added by atomics into ``DQ_b``, the batch entry's rows of an fp32 (.., Sq, H, D) buffer
-        (:func:`_dkdv_step`; ``QROWS``: one pass with queries as the score tiles' rows)."""
+        (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ``: dQ too, added
+        into ``DQ_b``, the batch entry's rows of an fp32 (.., Sq, H, D) buffer (by TMA reductions
+        through ``dq_desc`` with ``DQ_TMA``, else atomics) (:func:`_dkdv_step`; ``QROWS``: queries
+        as the score tiles' rows)."""
         # (BLOCK_N, BLOCK_M) score tiles (QROWS: (BLOCK_M, BLOCK_N)), (BLOCK_N, D) accumulators
         s_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[0]
         d_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[1]
@@ -982,13 +983,14 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
          drop_offsets: tuple[int, int] = (0, 0), dq_acc: torch.Tensor | None = None) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
-    BLOCK_N, num_warps[, "qrows"]) of :func:`_dkdv_kernel` ("qrows": the one-pass step with queries
-    as the score tiles' rows, :func:`_dkdv_qrows_step`).  ``dq_acc``: a zeroed fp32 (B, Sq, H, D) buffer
-    that also receives dQ, by atomics (then :data:`FUSED_DKDV_CONFIGS` by default; callers check
-    :func:`fused_dq_takes`)."""
+    BLOCK_N, num_warps[, "qrows"]) of :func:`_dkdv_kernel` ("qrows": the step with queries as the
+    score tiles' rows, :func:`_dkdv_qrows_step`; no dropout).  ``dq_acc``: a zeroed fp32 (B, Sq, H,
+    D) buffer that also receives dQ, by TMA reductions or atomics (:data:`FUSED_DQ_TMA`; then
+    :data:`FUSED_DKDV_CONFIGS` by default; callers check :func:`fused_dq_takes`)."""
     b, sq, h, d = q.shape
-    block_m, block_n, num_warps, *kind = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
-    qrows = kind == ["qrows"]
+    config = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
+    block_m, block_n, num_warps = config[:3]
+    qrows = _is_qrows(config)
     if qrows and dropout_p:
         raise ValueError(f"dK/dV config {config}: the queries-as-rows step (qrows) has no dropout")
     sk, h_kv = k.shape[1], k.shape[2]
@@ -1005,13 +1007,19 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
     )
 
 
+def _is_qrows(config: tuple) -> bool:
+    """Whether a dK/dV launch config (BLOCK_M, BLOCK_N, num_warps[, "qrows"]) runs
+    :func:`_dkdv_qrows_step`."""
+    return tuple(config[3:]) == ("qrows",)
+
+
 def fused_dq_takes(d: int, deterministic: bool = False, dropout: bool = False) -> bool:
-    """Whether the dK/dV pass also computes dQ (by atomics, in place of the dQ pass) at head dim
+    """Whether the dK/dV pass also computes dQ (added up in fp32, in place of the dQ pass) at head dim
     ``d`` (after :func:`supported`): with :data:`FUSED_DQ`, at :data:`FUSED_DQ_HEAD_DIMS`, unless
     the call (``deterministic``) or ``torch.use_deterministic_algorithms(True)`` asks for bitwise
     reproducible gradients, or the call has ``dropout`` and the head dim's one-pass config is a
     "qrows" one (which has none)."""
-    qrows = FUSED_DKDV_CONFIGS.get(d, ())[3:] == ("qrows",)
+    qrows = _is_qrows(FUSED_DKDV_CONFIGS.get(d, ()))
     return (FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not deterministic and not (dropout and qrows)
             and not torch.are_deterministic_algorithms_enabled())
 
@@ -1093,4 +1101,5 @@ def dropout_takes(d: int) -> bool:
     """Whether the Gluon passes take dropout at head dim ``d``: with :data:`DROPOUT`, where both
     passes use one-warpgroup score tiles (the mask is built in that layout: dK/dV on 4 warps with
     keys as rows, the warp-specialized dQ), i.e. D=64 and 128."""
-    return DROPOUT and DKDV_CONFIGS.get(d, (0, 0, 0))[2:] == (4,) and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
+    config = DKDV_CONFIGS.get(d, (0, 0, 0))
+    return DROPOUT and config[2] == 4 and not _is_qrows(config) and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
