@@ -41,7 +41,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -55,15 +54,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flash_module import distributed as fmd  # noqa: E402
 from flash_module._runtime import acc_dtype  # noqa: E402
+from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn  # noqa: E402
 
-SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+SAFE_ENV = SAFE_NCCL_ENV
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ring_flops(batch: int, heads: int, seq_total: int, head_dim: int, causal: bool) -> float:
@@ -270,7 +264,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"world {world}: skipped, {available} GPU(s) present", file=sys.stderr)
                 continue
             results = manager.list()
-            mp.spawn(_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
+            spawn(_worker, world, world, free_port(), args, results)
             rows.extend(dict(r) for r in results)
             r = rows[-1]
             print(f"W={world} N={r['seq_total']} ({r['transport']}): ring {r['ring_ms']:.2f} ms, "

@@ -43,8 +43,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flash_module as fm  # noqa: E402
-from benchmarks.bench_ring import DTYPES, SAFE_ENV, _env_pairs, _free_port, _Timer  # noqa: E402
+from benchmarks.bench_ring import DTYPES, SAFE_ENV, _env_pairs, _Timer  # noqa: E402
 from flash_module import distributed as fmd  # noqa: E402
+from flash_module._spawn import free_port, spawn  # noqa: E402
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
@@ -124,7 +125,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 print(f"W={world}: only {n_dev} devices, skipped")
                 continue
             results = manager.list()
-            mp.spawn(_worker, args=(world, _free_port(), args, results), nprocs=world, join=True)
+            spawn(_worker, world, world, free_port(), args, results)
             for r in results:
                 gbps = r["bytes_per_hop"] / r["hop_ms"] / 1e6 if r["hop_ms"] > 0 else 0.0
                 print(f"W={r['world']} {r['transport']:>5}: attn {r['attn_ms']:.3f} ms, "

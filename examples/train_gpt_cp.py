@@ -25,7 +25,6 @@ import argparse
 import copy
 import datetime
 import os
-import socket
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -43,10 +42,9 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from flash_module.distributed import shard_sequence
-
-# NVLink multicast stays off in NCCL (the GPU machines' rule); harmless elsewhere.
-SAFE_NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-                 "NVSHMEM_DISABLE_NVLS": "1"}
+# spawn: local ranks that skip the interpreter's teardown once done (gloo can abort in it);
+# SAFE_NCCL_ENV: NVLink multicast off in NCCL (the GPU machines' rule), harmless elsewhere.
+from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,12 +72,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--seq-len {args.seq_len} must divide into {chunks} chunks ({args.layout}, "
                 f"world {args.world})")
     return args
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def enable_context_parallel(model: CharGPT, group, layout: str) -> CharGPT:
@@ -174,7 +166,7 @@ def main(argv=None) -> dict:
               f"{args.seq_len // args.world} tokens per rank; {args.precision}")
     with mp.get_context("spawn").Manager() as manager:
         results = manager.list()
-        mp.spawn(_worker, args=(args.world, _free_port(), args, results), nprocs=args.world, join=True)
+        spawn(_worker, args.world, args.world, free_port(), args, results)
         out = dict(results[0])
     diff = max(abs(a - b) for a, b in zip(out["losses"], out["reference"]))
     out["max_abs_diff"] = diff

@@ -12,7 +12,6 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -21,6 +20,7 @@ import torch.distributed as dist
 
 import flash_module
 from flash_module import MultiheadFlashAttention
+from flash_module._spawn import free_port, spawn
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 WORLD_SIZE = 2
@@ -32,12 +32,6 @@ def _gloo_available() -> bool:
 
 
 pytestmark = pytest.mark.skipif(not _gloo_available(), reason="torch.distributed with gloo is not available")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _make_model(rotary: bool) -> MultiheadFlashAttention:
@@ -90,13 +84,12 @@ def _worker(rank: int, world_size: int, port: int, rotary: bool, out_path: str) 
 @pytest.mark.parametrize("rotary", [False, pytest.param(True, marks=pytest.mark.slow)],
                          ids=["plain", "rotary"])
 def test_ddp_gloo_gradients_match_single_process(tmp_path, monkeypatch, rotary):
-    mp = pytest.importorskip("torch.multiprocessing")
     # Spawned children import this module again: make sure they find flash_module and tests/.
     pythonpath = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (REPO_ROOT, pythonpath) if p))
     out_path = str(tmp_path / "ddp_grads.pt")
 
-    mp.spawn(_worker, args=(WORLD_SIZE, _free_port(), rotary, out_path), nprocs=WORLD_SIZE, join=True)
+    spawn(_worker, WORLD_SIZE, WORLD_SIZE, free_port(), rotary, out_path)
     saved = torch.load(out_path)
     assert saved["interpreting"] == flash_module.ops.interpreting(), "children ran a different kernel path"
 

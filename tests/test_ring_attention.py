@@ -13,7 +13,6 @@ import faulthandler
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -25,18 +24,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import flash_module as fm
+from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn
 from flash_module.distributed import ring_attention, shard_positions, shard_sequence
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with gloo is not available",
 )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full_inputs(seq, h, h_kv, d, dtype):
@@ -46,12 +40,6 @@ def _full_inputs(seq, h, h_kv, d, dtype):
     v = torch.randn(2, seq, h_kv, d, generator=gen, dtype=dtype)
     dout = torch.randn(2, seq, h, d, generator=gen, dtype=dtype)
     return q, k, v, dout
-
-
-# NVLink multicast stays off in NCCL (the GPU machines' rule); harmless elsewhere.
-SAFE_NCCL_ENV = {
-    "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1",
-}
 
 
 def _worker(rank, world, port, case, errors, backend="gloo"):
@@ -168,7 +156,7 @@ CASES = [
 def _spawn_and_check(world, case, backend="gloo", fp32_tol=1e-5):
     """Run ``case`` on ``world`` ranks; every rank's rows must match the single-process result."""
     errors = mp.get_context("spawn").Manager().list([(float("nan"), float("nan"))] * world)
-    mp.spawn(_worker, args=(world, _free_port(), case, errors, backend), nprocs=world, join=True)
+    spawn(_worker, world, world, free_port(), case, errors, backend)
     errors = list(errors)
     if len(case) < 8 or case[7] == torch.float32:
         assert all(e < fp32_tol for e, _ in errors), errors
@@ -292,9 +280,8 @@ def _transport_worker(rank, world, port, paths, layout, causal, failures, checke
     except Exception as err:  # reported, not raised: a rank dying mid-collective aborts the others
         failures.append((rank, repr(err)))
     finally:
-        # The stand-in (which holds the process group) leaves the module: a process group still
-        # referenced after destroy_process_group is torn down at interpreter exit instead, where
-        # rank 0's store thread can abort the process.
+        # The stand-in (which holds the process group) leaves the module, so the group is
+        # released here and not at exit (spawn() skips the interpreter's teardown anyway).
         fmd._symmetric_workspace = original
         handle = workspace = None
         gc.collect()
@@ -319,13 +306,12 @@ def test_copy_transport_gives_the_p2p_bits(world, layout, causal, tmp_path):
     manager = mp.get_context("spawn").Manager()
     failures, checked = manager.list(), manager.list()
     try:
-        mp.spawn(_transport_worker, args=(world, _free_port(), paths, layout, causal, failures, checked),
-                 nprocs=world, join=True)
+        spawn(_transport_worker, world, world, free_port(), paths, layout, causal, failures, checked)
     except mp.ProcessExitedException as err:
         # A rank killed by a signal after every rank finished its checks died in the process
-        # group's teardown (seen once in CI: gloo, "terminate called without an active
-        # exception"), not in the transport; one that dies earlier fails the test, with its
-        # threads' stacks on stderr (faulthandler).
+        # group's teardown (gloo's "terminate called without an active exception", seen in CI
+        # at interpreter exit before spawn() skipped it), not in the transport; one that dies
+        # earlier fails the test, with its threads' stacks on stderr (faulthandler).
         if sorted(checked) != list(range(world)) or list(failures):
             raise
         warnings.warn(f"a rank died after its checks passed, in teardown: {err}", stacklevel=1)
@@ -382,6 +368,22 @@ def test_bench_ring_cpu_smoke(tmp_path):
     assert rows[1]["env"] == {"NCCL_MAX_P2P_NCHANNELS": "1"}
 
 
+def _rank_leaves_a_file(rank, directory, failing_rank):
+    if rank == failing_rank:
+        raise ValueError(f"rank {rank} was told to fail")
+    (Path(directory) / f"rank{rank}").write_text(str(rank))
+
+
+def test_spawn_ends_ranks_and_reports_a_failing_one(tmp_path):
+    """flash_module._spawn.spawn (every multi-process test, benchmark and example): ranks that
+    return leave what they wrote and exit cleanly (no interpreter teardown), and a rank that
+    raises fails the call with its own error."""
+    spawn(_rank_leaves_a_file, 2, str(tmp_path), -1)
+    assert sorted(p.read_text() for p in tmp_path.iterdir()) == ["0", "1"]
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 was told to fail"):
+        spawn(_rank_leaves_a_file, 2, str(tmp_path), 1)
+
+
 def test_shard_helpers():
     x = torch.arange(16)[None, :, None]
     assert shard_sequence(x, 1, 2, "contiguous").flatten().tolist() == list(range(8, 16))
@@ -409,7 +411,7 @@ def _uneven_worker(rank, world, port, errors):
 def test_uneven_shards_are_a_clear_error():
     """Ranks with different shard lengths get a ValueError (not an abort inside gloo)."""
     errors = mp.get_context("spawn").Manager().list(["not run"] * 2)
-    mp.spawn(_uneven_worker, args=(2, _free_port(), errors), nprocs=2, join=True)
+    spawn(_uneven_worker, 2, 2, free_port(), errors)
     assert all("shards of one shape" in e and "rank 1: q (1, 76, 2, 16)" in e for e in errors), list(errors)
 
 
@@ -444,7 +446,7 @@ def test_ring_hops_per_pass():
     forward ended with and ends on its own) and W - 1 dK/dV hops, the last one home."""
     world = 4
     counts = mp.get_context("spawn").Manager().list([None] * world)
-    mp.spawn(_hops_worker, args=(world, _free_port(), counts), nprocs=world, join=True)
+    spawn(_hops_worker, world, world, free_port(), counts)
     for hops in counts:  # (pass, to the previous rank, tensors sent)
         assert [h for h in hops if h[0] == "fwd"] == [("fwd", False, 2)] * (world - 1), hops
         assert [h for h in hops if h[0] == "bwd"] == [("bwd", True, 2)] * ((world - 2) + (world - 1)), hops
@@ -503,5 +505,5 @@ def test_module_context_parallel(layout):
     """MultiheadFlashAttention(context_parallel_group=...) with RoPE on global positions (and,
     zigzag, a sliding window)."""
     errors = mp.get_context("spawn").Manager().list([float("nan")] * 2)
-    mp.spawn(_module_worker, args=(2, _free_port(), layout, errors), nprocs=2, join=True)
+    spawn(_module_worker, 2, 2, free_port(), layout, errors)
     assert all(e < 1e-4 for e in errors), list(errors)

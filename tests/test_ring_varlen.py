@@ -19,9 +19,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import flash_module as fm
+from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn
 from flash_module.distributed import document_positions, ring_attention_varlen, shard_documents
-
-from .test_ring_attention import SAFE_NCCL_ENV, _free_port
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
@@ -112,7 +111,7 @@ CASES = [  # (world, (document lengths, H, H_kv, D, causal, layout, dtype, varia
 
 def _spawn_and_check(world, case, backend="gloo"):
     errors = mp.get_context("spawn").Manager().list([(float("nan"), float("nan"))] * world)
-    mp.spawn(_worker, args=(world, _free_port(), case, errors, backend), nprocs=world, join=True)
+    spawn(_worker, world, world, free_port(), case, errors, backend)
     errors = list(errors)
     atol = 1e-5 if case[6] == torch.float32 else 1e-2
     # flash-attn's rule: the ring's error within 2x the one-process PyTorch path's own, plus atol

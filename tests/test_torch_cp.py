@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from .test_ring_attention import SAFE_NCCL_ENV, _free_port
+from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn
 
 
 def _worker(rank, world, port, causal, results):
@@ -76,7 +76,7 @@ def test_torch_context_parallel_runs_our_kernels(causal, monkeypatch):
     for name, value in SAFE_NCCL_ENV.items():
         monkeypatch.setenv(name, value)
     results = mp.get_context("spawn").Manager().list([None] * 2)
-    mp.spawn(_worker, args=(2, _free_port(), causal, results), nprocs=2, join=True)
+    spawn(_worker, 2, 2, free_port(), causal, results)
     for calls, err, ref_err in results:
         assert calls >= 2  # one aten flash call per ring step, each ours
         assert err <= 2 * ref_err + 1e-2  # flash-attn's rule against torch's own bf16 error
