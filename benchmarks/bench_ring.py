@@ -56,7 +56,6 @@ from flash_module import distributed as fmd  # noqa: E402
 from flash_module._runtime import acc_dtype  # noqa: E402
 from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn  # noqa: E402
 
-SAFE_ENV = SAFE_NCCL_ENV
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -131,7 +130,7 @@ def _local_exchange(tensors, group, rank, world, reverse=False):
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
-    os.environ.update(SAFE_ENV)
+    os.environ.update(SAFE_NCCL_ENV)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     if args.device == "cuda":
         torch.cuda.set_device(rank)
@@ -254,7 +253,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Spawn each world size in turn; one result row per world size."""
-    os.environ.update(SAFE_ENV)  # inherited by the spawned ranks
+    os.environ.update(SAFE_NCCL_ENV)  # inherited by the spawned ranks
     os.environ.update(dict(args.env))  # --env: e.g. NCCL_MAX_P2P_NCHANNELS=1 (NCCL's SM share)
     available = torch.cuda.device_count() if args.device == "cuda" else max(args.worlds)
     rows: list[dict] = []
@@ -309,8 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _env_pairs(text: str) -> list[tuple[str, str]]:
     pairs = [item.split("=", 1) for item in text.split(",") if item]
-    if any(len(p) != 2 or not p[0] for p in pairs) or any(k in SAFE_ENV for k, _ in pairs):
-        raise argparse.ArgumentTypeError(f"--env wants KEY=VALUE pairs (not {sorted(SAFE_ENV)}): {text!r}")
+    if any(len(p) != 2 or not p[0] for p in pairs) or any(k in SAFE_NCCL_ENV for k, _ in pairs):
+        raise argparse.ArgumentTypeError(
+            f"--env wants KEY=VALUE pairs (not {sorted(SAFE_NCCL_ENV)}): {text!r}")
     return [(k, v) for k, v in pairs]
 
 

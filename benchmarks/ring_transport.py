@@ -43,9 +43,9 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import flash_module as fm  # noqa: E402
-from benchmarks.bench_ring import DTYPES, SAFE_ENV, _env_pairs, _Timer  # noqa: E402
+from benchmarks.bench_ring import DTYPES, _env_pairs, _Timer  # noqa: E402
 from flash_module import distributed as fmd  # noqa: E402
-from flash_module._spawn import free_port, spawn  # noqa: E402
+from flash_module._spawn import SAFE_NCCL_ENV, free_port, spawn  # noqa: E402
 
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results) -> None:
@@ -116,7 +116,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
 
 
 def run(args: argparse.Namespace) -> list[dict]:
-    os.environ.update(SAFE_ENV)  # inherited by the spawned ranks
+    os.environ.update(SAFE_NCCL_ENV)  # inherited by the spawned ranks
     n_dev = torch.cuda.device_count() if args.device == "cuda" else max(args.worlds)
     rows: list[dict] = []
     with mp.get_context("spawn").Manager() as manager:
