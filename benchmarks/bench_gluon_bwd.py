@@ -104,24 +104,24 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=65536)
     ap.add_argument("--variants", action="store_true", help="also other launch configs of the Gluon passes")
     ap.add_argument("--configs", default="",
-                    help="more configs as columns, e.g. dkdv:128x64x4,dq:64x64x8,dkdv:64x128x8xqrows")
+                    help="more configs as columns, e.g. dkdv:128x64x4,dq:64x64x8")
     ap.add_argument("--fused", action="store_true",
                     help="the one-pass backward (gluon_bwd.FUSED_DQ), dQ added by TMA and by atomics, then "
                          "the default again")
     ap.add_argument("--fused-configs", default="",
-                    help="more one-pass columns (TMA adds), e.g. 64:64x128x8,128:64x64x4,64:64x64x4xqrows")
+                    help="more one-pass columns (TMA adds), e.g. 64:64x128x8,128:64x64x4")
     args = ap.parse_args()
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__}")
     variants = list(VARIANTS) if args.variants else []
     for spec in filter(None, args.configs.split(",")):
         kind, cfg = spec.split(":")
         name = f"{kind} {cfg}"
-        cfg = tuple(x if x in ("ws", "qrows") else int(x) for x in cfg.split("x"))
+        cfg = tuple(x if x == "ws" else int(x) for x in cfg.split("x"))
         variants.append((name, cfg if kind == "dkdv" else None, cfg if kind == "dq" else None))
     fused = [("fused tma", True, {}), ("fused red", False, {})] if args.fused else []
     for spec in filter(None, args.fused_configs.split(",")):
         dim, cfg = spec.split(":")
-        cfg_t = tuple(x if x == "qrows" else int(x) for x in cfg.split("x"))
+        cfg_t = tuple(int(x) for x in cfg.split("x"))
         fused.append((f"tma {cfg}", True, {int(dim): cfg_t}))
     fused_cols = [c[0] for c in fused] + (["gluon2"] if fused else [])
     cols = [*OURS, "default", *fused_cols, "cudnn", "flash"] + [v[0] for v in variants]

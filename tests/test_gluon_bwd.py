@@ -29,7 +29,6 @@ CONFIGS = [
     pytest.param(None, None, id="default"),
     pytest.param((64, 64, 8), (64, 64, 8), id="w8-64x64"),
     pytest.param((64, 128, 8), None, id="dkdv64x128w8"),
-    pytest.param((64, 128, 8, "qrows"), None, id="dkdv64x128w8-qrows"),  # queries as the score rows
 ]
 
 
@@ -134,33 +133,10 @@ def test_fused_dq_routing(monkeypatch):
     assert not gluon_bwd.fused_dq_takes(64)
 
 
-def test_qrows_one_pass_has_no_dropout(monkeypatch):
-    """A head dim whose one-pass config has the queries as rows ("qrows", no dropout) keeps the
-    two passes for calls with dropout (and a qrows two-pass config, the portable ones), and
-    ``dkdv`` refuses the combination by name."""
-    monkeypatch.setattr(gluon_bwd, "FUSED_DQ", True)
-    monkeypatch.setattr(gluon_bwd, "FUSED_DQ_HEAD_DIMS", (64, 128))
-    monkeypatch.setitem(gluon_bwd.FUSED_DKDV_CONFIGS, 128, (64, 128, 8, "qrows"))
-    monkeypatch.setitem(gluon_bwd.FUSED_DKDV_CONFIGS, 64, (64, 64, 4))
-    assert gluon_bwd.fused_dq_takes(128) and not gluon_bwd.fused_dq_takes(128, dropout=True)
-    assert gluon_bwd.fused_dq_takes(64, dropout=True)
-    monkeypatch.setitem(gluon_bwd.DKDV_CONFIGS, 64, (64, 64, 4, "qrows"))  # the two passes' too
-    assert not gluon_bwd.dropout_takes(64)
-    q = torch.zeros(1, 8, 1, 128)
-    with pytest.raises(ValueError, match="qrows|queries as rows"):
-        gluon_bwd.dkdv(q, q, q, q, torch.zeros(1, 1, 3, 8), q, q, 1.0, False, 0, config=(64, 128, 8, "qrows"),
-                       dropout_p=0.1, dq_acc=q.float())
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not _hopper(), reason="needs an sm_90 GPU and Gluon")
 @pytest.mark.parametrize("add", ["tma", "atomics"])
-@pytest.mark.parametrize("d,config", [
-    pytest.param(64, None, id="d64"),
-    pytest.param(64, (64, 64, 4, "qrows"), id="d64-qrows"),
-    pytest.param(128, None, id="d128"),  # the default one-pass config there: qrows
-    pytest.param(128, (64, 128, 8), id="d128-kt"),
-])
+@pytest.mark.parametrize("d", [64, 128], ids=["d64", "d128"])  # D=128: two warpgroups, 64 x 128 tiles
 @pytest.mark.parametrize("variant", ["plain", "softcap", "alibi", "window", "dropout"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,dtype", [
@@ -169,20 +145,15 @@ def test_qrows_one_pass_has_no_dropout(monkeypatch):
     pytest.param(2, 1000, 2048, 2, 1, torch.bfloat16, id="1000x2048-mqa-bf16"),
     pytest.param(1, 2100, 700, 4, 4, torch.float16, id="2100x700-fp16"),
 ])
-def test_fused_dq_matches_the_two_passes(b, sq, sk, h, h_kv, dtype, causal, variant, d, config, add,
-                                        monkeypatch):
+def test_fused_dq_matches_the_two_passes(b, sq, sk, h, h_kv, dtype, causal, variant, d, add, monkeypatch):
     """``gluon_bwd.FUSED_DQ`` (D=64 on one warpgroup; D=128, opt-in below, on two), each dQ tile
-    added by a TMA reduction or by atomics (``FUSED_DQ_TMA``), with the score tiles either way
-    round (keys as rows, "kt", or queries as rows, "qrows", which has no dropout: the two
-    passes run then): dK and dV are the two-pass backward's bit for bit where the launch config
-    and orientation are the same (D=64 kt; elsewhere the sums run in another order, so they
-    keep the 2x rule), dQ equals its dQ up to the order of one fp32 sum (atomics), and plain dQ
-    keeps the 2x rule against the float64 oracle."""
+    added by a TMA reduction or by atomics (``FUSED_DQ_TMA``): dK and dV are the two-pass
+    backward's bit for bit where the launch config is the same (D=64; at D=128 the sums run in
+    another order, so they keep the 2x rule), dQ equals its dQ up to the order of one fp32 sum
+    (atomics), and plain dQ keeps the 2x rule against the float64 oracle."""
     import flash_module as fm
 
     monkeypatch.setattr(gluon_bwd, "FUSED_DQ_HEAD_DIMS", (64, 128))
-    if config is not None:
-        monkeypatch.setitem(gluon_bwd.FUSED_DKDV_CONFIGS, d, config)
     if add == "tma" and not gluon_bwd.HAVE_TMA_ADD:
         pytest.skip("this Gluon has no TMA reduction")
     monkeypatch.setattr(gluon_bwd, "FUSED_DQ_TMA", add == "tma")
@@ -208,16 +179,12 @@ def test_fused_dq_matches_the_two_passes(b, sq, sk, h, h_kv, dtype, causal, vari
     dq2, dk2, dv2 = grads()
     monkeypatch.setattr(gluon_bwd, "FUSED_DQ", True)
     assert gluon_bwd.fused_dq_takes(d)
-    if p and gluon_bwd._is_qrows(gluon_bwd.FUSED_DKDV_CONFIGS[d]):  # no dropout there: the two passes run
-        assert not gluon_bwd.fused_dq_takes(d, dropout=True)
-        assert all(torch.equal(a, b) for a, b in zip(grads(), (dq2, dk2, dv2)))
-        return
     dq1, dk1, dv1 = grads()
     def one_rounding_apart(one, two):
         scale = two.float().abs().max().item()
         torch.testing.assert_close(one.float(), two.float(), rtol=2**-7, atol=1e-4 * scale)
 
-    if d == 64 and config is None:  # the two passes' dK/dV config, keys as rows: the same sums
+    if d == 64:  # the two passes' dK/dV config: the same sums
         assert torch.equal(dk1, dk2) and torch.equal(dv1, dv2)
     else:
         one_rounding_apart(dk1, dk2)

@@ -148,7 +148,7 @@ def fa2_backward(
         bool(dropout_p) and not gluon_bwd.dropout_takes(d))
     gluon = gluon_bwd.supported(q, k, v, dout, portable_only)
     drop = dict(dropout_p=dropout_p, rng=rng, drop_offsets=drop_offsets)
-    if gluon and gluon_bwd.fused_dq_takes(d, deterministic, bool(dropout_p)):  # one pass: dQ added up in fp32 (TMA adds)
+    if gluon and gluon_bwd.fused_dq_takes(d, deterministic):  # one pass: dQ added up in fp32 (TMA adds)
         dq_acc = torch.zeros((b, sq, h, d), dtype=torch.float32, device=q.device)
         gluon_bwd.dkdv(q, k, v, dout, stats, dk, dv, softmax_scale, causal_in, causal_offset, softcap=softcap,
                        alibi_slopes=alibi_slopes, window_size=window_size, dq_acc=dq_acc, **drop)

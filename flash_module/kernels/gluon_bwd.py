@@ -93,9 +93,8 @@ if HAVE_GLUON:
         warpgroup_mma_wait,
     )
 
-#: Launch configs (BLOCK_M, BLOCK_N, num_warps[, "qrows"]) of the dK/dV pass per head dim; the
-#: pass takes these head dims only ("qrows": :func:`_dkdv_qrows_step`, dense calls only, no
-#: dropout; none by default).  D=64 and 128: 64 x 64 tiles with one warpgroup were 0-5% faster than
+#: Launch configs (BLOCK_M, BLOCK_N, num_warps) of the dK/dV pass per head dim; the pass takes
+#: these head dims only.  D=64 and 128: 64 x 64 tiles with one warpgroup were 0-5% faster than
 #: 64 x 128 with two on an H200 (Gluon / portable 1.07-1.08x at D=64, 1.14-1.56x at D=128,
 #: performance.md eleventh session).  D=256: two warpgroups on 64 x 64 tiles, each holding half
 #: of the (64, 256) accumulators' columns (one warpgroup would need 256 registers per thread for
@@ -136,16 +135,13 @@ FUSED_DQ_TMA = HAVE_TMA_ADD and os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ_TMA"
 #: ``FLASH_MODULE_GLUON_FUSED_DQ=0`` / ``=1`` turns it off / on.
 FUSED_DQ = os.environ.get("FLASH_MODULE_GLUON_FUSED_DQ", "1" if FUSED_DQ_TMA else "0") == "1"
 FUSED_DQ_HEAD_DIMS = (64,)
-#: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps[, "qrows"]).  D=128 (not in
-#: :data:`FUSED_DQ_HEAD_DIMS`): 128 keys on two warpgroups, each holding half of dQ's columns.
-#: With the score tiles transposed (keys as rows, :func:`_dkdv_kt_step`) it spills offline
-#: (8-176 bytes with the TMA adds) and ran at 0.76-0.93x the two passes on the H200 (64 x 64 on
-#: one warpgroup: 0.65-0.70x).  "qrows" (:func:`_dkdv_qrows_step`, queries as rows: two
-#: registers per thread for a row's statistics, P and dS double-buffered in shared memory, 224
-#: KB): offline 249 registers and no spill non-causal, 40 bytes causal (softcap/ALiBi 24-240);
-#: not yet run on a GPU, so D=128 stays on the two passes.  At D=64, 64 x 128 on two
-#: warpgroups was 0.86-0.91x the 64 x 64 one.
-FUSED_DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 128, 8, "qrows")}
+#: The one-pass dK/dV launch configs (BLOCK_M, BLOCK_N, num_warps).  D=128 (not in
+#: :data:`FUSED_DQ_HEAD_DIMS`): 128 keys on two warpgroups, each holding half of dQ's columns;
+#: offline it spills (8-176 bytes with the TMA adds), and on the H200 it ran at 0.76-0.93x the
+#: two passes (64 x 64 on one warpgroup: 0.65-0.70x).  A step with queries as the score rows
+#: (P and dS through shared memory, no spills) ran at 0.87-0.96x (performance.md twentieth
+#: session) and was removed.  At D=64, 64 x 128 on two warpgroups was 0.86-0.91x the 64 x 64 one.
+FUSED_DKDV_CONFIGS = {64: (64, 64, 4), 128: (64, 128, 8)}
 #: Whether packed (varlen) calls run the Gluon passes too (``FLASH_MODULE_GLUON_VARLEN=0``: the
 #: portable varlen kernels, as for ``gluon_fwd.VARLEN``).
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
@@ -186,15 +182,11 @@ if HAVE_GLUON:
         return scores, acc, gl.DotOperandLayout(operand_index=0, parent=acc, k_width=2)
 
     @gluon.constexpr_function
-    def _dkdv_layouts(block_m, block_n, head_dim, num_warps, qrows):
+    def _dkdv_layouts(block_m, block_n, head_dim, num_warps):
         """The dK/dV pass's layouts (:func:`_mma_layouts` of its (BLOCK_N, D) accumulators): the
-        score tile, the accumulators, the score tile as their MMA's register A operand, a query
-        row's statistic and a key's index.  The score tile is (BLOCK_N, BLOCK_M), keys as rows, or
-        with ``qrows`` (BLOCK_M, BLOCK_N), queries as rows."""
+        score tile (BLOCK_N, BLOCK_M), keys as rows, the accumulators, the score tile as their
+        MMA's register A operand, a query row's statistic and a key's index."""
         scores, acc, a_op = _mma_layouts(block_n, block_m, head_dim, num_warps)
-        if qrows:
-            scores = _mma_layouts(block_m, block_n, head_dim, num_warps)[0]
-            return scores, acc, a_op, gl.SliceLayout(1, scores), gl.SliceLayout(0, scores)
         return scores, acc, a_op, gl.SliceLayout(0, scores), gl.SliceLayout(1, scores)
 
     @gluon.jit
@@ -288,7 +280,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _add_dq(dq, it, m0, off_b, off_h, Sq, fused, q_layout: gl.constexpr, DQ_TMA: gl.constexpr):
         """Add a one-pass step's dQ tile ``dq`` (BLOCK_M, D) fp32 in ``q_layout``, times sm_scale,
-        into the fp32 buffer (``fused``, as :func:`_dkdv_kt_step`): ``DQ_TMA``, through the next of
+        into the fp32 buffer (``fused``, as :func:`_dkdv_step`): ``DQ_TMA``, through the next of
         the (1, BLOCK_M, D) shared-memory tiles and one thread's TMA reduction (rows past Sq
         clipped by the descriptor; the caller has waited for that tile's last reduction), else by
         atomics from registers."""
@@ -309,13 +301,13 @@ if HAVE_GLUON:
                           mask=(q_rows[:, None] < Sq) & (cols[None, :] < HEAD_DIM), sem="relaxed")
 
     @gluon.jit
-    def _dkdv_kt_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
-                      Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
-                      stride_ah, win_l, win_r, start_n, drop, fused,
-                      qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-                      DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
-                      SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
+    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
+                   Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
+                   stride_ah, win_l, win_r, start_n, drop, fused,
+                   qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                   MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
+                   DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, col_layout: gl.constexpr,
+                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
         """Step ``it`` of the dK/dV loop (query head ``it // n_m`` of the group, query block
         ``m_first + it % n_m``) with the score tiles transposed, keys as rows (S^T, dP^T:
         (BLOCK_N, BLOCK_M)): prefetch step it + 1's Q and dO, then the four matmuls.
@@ -426,126 +418,23 @@ if HAVE_GLUON:
         return p, t
 
     @gluon.jit
-    def _dkdv_qrows_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
-                         Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
-                         stride_ah, win_l, win_r, start_n, drop, fused,
-                         qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
-                         BLOCK_N: gl.constexpr, MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr,
-                         WINDOW: gl.constexpr, DROPOUT: gl.constexpr, s_layout: gl.constexpr,
-                         stat_layout: gl.constexpr, SYNC: gl.constexpr, FUSED_DQ: gl.constexpr,
-                         DQ_TMA: gl.constexpr):
-        """Step ``it`` of the dK/dV loop with the score tiles the other way round, queries as
-        rows, as FA2's pseudo-code writes them (``FUSED_DQ``: dQ too, one pass):
-
-            S  = Q_m K^T, dP = dO_m V^T          (BLOCK_M, BLOCK_N)   wgmma, both in flight
-            P  = exp2(S * qk_scale - lse2)       -> shared memory
-            dV += P^T dO_m                       (BLOCK_N, D)         wgmma, P^T from smem, under dS
-            dS = P * (dP - delta)                -> shared memory
-            dK += dS^T Q_m  [, dQ_m = dS K]      (BLOCK_N, D), (BLOCK_M, D)
-
-        A query row's lse2 and delta then take two registers per thread (keys as rows, each
-        thread holds BLOCK_M / 4 of them, 32 registers for both at BLOCK_M = 64), which is what
-        lets the (64 x 128, two warpgroups) one-pass tile fit 255 registers at D=128.  P and dS
-        go to ``fused[0]``'s four (BLOCK_M, BLOCK_N) tiles, P to tile ``stage`` and dS to ``2 +
-        stage`` (each warpgroup writes its half of the keys; a CTA barrier before the matmuls
-        that read them whole).  Tiles by ring stage, not one each: with one, every wgmma
-        descriptor of the step is loop-invariant, the compiler hoists them all out of the loop,
-        and they overflow the uniform registers and spill (192-304 bytes against 0-40 at D=128,
-        offline).  Everything else (``fused``, variants, the dQ add) as :func:`_dkdv_kt_step`;
-        no dropout (its keep mask is built for one warpgroup)."""
-        gl.static_assert(not DROPOUT, "the queries-as-rows step has no dropout")
-        dtype: gl.constexpr = q_desc.dtype
-        stage, m0, off_h, rows, lse2, delta, q_s, do_s = _step_begin(
-            it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, stats_len, Stats_b, q_desc, do_desc, q_smem, do_smem,
-            bars, qo_bytes, HEAD_DIM, BLOCK_M, stat_layout, SYNC)
-        s, dp = _two_products(q_s, k_smem, do_s, v_smem, gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout))
-        slope2 = 0.0
-        if ALIBI:
-            slope2 = gl.load(Alibi_b + off_h * stride_ah) * LOG2E_C
-        p, t = _probs_by_rows(s, qk_scale, cap2, slope2, rows, keys, start_n, m0, causal_offset, lse2, SOFTCAP,
-                              ALIBI)  # (BLOCK_M, BLOCK_N)
-        if MASKED:  # in keys relative to the block (an arange: immediates, not a register each)
-            cols = gl.arange(0, BLOCK_N, gl.SliceLayout(0, s_layout))[None, :]
-            diag = (rows + (causal_offset - start_n))[:, None]
-            if WINDOW:
-                p = gl.where((cols >= diag - win_l) & (cols <= diag + win_r), p, 0.0)
-            else:
-                p = gl.where(cols <= diag, p, 0.0)
-        ds_smem = fused[0]
-        # P into this stage's tile (its last readers, step it - 2's matmuls, are done: every warp
-        # waited for them before it passed step it - 1's barriers), then dV += P^T dO under dS's
-        # arithmetic
-        p_s = ds_smem.index(stage)
-        p_s.store(p.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        dv = warpgroup_mma(p_s.permute((1, 0)), do_s, dv, is_async=True)
-        dp = warpgroup_mma_wait(num_outstanding=1, deps=(dp,))
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:  # through c tanh(s / c): times 1 - tanh^2
-            ds = ds * (1.0 - t * t)
-        ds_s = ds_smem.index(2 + stage)
-        ds_s.store(ds.to(dtype))
-        fence_async_shared()
-        if FUSED_DQ and DQ_TMA:  # the TMA add that last read this step's dQ tile is done reading it
-            tma.store_wait(fused[5].shape[0] - 1)
-        gl.thread_barrier()
-        dk = warpgroup_mma(ds_s.permute((1, 0)), q_s, dk, is_async=True)
-        if FUSED_DQ:
-            # (BLOCK_M, D); with two warpgroups (SYNC: 8 warps) each holds half of dQ's columns
-            q_layout: gl.constexpr = _mma_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, 8 if SYNC else 4)[1]
-            dq = warpgroup_mma(ds_s, k_smem, gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, q_layout), use_acc=False,
-                               is_async=True)
-            dv, dk, dq = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dq))
-            _add_dq(dq, it, m0, off_b, off_h, Sq, fused, q_layout, DQ_TMA)
-        else:
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk))
-        return dk, dv
-
-    @gluon.jit
-    def _dkdv_step(it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale,
-                   Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b,
-                   stride_ah, win_l, win_r, start_n, drop, fused,
-                   qo_bytes: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   MASKED: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-                   DROPOUT: gl.constexpr, s_layout: gl.constexpr, a_layout: gl.constexpr, stat_layout: gl.constexpr,
-                   SYNC: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, QROWS: gl.constexpr):
-        """One step of the dK/dV loop: :func:`_dkdv_qrows_step` (``QROWS``: one pass, queries as
-        rows) or :func:`_dkdv_kt_step` (keys as rows; two passes or one)."""
-        if QROWS:
-            dk, dv = _dkdv_qrows_step(
-                it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale, Stats_b,
-                q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b, stride_ah, win_l,
-                win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASKED, SOFTCAP, ALIBI, WINDOW,
-                DROPOUT, s_layout, stat_layout, SYNC, FUSED_DQ, DQ_TMA)
-        else:
-            dk, dv = _dkdv_kt_step(
-                it, total, n_m, m_first, off_b, off_hkv, GROUP, Sq, causal_offset, stats_len, qk_scale, Stats_b,
-                q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, Alibi_b, stride_ah, win_l,
-                win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASKED, SOFTCAP, ALIBI, WINDOW,
-                DROPOUT, s_layout, a_layout, stat_layout, SYNC, FUSED_DQ, DQ_TMA)
-        return dk, dv
-
-    @gluon.jit
     def _dkdv_tile(q_desc, k_desc, v_desc, do_desc, Stats_b, DK, DV, off_b, off_hkv, start_n, H_KV, GROUP, Sq, Sk,
                    causal_offset, stats_len, qk_scale, sm_scale, cap2, alibi_b, stride_ah, win_l, win_r, drop, DQ_b,
                    dq_desc, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr, SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr,
-                   DROPOUT: gl.constexpr, num_warps: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr,
-                   QROWS: gl.constexpr):
+                   DROPOUT: gl.constexpr, num_warps: gl.constexpr, FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr):
         """dK and dV of key rows [start_n, start_n + BLOCK_N) of K/V head ``off_hkv`` of batch
         entry ``off_b`` of the descriptors, every query head of its GQA group summed (the module
         docstring's loop); ``Stats_b``: the entry's row statistics, ``(H, 3, stats_len)``; DK and DV
         (.., Sk, H_KV, D) contiguous, keys past Sk not stored.  ``FUSED_DQ``: dQ too, added
         into ``DQ_b``, the batch entry's rows of an fp32 (.., Sq, H, D) buffer (by TMA reductions
-        through ``dq_desc`` with ``DQ_TMA``, else atomics) (:func:`_dkdv_step`; ``QROWS``: queries
-        as the score tiles' rows)."""
-        # (BLOCK_N, BLOCK_M) score tiles (QROWS: (BLOCK_M, BLOCK_N)), (BLOCK_N, D) accumulators
-        s_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[0]
-        d_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[1]
-        a_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[2]
-        col_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[3]
-        row_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps, QROWS)[4]
+        through ``dq_desc`` with ``DQ_TMA``, else atomics) (:func:`_dkdv_step`)."""
+        # (BLOCK_N, BLOCK_M) score tiles, (BLOCK_N, D) accumulators
+        s_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[0]
+        d_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[1]
+        a_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[2]
+        col_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[3]
+        row_layout: gl.constexpr = _dkdv_layouts(BLOCK_M, BLOCK_N, HEAD_DIM, num_warps)[4]
 
         # Shared memory: K and V for the whole program, Q and dO in a two-stage ring.
         k_smem, v_smem, kv_bar, q_smem, do_smem, bars = _stage_tiles(
@@ -567,10 +456,7 @@ if HAVE_GLUON:
         qo_bytes: gl.constexpr = 2 * BLOCK_M * HEAD_DIM * 2
         ds_smem = k_smem  # dS^T's two tiles with FUSED_DQ (else stand-ins, never touched)
         dq_smem = q_smem
-        if QROWS:  # P and dS, (BLOCK_M, BLOCK_N), two each
-            ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_N], q_desc.dtype)
-            ds_smem = gl.allocate_shared_memory(q_desc.dtype, [4, BLOCK_M, BLOCK_N], ds_layout)
-        elif FUSED_DQ:
+        if FUSED_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
             ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
         if FUSED_DQ:
@@ -604,7 +490,7 @@ if HAVE_GLUON:
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, MASK_FIRST,
                     SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ,
-                    DQ_TMA, QROWS)
+                    DQ_TMA)
                 it += 1
             for _ in range(n_mask, n_m):
                 dk, dv = _dkdv_step(
@@ -612,7 +498,7 @@ if HAVE_GLUON:
                     Stats_b, q_desc, do_desc, k_smem, v_smem, q_smem, do_smem, bars, keys, dk, dv, cap2, alibi_b,
                     stride_ah, win_l, win_r, start_n, drop, fused, qo_bytes, HEAD_DIM, BLOCK_M, BLOCK_N, False,
                     SOFTCAP, ALIBI, WINDOW, DROPOUT, s_layout, a_layout, col_layout, num_warps > 4, FUSED_DQ,
-                    DQ_TMA, QROWS)
+                    DQ_TMA)
                 it += 1
 
         _release(kv_bar, bars)
@@ -631,7 +517,7 @@ if HAVE_GLUON:
         win_l, win_r, Rng, drop_row_off, drop_col_off, drop_thresh, drop_scale, DQacc, dq_desc,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr,
         SOFTCAP: gl.constexpr, ALIBI: gl.constexpr, WINDOW: gl.constexpr, DROPOUT: gl.constexpr,
-        FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, QROWS: gl.constexpr, num_warps: gl.constexpr,
+        FUSED_DQ: gl.constexpr, DQ_TMA: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Program = one BLOCK_N-row key block of one K/V head of one batch entry
         (:func:`_dkdv_tile`); Stats (B * H, 3, stats_len); ``FUSED_DQ``: dQ too, added into
@@ -644,7 +530,7 @@ if HAVE_GLUON:
                    sm_scale, cap2, Alibi + off_b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, off_b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
                    DQacc + (off_b * Sq * H).to(gl.int64) * HEAD_DIM, dq_desc, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL,
-                   SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ, DQ_TMA, QROWS)
+                   SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps, FUSED_DQ, DQ_TMA)
 
     @gluon.jit
     def _dq_kernel(
@@ -890,7 +776,7 @@ if HAVE_GLUON:
                    sm_scale, cap2, Alibi + b * stride_ab, stride_ah, win_l, win_r,
                    _drop_args(Rng, b * H, drop_row_off, drop_col_off, drop_thresh, drop_scale, DROPOUT),
                    DK, q_desc, HEAD_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, SOFTCAP, ALIBI, WINDOW, DROPOUT, num_warps,
-                   False, False, False)
+                   False, False)
 
     @gluon.jit
     def _varlen_ws_dq_kernel(
@@ -983,16 +869,12 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
          drop_offsets: tuple[int, int] = (0, 0), dq_acc: torch.Tensor | None = None) -> None:
     """Fill ``dk``/``dv`` (B, Sk, H_kv, D) contiguous from the statistics of
     ``_common.bwd_preprocess`` (callers check :func:`supported` first).  ``config``: (BLOCK_M,
-    BLOCK_N, num_warps[, "qrows"]) of :func:`_dkdv_kernel` ("qrows": the step with queries as the
-    score tiles' rows, :func:`_dkdv_qrows_step`; no dropout).  ``dq_acc``: a zeroed fp32 (B, Sq, H,
+    BLOCK_N, num_warps) of :func:`_dkdv_kernel`.  ``dq_acc``: a zeroed fp32 (B, Sq, H,
     D) buffer that also receives dQ, by TMA reductions or atomics (:data:`FUSED_DQ_TMA`; then
     :data:`FUSED_DKDV_CONFIGS` by default; callers check :func:`fused_dq_takes`)."""
     b, sq, h, d = q.shape
     config = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
-    block_m, block_n, num_warps = config[:3]
-    qrows = _is_qrows(config)
-    if qrows and dropout_p:
-        raise ValueError(f"dK/dV config {config}: the queries-as-rows step (qrows) has no dropout")
+    block_m, block_n, num_warps = config
     sk, h_kv = k.shape[1], k.shape[2]
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng,
                                    drop_offsets)
@@ -1002,25 +884,16 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
         q_desc, descriptor_3d(k, block_n), descriptor_3d(v, block_n), descriptor_3d(dout, block_m),
         stats, dk, dv, h, h_kv, h // h_kv, sq, sk, causal_offset, stats.shape[-1], *scalars,
         dk if dq_acc is None else dq_acc, descriptor_3d(dq_acc, block_m) if dq_tma else q_desc, HEAD_DIM=d,
-        BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma, QROWS=qrows,
-        num_warps=num_warps, **flags,
+        BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=dq_acc is not None, DQ_TMA=dq_tma, num_warps=num_warps, **flags,
     )
 
 
-def _is_qrows(config: tuple) -> bool:
-    """Whether a dK/dV launch config (BLOCK_M, BLOCK_N, num_warps[, "qrows"]) runs
-    :func:`_dkdv_qrows_step`."""
-    return tuple(config[3:]) == ("qrows",)
-
-
-def fused_dq_takes(d: int, deterministic: bool = False, dropout: bool = False) -> bool:
+def fused_dq_takes(d: int, deterministic: bool = False) -> bool:
     """Whether the dK/dV pass also computes dQ (added up in fp32, in place of the dQ pass) at head dim
     ``d`` (after :func:`supported`): with :data:`FUSED_DQ`, at :data:`FUSED_DQ_HEAD_DIMS`, unless
     the call (``deterministic``) or ``torch.use_deterministic_algorithms(True)`` asks for bitwise
-    reproducible gradients, or the call has ``dropout`` and the head dim's one-pass config is a
-    "qrows" one (which has none)."""
-    qrows = _is_qrows(FUSED_DKDV_CONFIGS.get(d, ()))
-    return (FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not deterministic and not (dropout and qrows)
+    reproducible gradients."""
+    return (FUSED_DQ and d in FUSED_DQ_HEAD_DIMS and not deterministic
             and not torch.are_deterministic_algorithms_enabled())
 
 
@@ -1052,7 +925,7 @@ def varlen_dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.T
     list (``varlen.work_list`` over cu_seqlens_k) for BLOCK_N = :func:`varlen_blocks` ``[0]``."""
     tq, h, d = q.shape
     tk, h_kv = k.shape[0], k.shape[1]
-    block_m, block_n, num_warps = DKDV_CONFIGS[d][:3]  # (a "qrows" entry: keys as rows here)
+    block_m, block_n, num_warps = DKDV_CONFIGS[d]
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng)
     meta, b, meta_flags = launch_meta
     set_scratch_allocator()
@@ -1102,4 +975,4 @@ def dropout_takes(d: int) -> bool:
     passes use one-warpgroup score tiles (the mask is built in that layout: dK/dV on 4 warps with
     keys as rows, the warp-specialized dQ), i.e. D=64 and 128."""
     config = DKDV_CONFIGS.get(d, (0, 0, 0))
-    return DROPOUT and config[2] == 4 and not _is_qrows(config) and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
+    return DROPOUT and config[2] == 4 and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
