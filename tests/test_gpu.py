@@ -10,9 +10,14 @@ from flash_module import ops, reference
 
 from .helpers import assert_matches_reference, make_qkv
 
-# Large sizes: under pytest-xdist with --dist loadgroup these run one after another in one
-# worker, so that they never hold tens of GB at the same time (scripts/gpu_check.sh does that).
+# Large sizes: under pytest-xdist with --dist loadgroup the tests of one group run one after
+# another in one worker (scripts/gpu_check.sh runs that way).  test_large takes a few GB per
+# case (its float32 oracle holds (N, N) score tiles per head), so its three modes run as three
+# groups side by side (the file took over 10 minutes as one group on an H200); the rest, the
+# int64 case among them (~26 GB), stay in one group.
 pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_memory")]
+MODES = [pytest.param(mode, marks=pytest.mark.xdist_group(f"gpu_large_{mode}"))
+         for mode in ("fa2", "fa1", "tiling")]
 
 BIG = [
     pytest.param(1, 8192, 8192, 2, 2, 128, torch.bfloat16, "bshd", id="8k-d128-bf16"),
@@ -39,7 +44,7 @@ def _check(b, sq, sk, h, h_kv, d, dtype, layout, causal, bottom_right=True, mode
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("b,sq,sk,h,h_kv,d,dtype,layout", BIG)
-@pytest.mark.parametrize("mode", ["fa2", "fa1", "tiling"])
+@pytest.mark.parametrize("mode", MODES)
 def test_large(mode, b, sq, sk, h, h_kv, d, dtype, layout, causal):
     _check(b, sq, sk, h, h_kv, d, dtype, layout, causal, mode=mode)
 
