@@ -19,7 +19,10 @@ It reports global tokens/s (forward + backward), TFLOP/s per GPU (FLOPs of the g
 exposed) / comm`` clamped to [0, 1].  Ring and compute run alternately, one of each per
 iteration, and the exposed time is the median of the per-iteration differences: a drift of the
 clocks over the run then shifts both sides alike instead of showing up as exposed time.
-Medians over ``--iters`` iterations (CUDA events on GPU, perf_counter on CPU).
+Medians over ``--iters`` iterations (CUDA events on GPU, perf_counter on CPU).  The hidden share
+also comes as a range, from the per-iteration exposed times' third and first quartiles: with a
+K/V hop of ~0.6 ms against a 5-25 ms step it is a small difference of two large times, and
+ten-iteration medians of one code moved it by tens of points between runs.
 
 With ``--docs N`` the global sequence is a packed sequence of N documents of random lengths
 (the same on every rank; each a multiple of the piece count) and the call is
@@ -106,12 +109,23 @@ class _Timer:
 
     def paired(self, fn_a, fn_b, iters: int, group) -> tuple[float, float, float]:
         """``fn_a`` and ``fn_b`` alternately, one of each per iteration: the medians of their
-        times and the median of the per-iteration differences a - b, in ms."""
+        times and the median of the per-iteration differences a - b, in ms (their quartiles
+        in :attr:`last_spread`)."""
         fn_a()
         fn_b()
         pairs = [(self.once(fn_a, group), self.once(fn_b, group)) for _ in range(iters)]
+        diffs = [a - b for a, b in pairs]
+        self.last_spread = _quartiles(diffs)
         return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-                statistics.median(a - b for a, b in pairs))
+                statistics.median(diffs))
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of ``xs`` (both the value itself for one value)."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
 
 
 def _hidden_share(exposed: float, comm: float) -> float | None:
@@ -122,6 +136,11 @@ def _hidden_share(exposed: float, comm: float) -> float | None:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _pct_range(r: list) -> str:
+    """`` (lo-hi%)`` of a hidden-share range, empty without one."""
+    return "" if r[0] is None else f" ({100 * r[0]:.0f}-{100 * r[1]:.0f}%)"
 
 
 def _local_exchange(tensors, group, rank, world, reverse=False):
@@ -187,8 +206,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
             return run_local
 
         ring_ms, compute_ms, exposed_ms = timer.paired(step, local(step), args.iters, group)
+        exposed_q = timer.last_spread
         ring_fwd_ms, compute_fwd_ms, exposed_fwd_ms = timer.paired(step_fwd, local(step_fwd), args.iters,
                                                                    group)
+        exposed_fwd_q = timer.last_spread
 
         acc = acc_dtype(dtype)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)
@@ -238,6 +259,13 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 tokens_per_s=(1 if packed else args.batch) * seq_total / (ring_ms * 1e-3),
                 tflops_per_gpu=flops / world / (ring_ms * 1e-3) / 1e12,
                 comm_hidden=hidden,
+                # the exposed time's quartiles over the iterations, and the hidden share they give
+                # (at the third quartile, then the first): how far the reading can be trusted
+                exposed_quartiles_ms=list(exposed_q), exposed_fwd_quartiles_ms=list(exposed_fwd_q),
+                comm_hidden_range=[_hidden_share(exposed_q[1], comm_ms),
+                                   _hidden_share(exposed_q[0], comm_ms)],
+                comm_hidden_fwd_range=[_hidden_share(exposed_fwd_q[1], comm_fwd_ms),
+                                       _hidden_share(exposed_fwd_q[0], comm_fwd_ms)],
                 # per pass: the backward's times are the step's minus the forward's
                 ring_fwd_ms=ring_fwd_ms, compute_fwd_ms=compute_fwd_ms, comm_fwd_ms=comm_fwd_ms,
                 exposed_fwd_ms=exposed_fwd_ms,
@@ -266,13 +294,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             spawn(_worker, world, world, free_port(), args, results)
             rows.extend(dict(r) for r in results)
             r = rows[-1]
+            hidden = _pct(r["comm_hidden"]) + _pct_range(r["comm_hidden_range"])
+            hidden_fwd = _pct(r["comm_hidden_fwd"]) + _pct_range(r["comm_hidden_fwd_range"])
             print(f"W={world} N={r['seq_total']} ({r['transport']}): ring {r['ring_ms']:.2f} ms, "
                   f"compute {r['compute_ms']:.2f}, "
                   f"comm {r['comm_ms']:.2f}, exposed {r['exposed_ms']:.2f} "
                   f"({100 * r['exposed_share']:.1f}% of the step) | {r['tokens_per_s']:.3g} tok/s, "
-                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {_pct(r['comm_hidden'])} | fwd: ring "
+                  f"{r['tflops_per_gpu']:.1f} TFLOP/s/GPU, comm hidden {hidden} | fwd: ring "
                   f"{r['ring_fwd_ms']:.2f} compute {r['compute_fwd_ms']:.2f} comm {r['comm_fwd_ms']:.2f} "
-                  f"{r['tflops_per_gpu_fwd']:.1f} TFLOP/s hidden {_pct(r['comm_hidden_fwd'])} | bwd: "
+                  f"{r['tflops_per_gpu_fwd']:.1f} TFLOP/s hidden {hidden_fwd} | bwd: "
                   f"{r['tflops_per_gpu_bwd']:.1f} TFLOP/s hidden {_pct(r['comm_hidden_bwd'])}", flush=True)
     return rows
 
@@ -290,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=fmd.LAYOUTS, default="zigzag")
     p.add_argument("--mode", default="fa2", help="attention algorithm (flash_module.MODES)")
     p.add_argument("--impl", default="auto", help="implementation (flash_module.IMPLS): auto, triton, torch")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=int, default=30,
+                   help="timed iterations (the hidden share's quartile range shows their spread)")
     p.add_argument("--docs", type=int, default=0,
                    help="packed documents of random lengths (ring_attention_varlen); 0: one dense sequence")
     p.add_argument("--method", choices=fmd.METHODS, default="ring", help="with --docs: ring or allgather")

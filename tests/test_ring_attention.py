@@ -317,7 +317,7 @@ def test_ring_transport_cpu_smoke(tmp_path):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "ring_transport.py"
     out = tmp_path / "transport.json"
     argv = ["--device", "cpu", "--worlds", "1,2", "--seq-per-rank", "32", "--heads", "2", "--head-dim", "16",
-            "--iters", "2", "--impl", "torch", "--json", str(out)]
+            "--iters", "3", "--impl", "torch", "--json", str(out)]
     res = subprocess.run([sys.executable, str(path), *argv], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     rows = json.loads(out.read_text())
@@ -334,7 +334,7 @@ def test_bench_ring_cpu_smoke(tmp_path):
     path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_ring.py"
     out = tmp_path / "ring.json"
     argv = ["--device", "cpu", "--worlds", "1,2", "--seq-per-rank", "32", "--heads", "2", "--head-dim", "16",
-            "--iters", "2", "--impl", "torch", "--causal", "--json", str(out)]
+            "--iters", "3", "--impl", "torch", "--causal", "--json", str(out)]
     res = subprocess.run([sys.executable, str(path), *argv], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "W=2 N=64" in res.stdout
@@ -345,6 +345,10 @@ def test_bench_ring_cpu_smoke(tmp_path):
         assert r["ring_ms"] > 0 and r["compute_ms"] > 0 and r["tokens_per_s"] > 0
     assert rows[0]["comm_hidden"] is None and rows[1]["comm_ms"] > 0
     assert 0.0 <= rows[1]["comm_hidden"] <= 1.0
+    lo, hi = rows[1]["comm_hidden_range"]  # from the exposed time's third and first quartiles
+    assert 0.0 <= lo <= hi <= 1.0 and rows[0]["comm_hidden_range"] == [None, None]
+    q1, q3 = rows[1]["exposed_quartiles_ms"]
+    assert q1 <= q3
     assert "exposed_ms" in rows[1] and rows[1]["exposed_share"] == rows[1]["exposed_ms"] / rows[1]["ring_ms"]
     assert rows[1]["env"] == {}
     # packed documents through ring_attention_varlen, K/V all-gathered
