@@ -107,17 +107,16 @@ class _Timer:
         fn()  # warm-up: compiles, allocations, NCCL connections
         return statistics.median(self.once(fn, group) for _ in range(iters))
 
-    def paired(self, fn_a, fn_b, iters: int, group) -> tuple[float, float, float]:
+    def paired(self, fn_a, fn_b, iters: int, group) -> tuple[float, float, float, tuple[float, float]]:
         """``fn_a`` and ``fn_b`` alternately, one of each per iteration: the medians of their
-        times and the median of the per-iteration differences a - b, in ms (their quartiles
-        in :attr:`last_spread`)."""
+        times, the median of the per-iteration differences a - b and those differences' first
+        and third quartiles, in ms."""
         fn_a()
         fn_b()
         pairs = [(self.once(fn_a, group), self.once(fn_b, group)) for _ in range(iters)]
         diffs = [a - b for a, b in pairs]
-        self.last_spread = _quartiles(diffs)
         return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
-                statistics.median(diffs))
+                statistics.median(diffs), _quartiles(diffs))
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float]:
@@ -205,11 +204,9 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                     fmd.TRANSPORT = args.transport
             return run_local
 
-        ring_ms, compute_ms, exposed_ms = timer.paired(step, local(step), args.iters, group)
-        exposed_q = timer.last_spread
-        ring_fwd_ms, compute_fwd_ms, exposed_fwd_ms = timer.paired(step_fwd, local(step_fwd), args.iters,
-                                                                   group)
-        exposed_fwd_q = timer.last_spread
+        ring_ms, compute_ms, exposed_ms, exposed_q = timer.paired(step, local(step), args.iters, group)
+        ring_fwd_ms, compute_fwd_ms, exposed_fwd_ms, exposed_fwd_q = timer.paired(
+            step_fwd, local(step_fwd), args.iters, group)
 
         acc = acc_dtype(dtype)
         dk, dv = torch.zeros_like(k, dtype=acc), torch.zeros_like(v, dtype=acc)

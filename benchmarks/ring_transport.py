@@ -102,7 +102,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, results)
                 torch.cuda.current_stream(device).wait_stream(side)
 
             hop_ms = timer(hop, args.iters, group)
-            both_ms, attn2_ms, slowdown = timer.paired(both, attn, args.iters, group)
+            both_ms, attn2_ms, slowdown, _ = timer.paired(both, attn, args.iters, group)
             rows.append(dict(world=world, transport=name, attn_ms=attn2_ms, hop_ms=hop_ms, both_ms=both_ms,
                              slowdown_ms=slowdown, exposed_ms=both_ms - max(attn2_ms, hop_ms),
                              bytes_per_hop=2 * k.numel() * k.element_size(), env=dict(args.env_pairs)))

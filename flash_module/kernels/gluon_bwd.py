@@ -459,7 +459,6 @@ if HAVE_GLUON:
         if FUSED_DQ:
             ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], q_desc.dtype)
             ds_smem = gl.allocate_shared_memory(q_desc.dtype, [2, BLOCK_N, BLOCK_M], ds_layout)
-        if FUSED_DQ:
             if DQ_TMA:  # fp32 dQ tiles for the TMA adds: two while they fit (D=64: 32 KB)
                 DQ_BUFS: gl.constexpr = 2 if HEAD_DIM <= 64 else 1
                 dq_smem = gl.allocate_shared_memory(gl.float32, [DQ_BUFS, 1, BLOCK_M, HEAD_DIM], dq_desc.layout)
@@ -873,8 +872,7 @@ def dkdv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: torch.Tensor, 
     D) buffer that also receives dQ, by TMA reductions or atomics (:data:`FUSED_DQ_TMA`; then
     :data:`FUSED_DKDV_CONFIGS` by default; callers check :func:`fused_dq_takes`)."""
     b, sq, h, d = q.shape
-    config = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
-    block_m, block_n, num_warps = config
+    block_m, block_n, num_warps = config or (DKDV_CONFIGS if dq_acc is None else FUSED_DKDV_CONFIGS)[d]
     sk, h_kv = k.shape[1], k.shape[2]
     scalars, flags = _variant_args(q, softmax_scale, causal, softcap, alibi_slopes, window_size, dropout_p, rng,
                                    drop_offsets)
@@ -974,5 +972,4 @@ def dropout_takes(d: int) -> bool:
     """Whether the Gluon passes take dropout at head dim ``d``: with :data:`DROPOUT`, where both
     passes use one-warpgroup score tiles (the mask is built in that layout: dK/dV on 4 warps with
     keys as rows, the warp-specialized dQ), i.e. D=64 and 128."""
-    config = DKDV_CONFIGS.get(d, (0, 0, 0))
-    return DROPOUT and config[2] == 4 and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
+    return DROPOUT and DKDV_CONFIGS.get(d, (0, 0, 0))[2] == 4 and d in DQ_HEAD_DIMS and DQ_CONFIGS[d][-1] == "ws"
