@@ -50,10 +50,23 @@ def test_not_used_off_hopper_or_with_variants():
         assert not gluon_fwd.supported(qc[..., :96].contiguous(), qc[..., :96].contiguous(),
                                        qc[..., :96].contiguous(), False)  # head dim without a config
         q64 = torch.randn(1, 16, 2, 64, dtype=torch.bfloat16, device="cuda")
-        assert not gluon_fwd.supported(q64, q64, q64, False)  # D=64 with short keys: portable
+        assert not gluon_fwd.supported(q64, q64, q64, False)  # D=64, short keys, causal: portable
+        assert gluon_fwd.supported(q64, q64, q64, False, masked=False)  # ... without a mask: Gluon
         out, lse = ops.attention_fwd(qc, qc, qc, -0.1, False, True, "fa2")  # a negative scale: portable
         ref = reference_grads(qc, qc, qc, out, False, True, softmax_scale=-0.1, dtype=torch.float64)
         assert (out.double() - ref[0]).abs().max() < 1e-2
+
+
+def test_short_causal_calls_take_their_config():
+    """Causal calls with few keys take the short config at D=128 (its cases above: 113x203 and
+    203x113 causal); longer, non-causal or other head dims keep the default."""
+    short = gluon_fwd.SHORT_CAUSAL_CONFIGS[128]
+    assert short[1] == short[0] // 2  # BLOCK_N = one consumer's rows: the diagonal skip applies
+    assert gluon_fwd.config_for(128, True, gluon_fwd.SHORT_CAUSAL_KEYS) == short
+    assert gluon_fwd.config_for(128, True, 113) == short
+    assert gluon_fwd.config_for(128, True, gluon_fwd.SHORT_CAUSAL_KEYS + 1) == gluon_fwd.FWD_CONFIGS[128]
+    assert gluon_fwd.config_for(128, False, 113) == gluon_fwd.FWD_CONFIGS[128]
+    assert gluon_fwd.config_for(256, True, 113) == gluon_fwd.FWD_CONFIGS[256]
 
 
 def _forward(q, k, v, causal, bottom_right):
@@ -436,6 +449,8 @@ def test_gluon_varlen_dropout_uses_the_portable_mask(monkeypatch):
     pytest.param("", True, 128, 700, 300, id="d128-causal-rows-without-keys"),
     pytest.param("softcap", True, 64, 300, 2500, id="d64-softcap-causal"),
     pytest.param("alibi", False, 256, 700, 1100, id="d256-alibi"),
+    pytest.param("", True, 256, 1100, 1000, id="d256-causal"),
+    pytest.param("window", True, 256, 900, 1000, id="d256-window"),
     pytest.param("window", True, 128, 1500, 1500, id="d128-window"),
     pytest.param("dropout", False, 128, 513, 777, id="d128-dropout"),
     pytest.param("sink", True, 128, 1, 1000, id="d128-sink-one-row"),

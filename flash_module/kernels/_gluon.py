@@ -195,6 +195,19 @@ if HAVE_GLUON:
             load_block(v_desc, off_b, n, kv_col, v_ready.index(st), v_smem.index(st))
 
     @gluon.jit
+    def pass_blocks(k_ready, v_ready, k_empty, v_empty, c_lo, c_hi, STAGES: gl.constexpr):
+        """A consumer's side of ring positions c_lo .. c_hi - 1 that it does not read: each K
+        and V waited for, then released.  The wait comes first: released early, the arrival
+        would count towards the stage's previous use, which the other consumer may still read."""
+        for c in range(c_lo, c_hi):
+            st = c % STAGES
+            phase = (c // STAGES) & 1
+            mbarrier.wait(k_ready.index(st), phase=phase)
+            mbarrier.arrive(k_empty.index(st), count=1)
+            mbarrier.wait(v_ready.index(st), phase=phase)
+            mbarrier.arrive(v_empty.index(st), count=1)
+
+    @gluon.jit
     def key_blocks(start_m, Sk, causal_offset, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    IS_CAUSAL: gl.constexpr):
         """The key blocks of the query tile at rows [start_m, start_m + BLOCK_M): ``(total,

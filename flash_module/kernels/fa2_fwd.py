@@ -118,7 +118,7 @@ def fa2_forward(
     portable_only = bool(config) or softmax_scale <= 0 or attn_mask is not None or (
         bool(dropout_p) and not gluon_fwd.DROPOUT) or (
         not gluon_fwd.VARIANTS and (bool(softcap or window) or alibi_slopes is not None or sink is not None))
-    if gluon_fwd.supported(q, k, v, portable_only):
+    if gluon_fwd.supported(q, k, v, portable_only, masked=causal or window):
         gluon_fwd.forward(q, k, v, softmax_scale, causal_in, causal_offset, out, lse, softcap, alibi_slopes, sink,
                           window_size, dropout_p=dropout_p, rng=rng, drop_offsets=drop_offsets)
         return out, lse

@@ -25,7 +25,8 @@ what, and in which order.  A program owns a BLOCK_M-row query tile:
 Scores are in the log2 domain (``qk_scale`` = softmax_scale * log2 e; the running max is taken on
 the raw scores and scaled per row, so P costs one FMA and one exp2 per score).  Key blocks that
 every row of the tile sees, inside Sk, run without a mask; the causal diagonal and the ragged
-end of Sk run the masked step.  Q, K and V are read through 3-D TMA descriptors (batch,
+end of Sk run the masked step; each consumer narrows this to its own rows where a block is no
+wider than them (causal or windowed; :func:`_consumer`).  Q, K and V are read through 3-D TMA descriptors (batch,
 sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit, never the next
 sequence's, so a NaN in one batch entry cannot reach another.
 
@@ -65,6 +66,7 @@ if HAVE_GLUON:
         gluon,
         kv_ring,
         mbarrier,
+        pass_blocks,
         producer,
         sequence_descriptor,
         store_rows,
@@ -82,8 +84,18 @@ if HAVE_GLUON:
 #: (bf16, performance.md twelfth session): D=128 0.99-1.05x cuDNN at N >= 4k, D=256 0.99-1.07x,
 #: D=64 0.95-0.97x (1.13-1.25x the portable kernel at every shape but D=64 at 1k).
 FWD_CONFIGS = {64: (128, 128, 2), 128: (128, 128, 3), 256: (128, 64, 2)}
-#: At D=64 the portable kernel is faster for short keys (1k causal: 294 against 223 TFLOP/s).
+#: At D=64 the portable kernel is faster for short keys when causal or windowed (H200, bf16, 1k
+#: causal: 294 against 234 TFLOP/s, 275 at (128, 64, 3); even at 2k); without a mask the Gluon
+#: forward wins from 512 keys on (+4% at 512, +16% at 1k, +20% at 2k; performance.md
+#: twenty-first session), so the rule binds masked calls only.
 D64_MIN_KEYS = 2048
+#: Causal calls with at most this many keys take :data:`SHORT_CAUSAL_CONFIGS` at their head dim:
+#: short causal tiles are mostly diagonal, and with BLOCK_N = 64 = the rows of one consumer the
+#: diagonal's last block is skipped by consumer 0 and its first needs no mask in consumer 1
+#: (:func:`_consumer`).  H200, bf16, D=128 causal: 1k 335.6 -> 364.6 TFLOP/s; 2k 446.4 against
+#: 437.3, 4k 519.7 against 472.9 (the default wins from 2k on).
+SHORT_CAUSAL_KEYS = 1024
+SHORT_CAUSAL_CONFIGS = {128: (128, 64, 3)}
 #: Whether softcap, ALiBi, attention sinks and sliding windows run in the Gluon forward too (else
 #: those calls take the portable kernel; ``FLASH_MODULE_GLUON_VARIANTS=0``).  H100, bf16, B=2,
 #: N=8k, D=128 (performance.md, thirteenth session), forward TFLOP/s portable -> Gluon: softcap
@@ -114,17 +126,26 @@ ENABLED = os.environ.get("FLASH_MODULE_GLUON_FWD", "1") != "0"
 VARLEN = os.environ.get("FLASH_MODULE_GLUON_VARLEN", "1") != "0"
 
 
-def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool) -> bool:
+def config_for(d: int, causal: bool, sk: int) -> tuple[int, int, int]:
+    """The dense forward's (BLOCK_M, BLOCK_N, stages) at head dim ``d`` (one of
+    :data:`FWD_CONFIGS`) for ``sk`` keys; ``causal``: plain causal, no window."""
+    if causal and sk <= SHORT_CAUSAL_KEYS and d in SHORT_CAUSAL_CONFIGS:
+        return SHORT_CAUSAL_CONFIGS[d]
+    return FWD_CONFIGS[d]
+
+
+def supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants: bool, masked: bool = True) -> bool:
     """Whether the Gluon forward can run this call (shapes, dtypes, strides and the GPU only);
     ``variants``: the call has a variant, an explicit launch config or a softmax scale <= 0
-    (the running max is taken before scaling), which only the portable kernel takes."""
+    (the running max is taken before scaling), which only the portable kernel takes;
+    ``masked``: the call is causal or windowed (:data:`D64_MIN_KEYS` applies)."""
     if not (HAVE_GLUON and ENABLED) or variants or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in FWD_CONFIGS:
         return False
     if torch.cuda.get_device_capability(q.device) != (9, 0):
         return False
-    if q.shape[-1] == 64 and k.shape[1] < D64_MIN_KEYS:
+    if q.shape[-1] == 64 and masked and k.shape[1] < D64_MIN_KEYS:
         return False
     for t in (q, k, v):  # (B, S, H, D) dense in (S, H, D); TMA needs 16-byte strides and base
         _, s, h, d = t.shape
@@ -251,6 +272,22 @@ if HAVE_GLUON:
         if DROPOUT:
             seed = gl.load(Rng).to(gl.int64)
         drop_row = drop_row0 + wg * ROWS
+        # This warpgroup's own blocks, from its ROWS rows: at a causal or windowed tile's edges
+        # a block may hold no key any of them sees (causal at BLOCK_N = ROWS: the diagonal's last
+        # block, for consumer 0) -- it is passed on unread, still waited for and released, since
+        # the ring counts both consumers' arrivals -- and blocks all its rows see whole need no
+        # mask.  (Causal with BLOCK_N = 2 ROWS, an aligned diagonal gives neither.)
+        OWN_BLOCKS: gl.constexpr = WINDOW or (IS_CAUSAL and BLOCK_N <= ROWS)
+        tile_end = c0 + total - first
+        if OWN_BLOCKS:
+            own_first, own_total, full_lo, full_hi = tile_key_blocks(row0, Sk, causal_offset, win_l, win_r, ROWS,
+                                                                     BLOCK_N, IS_CAUSAL, WINDOW)
+            own_first = gl.minimum(gl.maximum(own_first, first), total)
+            own_total = gl.maximum(gl.minimum(own_total, total), own_first)
+            pass_blocks(k_ready, v_ready, k_empty, v_empty, c0, c0 + own_first - first, STAGES)
+            c0 = c0 + own_first - first
+            first = own_first
+            total = own_total
         mbarrier.wait(q_bar.index(wg), phase=q_phase)
         if total > first:
             mbarrier.wait(k_ready.index(c0 % STAGES), phase=(c0 // STAGES) & 1)
@@ -298,6 +335,8 @@ if HAVE_GLUON:
             o = warpgroup_mma(gl.convert_layout(p.to(dtype), p_layout), v_last, o)
             if PERSISTENT:  # the ring runs on into the next tile: release the last V too
                 mbarrier.arrive(v_empty.index(last % STAGES), count=1)
+        if OWN_BLOCKS:
+            pass_blocks(k_ready, v_ready, k_empty, v_empty, c0 + total - first, tile_end, STAGES)
         if SINK:  # the head's sink logit joins the denominator (``_common.add_sink``)
             sink2 = gl.load(Sink + off_h) * LOG2E_C + gl.zeros_like(m_i)
             m_new = gl.maximum(m_i, sink2)
@@ -523,9 +562,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: fl
     (BLOCK_M, BLOCK_N, stages)."""
     b, sq, h, d = q.shape
     sk, h_kv = k.shape[1], k.shape[2]
-    block_m, block_n, stages = config or FWD_CONFIGS[d]
     qk_scale, _, cap2, _ = _common.qk_scale(softmax_scale, softcap)
     win_l, win_r, window, causal = _common.window_args(window_size, causal)
+    block_m, block_n, stages = config or config_for(d, causal, sk)
     args = (descriptor_3d(q, block_m // 2), descriptor_3d(k, block_n), descriptor_3d(v, block_n), out, lse,
             h, h // h_kv, sq, sk, causal_offset, win_l, win_r, qk_scale, cap2, *_common.alibi_args(alibi_slopes, q),
             _common.sink_args(sink, q), *_dropout_args(dropout_p, rng, q, drop_offsets))
