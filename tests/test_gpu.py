@@ -13,8 +13,9 @@ from .helpers import assert_matches_reference, make_qkv
 # Large sizes: under pytest-xdist with --dist loadgroup the tests of one group run one after
 # another in one worker (scripts/gpu_check.sh runs that way).  test_large takes a few GB per
 # case (its float32 oracle holds (N, N) score tiles per head), so its three modes run as three
-# groups side by side (the file took over 10 minutes as one group on an H200); the rest, the
-# int64 case among them (~26 GB), stay in one group.
+# groups side by side (the file took over 10 minutes as one group on an H200), and so do the
+# table configs' head dims (small, but each compiles its own kernels: 18 cases in a row took
+# over 5 minutes); the rest, the int64 case among them (~26 GB), stay in one group.
 pytestmark = [pytest.mark.gpu, pytest.mark.xdist_group("gpu_memory")]
 MODES = [pytest.param(mode, marks=pytest.mark.xdist_group(f"gpu_large_{mode}"))
          for mode in ("fa2", "fa1", "tiling")]
@@ -56,7 +57,8 @@ def test_tiling_decode(b, sk, causal):
     _check(b, 1, sk, 32, 8, 128, torch.bfloat16, "bshd", causal, mode="tiling")
 
 
-@pytest.mark.parametrize("d", [16, 24, 40, 64, 96, 128, 160, 200, 256])
+@pytest.mark.parametrize("d", [pytest.param(d, marks=pytest.mark.xdist_group(f"gpu_table_{d}"), id=str(d))
+                               for d in (16, 24, 40, 64, 96, 128, 160, 200, 256)])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_table_configs_on_ragged_shapes(d, causal):
     """The config the table picks for each head-dim bucket, on partial tiles in every dim."""
