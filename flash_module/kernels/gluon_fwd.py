@@ -586,7 +586,8 @@ def varlen_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variants
     sequences; ``variants``: the call has something only the portable varlen kernel takes (a
     paged cache, dropout, a softmax scale <= 0; softcap, ALiBi, sinks and windows unless
     :data:`VARIANTS`).  At D=64 the dense rule for short keys (:data:`D64_MIN_KEYS`) applies to
-    the mean key length Tk / batch (the lengths themselves are on the device)."""
+    the mean key length Tk / batch (the lengths themselves are on the device), with or without
+    a mask: unlike the dense one, the varlen kernel at D=64 was not measured without one."""
     if not (HAVE_GLUON and ENABLED and VARLEN) or variants or q.device.type != "cuda":
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in FWD_CONFIGS:
