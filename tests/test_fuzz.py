@@ -18,7 +18,7 @@ import torch
 
 import flash_module as fm
 
-from .helpers import assert_flash_rule, make_qkv, reference_grads
+from .helpers import assert_flash_rule, assert_matches_reference, make_qkv, reference_grads
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies
@@ -65,3 +65,99 @@ def test_public_api_matches_oracle(case, device):
     for name, a, o, p in zip(["out", "dq", "dk", "dv"], (out, *grads), (oracle[0], *oracle[2:]),
                              (lowp[0], *lowp[2:])):
         assert_flash_rule(f"{name} {c}", a, o, p, c["dtype"])
+
+
+@st.composite
+def variant_cases(draw):
+    """A dense call with flash-attn's variants: a sliding window (either side unbounded, 0 or a
+    few keys), softcap, ALiBi slopes per head or per (batch, head), over both layouts and the
+    modes that take them."""
+    h_kv = draw(st.sampled_from([1, 2]))
+    b = draw(st.integers(1, 2))
+    h = h_kv * draw(st.sampled_from([1, 2, 3]))
+    return dict(
+        b=b, sq=draw(st.integers(1, 70)), sk=draw(st.integers(1, 70)), h_kv=h_kv, h=h,
+        d=draw(st.sampled_from([8, 24, 40, 64])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        layout=draw(st.sampled_from(["bshd", "bhsd"])),
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([(-1, -1), (-1, 0), (0, 0), (5, -1), (17, 3), (1, 40)])),
+        softcap=draw(st.sampled_from([0.0, 5.0, 30.0])),
+        alibi=draw(st.sampled_from([None, (h,), (b, h)])),
+        mode=draw(st.sampled_from(["fa2", "tiling"])),
+        impl=draw(st.sampled_from(["auto", "torch"])),
+    )
+
+
+@hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(case=variant_cases())
+def test_variants_match_oracle(case, device):
+    """out, LSE, dq, dk, dv of ``flash_attn_func`` with the variants, by flash-attn's rule."""
+    c = case
+    q, k, v = make_qkv(c["b"], c["sq"], c["sk"], c["h"], c["h_kv"], c["d"], c["dtype"], device, c["layout"])
+    dout = torch.randn(c["b"], c["sq"], c["h"], c["d"], dtype=c["dtype"], device=device)
+    alibi = None if c["alibi"] is None else torch.rand(c["alibi"], device=device)
+    variants = dict(window_size=c["window"], softcap=c["softcap"], alibi_slopes=alibi)
+    out, lse, _ = fm.flash_attn_func(q, k, v, causal=c["causal"], return_attn_probs=True, mode=c["mode"],
+                                     impl=c["impl"], num_splits=2 if c["mode"] == "tiling" else 0, **variants)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert_matches_reference((out, lse, *grads), q, k, v, dout, c["causal"], True, c["dtype"], **variants)
+
+
+@st.composite
+def varlen_cases(draw):
+    """Packed sequences with empty, one-token and ragged lengths (queries and keys apart or the
+    same), GQA, causal, a window and softcap."""
+    n = draw(st.integers(1, 4))
+    length = st.one_of(st.just(0), st.just(1), st.integers(2, 50))
+    lens_q = draw(st.lists(length, min_size=n, max_size=n))
+    lens_k = lens_q if draw(st.booleans()) else draw(st.lists(length, min_size=n, max_size=n))
+    h_kv = draw(st.sampled_from([1, 2]))
+    return dict(
+        lens_q=lens_q, lens_k=lens_k, h_kv=h_kv, h=h_kv * draw(st.sampled_from([1, 2])),
+        d=draw(st.sampled_from([16, 40, 64])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([(-1, -1), (0, 0), (3, -1), (20, 3)])),
+        softcap=draw(st.sampled_from([0.0, 10.0])),
+        impl=draw(st.sampled_from(["auto", "torch"])),
+    )
+
+
+def _cu(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+@hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(case=varlen_cases())
+def test_varlen_matches_oracle_per_sequence(case, device):
+    """``flash_attn_varlen_func``: each sequence's out, LSE, dq, dk and dv against the oracle on
+    that sequence alone, by flash-attn's rule; a sequence without keys gives out 0 and LSE -inf."""
+    c = case
+    cu_q, cu_k = _cu(c["lens_q"], device), _cu(c["lens_k"], device)
+    tq, tk = sum(c["lens_q"]), sum(c["lens_k"])
+    q = torch.randn(tq, c["h"], c["d"], dtype=c["dtype"], device=device, requires_grad=True)
+    k = torch.randn(tk, c["h_kv"], c["d"], dtype=c["dtype"], device=device, requires_grad=True)
+    v = torch.randn(tk, c["h_kv"], c["d"], dtype=c["dtype"], device=device, requires_grad=True)
+    dout = torch.randn(tq, c["h"], c["d"], dtype=c["dtype"], device=device)
+    variants = dict(window_size=c["window"], softcap=c["softcap"])
+    out, lse, _ = fm.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(c["lens_q"]), max(c["lens_k"]),
+                                            causal=c["causal"], impl=c["impl"], return_attn_probs=True,
+                                            **variants)
+    if tq == 0:
+        return
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    for i, (n_q, n_k) in enumerate(zip(c["lens_q"], c["lens_k"])):
+        a, e = int(cu_q[i]), int(cu_k[i])
+        if n_q == 0:
+            continue
+        if n_k == 0:
+            assert torch.all(out[a:a + n_q] == 0) and torch.all(torch.isneginf(lse[:, a:a + n_q]))
+            continue
+        seq_q, seq_k, seq_v = (t.detach()[s:s + m].unsqueeze(0) for t, s, m in ((q, a, n_q), (k, e, n_k),
+                                                                                 (v, e, n_k)))
+        ours = (out[a:a + n_q], lse[:, a:a + n_q], dq[a:a + n_q], dk[e:e + n_k], dv[e:e + n_k])
+        assert_matches_reference(tuple(t.unsqueeze(0) for t in ours), seq_q, seq_k, seq_v,
+                                 dout[a:a + n_q].unsqueeze(0), c["causal"], True, c["dtype"], **variants)
