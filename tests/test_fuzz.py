@@ -1,4 +1,5 @@
-"""Property-based fuzz of the public attention API against the float64 oracle (hypothesis).
+"""Property-based fuzz of the public attention API against the float64 oracle (hypothesis):
+dense calls, the variants, packed sequences and KV-cache decoding.
 
 Each example draws a shape (odd lengths, Sq != Sk both ways, GQA/MQA, head dims that are not
 powers of two), a layout, causal or not, an entry point (flash-attn's or SDPA's, with their two
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import flash_module as fm
+from flash_module.reference import attention_ref
 
 from .helpers import assert_flash_rule, assert_matches_reference, make_qkv, reference_grads
 
@@ -161,3 +163,73 @@ def test_varlen_matches_oracle_per_sequence(case, device):
         ours = (out[a:a + n_q], lse[:, a:a + n_q], dq[a:a + n_q], dk[e:e + n_k], dv[e:e + n_k])
         assert_matches_reference(tuple(t.unsqueeze(0) for t in ours), seq_q, seq_k, seq_v,
                                  dout[a:a + n_q].unsqueeze(0), c["causal"], True, c["dtype"], **variants)
+
+
+@st.composite
+def kvcache_cases(draw):
+    """A decoding step: a cache contiguous or in shuffled pages, per-sequence lengths from 0 to
+    full, new keys appended or not, GQA, causal, a window, softcap, ALiBi and a split count."""
+    h_kv = draw(st.sampled_from([1, 2]))
+    paged = draw(st.booleans())
+    page = draw(st.sampled_from([16, 32]))
+    cache = page * draw(st.integers(1, 3)) if paged else draw(st.integers(8, 80))
+    sq = draw(st.sampled_from([1, 2, 5]))
+    new = draw(st.booleans()) and sq <= cache
+    b = draw(st.integers(1, 3))
+    return dict(
+        b=b, h_kv=h_kv, h=h_kv * draw(st.sampled_from([1, 2, 4])), d=draw(st.sampled_from([16, 32, 64])),
+        dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])), paged=paged, page=page, cache=cache,
+        sq=sq, new=new,
+        seqlens=draw(st.lists(st.integers(0, cache - (sq if new else 0)), min_size=b, max_size=b)),
+        causal=draw(st.booleans()),
+        window=draw(st.sampled_from([(-1, -1), (0, 0), (3, -1), (20, 3)])),
+        softcap=draw(st.sampled_from([0.0, 10.0])),
+        alibi=draw(st.booleans()),
+        num_splits=draw(st.sampled_from([0, 1, 3])),
+        impl=draw(st.sampled_from(["auto", "torch"])),
+    )
+
+
+@hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
+                     suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(case=kvcache_cases())
+def test_kvcache_matches_oracle(case, device):
+    """``flash_attn_with_kvcache``: the new keys land in the cache (in place, contiguous or paged)
+    and each sequence's output is the oracle's over its cache, by flash-attn's rule."""
+    c = case
+    b, h, h_kv, d, dtype, sq = c["b"], c["h"], c["h_kv"], c["d"], c["dtype"], c["sq"]
+    q = torch.randn(b, sq, h, d, dtype=dtype, device=device)
+    k_cache, v_cache = (torch.randn(b, c["cache"], h_kv, d, dtype=dtype, device=device) for _ in range(2))
+    k_new = v_new = None
+    if c["new"]:
+        k_new, v_new = (torch.randn(b, sq, h_kv, d, dtype=dtype, device=device) for _ in range(2))
+    seqlens = torch.tensor(c["seqlens"], dtype=torch.int32, device=device)
+    want_k, want_v = k_cache.clone(), v_cache.clone()  # the caches after the append
+    if c["new"]:
+        for i, s in enumerate(c["seqlens"]):
+            want_k[i, s:s + sq], want_v[i, s:s + sq] = k_new[i], v_new[i]
+    alibi = torch.rand(h, device=device) if c["alibi"] else None
+    variants = dict(causal=c["causal"], window_size=c["window"], softcap=c["softcap"], alibi_slopes=alibi)
+    kw = dict(cache_seqlens=seqlens, num_splits=c["num_splits"], impl=c["impl"], **variants)
+    if c["paged"]:
+        per, page = c["cache"] // c["page"], c["page"]
+        table = torch.randperm(b * per, device=device).to(torch.int32).view(b, per)
+        pages = [torch.empty(b * per, page, h_kv, d, dtype=dtype, device=device) for _ in range(2)]
+        for pages_x, x in zip(pages, (k_cache, v_cache)):
+            pages_x[table.flatten().long()] = x.reshape(b * per, page, h_kv, d)
+        out = fm.flash_attn_with_kvcache(q, *pages, k_new, v_new, block_table=table, **kw)
+        for pages_x, want in zip(pages, (want_k, want_v)):
+            assert torch.equal(pages_x[table.flatten().long()].reshape(want.shape), want)
+    else:
+        out = fm.flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, **kw)
+        assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    ref_vars = dict(softcap=c["softcap"], alibi_slopes=alibi, window_size=c["window"])
+    for i, s in enumerate(c["seqlens"]):
+        n = s + (sq if c["new"] else 0)
+        if n == 0:
+            assert torch.all(out[i] == 0)
+            continue
+        qi, ki, vi = q[i:i + 1], want_k[i:i + 1, :n], want_v[i:i + 1, :n]
+        oracle = attention_ref(qi.double(), ki.double(), vi.double(), None, c["causal"], True, **ref_vars)[0]
+        lowp = attention_ref(qi, ki, vi, None, c["causal"], True, **ref_vars)[0]
+        assert_flash_rule(f"out {c}", out[i:i + 1], oracle, lowp, dtype)
