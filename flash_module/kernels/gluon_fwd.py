@@ -26,9 +26,9 @@ Scores are in the log2 domain (``qk_scale`` = softmax_scale * log2 e; the runnin
 the raw scores and scaled per row, so P costs one FMA and one exp2 per score).  Key blocks that
 every row of the tile sees, inside Sk, run without a mask; the causal diagonal and the ragged
 end of Sk run the masked step; each consumer narrows this to its own rows where a block is no
-wider than them (causal or windowed; :func:`_consumer`).  Q, K and V are read through 3-D TMA descriptors (batch,
-sequence, heads * D): rows past a sequence's end are zero-filled by the TMA unit, never the next
-sequence's, so a NaN in one batch entry cannot reach another.
+wider than them (causal or windowed; :func:`_consumer`).  Q, K and V are read through 3-D TMA
+descriptors (batch, sequence, heads * D): rows past a sequence's end are zero-filled by the TMA
+unit, never the next sequence's, so a NaN in one batch entry cannot reach another.
 
 With :data:`PERSISTENT` (the default) dense calls run :func:`_persistent_fwd_kernel`: one program
 per SM walks its tiles (:func:`_tile_of`) with one set-up, the ring and the Q barriers running
